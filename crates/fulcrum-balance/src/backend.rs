@@ -1,0 +1,478 @@
+//! Backends and their live state.
+//!
+//! A [`Backend`] is one upstream server of a pool as the current configuration describes it
+//! (address, weight). Its [`LiveBackend`] holds what the data plane learns about it at run
+//! time: requests in flight, totals, the peak-EWMA latency estimate, a windowed latency
+//! histogram, health and ejection flags. Live state is shared (`Arc`) and keyed by address
+//! by the proxy, so it survives configuration reloads and strategy switches.
+//!
+//! Every counter is an atomic: strategies read it on the hot path without locks, and the
+//! forwarder updates it through an [`InFlightGuard`], whose `Drop` releases the in-flight
+//! count even when a request future is cancelled or panics.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use fulcrum_stats::clock::duration_ns;
+use fulcrum_stats::{PeakEwma, WindowedHistogram};
+use parking_lot::Mutex;
+
+use crate::outlier::OutlierPolicy;
+
+/// One backend of a pool, as configured: address, weight, and a handle on its live state.
+///
+/// Cheap to clone (two `Arc`s and two integers).
+#[derive(Clone)]
+pub struct Backend {
+    /// The address as written in the configuration (`host:port`); the backend's identity
+    /// in the API, metrics and hashing.
+    pub address: Arc<str>,
+    /// The resolved socket address connections go to.
+    pub addr: SocketAddr,
+    /// Configured weight (≥ 1), relative to the other backends of the pool.
+    pub weight: u32,
+    /// Live statistics and flags, shared across reloads.
+    pub live: Arc<LiveBackend>,
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("address", &self.address)
+            .field("weight", &self.weight)
+            .field("flags", &self.live.flags())
+            .field("in_flight", &self.live.in_flight())
+            .finish()
+    }
+}
+
+/// Why a backend is (or is not) out of rotation: a set of independent reasons, stored as
+/// bits in one atomic so strategies check eligibility with a single load.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendFlags(u32);
+
+impl BackendFlags {
+    /// No reason to avoid the backend.
+    pub const NONE: Self = Self(0);
+    /// Drained by an operator: no new requests; in-flight ones finish.
+    pub const DRAINING: Self = Self(1);
+    /// Disabled by an operator (maintenance): no new requests.
+    pub const DISABLED: Self = Self(1 << 1);
+    /// Failed its active health checks (`fall` consecutive failures).
+    pub const UNHEALTHY: Self = Self(1 << 2);
+    /// Ejected by passive outlier detection until its ejection time passes.
+    pub const EJECTED: Self = Self(1 << 3);
+
+    /// Flags set by an operator; honoured even in panic mode.
+    pub const ADMIN: Self = Self(Self::DRAINING.0 | Self::DISABLED.0);
+
+    /// Raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Whether every flag in `other` is set in `self`.
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether any flag in `other` is set in `self`.
+    pub const fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether no flag is set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The state name shown by the admin API, by precedence:
+    /// `disabled` > `draining` > `unhealthy` > `ejected` > `healthy`.
+    pub fn state_name(self) -> &'static str {
+        if self.contains(Self::DISABLED) {
+            "disabled"
+        } else if self.contains(Self::DRAINING) {
+            "draining"
+        } else if self.contains(Self::UNHEALTHY) {
+            "unhealthy"
+        } else if self.contains(Self::EJECTED) {
+            "ejected"
+        } else {
+            "healthy"
+        }
+    }
+}
+
+impl fmt::Debug for BackendFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.state_name())
+    }
+}
+
+/// Parameters of a backend's live statistics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LiveBackendConfig {
+    /// Decay time τ of the peak-EWMA latency estimate (Finagle and Linkerd use 10 s).
+    pub ewma_decay: Duration,
+    /// Latency assumed before the first observation.
+    pub ewma_initial: Duration,
+    /// Length of the sliding window the latency quantiles (p50, p99) cover.
+    pub latency_window: Duration,
+}
+
+impl Default for LiveBackendConfig {
+    fn default() -> Self {
+        Self {
+            ewma_decay: Duration::from_secs(10),
+            ewma_initial: Duration::from_millis(1),
+            latency_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Number of sub-windows the latency window is divided into (it slides by one at a time).
+const LATENCY_SLOTS: usize = 6;
+
+/// What the data plane knows about a backend right now. Shared by every worker thread.
+pub struct LiveBackend {
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    consecutive_failures: AtomicU32,
+    flags: AtomicU32,
+    latency: PeakEwma,
+    histogram: WindowedHistogram,
+    ejection: Mutex<Ejection>,
+    ejections_total: AtomicU64,
+}
+
+/// Ejection bookkeeping; touched only when a backend crosses the failure threshold or an
+/// ejection expires, never on the ordinary request path.
+#[derive(Default)]
+struct Ejection {
+    /// Ejection-time multiplier: how many recent ejections count toward the next one.
+    times: u32,
+    /// When the current (or last) ejection ends, in clock nanoseconds; 0 if never ejected.
+    until_ns: u64,
+}
+
+impl fmt::Debug for LiveBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveBackend")
+            .field("flags", &self.flags())
+            .field("in_flight", &self.in_flight())
+            .field("requests", &self.requests())
+            .field("failures", &self.failures())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveBackend {
+    /// Fresh live state with no history, created at `now_ns`.
+    pub fn new(config: LiveBackendConfig, now_ns: u64) -> Self {
+        Self {
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            flags: AtomicU32::new(0),
+            latency: PeakEwma::new(config.ewma_decay, config.ewma_initial, now_ns),
+            histogram: WindowedHistogram::new(config.latency_window, LATENCY_SLOTS),
+            ejection: Mutex::new(Ejection::default()),
+            ejections_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests currently in flight to this backend (sent, response not yet finished).
+    #[inline]
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Attempts that completed with an outcome (success or failure) since start.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Attempts that failed (connect error, reset, timeout, 5xx) since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Failures since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// How many times outlier detection has ejected this backend since start.
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections_total.load(Ordering::Relaxed)
+    }
+
+    /// The peak-EWMA latency estimate in nanoseconds at `now_ns`
+    /// (see [`fulcrum_stats::PeakEwma`]).
+    #[inline]
+    pub fn latency_estimate_ns(&self, now_ns: u64) -> f64 {
+        self.latency.estimate_ns(now_ns)
+    }
+
+    /// The `q`-quantile (0..=1) of response latency over the sliding window, in
+    /// nanoseconds; `None` when no request completed within the window.
+    pub fn latency_quantile_ns(&self, q: f64, now_ns: u64) -> Option<u64> {
+        self.histogram.quantile(q, now_ns)
+    }
+
+    /// The current flags.
+    #[inline]
+    pub fn flags(&self) -> BackendFlags {
+        BackendFlags(self.flags.load(Ordering::Relaxed))
+    }
+
+    /// Sets `flag`; returns whether it was newly set.
+    pub fn set_flag(&self, flag: BackendFlags) -> bool {
+        self.flags.fetch_or(flag.0, Ordering::AcqRel) & flag.0 != flag.0
+    }
+
+    /// Clears `flag`; returns whether it was set before.
+    pub fn clear_flag(&self, flag: BackendFlags) -> bool {
+        self.flags.fetch_and(!flag.0, Ordering::AcqRel) & flag.0 != 0
+    }
+
+    /// Whether the backend may receive a new request: no flag at all normally; in panic
+    /// mode (too few healthy backends) only operator flags count.
+    #[inline]
+    pub fn is_routable(&self, panic: bool) -> bool {
+        let flags = self.flags.load(Ordering::Relaxed);
+        if panic {
+            flags & BackendFlags::ADMIN.0 == 0
+        } else {
+            flags == 0
+        }
+    }
+
+    /// Starts an attempt: counts it in flight until the returned guard is dropped.
+    pub fn begin(self: &Arc<Self>, now_ns: u64) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            backend: Arc::clone(self),
+            started_ns: now_ns,
+            recorded: AtomicBool::new(false),
+        }
+    }
+
+    /// Ejects the backend for `base × (recent ejections + 1)`, capped at
+    /// `max(base, max_ejection_time)`, as Envoy's outlier detection does. The multiplier
+    /// decays by one for each `base_ejection_time` the backend has stayed un-ejected.
+    ///
+    /// Returns the ejection duration, or `None` if the backend was already ejected (another
+    /// thread won the race). The caller checks `max_ejection_percent` first.
+    pub fn eject(&self, policy: &OutlierPolicy, now_ns: u64) -> Option<Duration> {
+        let mut ejection = self.ejection.lock();
+        if self.flags().contains(BackendFlags::EJECTED) {
+            return None;
+        }
+        let base = duration_ns(policy.base_ejection_time).max(1);
+        if ejection.until_ns != 0 && now_ns > ejection.until_ns {
+            let calm_periods = (now_ns - ejection.until_ns) / base;
+            ejection.times = ejection
+                .times
+                .saturating_sub(u32::try_from(calm_periods).unwrap_or(u32::MAX));
+        }
+        ejection.times = ejection.times.saturating_add(1);
+        let cap = duration_ns(policy.max_ejection_time).max(base);
+        let duration = base.saturating_mul(u64::from(ejection.times)).min(cap);
+        ejection.until_ns = now_ns.saturating_add(duration);
+        self.set_flag(BackendFlags::EJECTED);
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
+        Some(Duration::from_nanos(duration))
+    }
+
+    /// Ends the ejection if its time has passed at `now_ns`, resetting the consecutive
+    /// failure count (as Envoy does on un-ejection). Returns whether it was re-admitted.
+    pub fn uneject_if_due(&self, now_ns: u64) -> bool {
+        if !self.flags().contains(BackendFlags::EJECTED) {
+            return false;
+        }
+        let ejection = self.ejection.lock();
+        if now_ns < ejection.until_ns {
+            return false;
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.clear_flag(BackendFlags::EJECTED)
+    }
+
+    /// When the current ejection ends (clock nanoseconds), if the backend is ejected.
+    pub fn ejected_until_ns(&self) -> Option<u64> {
+        if self.flags().contains(BackendFlags::EJECTED) {
+            Some(self.ejection.lock().until_ns)
+        } else {
+            None
+        }
+    }
+}
+
+/// An attempt in flight to one backend. Created by [`LiveBackend::begin`].
+///
+/// Record the outcome once with [`success`](Self::success) or [`failure`](Self::failure)
+/// when the response head arrives (or the attempt fails); the in-flight count is released
+/// when the guard is dropped, which the forwarder does when the response body has been
+/// fully streamed. A guard dropped without an outcome (the client went away) counts
+/// nothing against the backend.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    backend: Arc<LiveBackend>,
+    started_ns: u64,
+    recorded: AtomicBool,
+}
+
+impl InFlightGuard {
+    /// When the attempt started (clock nanoseconds).
+    pub fn started_ns(&self) -> u64 {
+        self.started_ns
+    }
+
+    /// The backend this attempt went to.
+    pub fn backend(&self) -> &Arc<LiveBackend> {
+        &self.backend
+    }
+
+    /// Records a successful response head at `now_ns`: feeds the latency estimate and
+    /// window, and resets the consecutive-failure count. Only the first outcome counts.
+    pub fn success(&self, now_ns: u64) {
+        if self.recorded.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let rtt = now_ns.saturating_sub(self.started_ns);
+        let b = &self.backend;
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        b.consecutive_failures.store(0, Ordering::Relaxed);
+        b.latency.observe(rtt, now_ns);
+        b.histogram.record(rtt, now_ns);
+    }
+
+    /// Records a failed attempt at `now_ns` (connect error, reset, timeout or a 5xx):
+    /// penalises the latency estimate (see [`fulcrum_stats::PeakEwma::penalize`]) and
+    /// returns the consecutive failure count, for outlier detection. Only the first outcome
+    /// counts; a repeated call returns the current count without recording.
+    pub fn failure(&self, now_ns: u64) -> u32 {
+        let b = &self.backend;
+        if self.recorded.swap(true, Ordering::Relaxed) {
+            return b.consecutive_failures();
+        }
+        let rtt = now_ns.saturating_sub(self.started_ns);
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        b.failures.fetch_add(1, Ordering::Relaxed);
+        b.latency.penalize(rtt, now_ns);
+        b.histogram.record(rtt, now_ns);
+        b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn live() -> Arc<LiveBackend> {
+        Arc::new(LiveBackend::new(LiveBackendConfig::default(), 0))
+    }
+
+    #[test]
+    fn guard_releases_in_flight_on_drop() {
+        let b = live();
+        let g1 = b.begin(0);
+        let g2 = b.begin(0);
+        assert_eq!(b.in_flight(), 2);
+        g1.success(5 * MS);
+        drop(g1);
+        assert_eq!(b.in_flight(), 1);
+        drop(g2);
+        assert_eq!(b.in_flight(), 0);
+        assert_eq!(b.requests(), 1);
+    }
+
+    #[test]
+    fn guard_released_when_future_is_cancelled() {
+        let b = live();
+        let guard = b.begin(0);
+        let fut = async move {
+            let _g = guard;
+            std::future::pending::<()>().await;
+        };
+        // Dropping a never-completed future drops its captured guard.
+        drop(fut);
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[test]
+    fn outcome_counts_once() {
+        let b = live();
+        let g = b.begin(0);
+        assert_eq!(g.failure(MS), 1);
+        assert_eq!(g.failure(MS), 1);
+        g.success(MS);
+        assert_eq!(b.requests(), 1);
+        assert_eq!(b.failures(), 1);
+    }
+
+    #[test]
+    fn success_resets_consecutive_failures() {
+        let b = live();
+        for _ in 0..3 {
+            b.begin(0).failure(MS);
+        }
+        assert_eq!(b.consecutive_failures(), 3);
+        b.begin(0).success(MS);
+        assert_eq!(b.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn flags_and_routability() {
+        let b = live();
+        assert!(b.is_routable(false));
+        assert!(b.set_flag(BackendFlags::UNHEALTHY));
+        assert!(!b.set_flag(BackendFlags::UNHEALTHY));
+        assert!(!b.is_routable(false));
+        assert!(b.is_routable(true), "panic mode ignores health");
+        b.set_flag(BackendFlags::DRAINING);
+        assert!(!b.is_routable(true), "panic mode honours drain");
+        assert_eq!(b.flags().state_name(), "draining");
+        assert!(b.clear_flag(BackendFlags::DRAINING));
+        assert_eq!(b.flags().state_name(), "unhealthy");
+    }
+
+    #[test]
+    fn ejection_grows_and_is_capped() {
+        let policy = OutlierPolicy {
+            consecutive_failures: 3,
+            base_ejection_time: Duration::from_secs(5),
+            max_ejection_time: Duration::from_secs(12),
+            max_ejection_percent: 50,
+        };
+        let b = live();
+        let s = 1_000 * MS;
+        assert_eq!(b.eject(&policy, 0), Some(Duration::from_secs(5)));
+        assert_eq!(b.eject(&policy, 0), None, "already ejected");
+        assert!(!b.uneject_if_due(4 * s));
+        assert!(b.uneject_if_due(5 * s));
+        // Re-ejected right away: multiplier 2.
+        assert_eq!(b.eject(&policy, 5 * s), Some(Duration::from_secs(10)));
+        assert!(b.uneject_if_due(15 * s));
+        // Again immediately: 3 × 5 s capped at 12 s.
+        assert_eq!(b.eject(&policy, 15 * s), Some(Duration::from_secs(12)));
+        assert!(b.uneject_if_due(27 * s));
+        // After a long calm period the multiplier decays back to 1.
+        assert_eq!(b.eject(&policy, 500 * s), Some(Duration::from_secs(5)));
+        assert_eq!(b.ejections_total(), 4);
+    }
+}

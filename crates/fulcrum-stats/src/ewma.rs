@@ -1,0 +1,247 @@
+//! Exponentially weighted moving averages of latency.
+//!
+//! [`PeakEwma`] is the latency estimator behind the `peak_ewma` strategy. It follows
+//! Finagle's `PeakEwma` load metric (Twitter, "Finagle: load balancing", 2016) as ported to
+//! tower's `PeakEwma` and used by Linkerd:
+//!
+//! * an observation above the estimate replaces it at once (peak sensitivity: a backend
+//!   that turns slow is penalised immediately);
+//! * an observation below it blends in with weight `1 - e^(-Δ/τ)`, where `Δ` is the time
+//!   since the previous observation and `τ` the decay time, so the average is time-based,
+//!   not sample-based, and converges to the true latency whatever the request rate;
+//! * between observations the value *read* decays toward zero as `E·e^(-(now-t)/τ)`, so a
+//!   backend that receives nothing (because it looked slow) is eventually tried again.
+//!
+//! Fulcrum adds [`PeakEwma::penalize`] for failed attempts: a backend that fails fast (a
+//! quick 503, a refused connection) would otherwise look *faster* than its healthy peers
+//! and attract more traffic. A failure at least doubles the estimate (capped at
+//! [`MAX_PENALTY_NS`]), so consecutive fast failures push the backend's cost up
+//! geometrically, independent of the pool's latency scale.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::clock::duration_ns;
+
+/// Upper bound of a penalised estimate: 60 s, in nanoseconds.
+pub const MAX_PENALTY_NS: f64 = 60e9;
+
+/// Smallest estimate a failure penalty starts from: 1 ms, in nanoseconds.
+pub const MIN_PENALTY_NS: f64 = 1e6;
+
+/// Timestamps are stored in units of 2^20 ns (≈1.05 ms) in 32 bits, which wraps after
+/// ≈52 days; elapsed times are computed with wrapping arithmetic.
+const STAMP_SHIFT: u32 = 20;
+
+/// A lock-free peak-sensitive EWMA of latency, shared between threads.
+///
+/// State is one `AtomicU64`: the estimate as `f32` nanoseconds in the high half and the
+/// time of the last observation in the low half. Updates are compare-and-swap loops, so
+/// concurrent observations are never lost; reads are a single load.
+#[derive(Debug)]
+pub struct PeakEwma {
+    state: AtomicU64,
+    tau_ns: f64,
+}
+
+impl PeakEwma {
+    /// A new estimator with decay time `decay` (τ; Finagle and Linkerd use 10 s) and
+    /// starting estimate `initial` (the latency assumed before any observation), stamped
+    /// at `now_ns` (see [`crate::clock::now_ns`]).
+    ///
+    /// A zero `decay` is treated as 1 ns (the estimate then follows the last observation).
+    pub fn new(decay: Duration, initial: Duration, now_ns: u64) -> Self {
+        let tau_ns = (duration_ns(decay) as f64).max(1.0);
+        Self {
+            state: AtomicU64::new(pack(duration_ns(initial) as f32, stamp(now_ns))),
+            tau_ns,
+        }
+    }
+
+    /// The current estimate in nanoseconds: the stored value decayed toward zero for the
+    /// time since the last observation.
+    #[inline]
+    pub fn estimate_ns(&self, now_ns: u64) -> f64 {
+        let (value, at) = unpack(self.state.load(Ordering::Relaxed));
+        f64::from(value) * self.decay(at, now_ns)
+    }
+
+    /// Records a successful request that took `rtt_ns` nanoseconds, finishing at `now_ns`.
+    pub fn observe(&self, rtt_ns: u64, now_ns: u64) {
+        let rtt = rtt_ns as f64;
+        self.update(now_ns, |stored, w| {
+            if rtt > stored {
+                rtt
+            } else {
+                stored * w + rtt * (1.0 - w)
+            }
+        });
+    }
+
+    /// Records a failed attempt that took `rtt_ns` nanoseconds, finishing at `now_ns`:
+    /// the estimate becomes `min(MAX_PENALTY_NS, 2 · max(current estimate, rtt, MIN_PENALTY_NS))`.
+    pub fn penalize(&self, rtt_ns: u64, now_ns: u64) {
+        let rtt = rtt_ns as f64;
+        self.update(now_ns, |stored, w| {
+            let current = stored * w;
+            (2.0 * current.max(rtt).max(MIN_PENALTY_NS)).min(MAX_PENALTY_NS)
+        });
+    }
+
+    /// Applies `next(stored, w)` atomically, where `w = e^(-Δ/τ)` for the time `Δ` since
+    /// the last observation, and stamps the result with `now_ns`.
+    fn update(&self, now_ns: u64, next: impl Fn(f64, f64) -> f64) {
+        let now = stamp(now_ns);
+        let mut current = self.state.load(Ordering::Relaxed);
+        loop {
+            let (value, at) = unpack(current);
+            let w = self.decay(at, now_ns);
+            let updated = next(f64::from(value), w).max(0.0) as f32;
+            match self.state.compare_exchange_weak(
+                current,
+                pack(updated, now),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    #[inline]
+    fn decay(&self, at: u32, now_ns: u64) -> f64 {
+        let elapsed_ns = (u64::from(stamp(now_ns).wrapping_sub(at))) << STAMP_SHIFT;
+        (-(elapsed_ns as f64) / self.tau_ns).exp()
+    }
+}
+
+#[inline]
+fn stamp(now_ns: u64) -> u32 {
+    // Truncation is the point: the stamp wraps, and differences use wrapping_sub.
+    (now_ns >> STAMP_SHIFT) as u32
+}
+
+#[inline]
+fn pack(value: f32, at: u32) -> u64 {
+    (u64::from(value.to_bits()) << 32) | u64::from(at)
+}
+
+#[inline]
+fn unpack(state: u64) -> (f32, u32) {
+    (f32::from_bits((state >> 32) as u32), state as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: u64 = 1_000_000;
+    const TAU: Duration = Duration::from_secs(10);
+
+    fn ewma(initial_ms: u64) -> PeakEwma {
+        PeakEwma::new(TAU, Duration::from_millis(initial_ms), 0)
+    }
+
+    #[test]
+    fn starts_at_initial_estimate() {
+        let e = ewma(30);
+        assert!((e.estimate_ns(0) - 30.0 * MS as f64).abs() < 1.0);
+    }
+
+    #[test]
+    fn peak_replaces_lower_estimate_immediately() {
+        let e = ewma(10);
+        e.observe(500 * MS, MS);
+        let est = e.estimate_ns(MS);
+        assert!(est > 499.0 * MS as f64, "estimate {est}");
+    }
+
+    #[test]
+    fn lower_observations_converge_to_true_latency() {
+        let e = ewma(1000);
+        let mut now = 0;
+        // 200 s = 20 τ: the initial 1 s has decayed to nothing.
+        for _ in 0..10_000 {
+            now += 20 * MS;
+            e.observe(10 * MS, now);
+        }
+        let est = e.estimate_ns(now) / MS as f64;
+        assert!((est - 10.0).abs() < 0.5, "estimate {est} ms");
+    }
+
+    #[test]
+    fn idle_estimate_decays_toward_zero() {
+        let e = ewma(100);
+        e.observe(100 * MS, 0);
+        let later = e.estimate_ns(30_000 * MS);
+        // e^-3 ≈ 0.05
+        assert!(later < 6.0 * MS as f64, "later {later}");
+        assert!(later > 4.0 * MS as f64, "later {later}");
+    }
+
+    #[test]
+    fn fast_failures_raise_cost_geometrically() {
+        let e = ewma(1);
+        e.observe(MS, 0);
+        let mut prev = e.estimate_ns(0);
+        for i in 1..=6 {
+            e.penalize(MS / 2, i * MS);
+            let est = e.estimate_ns(i * MS);
+            assert!(est > 1.9 * prev.max(MIN_PENALTY_NS) * 0.99, "{est} after {prev}");
+            prev = est;
+        }
+        assert!(prev > 60.0 * MS as f64);
+    }
+
+    #[test]
+    fn penalty_is_capped() {
+        let e = ewma(1);
+        for i in 0..100 {
+            e.penalize(MS, i);
+        }
+        // f32 storage rounds 60e9 up by < 1 ppm.
+        assert!(e.estimate_ns(100) <= MAX_PENALTY_NS * (1.0 + 1e-6));
+    }
+
+    #[test]
+    fn concurrent_observations_are_not_lost() {
+        use std::sync::Arc;
+        let e = Arc::new(ewma(1));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let e = e.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10_000u64 {
+                        e.observe(5 * MS, i * MS);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("observer thread panicked");
+        }
+        e.observe(800 * MS, 10_000 * MS);
+        assert!(e.estimate_ns(10_000 * MS) > 799.0 * MS as f64);
+    }
+
+    proptest! {
+        #[test]
+        fn estimate_stays_within_observed_range(
+            obs in proptest::collection::vec((1u64..5_000, 1u64..10_000), 1..200)
+        ) {
+            let e = PeakEwma::new(TAU, Duration::from_millis(1), 0);
+            let mut now = 0u64;
+            let mut max = 1.0f64;
+            for (rtt_ms, gap_ms) in obs {
+                now += gap_ms * MS;
+                e.observe(rtt_ms * MS, now);
+                max = max.max(rtt_ms as f64);
+                let est = e.estimate_ns(now) / MS as f64;
+                prop_assert!(est >= 0.0);
+                prop_assert!(est <= max * 1.0001, "est {} > max {}", est, max);
+            }
+        }
+    }
+}
