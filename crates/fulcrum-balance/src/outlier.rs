@@ -61,16 +61,25 @@ mod tests {
 
     #[test]
     fn disabled_never_ejects() {
-        let p = OutlierPolicy { consecutive_failures: 0, ..OutlierPolicy::default() };
+        let p = OutlierPolicy {
+            consecutive_failures: 0,
+            ..OutlierPolicy::default()
+        };
         assert!(!p.should_eject(1_000));
     }
 
     #[test]
     fn budget_allows_at_least_one() {
-        let p = OutlierPolicy { max_ejection_percent: 10, ..OutlierPolicy::default() };
+        let p = OutlierPolicy {
+            max_ejection_percent: 10,
+            ..OutlierPolicy::default()
+        };
         assert!(p.within_budget(3, 0));
         assert!(!p.within_budget(3, 1));
-        let half = OutlierPolicy { max_ejection_percent: 50, ..OutlierPolicy::default() };
+        let half = OutlierPolicy {
+            max_ejection_percent: 50,
+            ..OutlierPolicy::default()
+        };
         assert!(half.within_budget(4, 1));
         assert!(!half.within_budget(4, 2));
         assert!(!half.within_budget(1, 1));

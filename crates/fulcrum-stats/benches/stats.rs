@@ -15,7 +15,9 @@ fn bench(c: &mut Criterion) {
             ewma.observe(black_box(2_000_000), now);
         })
     });
-    c.bench_function("peak_ewma/estimate", |b| b.iter(|| black_box(ewma.estimate_ns(black_box(now)))));
+    c.bench_function("peak_ewma/estimate", |b| {
+        b.iter(|| black_box(ewma.estimate_ns(black_box(now))))
+    });
 
     let h = WindowedHistogram::new(Duration::from_secs(60), 6);
     let mut t = 0u64;
@@ -25,7 +27,9 @@ fn bench(c: &mut Criterion) {
             h.record(black_box(t % 50_000_000), t);
         })
     });
-    c.bench_function("windowed_histogram/p99", |b| b.iter(|| black_box(h.quantile(0.99, t))));
+    c.bench_function("windowed_histogram/p99", |b| {
+        b.iter(|| black_box(h.quantile(0.99, t)))
+    });
 }
 
 criterion_group!(benches, bench);

@@ -97,9 +97,12 @@ impl PeakEwma {
             let (value, at) = unpack(current);
             let w = self.decay(at, now_ns);
             let updated = next(f64::from(value), w).max(0.0) as f32;
+            // A caller whose clock read is older than the last update (it read the clock
+            // before another thread recorded) must not move the stamp backwards.
+            let stamp_after = if elapsed_stamps(at, now) > 0 { now } else { at };
             match self.state.compare_exchange_weak(
                 current,
-                pack(updated, now),
+                pack(updated, stamp_after),
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
@@ -109,11 +112,24 @@ impl PeakEwma {
         }
     }
 
+    /// `e^(-Δ/τ)` for the time Δ from stamp `at` to `now_ns`; 1 when `now_ns` is not
+    /// after `at` (concurrent callers read the clock at slightly different times).
     #[inline]
     fn decay(&self, at: u32, now_ns: u64) -> f64 {
-        let elapsed_ns = (u64::from(stamp(now_ns).wrapping_sub(at))) << STAMP_SHIFT;
+        let elapsed = elapsed_stamps(at, stamp(now_ns));
+        if elapsed <= 0 {
+            return 1.0;
+        }
+        let elapsed_ns = (elapsed as u64) << STAMP_SHIFT;
         (-(elapsed_ns as f64) / self.tau_ns).exp()
     }
+}
+
+/// Stamps from `from` to `to`, signed: the 32-bit stamps wrap, and a difference of more
+/// than half the range (≈26 days) is read as negative, i.e. `to` before `from`.
+#[inline]
+fn elapsed_stamps(from: u32, to: u32) -> i32 {
+    to.wrapping_sub(from) as i32
 }
 
 #[inline]
@@ -189,10 +205,32 @@ mod tests {
         for i in 1..=6 {
             e.penalize(MS / 2, i * MS);
             let est = e.estimate_ns(i * MS);
-            assert!(est > 1.9 * prev.max(MIN_PENALTY_NS) * 0.99, "{est} after {prev}");
+            assert!(
+                est > 1.9 * prev.max(MIN_PENALTY_NS) * 0.99,
+                "{est} after {prev}"
+            );
             prev = est;
         }
         assert!(prev > 60.0 * MS as f64);
+    }
+
+    #[test]
+    fn reads_and_updates_with_an_older_clock_do_not_decay() {
+        let e = ewma(1);
+        e.observe(500 * MS, 1_000 * MS);
+        // A reader whose clock was read 5 ms before the update sees no decay, not zero.
+        let est = e.estimate_ns(995 * MS);
+        assert!(est > 499.0 * MS as f64, "estimate {est}");
+        // Penalties recorded out of order still build up.
+        e.penalize(MS, 990 * MS);
+        assert!(e.estimate_ns(1_000 * MS) > 999.0 * MS as f64);
+        // And the stamp did not move backwards: decay is measured from the newest update.
+        let later = e.estimate_ns(11_000 * MS);
+        let expected = 1_000.0 * MS as f64 * (-1.0f64).exp();
+        assert!(
+            (later - expected).abs() / expected < 0.01,
+            "later {later} expected {expected}"
+        );
     }
 
     #[test]

@@ -116,18 +116,17 @@ impl WindowedHistogram {
         let epoch = now_ns / self.slot_ns;
         let slot = &self.slots[(epoch % self.slots.len() as u64) as usize];
         let seen = slot.epoch.load(Ordering::Acquire);
-        if seen != epoch {
-            // Stale slot (or newer, if this thread's clock read is late: count it there).
-            if seen == u64::MAX || seen < epoch {
-                if slot
-                    .epoch
-                    .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    for c in slot.counts.iter() {
-                        c.store(0, Ordering::Relaxed);
-                    }
-                }
+        // A stale slot is reset by whoever wins the epoch swap. A slot already in a newer
+        // epoch (this thread's clock read is late) is counted into as it is.
+        if seen != epoch
+            && (seen == u64::MAX || seen < epoch)
+            && slot
+                .epoch
+                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            for c in slot.counts.iter() {
+                c.store(0, Ordering::Relaxed);
             }
         }
         slot.counts[bucket_of(value_ns / 1_000)].fetch_add(1, Ordering::Relaxed);

@@ -53,7 +53,10 @@ pub struct RequestInfo {
 impl RequestInfo {
     /// A request decided at `now_ns`, without an affinity key.
     pub fn new(now_ns: u64) -> Self {
-        Self { now_ns, hash_key: None }
+        Self {
+            now_ns,
+            hash_key: None,
+        }
     }
 
     /// The same request with affinity key hash `key`.
@@ -79,7 +82,11 @@ pub struct PoolView<'a> {
 impl<'a> PoolView<'a> {
     /// A view over `backends`, skipping `excluded`, in panic mode if `panic`.
     pub fn new(backends: &'a [Backend], excluded: &'a [BackendId], panic: bool) -> Self {
-        Self { backends, excluded, panic }
+        Self {
+            backends,
+            excluded,
+            panic,
+        }
     }
 
     /// Number of backends in the pool (eligible or not).
@@ -120,13 +127,31 @@ impl<'a> PoolView<'a> {
         self.backends[i].live.is_routable(self.panic) && !self.excluded.contains(&BackendId(i))
     }
 
+    /// The weight of backend `i` as strategies use it: the configured weight, counted as
+    /// at least 1 so that a zero (rejected by config validation) can neither take an
+    /// eligible backend out of rotation nor divide by zero.
+    #[inline]
+    pub fn weight(&self, i: usize) -> u64 {
+        weight_of(&self.backends[i])
+    }
+
     /// The first eligible backend at or after `start`, wrapping around; `None` if none is.
     /// O(n) in the worst case, O(1) when most backends are eligible.
     #[inline]
     pub fn next_eligible_from(&self, start: usize) -> Option<BackendId> {
         let n = self.backends.len();
-        (0..n).map(|k| (start + k) % n).find(|&i| self.is_eligible(i)).map(BackendId)
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| self.is_eligible(i))
+            .map(BackendId)
     }
+}
+
+/// `backend`'s weight as strategies use it (see [`PoolView::weight`]); also read by the
+/// strategies that take weights once at construction, so both agree.
+#[inline]
+fn weight_of(backend: &Backend) -> u64 {
+    u64::from(backend.weight.max(1))
 }
 
 /// Picks a backend for one request from a pool's eligible backends.
@@ -262,6 +287,8 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::BackendFlags;
+    use proptest::prelude::{any, prop, prop_assert, proptest};
 
     #[test]
     fn names_round_trip() {
@@ -278,5 +305,63 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("`fastest`"), "{msg}");
         assert!(msg.contains("peak_ewma"), "{msg}");
+    }
+
+    #[test]
+    fn built_strategies_carry_their_kind_name() {
+        let pool = testing::backends(&[1, 2]);
+        for &kind in StrategyKind::ALL {
+            assert_eq!(build_strategy(kind, &pool).name(), kind.name());
+        }
+    }
+
+    /// One backend of a random pool: weight, health flag (none, unhealthy or draining),
+    /// whether this request already tried it, and requests already in flight.
+    fn backend_case() -> impl proptest::strategy::Strategy<Value = (u32, u8, bool, u8)> {
+        (1u32..100, 0u8..3, prop::bool::weighted(0.2), 0u8..4)
+    }
+
+    proptest! {
+        /// The contract of every strategy: `Some(i)` with `i` eligible if any backend is
+        /// eligible, `None` otherwise.
+        #[test]
+        fn every_strategy_picks_eligible_iff_any(
+            cases in prop::collection::vec(backend_case(), 1..50),
+            panic in any::<bool>(),
+            now_ms in 0u64..100_000,
+        ) {
+            let weights: Vec<u32> = cases.iter().map(|c| c.0).collect();
+            let pool = testing::backends(&weights);
+            let mut excluded = Vec::new();
+            let mut guards = Vec::new();
+            for (i, &(_, flag, tried, in_flight)) in cases.iter().enumerate() {
+                let flag = match flag {
+                    0 => BackendFlags::NONE,
+                    1 => BackendFlags::UNHEALTHY,
+                    _ => BackendFlags::DRAINING,
+                };
+                pool[i].live.set_flag(flag);
+                if tried {
+                    excluded.push(BackendId(i));
+                }
+                guards.extend((0..in_flight).map(|_| pool[i].live.begin(0)));
+            }
+            let view = PoolView::new(&pool, &excluded, panic);
+            let any_eligible = (0..view.len()).any(|i| view.is_eligible(i));
+            let req = RequestInfo::new(now_ms * 1_000_000);
+            for &kind in StrategyKind::ALL {
+                let strategy = build_strategy(kind, &pool);
+                // Several picks: stateful strategies (rotations) move between them.
+                for _ in 0..8 {
+                    match strategy.pick(&req, &view) {
+                        Some(BackendId(i)) => {
+                            prop_assert!(i < view.len(), "{kind}: index {i} out of range");
+                            prop_assert!(view.is_eligible(i), "{kind}: picked ineligible {i}");
+                        }
+                        None => prop_assert!(!any_eligible, "{kind}: None with eligible backends"),
+                    }
+                }
+            }
+        }
     }
 }

@@ -54,8 +54,9 @@ mod tests {
         let b = backends(&[1, 1, 1]);
         let rr = RoundRobin::new();
         let view = PoolView::new(&b, &[], false);
-        let picks: Vec<usize> =
-            (0..9).map(|_| rr.pick(&RequestInfo::new(0), &view).expect("eligible").0).collect();
+        let picks: Vec<usize> = (0..9)
+            .map(|_| rr.pick(&RequestInfo::new(0), &view).expect("eligible").0)
+            .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
     }
 
