@@ -1,0 +1,509 @@
+//! The typed configuration: one struct per YAML block, every field public and documented
+//! with its unit and default. `Default` of each struct is the documented default, so code
+//! (`fulcrum demo`, tests) can build a [`Config`] with `..Default::default()` and check it
+//! with [`Config::validate`].
+//!
+//! Values that a [`Config`] returned by [`crate::parse`] or [`crate::load`] is guaranteed to
+//! satisfy are stated as "validated: …" on each field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fulcrum_balance::{OutlierPolicy, StrategyKind};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::scalar::{self, RetryOn, StatusRange};
+
+/// A whole `fulcrum.yaml`.
+///
+/// Only `listeners` and `pools` need to be written; every other block has defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Process settings: worker threads, graceful shutdown.
+    pub runtime: RuntimeConfig,
+    /// Log level and format.
+    pub log: LogConfig,
+    /// The admin API listener.
+    pub admin: AdminConfig,
+    /// Addresses that accept client traffic, and their routes. Validated: at least one;
+    /// names and listen addresses unique.
+    pub listeners: Vec<ListenerConfig>,
+    /// Backend pools by name, in file order. Validated: at least one; names unique and
+    /// made of `[A-Za-z0-9_.-]`.
+    pub pools: IndexMap<String, PoolConfig>,
+}
+
+/// `runtime`: how the process runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the async runtime; 0 (default) = one per CPU core. The command
+    /// line's `--threads` overrides it.
+    pub threads: usize,
+    /// On graceful shutdown, the longest wait for in-flight requests to finish before
+    /// connections are closed. Default 30 s.
+    #[serde(with = "scalar::duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `log`: what is logged and how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` `EnvFilter` directive: `info`, `warn,fulcrum_proxy=debug`, …. Default
+    /// `info`. Validated: parses as a filter.
+    pub level: String,
+    /// Line format. Default `text`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// `text`: human-readable lines.
+    #[default]
+    Text,
+    /// `json`: one JSON object per line.
+    Json,
+}
+
+/// `admin`: the admin API and dashboard listener.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port` the admin API binds. Default `127.0.0.1:9901`. Validated: not the
+    /// address of a listener.
+    #[serde(with = "scalar::listen_addr")]
+    pub listen: SocketAddr,
+    /// Bearer token required for mutating admin calls (`POST`); `None` (default) = no
+    /// token required. Usually `${FULCRUM_ADMIN_TOKEN}`. Validated: not empty, no
+    /// whitespace. Hidden from `Debug` output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// One entry of `listeners`: an address that accepts client connections.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name used in logs, metrics and the API. Required. Validated: unique, made of
+    /// `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// `ip:port` to bind. Required. Port 0 = an ephemeral port. Validated: unique among
+    /// listeners and the admin listener (port 0 excepted).
+    #[serde(with = "scalar::listen_addr")]
+    pub listen: SocketAddr,
+    /// `http` (default; HTTP/1.1 and HTTP/2) or `tcp` (pass-through).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Client-side timeouts.
+    #[serde(default)]
+    pub timeouts: ListenerTimeouts,
+    /// Routes, tried in order; the first that matches picks the pool. Validated: at least
+    /// one; each names a pool; a `tcp` listener has exactly one route, without `match`.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for ListenerConfig {
+    /// An `http` listener with an empty name on `127.0.0.1:0` and no routes: fill in
+    /// `name` and `routes` before use.
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            protocol: Protocol::Http,
+            timeouts: ListenerTimeouts::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// `listeners[].protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// `http`: HTTP/1.1 and HTTP/2 (auto-detected); routes match on host, path, headers.
+    #[default]
+    Http,
+    /// `tcp`: raw TCP pass-through to one pool.
+    Tcp,
+}
+
+/// `listeners[].timeouts`: client-side timeouts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerTimeouts {
+    /// Longest time to receive a request head (line and headers) from the client; the
+    /// connection is closed after it. Default 10 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub request_header: Duration,
+    /// Keep-alive idle timeout of client connections. Default 60 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub idle: Duration,
+}
+
+impl Default for ListenerTimeouts {
+    fn default() -> Self {
+        Self {
+            request_header: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One entry of `listeners[].routes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// What a request must match; `None` (no `match` key) matches every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r#match: Option<RouteMatch>,
+    /// The pool that serves matching requests. Required. Validated: names a pool.
+    pub pool: String,
+}
+
+/// `routes[].match`: every condition given must hold; none given matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Host (the `Host` header or `:authority`, port ignored), compared without case:
+    /// `api.example.com`, or `*.example.com` for any subdomain (not the bare
+    /// `example.com`). Validated: a host name without port, optionally with a leading `*.`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Path prefix, e.g. `/api/`: a plain string prefix, so `/api` also matches `/apis`.
+    /// Validated: starts with `/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// A request header that must be present (with the given value, if any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderMatch>,
+}
+
+/// `match.header`: a header condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name, compared without case. Required. Validated: an HTTP token.
+    pub name: String,
+    /// Exact value the header must have; `None` = the header only has to be present.
+    /// Validated: no control characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// One entry of `pools`: a named group of backends and the policies that serve them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// How a backend is picked for each request. Default `round_robin`; names in
+    /// `fulcrum_balance::StrategyKind::NAMES`.
+    #[serde(with = "scalar::strategy")]
+    pub strategy: StrategyKind,
+    /// The upstream servers. Validated: at least one; addresses unique within the pool.
+    pub backends: Vec<BackendConfig>,
+    /// Upstream-side timeouts.
+    pub timeouts: UpstreamTimeouts,
+    /// Retries of failed requests on other backends.
+    pub retry: RetryConfig,
+    /// Active health checks; `None` (default) = none, backends count as healthy until
+    /// outlier detection says otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive health: ejection of backends that keep failing.
+    pub outlier_detection: OutlierDetectionConfig,
+    /// Percent 0..=100 (Envoy's `healthy_panic_threshold`): when fewer than this share of
+    /// backends is healthy, requests go to all backends rather than overload the few left.
+    /// 0 disables panic mode. Default 50.
+    pub panic_threshold: u8,
+    /// Live statistics kept per backend.
+    pub stats: StatsConfig,
+}
+
+impl Default for PoolConfig {
+    /// A `round_robin` pool with no backends (add at least one before use).
+    fn default() -> Self {
+        Self {
+            strategy: StrategyKind::RoundRobin,
+            backends: Vec::new(),
+            timeouts: UpstreamTimeouts::default(),
+            retry: RetryConfig::default(),
+            health_check: None,
+            outlier_detection: OutlierDetectionConfig::default(),
+            panic_threshold: 50,
+            stats: StatsConfig::default(),
+        }
+    }
+}
+
+/// One entry of `pools.*.backends`: an upstream server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `host:port`: IPv4, `[IPv6]` or a DNS name (resolved at startup), port 1..=65535.
+    /// Required. Kept as written; it identifies the backend in the API and across
+    /// reloads. Validated: well-formed, unique within the pool.
+    pub address: String,
+    /// Relative share of traffic for weighted strategies, 1..=65535. Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Free-form labels (`zone: a`), shown in the API and usable by strategies.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Default for BackendConfig {
+    /// An empty address with weight 1: fill in `address` before use.
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            weight: default_weight(),
+            tags: BTreeMap::new(),
+        }
+    }
+}
+
+impl BackendConfig {
+    /// A backend at `address` with weight 1 and no tags.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// `pools.*.timeouts`: upstream-side timeouts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTimeouts {
+    /// Longest time to establish a connection to a backend. Default 1 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub connect: Duration,
+    /// Longest time from sending the request to receiving the response head. Default
+    /// 30 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub response_header: Duration,
+    /// Idle timeout of pooled keep-alive upstream connections. Default 60 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub idle: Duration,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            response_header: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `pools.*.retry`: retries on another backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first try; 0 disables retries. Default 2. Validated: ≤ 10.
+    pub attempts: u32,
+    /// Retries in flight may be at most this percent of the pool's active requests
+    /// (Envoy's retry budget), 0..=100. Default 20.
+    pub budget_percent: u8,
+    /// Retries allowed in flight regardless of the budget, so a quiet pool can still
+    /// retry. Default 3.
+    pub min_retry_concurrency: u32,
+    /// Failures that are retried. Default `[connect_failure, reset]`.
+    pub retry_on: Vec<RetryOn>,
+    /// Also retry non-idempotent requests (`POST`, `PATCH`, …) on failures other than
+    /// `connect_failure` (which is always safe). Default false.
+    pub retry_non_idempotent: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            budget_percent: 20,
+            min_retry_concurrency: 3,
+            retry_on: vec![RetryOn::ConnectFailure, RetryOn::Reset],
+            retry_non_idempotent: false,
+        }
+    }
+}
+
+/// `pools.*.health_check`: active health checks of every backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// `http` (default): a `GET path` whose status must be in `expected_status`; `tcp`: a
+    /// connect.
+    pub r#type: HealthCheckKind,
+    /// Path of the `GET`, http only. Default `/health`. Validated: starts with `/`; left
+    /// at the default on a tcp check.
+    pub path: String,
+    /// `Host` header of the `GET`, http only; `None` (default) = the backend address.
+    /// Validated: no whitespace; `None` on a tcp check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Statuses that count as healthy, http only: `200` or `200-399`. Default `200-299`.
+    /// Validated: left at the default on a tcp check.
+    pub expected_status: StatusRange,
+    /// Time between two checks of one backend. Default 2 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub interval: Duration,
+    /// Longest wait for one check. Default 1 s. Validated: > 0 and < `interval`.
+    #[serde(with = "scalar::duration")]
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy. Default 2.
+    /// Validated: ≥ 1.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy. Default 3.
+    /// Validated: ≥ 1.
+    pub fall: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            r#type: HealthCheckKind::Http,
+            path: "/health".to_owned(),
+            host: None,
+            expected_status: StatusRange::default(),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// `health_check.type`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// `http`: an HTTP `GET`.
+    #[default]
+    Http,
+    /// `tcp`: a TCP connect.
+    Tcp,
+}
+
+/// `pools.*.outlier_detection`: passive health (Envoy's outlier detection). On by default
+/// with Envoy's defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierDetectionConfig {
+    /// Consecutive failed attempts (connect error, reset, timeout, 5xx) that eject a
+    /// backend; 0 disables outlier detection. Default 5.
+    pub consecutive_failures: u32,
+    /// Length of a first ejection; the n-th ejection in a row lasts n times this.
+    /// Default 30 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub base_ejection_time: Duration,
+    /// Upper bound of one ejection. Default 300 s. Validated: ≥ `base_ejection_time`.
+    #[serde(with = "scalar::duration")]
+    pub max_ejection_time: Duration,
+    /// Most backends of the pool ejected at once, in percent 0..=100 (at least one may
+    /// always be ejected unless 0). Default 10.
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        OutlierPolicy::default().into()
+    }
+}
+
+impl From<&OutlierDetectionConfig> for OutlierPolicy {
+    fn from(c: &OutlierDetectionConfig) -> Self {
+        OutlierPolicy {
+            consecutive_failures: c.consecutive_failures,
+            base_ejection_time: c.base_ejection_time,
+            max_ejection_time: c.max_ejection_time,
+            max_ejection_percent: c.max_ejection_percent,
+        }
+    }
+}
+
+impl From<OutlierDetectionConfig> for OutlierPolicy {
+    fn from(c: OutlierDetectionConfig) -> Self {
+        (&c).into()
+    }
+}
+
+impl From<OutlierPolicy> for OutlierDetectionConfig {
+    fn from(p: OutlierPolicy) -> Self {
+        Self {
+            consecutive_failures: p.consecutive_failures,
+            base_ejection_time: p.base_ejection_time,
+            max_ejection_time: p.max_ejection_time,
+            max_ejection_percent: p.max_ejection_percent,
+        }
+    }
+}
+
+/// `pools.*.stats`: live per-backend statistics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatsConfig {
+    /// Decay time τ of the peak-EWMA latency estimate: an old sample's weight falls to
+    /// 1/e after τ. Default 10 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub ewma_decay: Duration,
+    /// Window of the p50/p99 latencies shown by the API. Default 60 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub latency_window: Duration,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        Self {
+            ewma_decay: Duration::from_secs(10),
+            latency_window: Duration::from_secs(60),
+        }
+    }
+}

@@ -1,0 +1,710 @@
+//! Tests of the whole pipeline: text in, `Config` or located diagnostics out. The
+//! per-error-class examples are files in `tests/invalid/`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fulcrum_balance::{OutlierPolicy, StrategyKind};
+use proptest::prelude::*;
+
+use super::*;
+
+const FULL: &str = include_str!("../tests/valid/full.yaml");
+
+const MINIMAL: &str = "\
+listeners:
+  - name: web
+    listen: 127.0.0.1:8080
+    routes:
+      - pool: app
+pools:
+  app:
+    backends:
+      - address: 127.0.0.1:8081
+";
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse_ok(src: &str) -> Config {
+    parse_with_env(src, "t.yaml", &no_env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The diagnostics of a rejected `src`, as `(line, column, path, message)`.
+fn diags(src: &str) -> Vec<(usize, usize, String, String)> {
+    parse_with_env(src, "t.yaml", &no_env)
+        .expect_err("config should be rejected")
+        .diagnostics
+        .into_iter()
+        .map(|d| (d.line, d.column, d.path, d.message))
+        .collect()
+}
+
+/// `MINIMAL` with `extra` lines appended inside pool `app` (4-space indented keys).
+fn with_pool_keys(extra: &str) -> String {
+    format!("{MINIMAL}{extra}")
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[test]
+fn minimal_config_gets_every_default() {
+    let c = parse_ok(MINIMAL);
+    let expected = Config {
+        listeners: vec![ListenerConfig {
+            name: "web".into(),
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            routes: vec![RouteConfig {
+                r#match: None,
+                pool: "app".into(),
+            }],
+            ..ListenerConfig::default()
+        }],
+        pools: [(
+            "app".to_owned(),
+            PoolConfig {
+                backends: vec![BackendConfig::new("127.0.0.1:8081")],
+                ..PoolConfig::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Config::default()
+    };
+    assert_eq!(c, expected);
+
+    // And the defaults are the documented ones, spelt out.
+    assert_eq!(c.runtime.threads, 0);
+    assert_eq!(c.runtime.drain_timeout, secs(30));
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.log.format, LogFormat::Text);
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+    assert_eq!(c.admin.token, None);
+    let l = &c.listeners[0];
+    assert_eq!(l.protocol, Protocol::Http);
+    assert_eq!(l.timeouts.request_header, secs(10));
+    assert_eq!(l.timeouts.idle, secs(60));
+    let p = &c.pools["app"];
+    assert_eq!(p.strategy, StrategyKind::RoundRobin);
+    assert_eq!(p.backends[0].weight, 1);
+    assert!(p.backends[0].tags.is_empty());
+    assert_eq!(p.timeouts.connect, secs(1));
+    assert_eq!(p.timeouts.response_header, secs(30));
+    assert_eq!(p.timeouts.idle, secs(60));
+    assert_eq!(p.retry.attempts, 2);
+    assert_eq!(p.retry.budget_percent, 20);
+    assert_eq!(p.retry.min_retry_concurrency, 3);
+    assert_eq!(p.retry.retry_on, [RetryOn::ConnectFailure, RetryOn::Reset]);
+    assert!(!p.retry.retry_non_idempotent);
+    assert_eq!(p.health_check, None);
+    assert_eq!(p.outlier_detection.consecutive_failures, 5);
+    assert_eq!(p.outlier_detection.base_ejection_time, secs(30));
+    assert_eq!(p.outlier_detection.max_ejection_time, secs(300));
+    assert_eq!(p.outlier_detection.max_ejection_percent, 10);
+    assert_eq!(p.panic_threshold, 50);
+    assert_eq!(p.stats.ewma_decay, secs(10));
+    assert_eq!(p.stats.latency_window, secs(60));
+
+    let hc = HealthCheckConfig::default();
+    assert_eq!(hc.r#type, HealthCheckKind::Http);
+    assert_eq!(hc.path, "/health");
+    assert_eq!(hc.host, None);
+    assert_eq!(
+        hc.expected_status,
+        StatusRange {
+            start: 200,
+            end: 299
+        }
+    );
+    assert_eq!(
+        (hc.interval, hc.timeout, hc.rise, hc.fall),
+        (secs(2), secs(1), 2, 3)
+    );
+}
+
+#[test]
+fn an_empty_health_check_block_gets_the_check_defaults() {
+    let c = parse_ok(&with_pool_keys("    health_check: {}\n"));
+    assert_eq!(
+        c.pools["app"].health_check,
+        Some(HealthCheckConfig::default())
+    );
+}
+
+#[test]
+fn full_config_has_every_value() {
+    let c = parse_ok(FULL);
+    assert_eq!(
+        c.runtime,
+        RuntimeConfig {
+            threads: 4,
+            drain_timeout: secs(45)
+        }
+    );
+    assert_eq!(
+        c.log,
+        LogConfig {
+            level: "info,fulcrum_proxy=debug".into(),
+            format: LogFormat::Json
+        }
+    );
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9902");
+    assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+
+    assert_eq!(c.listeners.len(), 2);
+    let web = &c.listeners[0];
+    assert_eq!(web.name, "web");
+    assert_eq!(web.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(web.protocol, Protocol::Http);
+    assert_eq!(
+        web.timeouts,
+        ListenerTimeouts {
+            request_header: secs(5),
+            idle: secs(90)
+        }
+    );
+    assert_eq!(
+        web.routes,
+        [
+            RouteConfig {
+                r#match: Some(RouteMatch {
+                    host: Some("*.example.com".into()),
+                    path_prefix: Some("/api".into()),
+                    header: Some(HeaderMatch {
+                        name: "x-canary".into(),
+                        value: Some("1".into())
+                    }),
+                }),
+                pool: "api".into(),
+            },
+            RouteConfig {
+                r#match: Some(RouteMatch {
+                    header: Some(HeaderMatch {
+                        name: "x-debug".into(),
+                        value: None
+                    }),
+                    ..RouteMatch::default()
+                }),
+                pool: "api".into(),
+            },
+            RouteConfig {
+                r#match: None,
+                pool: "app".into()
+            },
+        ]
+    );
+    let pg = &c.listeners[1];
+    assert_eq!((pg.name.as_str(), pg.protocol), ("postgres", Protocol::Tcp));
+    assert_eq!(pg.listen.to_string(), "[::1]:5433");
+
+    assert_eq!(c.pools.keys().collect::<Vec<_>>(), ["app", "api", "db"]);
+    let app = &c.pools["app"];
+    assert_eq!(app.strategy, StrategyKind::PeakEwma);
+    assert_eq!(
+        app.backends,
+        [
+            BackendConfig {
+                address: "127.0.0.1:8081".into(),
+                weight: 3,
+                tags: BTreeMap::from([("rack".into(), "7".into()), ("zone".into(), "a".into())]),
+            },
+            BackendConfig::new("[::1]:8082"),
+            BackendConfig {
+                weight: 2,
+                ..BackendConfig::new("app-3.internal:8083")
+            },
+        ]
+    );
+    assert_eq!(
+        app.timeouts,
+        UpstreamTimeouts {
+            connect: Duration::from_millis(250),
+            response_header: secs(10),
+            idle: secs(30),
+        }
+    );
+    assert_eq!(
+        app.retry,
+        RetryConfig {
+            attempts: 3,
+            budget_percent: 25,
+            min_retry_concurrency: 5,
+            retry_on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::Reset,
+                RetryOn::Timeout,
+                RetryOn::Status(502),
+                RetryOn::Status(503),
+            ],
+            retry_non_idempotent: true,
+        }
+    );
+    assert_eq!(
+        app.health_check,
+        Some(HealthCheckConfig {
+            r#type: HealthCheckKind::Http,
+            path: "/healthz".into(),
+            host: Some("app.internal".into()),
+            expected_status: StatusRange {
+                start: 200,
+                end: 399
+            },
+            interval: secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 2,
+        })
+    );
+    assert_eq!(
+        app.outlier_detection,
+        OutlierDetectionConfig {
+            consecutive_failures: 3,
+            base_ejection_time: secs(5),
+            max_ejection_time: secs(60),
+            max_ejection_percent: 50,
+        }
+    );
+    assert_eq!(app.panic_threshold, 30);
+    assert_eq!(
+        app.stats,
+        StatsConfig {
+            ewma_decay: secs(5),
+            latency_window: secs(120)
+        }
+    );
+
+    let api = &c.pools["api"];
+    assert_eq!(api.strategy, StrategyKind::P2c);
+    let hc = api.health_check.as_ref().unwrap();
+    assert_eq!(
+        (hc.r#type, hc.interval, hc.timeout, hc.rise, hc.fall),
+        (HealthCheckKind::Tcp, secs(5), secs(2), 3, 3)
+    );
+    assert_eq!(c.pools["db"].outlier_detection.consecutive_failures, 0);
+}
+
+#[test]
+fn serialized_config_parses_back_to_itself() {
+    for src in [FULL, MINIMAL] {
+        let c = parse_ok(src);
+        let yaml = serde_yaml_ng::to_string(&c).unwrap();
+        assert_eq!(parse_ok(&yaml), c, "{yaml}");
+    }
+}
+
+#[test]
+fn code_built_config_validates_without_positions() {
+    let mut c = parse_ok(MINIMAL);
+    assert_eq!(c.validate(), Ok(()));
+    c.pools.get_mut("app").unwrap().backends.clear();
+    c.listeners[0].routes[0].pool = "nope".into();
+    let err = c.validate().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config: listeners[0].routes[0].pool: route names pool `nope`, which is not defined \
+         (defined pools: app)\nconfig: pools.app.backends: pool `app` has no backends; add at \
+         least one"
+    );
+    assert_eq!(
+        Config::default().validate().unwrap_err().diagnostics.len(),
+        2
+    );
+}
+
+#[test]
+fn outlier_detection_converts_to_the_policy() {
+    let c = parse_ok(FULL);
+    let policy: OutlierPolicy = (&c.pools["app"].outlier_detection).into();
+    assert_eq!(
+        policy,
+        OutlierPolicy {
+            consecutive_failures: 3,
+            base_ejection_time: secs(5),
+            max_ejection_time: secs(60),
+            max_ejection_percent: 50,
+        }
+    );
+    assert_eq!(
+        OutlierPolicy::from(OutlierDetectionConfig::default()),
+        OutlierPolicy::default()
+    );
+}
+
+#[test]
+fn env_references_expand_and_keep_columns() {
+    let env = |name: &str| match name {
+        "BACKEND_HOST" => Some("a-long-backend-host-name.internal".to_owned()),
+        "WEIGHT" => Some("x".to_owned()),
+        _ => None,
+    };
+    let src = MINIMAL.replace("127.0.0.1:8081", "${BACKEND_HOST}:${PORT:-8081}");
+    let c = parse_with_env(&src, "t.yaml", &env).unwrap();
+    assert_eq!(
+        c.pools["app"].backends[0].address,
+        "a-long-backend-host-name.internal:8081"
+    );
+
+    // An error after an expansion on the same line points at the original column.
+    let src = format!("{MINIMAL}        tags: {{ a: ${{BACKEND_HOST}} }}\n        weight: 0\n");
+    let err = parse_with_env(&src, "t.yaml", &env).unwrap_err();
+    assert_eq!(err.diagnostics[0].line, 11);
+    assert_eq!(err.diagnostics[0].column, 17);
+    let src = format!("{MINIMAL}        tags: {{ a: ${{BACKEND_HOST}}, b: [] }}\n");
+    let err = parse_with_env(&src, "t.yaml", &env).unwrap_err();
+    let d = &err.diagnostics[0];
+    assert_eq!(
+        (d.line, d.column, d.path.as_str()),
+        (10, 40, "pools.app.backends[0].tags.b")
+    );
+
+    // `$${` is a literal `${`.
+    let src = format!("admin: {{ token: \"$${{literal}}\" }}\n{MINIMAL}");
+    assert_eq!(parse_ok(&src).admin.token.as_deref(), Some("${literal}"));
+}
+
+#[test]
+fn every_unset_variable_is_reported_with_its_field() {
+    let src = MINIMAL
+        .replace("127.0.0.1:8080", "127.0.0.1:${LISTEN_PORT}")
+        .replace("127.0.0.1:8081", "${HOST}:${PORT}");
+    let d = diags(&src);
+    let got: Vec<_> = d.iter().map(|(l, c, p, _)| (*l, *c, p.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (3, 23, "listeners[0].listen"),
+            (9, 18, "pools.app.backends[0].address"),
+            (9, 26, "pools.app.backends[0].address"),
+        ]
+    );
+    assert!(d[0].3.contains("`LISTEN_PORT` is not set"), "{}", d[0].3);
+}
+
+#[test]
+fn unknown_strategy_lists_every_valid_name() {
+    let d = diags(&with_pool_keys("    strategy: fastest\n"));
+    assert_eq!(d.len(), 1);
+    let (line, column, path, message) = &d[0];
+    assert_eq!(
+        (*line, *column, path.as_str()),
+        (10, 15, "pools.app.strategy")
+    );
+    for name in StrategyKind::NAMES {
+        assert!(message.contains(name), "{message}");
+    }
+}
+
+#[test]
+fn every_strategy_name_is_accepted() {
+    for name in StrategyKind::NAMES {
+        let c = parse_ok(&with_pool_keys(&format!("    strategy: {name}\n")));
+        assert_eq!(c.pools["app"].strategy.name(), *name);
+    }
+}
+
+#[test]
+fn wrong_types_name_the_field() {
+    let cases = [
+        (
+            "    panic_threshold: lots\n",
+            "pools.app.panic_threshold",
+            "expected an integer 0..=255",
+        ),
+        (
+            "    panic_threshold: 300\n",
+            "pools.app.panic_threshold",
+            "expected an integer 0..=255",
+        ),
+        (
+            "    retry: { retry_non_idempotent: maybe }\n",
+            "pools.app.retry.retry_non_idempotent",
+            "expected a boolean",
+        ),
+        (
+            "    retry: { retry_on: [404] }\n",
+            "pools.app.retry.retry_on[0]",
+            "status 404 is not retriable",
+        ),
+        (
+            "    retry: { retry_on: [oops] }\n",
+            "pools.app.retry.retry_on[0]",
+            "unknown retry condition `oops`",
+        ),
+        (
+            "    retry: 3\n",
+            "pools.app.retry",
+            "invalid type: integer `3`, expected a mapping",
+        ),
+        (
+            "    retry: { retry_on: reset }\n",
+            "pools.app.retry.retry_on",
+            "invalid type: string \"reset\", expected a sequence",
+        ),
+        (
+            "    health_check: { type: grpc }\n",
+            "pools.app.health_check.type",
+            "unknown variant `grpc`, expected `http` or `tcp`",
+        ),
+        (
+            "    health_check: { expected_status: 2xx }\n",
+            "pools.app.health_check.expected_status",
+            "invalid status range `2xx`",
+        ),
+        (
+            "    stats: { ewma_decay: 1.5 }\n",
+            "pools.app.stats.ewma_decay",
+            "invalid duration `1.5`: missing unit",
+        ),
+    ];
+    for (extra, path, message) in cases {
+        let d = diags(&with_pool_keys(extra));
+        assert_eq!(d.len(), 1, "{extra}: {d:?}");
+        assert_eq!(d[0].0, 10, "{extra}: {d:?}");
+        assert_eq!(d[0].2, path, "{extra}");
+        assert!(d[0].3.contains(message), "{extra}: {}", d[0].3);
+    }
+}
+
+#[test]
+fn semantic_checks_of_pool_fields() {
+    let cases = [
+        (
+            "    health_check: { path: health }\n",
+            "pools.app.health_check.path",
+            "health check path `health` must start with `/`",
+        ),
+        (
+            "    health_check: { interval: 500ms }\n",
+            "pools.app.health_check.interval",
+            "health check timeout (1s) must be less than its interval (500ms)",
+        ),
+        (
+            "    health_check: { rise: 0 }\n",
+            "pools.app.health_check.rise",
+            "must be at least 1",
+        ),
+        (
+            "    health_check: { type: tcp, path: /x }\n",
+            "pools.app.health_check.path",
+            "`path` applies to http health checks only",
+        ),
+        (
+            "    health_check: { type: tcp, expected_status: 204 }\n",
+            "pools.app.health_check.expected_status",
+            "`expected_status` applies to http health checks only",
+        ),
+        (
+            "    timeouts: { connect: 0s }\n",
+            "pools.app.timeouts.connect",
+            "must be greater than 0",
+        ),
+        (
+            "    retry: { budget_percent: 101 }\n",
+            "pools.app.retry.budget_percent",
+            "101 is not a percentage",
+        ),
+        (
+            "    outlier_detection: { max_ejection_percent: 200 }\n",
+            "pools.app.outlier_detection.max_ejection_percent",
+            "200 is not a percentage",
+        ),
+        (
+            "    outlier_detection: { base_ejection_time: 0s }\n",
+            "pools.app.outlier_detection.base_ejection_time",
+            "must be greater than 0",
+        ),
+        (
+            "    stats: { latency_window: 0ms }\n",
+            "pools.app.stats.latency_window",
+            "must be greater than 0",
+        ),
+    ];
+    for (extra, path, message) in cases {
+        let d = diags(&with_pool_keys(extra));
+        assert_eq!(d.len(), 1, "{extra}: {d:?}");
+        assert_eq!(d[0].0, 10, "{extra}: {d:?}");
+        assert_eq!(d[0].2, path, "{extra}");
+        assert!(d[0].3.starts_with(message), "{extra}: {}", d[0].3);
+    }
+}
+
+#[test]
+fn route_match_checks() {
+    let route = |m: &str| {
+        MINIMAL.replace(
+            "      - pool: app\n",
+            &format!("      - match: {m}\n        pool: app\n"),
+        )
+    };
+    assert!(parse_with_env(&route("{ host: \"*.example.com\" }"), "t", &no_env).is_ok());
+    assert!(parse_with_env(&route("{}"), "t", &no_env).is_ok());
+    let cases = [
+        (
+            "{ host: \"a b\" }",
+            "listeners[0].routes[0].match.host",
+            "invalid host `a b`",
+        ),
+        (
+            "{ host: \"*\" }",
+            "listeners[0].routes[0].match.host",
+            "invalid host `*`: `*` alone",
+        ),
+        (
+            "{ host: \"a.com:80\" }",
+            "listeners[0].routes[0].match.host",
+            "invalid host `a.com:80`: a host to match has no port",
+        ),
+        (
+            "{ header: { name: \"x y\" } }",
+            "listeners[0].routes[0].match.header.name",
+            "`x y` is not a valid HTTP header name",
+        ),
+        (
+            "{ header: { value: v } }",
+            "listeners[0].routes[0].match.header",
+            "missing field `name`",
+        ),
+        (
+            "{ paths: /x }",
+            "listeners[0].routes[0].match.paths",
+            "unknown field `paths`",
+        ),
+    ];
+    for (m, path, message) in cases {
+        let d = diags(&route(m));
+        assert_eq!(d.len(), 1, "{m}: {d:?}");
+        assert_eq!(d[0].0, 5, "{m}: {d:?}");
+        assert_eq!(d[0].2, path, "{m}");
+        assert!(d[0].3.starts_with(message), "{m}: {}", d[0].3);
+    }
+}
+
+#[test]
+fn admin_and_log_checks() {
+    let d = diags(&format!(
+        "admin: {{ token: \"\" }}\nlog: {{ level: \"info,=\" }}\n{MINIMAL}"
+    ));
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!((d[0].0, d[0].2.as_str()), (1, "admin.token"));
+    assert!(d[0].3.starts_with("is empty"), "{}", d[0].3);
+    assert_eq!((d[1].0, d[1].2.as_str()), (2, "log.level"));
+    assert!(d[1].3.starts_with("invalid log filter"), "{}", d[1].3);
+    // `null` (or `~`) means no token; an env default can produce it.
+    let c = parse_ok(&format!(
+        "admin: {{ token: ${{NO_TOKEN:-null}} }}\n{MINIMAL}"
+    ));
+    assert_eq!(c.admin.token, None);
+    // The token never shows in Debug output.
+    let c = parse_ok(&format!("admin: {{ token: hunter2 }}\n{MINIMAL}"));
+    assert!(!format!("{c:?}").contains("hunter2"));
+}
+
+#[test]
+fn missing_blocks_are_reported_at_the_start() {
+    let d = diags("");
+    let got: Vec<_> = d.iter().map(|(l, c, p, _)| (*l, *c, p.as_str())).collect();
+    assert_eq!(got, [(1, 1, "listeners"), (1, 1, "pools")]);
+    let d = diags("listeners:\n  - { name: web, listen: 127.0.0.1:1 }\npools: {}\n");
+    let got: Vec<_> = d.iter().map(|(l, c, p, _)| (*l, *c, p.as_str())).collect();
+    assert_eq!(got, [(2, 5, "listeners[0].routes"), (3, 1, "pools")]);
+}
+
+#[test]
+fn a_second_document_is_refused() {
+    let d = diags(&format!("{MINIMAL}---\n{MINIMAL}"));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].3.contains("more than one document"), "{}", d[0].3);
+}
+
+#[test]
+fn tabs_in_indentation_get_a_hint() {
+    let d = diags("listeners:\n\t- name: web\n");
+    assert_eq!((d[0].0, d[0].2.as_str()), (2, ""));
+    assert!(
+        d[0].3.starts_with("invalid YAML: ") && d[0].3.ends_with("not tabs)"),
+        "{}",
+        d[0].3
+    );
+}
+
+#[test]
+fn deep_nesting_is_an_error_not_a_crash() {
+    let deep = format!("listeners: {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    assert!(parse_with_env(&deep, "t", &no_env).is_err());
+    let deep = format!("a: {}1{}\n", "{a: ".repeat(5_000), "}".repeat(5_000));
+    assert!(parse_with_env(&deep, "t", &no_env).is_err());
+}
+
+#[test]
+fn aliases_resolve_and_locate_at_the_alias() {
+    let src = format!(
+        "{MINIMAL}  other:\n    backends: &b\n      - address: 127.0.0.1:9\n  third:\n    backends: *b\n"
+    );
+    let c = parse_ok(&src);
+    assert_eq!(c.pools["third"].backends, c.pools["other"].backends);
+}
+
+#[test]
+fn docs_example_is_the_full_config() {
+    let doc = include_str!("../../../docs/CONFIG.md");
+    let body: String = FULL.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    assert!(
+        doc.contains(&body),
+        "docs/CONFIG.md's complete example differs from tests/valid/full.yaml"
+    );
+    // Every whole config the reference shows is valid.
+    let whole: Vec<&str> = doc
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .filter(|block| block.lines().any(|l| l == "pools:"))
+        .collect();
+    assert_eq!(whole.len(), 2, "the minimal and the complete example");
+    for block in whole {
+        parse_ok(block);
+    }
+}
+
+/// A few mutations of a valid config: cut, duplicate or replace a slice of it.
+fn garble(base: &str, at: usize, len: usize, with: &str) -> String {
+    let chars: Vec<char> = base.chars().collect();
+    let at = at % (chars.len() + 1);
+    let end = (at + len).min(chars.len());
+    let mut out: String = chars[..at].iter().collect();
+    out.push_str(with);
+    out.extend(&chars[end..]);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_text_never_panics(src in "\\PC{0,200}") {
+        let _ = parse_with_env(&src, "t", &no_env);
+    }
+
+    #[test]
+    fn yamlish_text_never_panics(src in "[ \\t\\n:\\-\\[\\]{},#&*!|>'\"%@`?$a-z0-9.]{0,200}") {
+        let _ = parse_with_env(&src, "t", &no_env);
+    }
+
+    #[test]
+    fn garbled_configs_never_panic_and_errors_are_located(
+        at in 0usize..3000,
+        len in 0usize..40,
+        with in "[ \\t\\n:\\-\\[\\]{},#&*!|>'\"$a-z0-9.]{0,12}",
+    ) {
+        let src = garble(FULL, at, len, &with);
+        if let Err(err) = parse_with_env(&src, "t", &|_| Some("v".to_owned())) {
+            let lines = src.lines().count().max(1);
+            for d in &err.diagnostics {
+                prop_assert!(d.line >= 1 && d.line <= lines + 1, "{d} in\n{src}");
+                prop_assert!(d.column >= 1, "{d}");
+            }
+        }
+    }
+}

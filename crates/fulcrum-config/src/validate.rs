@@ -1,0 +1,563 @@
+//! Semantic checks of a deserialized [`Config`]: references, uniqueness, ranges and rules
+//! that span fields. Every problem is reported, each at the position of the offending
+//! field when the config came from text.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::env::ColumnMap;
+use crate::error::Diagnostic;
+use crate::locate::{Anchor, Pos, SourceIndex};
+use crate::model::{
+    Config, HealthCheckConfig, HealthCheckKind, ListenerConfig, PoolConfig, Protocol, RouteMatch,
+};
+use crate::scalar::{check_backend_addr, check_dns_name};
+
+/// Turns field paths into located [`Diagnostic`]s for one source.
+pub(crate) struct Locator<'a> {
+    pub origin: &'a str,
+    /// Positions of the parsed text; `None` for a config built in code.
+    pub index: Option<&'a SourceIndex>,
+    /// Maps columns of the env-expanded text back to the file.
+    pub columns: Option<&'a ColumnMap>,
+    /// The end of the parsed text: positions past it (libyaml reports the end of a text
+    /// without a final line break one line further down) are moved back to it.
+    pub end: Option<Pos>,
+}
+
+/// The position just after the last character of `text`.
+pub(crate) fn end_of(text: &str) -> Pos {
+    let line = text.matches('\n').count() + 1;
+    let last = text.rsplit('\n').next().unwrap_or("");
+    Pos {
+        line,
+        column: last.chars().count() + 1,
+    }
+}
+
+impl Locator<'_> {
+    /// A diagnostic at `pos` of the parsed text.
+    pub fn at(&self, pos: Pos, path: &str, message: String) -> Diagnostic {
+        let pos = match self.end {
+            Some(end) if pos.line > end.line => end,
+            _ => pos,
+        };
+        let column = self
+            .columns
+            .map_or(pos.column, |c| c.original(pos.line, pos.column));
+        Diagnostic {
+            origin: self.origin.to_owned(),
+            line: pos.line,
+            column,
+            path: path.to_owned(),
+            message,
+        }
+    }
+
+    /// A diagnostic about `path`, placed at `locate_path` (usually the same path).
+    pub fn diag(
+        &self,
+        path: &str,
+        locate_path: &str,
+        anchor: Anchor,
+        message: String,
+    ) -> Diagnostic {
+        match self.index {
+            Some(index) => self.at(index.locate(locate_path, anchor), path, message),
+            None => Diagnostic {
+                origin: self.origin.to_owned(),
+                line: 0,
+                column: 0,
+                path: path.to_owned(),
+                message,
+            },
+        }
+    }
+
+    /// `"{sep}line N"` for the node at `path`, or nothing when it has no position.
+    fn line_note(&self, sep: &str, path: &str) -> String {
+        match self.index.and_then(|i| i.exact(path, Anchor::Key)) {
+            Some(pos) => format!("{sep}line {}", pos.line),
+            None => String::new(),
+        }
+    }
+
+    /// Whether the text sets exactly `path` (always false for a config built in code).
+    fn is_written(&self, path: &str) -> bool {
+        self.index.is_some_and(|i| i.contains(path))
+    }
+}
+
+/// The semantic checker: walks a [`Config`] and gathers diagnostics.
+struct Checker<'a> {
+    loc: &'a Locator<'a>,
+    diags: Vec<Diagnostic>,
+}
+
+/// Checks `config`; returns every problem found, empty when it is valid.
+pub(crate) fn check(config: &Config, loc: &Locator<'_>) -> Vec<Diagnostic> {
+    let mut c = Checker {
+        loc,
+        diags: Vec::new(),
+    };
+    c.log(config);
+    c.admin(config);
+    c.listeners(config);
+    c.pools(config);
+    c.diags
+}
+
+/// Characters allowed in listener and pool names (they appear in URLs and metrics).
+fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{kind} name is empty"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)))
+    {
+        return Err(format!(
+            "{kind} name `{name}` contains `{c}`; use letters, digits, `_`, `.` and `-`"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether two listen addresses cannot both be bound: same port and the same IP, or one
+/// of them the wildcard address of the same family. Port 0 (ephemeral) never conflicts.
+fn addresses_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip()
+            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+}
+
+/// Whether `c` may appear in an HTTP header name (RFC 9110 `tchar`).
+fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+impl Checker<'_> {
+    /// Reports `message` about `path`, at `path`.
+    fn report(&mut self, path: &str, anchor: Anchor, message: String) {
+        self.diags.push(self.loc.diag(path, path, anchor, message));
+    }
+
+    /// Reports that the duration at `path` must be positive, if it is zero.
+    fn positive(&mut self, path: &str, d: Duration) {
+        if d.is_zero() {
+            self.report(path, Anchor::Value, "must be greater than 0".to_owned());
+        }
+    }
+
+    /// Reports a percentage above 100.
+    fn percent(&mut self, path: &str, v: u8) {
+        if v > 100 {
+            self.report(
+                path,
+                Anchor::Value,
+                format!("{v} is not a percentage; must be 0..=100"),
+            );
+        }
+    }
+
+    fn log(&mut self, config: &Config) {
+        let level = &config.log.level;
+        if level.trim().is_empty() {
+            self.report("log.level", Anchor::Value, "is empty; e.g. info".to_owned());
+        } else if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
+            self.report(
+                "log.level",
+                Anchor::Value,
+                format!(
+                    "invalid log filter `{level}`: {e} (e.g. `info` or `info,fulcrum_proxy=debug`)"
+                ),
+            );
+        }
+    }
+
+    fn admin(&mut self, config: &Config) {
+        if let Some(token) = &config.admin.token {
+            if token.is_empty() {
+                self.report(
+                    "admin.token",
+                    Anchor::Value,
+                    "is empty; remove it (or set it to null) to require no token".to_owned(),
+                );
+            } else if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                self.report(
+                    "admin.token",
+                    Anchor::Value,
+                    "contains whitespace or control characters, which a bearer token cannot"
+                        .to_owned(),
+                );
+            }
+        }
+    }
+
+    fn listeners(&mut self, config: &Config) {
+        if config.listeners.is_empty() {
+            self.report(
+                "listeners",
+                Anchor::Key,
+                "no listeners; at least one listener is required".to_owned(),
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        // Bound addresses so far, with who holds them.
+        let mut bound: Vec<(SocketAddr, String, String)> = vec![(
+            config.admin.listen,
+            "the admin listener".to_owned(),
+            "admin.listen".to_owned(),
+        )];
+        for (i, l) in config.listeners.iter().enumerate() {
+            let p = format!("listeners[{i}]");
+            if let Err(e) = check_name("listener", &l.name) {
+                self.report(&format!("{p}.name"), Anchor::Value, e);
+            } else if let Some(&first) = names.get(l.name.as_str()) {
+                let first_path = format!("listeners[{first}]");
+                let note = self.loc.line_note(", ", &first_path);
+                self.report(
+                    &format!("{p}.name"),
+                    Anchor::Value,
+                    format!(
+                        "duplicate listener name `{}` (first used by {first_path}{note})",
+                        l.name
+                    ),
+                );
+            } else {
+                names.insert(&l.name, i);
+            }
+            let listen_path = format!("{p}.listen");
+            if let Some((_, holder, holder_path)) = bound
+                .iter()
+                .find(|(addr, ..)| addresses_conflict(*addr, l.listen))
+            {
+                let note = self.loc.line_note(" at ", holder_path);
+                let msg = format!("address {} is already used by {holder}{note}", l.listen);
+                self.report(&listen_path, Anchor::Value, msg);
+            }
+            bound.push((l.listen, format!("listener `{}`", l.name), listen_path));
+            self.positive(
+                &format!("{p}.timeouts.request_header"),
+                l.timeouts.request_header,
+            );
+            self.positive(&format!("{p}.timeouts.idle"), l.timeouts.idle);
+            self.routes(config, l, &p);
+        }
+    }
+
+    fn routes(&mut self, config: &Config, l: &ListenerConfig, p: &str) {
+        if l.routes.is_empty() {
+            self.diags.push(self.loc.diag(
+                &format!("{p}.routes"),
+                p,
+                Anchor::Key,
+                format!(
+                    "listener `{}` has no routes; add at least one route naming a pool",
+                    l.name
+                ),
+            ));
+        }
+        if l.protocol == Protocol::Tcp && l.routes.len() > 1 {
+            self.report(
+                &format!("{p}.routes[1]"),
+                Anchor::Value,
+                format!(
+                    "tcp listener `{}` has {} routes; a tcp listener forwards every connection \
+                     to one pool, so it takes exactly one route",
+                    l.name,
+                    l.routes.len()
+                ),
+            );
+        }
+        for (j, route) in l.routes.iter().enumerate() {
+            let rp = format!("{p}.routes[{j}]");
+            if !config.pools.contains_key(&route.pool) {
+                let known = if config.pools.is_empty() {
+                    "no pools are defined".to_owned()
+                } else {
+                    let names: Vec<&str> = config.pools.keys().map(String::as_str).collect();
+                    format!("defined pools: {}", names.join(", "))
+                };
+                self.report(
+                    &format!("{rp}.pool"),
+                    Anchor::Value,
+                    format!(
+                        "route names pool `{}`, which is not defined ({known})",
+                        route.pool
+                    ),
+                );
+            }
+            match (&route.r#match, l.protocol) {
+                (Some(_), Protocol::Tcp) => self.report(
+                    &format!("{rp}.match"),
+                    Anchor::Key,
+                    format!(
+                        "tcp listener `{}` cannot match on host, path or headers; remove `match`",
+                        l.name
+                    ),
+                ),
+                (Some(m), Protocol::Http) => self.route_match(m, &format!("{rp}.match")),
+                (None, _) => {}
+            }
+        }
+    }
+
+    fn route_match(&mut self, m: &RouteMatch, p: &str) {
+        if let Some(host) = &m.host {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            let problem = if host == "*" {
+                Some("`*` alone matches every host; leave `host` out instead".to_owned())
+            } else if name.contains(':') {
+                Some("a host to match has no port (the request's port is ignored)".to_owned())
+            } else {
+                check_dns_name(name).err()
+            };
+            if let Some(why) = problem {
+                self.report(
+                    &format!("{p}.host"),
+                    Anchor::Value,
+                    format!("invalid host `{host}`: {why}; e.g. api.example.com or *.example.com"),
+                );
+            }
+        }
+        if let Some(prefix) = &m.path_prefix
+            && !prefix.starts_with('/')
+        {
+            self.report(
+                &format!("{p}.path_prefix"),
+                Anchor::Value,
+                format!("path prefix `{prefix}` must start with `/`"),
+            );
+        }
+        if let Some(h) = &m.header {
+            if h.name.is_empty() || !h.name.chars().all(is_tchar) {
+                self.report(
+                    &format!("{p}.header.name"),
+                    Anchor::Value,
+                    format!("`{}` is not a valid HTTP header name", h.name),
+                );
+            }
+            if let Some(v) = &h.value
+                && v.chars().any(|c| c.is_control() && c != '\t')
+            {
+                self.report(
+                    &format!("{p}.header.value"),
+                    Anchor::Value,
+                    "a header value cannot contain control characters".to_owned(),
+                );
+            }
+        }
+    }
+
+    fn pools(&mut self, config: &Config) {
+        if config.pools.is_empty() {
+            self.report(
+                "pools",
+                Anchor::Key,
+                "no pools; at least one pool is required".to_owned(),
+            );
+        }
+        for (name, pool) in &config.pools {
+            self.pool(name, pool);
+        }
+    }
+
+    fn pool(&mut self, name: &str, pool: &PoolConfig) {
+        let p = format!("pools.{name}");
+        if let Err(e) = check_name("pool", name) {
+            self.report(&p, Anchor::Key, e);
+        }
+        if pool.backends.is_empty() {
+            self.diags.push(self.loc.diag(
+                &format!("{p}.backends"),
+                &p,
+                Anchor::Key,
+                format!("pool `{name}` has no backends; add at least one"),
+            ));
+        }
+        // Normalised address → index of its first backend.
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, b) in pool.backends.iter().enumerate() {
+            let bp = format!("{p}.backends[{i}]");
+            match check_backend_addr(&b.address) {
+                Err(e) => self.report(&format!("{bp}.address"), Anchor::Value, e),
+                Ok(sock) => {
+                    let key = sock.map_or_else(
+                        || b.address.trim_end_matches('.').to_ascii_lowercase(),
+                        |s| s.to_string(),
+                    );
+                    if let Some(&first) = seen.get(&key) {
+                        let first_path = format!("{p}.backends[{first}]");
+                        let note = self.loc.line_note(", ", &first_path);
+                        self.report(
+                            &format!("{bp}.address"),
+                            Anchor::Value,
+                            format!(
+                                "duplicate backend address `{}` in pool `{name}` (first at \
+                                 {first_path}{note})",
+                                b.address
+                            ),
+                        );
+                    } else {
+                        seen.insert(key, i);
+                    }
+                }
+            }
+            if !(1..=65535).contains(&b.weight) {
+                self.report(
+                    &format!("{bp}.weight"),
+                    Anchor::Value,
+                    format!("weight {} is out of range; must be 1..=65535", b.weight),
+                );
+            }
+        }
+        let t = &pool.timeouts;
+        self.positive(&format!("{p}.timeouts.connect"), t.connect);
+        self.positive(&format!("{p}.timeouts.response_header"), t.response_header);
+        self.positive(&format!("{p}.timeouts.idle"), t.idle);
+        if pool.retry.attempts > 10 {
+            self.report(
+                &format!("{p}.retry.attempts"),
+                Anchor::Value,
+                format!(
+                    "{} retries is too many; must be 0..=10",
+                    pool.retry.attempts
+                ),
+            );
+        }
+        self.percent(
+            &format!("{p}.retry.budget_percent"),
+            pool.retry.budget_percent,
+        );
+        if let Some(hc) = &pool.health_check {
+            self.health_check(hc, &format!("{p}.health_check"));
+        }
+        let od = &pool.outlier_detection;
+        let op = format!("{p}.outlier_detection");
+        self.positive(&format!("{op}.base_ejection_time"), od.base_ejection_time);
+        if od.max_ejection_time < od.base_ejection_time {
+            self.report(
+                &format!("{op}.max_ejection_time"),
+                Anchor::Value,
+                format!(
+                    "max_ejection_time ({}) must be at least base_ejection_time ({})",
+                    humantime::format_duration(od.max_ejection_time),
+                    humantime::format_duration(od.base_ejection_time)
+                ),
+            );
+        }
+        self.percent(
+            &format!("{op}.max_ejection_percent"),
+            od.max_ejection_percent,
+        );
+        self.percent(&format!("{p}.panic_threshold"), pool.panic_threshold);
+        self.positive(&format!("{p}.stats.ewma_decay"), pool.stats.ewma_decay);
+        self.positive(
+            &format!("{p}.stats.latency_window"),
+            pool.stats.latency_window,
+        );
+    }
+
+    fn health_check(&mut self, hc: &HealthCheckConfig, p: &str) {
+        match hc.r#type {
+            HealthCheckKind::Http => {
+                if !hc.path.starts_with('/') {
+                    self.report(
+                        &format!("{p}.path"),
+                        Anchor::Value,
+                        format!("health check path `{}` must start with `/`", hc.path),
+                    );
+                }
+                if let Some(host) = &hc.host
+                    && (host.is_empty()
+                        || host.chars().any(|c| c.is_whitespace() || c.is_control()))
+                {
+                    self.report(
+                        &format!("{p}.host"),
+                        Anchor::Value,
+                        format!("`{host}` is not a valid Host header value"),
+                    );
+                }
+            }
+            HealthCheckKind::Tcp => {
+                // Defaults are fine (a serialized config writes them back); a value set on
+                // purpose would be silently ignored, so it is refused.
+                let defaults = HealthCheckConfig::default();
+                let set = [
+                    ("path", hc.path != defaults.path),
+                    ("host", hc.host.is_some()),
+                    (
+                        "expected_status",
+                        hc.expected_status != defaults.expected_status,
+                    ),
+                ];
+                for (field, _) in set.into_iter().filter(|(_, differs)| *differs) {
+                    self.report(
+                        &format!("{p}.{field}"),
+                        Anchor::Key,
+                        format!("`{field}` applies to http health checks only; this one is tcp"),
+                    );
+                }
+            }
+        }
+        self.positive(&format!("{p}.interval"), hc.interval);
+        self.positive(&format!("{p}.timeout"), hc.timeout);
+        if !hc.interval.is_zero() && hc.timeout >= hc.interval {
+            // Point at whichever of the two the file sets (timeout first).
+            let at = [format!("{p}.timeout"), format!("{p}.interval")]
+                .into_iter()
+                .find(|f| self.loc.is_written(f))
+                .unwrap_or_else(|| format!("{p}.timeout"));
+            self.report(
+                &at,
+                Anchor::Value,
+                format!(
+                    "health check timeout ({}) must be less than its interval ({})",
+                    humantime::format_duration(hc.timeout),
+                    humantime::format_duration(hc.interval)
+                ),
+            );
+        }
+        for (field, v) in [("rise", hc.rise), ("fall", hc.fall)] {
+            if v == 0 {
+                self.report(
+                    &format!("{p}.{field}"),
+                    Anchor::Value,
+                    "must be at least 1".to_owned(),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflicts() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(addresses_conflict(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(addresses_conflict(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(addresses_conflict(a("127.0.0.1:80"), a("0.0.0.0:80")));
+        assert!(!addresses_conflict(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!addresses_conflict(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!addresses_conflict(a("127.0.0.1:0"), a("127.0.0.1:0")));
+        assert!(!addresses_conflict(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(addresses_conflict(a("[::]:80"), a("[::1]:80")));
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("pool", "api-v2.eu_1").is_ok());
+        assert!(check_name("pool", "").unwrap_err().contains("empty"));
+        assert!(
+            check_name("pool", "a b")
+                .unwrap_err()
+                .contains("contains ` `")
+        );
+    }
+}
