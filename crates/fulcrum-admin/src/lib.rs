@@ -1,1 +1,364 @@
-//! placeholder
+//! The admin API: node status, pools and backends with live figures, run-time changes
+//! (strategy switch, drain/enable/disable), configuration reload, and `GET /metrics` in the
+//! Prometheus text format.
+//!
+//! It runs on its own listener (`admin.listen`, 127.0.0.1 by default), apart from client
+//! traffic, on the node's control runtime. Everything is JSON; errors are
+//! `{"error": {"code": "...", "message": "..."}}` with the matching status: 400 for a
+//! malformed body, 401 for a missing or wrong bearer token, 404 for an unknown pool,
+//! backend or path, 405 for a wrong method, 422 for a well-formed request naming
+//! something invalid (an unknown strategy), 500 when a reload fails. When `admin.token` is
+//! set, every `POST` needs `Authorization: Bearer <token>`; reads stay open, as with
+//! Envoy's admin interface bound to localhost.
+//!
+//! The paths are part of Fulcrum's fixed interface (DESIGN.md); see docs/API.md.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fulcrum_balance::StrategyKind;
+use fulcrum_proxy::{AdminAction, AdminError, Node};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Reloads the node's configuration from its source (the config file); returns a summary
+/// of what was applied, or why the new configuration was refused (the running one stays).
+pub type ReloadFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// What the admin API serves.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The node.
+    pub node: Node,
+    /// Name of the node shown by `/api/status`.
+    pub node_name: String,
+    /// Bearer token required for `POST` calls, if any.
+    pub token: Option<String>,
+    /// Configuration reload, if the node has a configuration file.
+    pub reload: Option<ReloadFn>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("node_name", &self.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An API error: status, machine-readable code and a message naming the problem.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": { "code": self.code, "message": self.message } })),
+        )
+            .into_response()
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(error: AdminError) -> Self {
+        let code = match error {
+            AdminError::UnknownPool(_) => "unknown_pool",
+            AdminError::UnknownBackend { .. } => "unknown_backend",
+        };
+        ApiError::new(StatusCode::NOT_FOUND, code, error.to_string())
+    }
+}
+
+/// The admin API's routes.
+pub fn router(state: AdminState) -> Router {
+    let mutating = Router::new()
+        .route("/api/pools/{pool}/strategy", post(switch_strategy))
+        .route(
+            "/api/pools/{pool}/backends/{address}/{action}",
+            post(backend_action),
+        )
+        .route("/api/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/api/status", get(status))
+        .route("/api/pools", get(pools))
+        .route("/api/pools/{pool}", get(pool))
+        .route("/api/pools/{pool}/backends", get(backends))
+        .route("/metrics", get(metrics))
+        .merge(mutating)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves the admin API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn require_token(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let authorized = given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes()));
+        if !authorized {
+            let message = if given.is_none() {
+                "this call changes the node: send `Authorization: Bearer <admin.token>`"
+            } else {
+                "the bearer token does not match admin.token"
+            };
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without an early exit, so response timing does not reveal a token prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "no admin endpoint at {} {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+async fn status(State(state): State<AdminState>) -> Json<Value> {
+    let node = &state.node;
+    let (mut requests, mut errors, mut in_flight, mut active) = (0u64, 0u64, 0u64, 0u64);
+    for pool in node.pools() {
+        active += pool.active_requests();
+        for b in &pool.state().backends {
+            requests += b.live.requests();
+            errors += b.live.failures();
+            in_flight += b.live.in_flight();
+        }
+    }
+    let started = node
+        .started_at()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Json(json!({
+        "node": state.node_name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": node.uptime().as_secs_f64(),
+        "started_at_unix": started,
+        "threads": node.threads(),
+        "listeners": node.listener_status(),
+        "totals": {
+            "pools": node.pools().len(),
+            "requests": requests,
+            "errors": errors,
+            "in_flight": in_flight,
+            "active_requests": active,
+        },
+    }))
+}
+
+async fn pools(State(state): State<AdminState>) -> Json<Value> {
+    let pools: Vec<_> = state
+        .node
+        .pools()
+        .iter()
+        .map(|p| Node::pool_summary(p))
+        .collect();
+    Json(json!({ "pools": pools }))
+}
+
+async fn pool(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = state
+        .node
+        .pool(&name)
+        .ok_or(AdminError::UnknownPool(name))?;
+    Ok(Json(json!(Node::pool_summary(&pool))))
+}
+
+async fn backends(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = state
+        .node
+        .pool(&name)
+        .ok_or(AdminError::UnknownPool(name))?;
+    let summary = Node::pool_summary(&pool);
+    Ok(Json(json!({
+        "pool": summary.name,
+        "strategy": summary.strategy,
+        "panic": summary.panic,
+        "backends": Node::backend_status(&pool),
+    })))
+}
+
+/// Body of `POST /api/pools/{pool}/strategy`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrategyChange {
+    strategy: String,
+}
+
+fn bad_body(rejection: JsonRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        format!("invalid JSON body: {}", rejection.body_text()),
+    )
+}
+
+async fn switch_strategy(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<StrategyChange>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(change) = body.map_err(bad_body)?;
+    // 404 before 422: an unknown pool is the more fundamental error.
+    state
+        .node
+        .pool(&name)
+        .ok_or_else(|| AdminError::UnknownPool(name.clone()))?;
+    let kind: StrategyKind =
+        change
+            .strategy
+            .parse()
+            .map_err(|e: fulcrum_balance::UnknownStrategy| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unknown_strategy",
+                    e.to_string(),
+                )
+            })?;
+    let previous = state.node.switch_strategy(&name, kind)?;
+    Ok(Json(
+        json!({ "pool": name, "strategy": kind.name(), "previous": previous.name() }),
+    ))
+}
+
+async fn backend_action(
+    State(state): State<AdminState>,
+    Path((pool, address, action)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let action = match action.as_str() {
+        "drain" => AdminAction::Drain,
+        "disable" => AdminAction::Disable,
+        "enable" => AdminAction::Enable,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown backend action `{other}`; expected drain, enable or disable"),
+            ));
+        }
+    };
+    let new_state = state.node.set_backend_admin(&pool, &address, action)?;
+    Ok(Json(
+        json!({ "pool": pool, "backend": address, "state": new_state }),
+    ))
+}
+
+async fn reload(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
+    let Some(reload) = &state.reload else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_config_file",
+            "this node was started without a configuration file; nothing to reload",
+        ));
+    };
+    let reload = Arc::clone(reload);
+    match tokio::task::spawn_blocking(move || reload()).await {
+        Ok(Ok(summary)) => Ok(Json(json!({ "reloaded": true, "summary": summary }))),
+        Ok(Err(message)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            message,
+        )),
+        Err(join) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reload_failed",
+            join.to_string(),
+        )),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.node.metrics_text(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

@@ -304,6 +304,20 @@ impl LiveBackend {
         self.clear_flag(BackendFlags::EJECTED)
     }
 
+    /// Ends the current ejection now, whatever its remaining time (an active health check
+    /// saw the backend recover), resetting the consecutive failure count. The ejection
+    /// multiplier is kept, so a backend that fails again is ejected for longer. Returns
+    /// whether the backend was ejected.
+    pub fn lift_ejection(&self, now_ns: u64) -> bool {
+        let mut ejection = self.ejection.lock();
+        if !self.flags().contains(BackendFlags::EJECTED) {
+            return false;
+        }
+        ejection.until_ns = ejection.until_ns.min(now_ns);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.clear_flag(BackendFlags::EJECTED)
+    }
+
     /// When the current ejection ends (clock nanoseconds), if the backend is ejected.
     pub fn ejected_until_ns(&self) -> Option<u64> {
         if self.flags().contains(BackendFlags::EJECTED) {
@@ -471,8 +485,13 @@ mod tests {
         // Again immediately: 3 × 5 s capped at 12 s.
         assert_eq!(b.eject(&policy, 15 * s), Some(Duration::from_secs(12)));
         assert!(b.uneject_if_due(27 * s));
+        // An active check can lift an ejection early; the multiplier stays.
+        assert_eq!(b.eject(&policy, 28 * s), Some(Duration::from_secs(12)));
+        assert!(b.lift_ejection(29 * s));
+        assert!(!b.lift_ejection(29 * s), "not ejected any more");
+        assert!(b.is_routable(false));
         // After a long calm period the multiplier decays back to 1.
         assert_eq!(b.eject(&policy, 500 * s), Some(Duration::from_secs(5)));
-        assert_eq!(b.ejections_total(), 4);
+        assert_eq!(b.ejections_total(), 5);
     }
 }

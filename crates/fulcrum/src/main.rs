@@ -1,1 +1,94 @@
-fn main() {}
+//! `fulcrum`: the command-line entry point.
+//!
+//! ```text
+//! fulcrum run --config FILE [--threads N]   run a node
+//! fulcrum check --config FILE               validate a configuration (exit 0 ok, 2 invalid)
+//! fulcrum demo                              simulated backends + a node + admin API on localhost
+//! fulcrum backend --listen ADDR [...]       a simulated backend
+//! ```
+//!
+//! Exit codes: 0 success, 1 a runtime failure (a port cannot be bound, …), 2 an invalid
+//! configuration or command line.
+
+mod demo;
+mod logging;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Fulcrum: a traffic-aware HTTP/TCP load balancer.
+#[derive(Debug, Parser)]
+#[command(name = "fulcrum", version, propagate_version = true)]
+#[command(
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node from a configuration file.
+    ///
+    /// Prints one JSON line to stdout once every listener is bound
+    /// (`{"event":"ready",...}`, with the bound addresses), logs to stderr. SIGTERM or SIGINT
+    /// drains in-flight requests (up to `runtime.drain_timeout`) and exits; a second signal
+    /// exits at once. SIGHUP reloads the configuration file.
+    Run {
+        /// The YAML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Worker threads (default: `runtime.threads`, or one per CPU core).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+    },
+    /// Validate a configuration file without starting anything.
+    ///
+    /// Exit 0 and a one-line summary if it is valid; exit 2 and one line per problem
+    /// (`FILE:LINE:COLUMN: FIELD: MESSAGE`) on stderr if not.
+    Check {
+        /// The YAML configuration file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run three simulated backends (one slower), a node and its admin API on localhost.
+    Demo(demo::DemoArgs),
+    /// Run a simulated backend (latency, capacity, failures, /control).
+    ///
+    /// Prints `{"event":"listening","name":...,"address":...}` once listening.
+    Backend(fulcrum_sim::BackendArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, threads } => serve::run(config, threads),
+        Command::Demo(args) => demo::run(args),
+        Command::Backend(args) => demo::backend(args),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match fulcrum_config::load(path) {
+        Ok(config) => {
+            let backends: usize = config.pools.values().map(|p| p.backends.len()).sum();
+            println!(
+                "{}: ok ({} listener(s), {} pool(s), {} backend(s))",
+                path.display(),
+                config.listeners.len(),
+                config.pools.len(),
+                backends
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Header rewriting between client and backend.
+//!
+//! A proxy is an intermediary in the sense of RFC 9110 §7.6: it must not forward the
+//! connection-specific ("hop-by-hop") fields of one connection to the next. Those are the
+//! `Connection` field, every field it names, and the fields RFC 9110 §7.6.1 and RFC 9112
+//! define as hop-by-hop: `Keep-Alive`, `Proxy-Connection`, `TE`, `Transfer-Encoding` and
+//! `Upgrade` (kept only to carry a protocol upgrade such as WebSocket, RFC 9110 §7.8).
+//! hyper re-frames bodies itself, so dropping `Transfer-Encoding` loses nothing. `Expect`
+//! is answered by this proxy (hyper sends `100 Continue` when the body is first read), so
+//! it is not forwarded either, as Envoy does.
+//!
+//! Toward the backend Fulcrum sets the de-facto `X-Forwarded-For` (appending the client
+//! address), `X-Forwarded-Proto` and `X-Forwarded-Host` fields, and turns the request
+//! target into origin form (`/path?query`) over HTTP/1.1, with `Host` taken from the
+//! HTTP/2 `:authority` when the client spoke HTTP/2.
+
+use http::header::{
+    CONNECTION, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{StatusCode, Uri, Version, request, response};
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// Removes the fields named by `Connection` and then the fixed hop-by-hop fields.
+/// Returns whether the message asked for a protocol upgrade (`Connection: upgrade` with an
+/// `Upgrade` field); the `Upgrade` field is then kept and `Connection: upgrade` restored.
+fn strip_hop_by_hop(headers: &mut HeaderMap, allow_upgrade: bool) -> bool {
+    let mut upgrade_requested = false;
+    if headers.contains_key(CONNECTION) {
+        // Header values are reference-counted, so these clones do not copy; the Vec is
+        // only needed for the rare message with several Connection fields.
+        let mut values = headers.get_all(CONNECTION).iter();
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect();
+        headers.remove(CONNECTION);
+        for value in first.iter().chain(rest.iter()) {
+            let Ok(list) = value.to_str() else { continue };
+            for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if token.eq_ignore_ascii_case("upgrade") {
+                    upgrade_requested = true;
+                } else if !token.eq_ignore_ascii_case("keep-alive")
+                    && !token.eq_ignore_ascii_case("close")
+                {
+                    // Lookup by &str is case-insensitive and does not allocate.
+                    headers.remove(token);
+                }
+            }
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(TE);
+    headers.remove(TRANSFER_ENCODING);
+    let upgrading = allow_upgrade && upgrade_requested && headers.contains_key(UPGRADE);
+    if upgrading {
+        headers.insert(CONNECTION, UPGRADE_TOKEN.clone());
+    } else {
+        headers.remove(UPGRADE);
+    }
+    upgrading
+}
+
+/// Rewrites a client request head for the backend; returns whether it is a protocol
+/// upgrade request (HTTP/1.1 `Upgrade`, e.g. WebSocket).
+///
+/// `client_ip` is the client's address as a header value (made once per connection);
+/// `proto` is `http` or `https`.
+pub fn prepare_request(
+    parts: &mut request::Parts,
+    client_ip: &HeaderValue,
+    proto: &'static str,
+) -> bool {
+    let from_h1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
+    let upgrading = strip_hop_by_hop(&mut parts.headers, from_h1);
+    parts.headers.remove(EXPECT);
+
+    if !parts.headers.contains_key(HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(HOST, host);
+    }
+    if let Some(host) = parts.headers.get(HOST).cloned() {
+        parts.headers.insert(&X_FORWARDED_HOST, host);
+    }
+    parts
+        .headers
+        .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    append_forwarded_for(&mut parts.headers, client_ip);
+
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = origin_form(&parts.uri);
+    }
+    parts.version = Version::HTTP_11;
+    upgrading
+}
+
+/// Appends `client_ip` to `X-Forwarded-For`, joining multiple existing fields into one
+/// list (RFC 9110 §5.3 allows either form).
+fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(&X_FORWARDED_FOR, client_ip.clone());
+        return;
+    }
+    let mut joined = Vec::with_capacity(64);
+    for value in headers.get_all(&X_FORWARDED_FOR) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(client_ip.as_bytes());
+    match HeaderValue::from_bytes(&joined) {
+        Ok(value) => {
+            headers.insert(&X_FORWARDED_FOR, value);
+        }
+        // Existing values were valid header bytes, as is the address: cannot fail, but a
+        // replacement beats a panic.
+        Err(_) => {
+            headers.insert(&X_FORWARDED_FOR, client_ip.clone());
+        }
+    }
+}
+
+/// `/path?query` of `uri` (`/` if it has none).
+fn origin_form(uri: &Uri) -> Uri {
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Rewrites a backend response head for the client: hop-by-hop fields removed; for a
+/// `101 Switching Protocols` answer to an upgrade request, `Upgrade` and
+/// `Connection: upgrade` are kept. `to_h1` says whether the client speaks HTTP/1.x
+/// (HTTP/2 forbids connection-specific fields altogether).
+pub fn prepare_response(parts: &mut response::Parts, upgrading: bool, to_h1: bool) {
+    let allow_upgrade = upgrading && to_h1 && parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, allow_upgrade);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(req: Request<()>) -> request::Parts {
+        req.into_parts().0
+    }
+
+    fn ip() -> HeaderValue {
+        HeaderValue::from_static("10.0.0.7")
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_fields() {
+        let mut p = parts(
+            Request::get("/a?b=1")
+                .header("connection", "keep-alive, X-Secret")
+                .header("keep-alive", "timeout=5")
+                .header("x-secret", "1")
+                .header("te", "trailers")
+                .header("transfer-encoding", "chunked")
+                .header("upgrade", "h2c")
+                .header("proxy-connection", "keep-alive")
+                .header("expect", "100-continue")
+                .header("x-kept", "yes")
+                .body(())
+                .expect("valid request"),
+        );
+        assert!(!prepare_request(&mut p, &ip(), "http"));
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "expect",
+        ] {
+            assert!(!p.headers.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(p.headers["x-kept"], "yes");
+        assert_eq!(p.uri, "/a?b=1");
+    }
+
+    #[test]
+    fn sets_forwarded_fields() {
+        let mut p = parts(
+            Request::get("/")
+                .header("host", "shop.example:8080")
+                .header("x-forwarded-for", "1.2.3.4")
+                .header("x-forwarded-proto", "https")
+                .body(())
+                .expect("valid request"),
+        );
+        prepare_request(&mut p, &ip(), "http");
+        assert_eq!(p.headers["x-forwarded-for"], "1.2.3.4, 10.0.0.7");
+        assert_eq!(p.headers["x-forwarded-proto"], "http");
+        assert_eq!(p.headers["x-forwarded-host"], "shop.example:8080");
+        assert_eq!(p.headers["host"], "shop.example:8080");
+    }
+
+    #[test]
+    fn joins_multiple_forwarded_for_fields() {
+        let mut p = parts(
+            Request::get("/")
+                .header("x-forwarded-for", "1.1.1.1")
+                .header("x-forwarded-for", "2.2.2.2")
+                .body(())
+                .expect("valid request"),
+        );
+        prepare_request(&mut p, &ip(), "http");
+        assert_eq!(p.headers.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(p.headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.7");
+    }
+
+    #[test]
+    fn h2_request_gets_host_and_origin_form() {
+        let mut p = parts(
+            Request::get("http://api.example:9000/v1/x?y=2")
+                .version(Version::HTTP_2)
+                .body(())
+                .expect("valid request"),
+        );
+        prepare_request(&mut p, &ip(), "http");
+        assert_eq!(p.uri, "/v1/x?y=2");
+        assert_eq!(p.headers["host"], "api.example:9000");
+        assert_eq!(p.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn websocket_upgrade_is_kept() {
+        let mut p = parts(
+            Request::get("/ws")
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .body(())
+                .expect("valid request"),
+        );
+        assert!(prepare_request(&mut p, &ip(), "http"));
+        assert_eq!(p.headers["connection"], "upgrade");
+        assert_eq!(p.headers["upgrade"], "websocket");
+        assert!(p.headers.contains_key("sec-websocket-key"));
+    }
+
+    #[test]
+    fn response_hop_by_hop_removed_but_101_upgrade_kept() {
+        let (mut p, ()) = http::Response::builder()
+            .header("connection", "close")
+            .header("keep-alive", "timeout=5")
+            .header("transfer-encoding", "chunked")
+            .header("x-app", "1")
+            .body(())
+            .expect("valid response")
+            .into_parts();
+        prepare_response(&mut p, false, true);
+        assert!(!p.headers.contains_key("connection"));
+        assert!(!p.headers.contains_key("keep-alive"));
+        assert!(!p.headers.contains_key("transfer-encoding"));
+        assert_eq!(p.headers["x-app"], "1");
+
+        let (mut p, ()) = http::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("valid response")
+            .into_parts();
+        prepare_response(&mut p, true, true);
+        assert_eq!(p.headers["upgrade"], "websocket");
+        assert_eq!(p.headers["connection"], "upgrade");
+    }
+}

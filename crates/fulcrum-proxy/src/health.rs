@@ -1,0 +1,177 @@
+//! Active health checks and the outlier-ejection sweep.
+//!
+//! Each backend of a pool with a `health_check` gets its own task that probes it every
+//! `interval` (the first probe after a random fraction of it, so a pool's checks do not
+//! fire in lockstep): an HTTP `GET` on a fresh connection, healthy if the status is in
+//! the expected range, or a bare TCP connect. As in HAProxy (`rise`/`fall`), `fall`
+//! consecutive failures mark a healthy backend unhealthy and `rise` consecutive successes
+//! re-admit it; backends start healthy. Probes use fresh connections so a check observes
+//! what a new client connection would.
+//!
+//! When active checks re-admit a backend (unhealthy → healthy), an outlier-detection
+//! ejection still pending from the same outage is lifted too, as Envoy does with
+//! `successful_active_health_check_uneject_host`. Fulcrum lifts it only on that
+//! transition, not on every passing check, so a backend whose health endpoint passes while
+//! its real requests fail stays ejected for its full ejection time.
+//!
+//! The same module runs each pool's ejection sweep: once a second, backends whose
+//! outlier-detection ejection has expired are re-admitted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fulcrum_balance::BackendFlags;
+use http::Request;
+use http::header::{CONNECTION, HOST, USER_AGENT};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{BackendRuntime, HealthCheckSettings, HealthProbe, Pool};
+
+/// Period of the ejection sweep.
+pub const EJECTION_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Outcome of one probe.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProbeResult {
+    /// The backend answered as expected.
+    Healthy,
+    /// It did not; the reason, for logs.
+    Unhealthy(String),
+}
+
+/// Probes `addr` once according to `settings`.
+pub async fn probe(
+    addr: std::net::SocketAddr,
+    address: &str,
+    settings: &HealthCheckSettings,
+) -> ProbeResult {
+    match tokio::time::timeout(
+        settings.timeout,
+        probe_inner(addr, address, &settings.probe),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => ProbeResult::Unhealthy(format!("no answer within {:?}", settings.timeout)),
+    }
+}
+
+async fn probe_inner(
+    addr: std::net::SocketAddr,
+    address: &str,
+    probe: &HealthProbe,
+) -> ProbeResult {
+    let stream = match TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(error) => return ProbeResult::Unhealthy(format!("connect: {error}")),
+    };
+    let HealthProbe::Http {
+        path,
+        host,
+        expected,
+    } = probe
+    else {
+        return ProbeResult::Healthy;
+    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(error) => return ProbeResult::Unhealthy(format!("handshake: {error}")),
+        };
+    let driver = tokio::spawn(connection);
+    let request = Request::get(path.as_str())
+        .header(HOST, host.as_deref().unwrap_or(address))
+        .header(USER_AGENT, "fulcrum-health-check")
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new());
+    let request = match request {
+        Ok(request) => request,
+        Err(error) => return ProbeResult::Unhealthy(format!("invalid check request: {error}")),
+    };
+    let result = match sender.send_request(request).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            if (expected.0..=expected.1).contains(&status) {
+                ProbeResult::Healthy
+            } else {
+                ProbeResult::Unhealthy(format!(
+                    "status {status}, expected {}-{}",
+                    expected.0, expected.1
+                ))
+            }
+        }
+        Err(error) => ProbeResult::Unhealthy(format!("request: {error}")),
+    };
+    driver.abort();
+    result
+}
+
+/// Checks one backend of `pool` until `cancel` fires, updating its `UNHEALTHY` flag.
+pub async fn check_loop(
+    pool: Arc<Pool>,
+    backend: Arc<BackendRuntime>,
+    addr: std::net::SocketAddr,
+    settings: HealthCheckSettings,
+    cancel: CancellationToken,
+) {
+    let first_delay = settings.interval.mul_f64(fastrand::f64());
+    let mut successes = 0u32;
+    let mut failures = 0u32;
+    let mut delay = first_delay;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = settings.interval;
+        let result = probe(addr, &backend.address, &settings).await;
+        let unhealthy = backend.live.flags().contains(BackendFlags::UNHEALTHY);
+        match result {
+            ProbeResult::Healthy => {
+                failures = 0;
+                successes = successes.saturating_add(1);
+                if unhealthy
+                    && successes >= settings.rise
+                    && pool.clear_flag(&backend.live, BackendFlags::UNHEALTHY)
+                {
+                    backend.metrics.became_healthy.inc();
+                    let lifted = pool.lift_ejection(&backend.live);
+                    tracing::info!(
+                        pool = %pool.name(),
+                        backend = %backend.address,
+                        ejection_lifted = lifted,
+                        "health check passed; backend healthy"
+                    );
+                }
+            }
+            ProbeResult::Unhealthy(reason) => {
+                successes = 0;
+                failures = failures.saturating_add(1);
+                tracing::debug!(pool = %pool.name(), backend = %backend.address, %reason, failures, "health check failed");
+                if !unhealthy
+                    && failures >= settings.fall
+                    && pool.set_flag(&backend.live, BackendFlags::UNHEALTHY)
+                {
+                    backend.metrics.became_unhealthy.inc();
+                    tracing::warn!(pool = %pool.name(), backend = %backend.address, %reason, "health check failed; backend unhealthy");
+                }
+            }
+        }
+    }
+}
+
+/// Re-admits `pool`'s expired ejections every [`EJECTION_SWEEP_INTERVAL`] until `cancel`.
+pub async fn ejection_sweep(pool: Arc<Pool>, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(EJECTION_SWEEP_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticker.tick() => { pool.sweep_ejections(); }
+        }
+    }
+}

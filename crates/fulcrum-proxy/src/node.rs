@@ -1,0 +1,768 @@
+//! A running node's data plane: listeners, worker threads, pools, and background checks.
+//!
+//! [`Node::start`] binds every listener (failing before anything runs if one cannot be
+//! bound), builds the pools, starts the workers, and spawns health checks and ejection
+//! sweeps on the calling (control) runtime. The admin API reads and changes the node
+//! through the methods here; [`Node::reload`] applies a new [`NodeSpec`] — routes, pools,
+//! backends, strategies, policies — without dropping a request, reusing each surviving
+//! backend's live statistics, health and pooled connections.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use fulcrum_balance::{Backend, BackendFlags, LiveBackend, StrategyKind};
+use fulcrum_stats::clock::now_ns;
+use http::header::{HeaderName, HeaderValue};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::health;
+use crate::listener::{self, ClientTimeouts, ListenerProtocol, ListenerRuntime, Workers};
+use crate::metrics::Metrics;
+use crate::router::{HostMatch, Route, Router};
+use crate::state::{BackendRuntime, BackendSpec, Pool, PoolSettings, PoolState};
+use crate::upstream::ConnPool;
+
+/// A route as declared: conditions and a pool name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// `example.com` or `*.example.com`.
+    pub host: Option<String>,
+    /// Path prefix, starting with `/`.
+    pub path_prefix: Option<String>,
+    /// Header name and optional exact value.
+    pub header: Option<(String, Option<String>)>,
+    /// Destination pool name.
+    pub pool: String,
+}
+
+/// A listener as declared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// Unique name.
+    pub name: String,
+    /// Address to bind (port 0 = ephemeral).
+    pub listen: SocketAddr,
+    /// HTTP or TCP.
+    pub protocol: ListenerProtocol,
+    /// Client-side timeouts.
+    pub timeouts: ClientTimeouts,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteSpec>,
+}
+
+/// A pool as declared.
+#[derive(Clone, Debug)]
+pub struct PoolSpec {
+    /// Unique name.
+    pub name: String,
+    /// Strategy.
+    pub strategy: StrategyKind,
+    /// Backends in order.
+    pub backends: Vec<BackendSpec>,
+    /// Policies.
+    pub settings: PoolSettings,
+}
+
+/// Everything the data plane needs to run: the validated, resolved configuration.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// Listeners.
+    pub listeners: Vec<ListenerSpec>,
+    /// Pools in declaration order.
+    pub pools: Vec<PoolSpec>,
+    /// Worker threads (≥ 1).
+    pub threads: usize,
+    /// Longest graceful-shutdown wait for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+/// Why a node could not start or a reload was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// A listener address could not be bound.
+    #[error("listener `{listener}`: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        listener: String,
+        /// Address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Worker threads could not be started.
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
+    /// A route names a pool that does not exist.
+    #[error("listener `{listener}`: route to unknown pool `{pool}`")]
+    UnknownPool {
+        /// Listener name.
+        listener: String,
+        /// Pool name.
+        pool: String,
+    },
+    /// A route's header condition is not a valid header name or value.
+    #[error("listener `{listener}`: invalid header match: {message}")]
+    InvalidHeader {
+        /// Listener name.
+        listener: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A reload changed listeners, which needs a restart.
+    #[error("listener changes need a restart: {0}")]
+    ListenersChanged(String),
+}
+
+/// What an operator does to a backend through the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAction {
+    /// No new requests; in-flight ones finish (HAProxy `drain`).
+    Drain,
+    /// Out of rotation for maintenance (HAProxy `maint`).
+    Disable,
+    /// Back in rotation: clears drain and disable.
+    Enable,
+}
+
+/// Why an admin change could not be applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminError {
+    /// No pool has this name.
+    #[error("no pool named `{0}`")]
+    UnknownPool(String),
+    /// The pool has no backend with this address.
+    #[error("pool `{pool}` has no backend `{address}`")]
+    UnknownBackend {
+        /// Pool name.
+        pool: String,
+        /// Backend address.
+        address: String,
+    },
+}
+
+/// Latency figures of a backend, in milliseconds.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LatencyMs {
+    /// Peak-EWMA estimate.
+    pub ewma: f64,
+    /// Median over the latency window; `null` without data.
+    pub p50: Option<f64>,
+    /// 99th percentile over the latency window; `null` without data.
+    pub p99: Option<f64>,
+}
+
+/// A backend's live figures, as the admin API shows them.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BackendStatus {
+    /// Address as configured.
+    pub address: String,
+    /// Configured weight.
+    pub weight: u32,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// `healthy`, `unhealthy`, `ejected`, `draining` or `disabled`.
+    pub state: &'static str,
+    /// Whether new requests may go to it now.
+    pub in_rotation: bool,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Attempts completed (success or failure).
+    pub requests: u64,
+    /// Failed attempts.
+    pub errors: u64,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Times ejected by outlier detection.
+    pub ejections: u64,
+    /// Seconds until the current ejection ends, if ejected.
+    pub ejection_remaining_secs: Option<f64>,
+    /// Latency in milliseconds.
+    pub latency_ms: LatencyMs,
+    /// Idle pooled connections.
+    pub idle_connections: usize,
+}
+
+/// Backend counts of a pool by state.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct BackendCounts {
+    /// All backends.
+    pub total: usize,
+    /// In rotation.
+    pub healthy: usize,
+    /// Failing active checks.
+    pub unhealthy: usize,
+    /// Ejected by outlier detection.
+    pub ejected: usize,
+    /// Drained by an operator.
+    pub draining: usize,
+    /// Disabled by an operator.
+    pub disabled: usize,
+}
+
+/// A pool's summary, as the admin API shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PoolSummary {
+    /// Name.
+    pub name: String,
+    /// Strategy name.
+    pub strategy: &'static str,
+    /// Backend counts.
+    pub backends: BackendCounts,
+    /// Whether the pool is in panic mode (routing to all backends).
+    pub panic: bool,
+    /// Requests being handled.
+    pub active_requests: u64,
+    /// Whether active health checks run.
+    pub health_checks: bool,
+}
+
+/// A listener, as the admin API shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ListenerStatus {
+    /// Name.
+    pub name: String,
+    /// Bound address.
+    pub listen: String,
+    /// `http` or `tcp`.
+    pub protocol: &'static str,
+}
+
+struct NodeInner {
+    pools: ArcSwap<Vec<Arc<Pool>>>,
+    listeners: Vec<Arc<ListenerRuntime>>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    started_at: SystemTime,
+    shutdown: CancellationToken,
+    workers: Mutex<Option<Workers>>,
+    /// Cancels the current generation of health checks and sweeps.
+    checks: Mutex<CancellationToken>,
+    /// Serialises reloads.
+    reload: Mutex<()>,
+    threads: usize,
+    drain_timeout: Duration,
+}
+
+/// A running node. Cheap to clone; every clone controls the same node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("listeners", &self.inner.listeners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Binds the listeners, builds the pools, starts `spec.threads` workers, and spawns
+    /// health checks on the current tokio runtime (which must outlive the node).
+    ///
+    /// # Errors
+    /// [`NodeError::Bind`] if a listener cannot be bound; [`NodeError::UnknownPool`] or
+    /// [`NodeError::InvalidHeader`] for routes the configuration validator should have
+    /// caught; [`NodeError::Workers`] if threads cannot be spawned.
+    pub fn start(spec: &NodeSpec) -> Result<Node, NodeError> {
+        let threads = spec.threads.max(1);
+        let metrics = Arc::new(Metrics::new());
+
+        let mut bound = Vec::with_capacity(spec.listeners.len());
+        for l in &spec.listeners {
+            let (sockets, local) =
+                listener::bind(l.listen, threads).map_err(|source| NodeError::Bind {
+                    listener: l.name.clone(),
+                    addr: l.listen,
+                    source,
+                })?;
+            bound.push((sockets, local));
+        }
+
+        let pools: Vec<Arc<Pool>> = spec
+            .pools
+            .iter()
+            .map(|p| {
+                Arc::new(Pool::new(
+                    &p.name,
+                    build_state(p, &HashMap::new(), &metrics, threads),
+                    metrics.retries(&p.name),
+                ))
+            })
+            .collect();
+
+        let mut listeners = Vec::with_capacity(spec.listeners.len());
+        let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (l, (sockets, local)) in spec.listeners.iter().zip(bound) {
+            let router = build_router(l, &pools)?;
+            listeners.push(Arc::new(ListenerRuntime::new(
+                &l.name, l.protocol, local, router, l.timeouts, &metrics,
+            )));
+            for (worker, socket) in sockets.into_iter().enumerate() {
+                per_worker[worker].push(socket);
+            }
+        }
+
+        let shutdown = CancellationToken::new();
+        let workers = listener::spawn_workers(
+            listeners.clone(),
+            per_worker,
+            Arc::clone(&metrics),
+            shutdown.clone(),
+            spec.drain_timeout,
+        )
+        .map_err(NodeError::Workers)?;
+
+        let node = Node {
+            inner: Arc::new(NodeInner {
+                pools: ArcSwap::from_pointee(pools),
+                listeners,
+                metrics,
+                started: Instant::now(),
+                started_at: SystemTime::now(),
+                shutdown,
+                workers: Mutex::new(Some(workers)),
+                checks: Mutex::new(CancellationToken::new()),
+                reload: Mutex::new(()),
+                threads,
+                drain_timeout: spec.drain_timeout,
+            }),
+        };
+        node.restart_checks();
+        for l in node.listeners() {
+            tracing::info!(listener = %l.name, address = %l.local_addr, protocol = l.protocol.name(), "listening");
+        }
+        Ok(node)
+    }
+
+    /// (Re)starts health checks and ejection sweeps for the current pools, stopping the
+    /// previous generation.
+    fn restart_checks(&self) {
+        let cancel = CancellationToken::new();
+        let previous = std::mem::replace(&mut *self.inner.checks.lock(), cancel.clone());
+        previous.cancel();
+        for pool in self.inner.pools.load().iter() {
+            let state = pool.state();
+            tokio::spawn(health::ejection_sweep(Arc::clone(pool), cancel.clone()));
+            if let Some(check) = &state.settings.health_check {
+                for (backend, runtime) in state.backends.iter().zip(&state.runtimes) {
+                    tokio::spawn(health::check_loop(
+                        Arc::clone(pool),
+                        Arc::clone(runtime),
+                        backend.addr,
+                        check.clone(),
+                        cancel.clone(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Applies a new configuration: routes, pools, backends, strategies and policies.
+    /// Listeners must be unchanged (names, addresses, protocols, timeouts); changing them
+    /// needs a restart. Backends kept at the same address keep their live statistics,
+    /// health and connections. On error nothing is changed.
+    pub fn reload(&self, spec: &NodeSpec) -> Result<(), NodeError> {
+        let _serial = self.inner.reload.lock();
+        self.check_listeners_unchanged(spec)?;
+
+        let current = self.inner.pools.load_full();
+        let mut reuse: HashMap<(String, String), (SocketAddr, Arc<BackendRuntime>)> =
+            HashMap::new();
+        for pool in current.iter() {
+            let state = pool.state();
+            for (b, r) in state.backends.iter().zip(&state.runtimes) {
+                reuse.insert(
+                    (pool.name().to_owned(), b.address.to_string()),
+                    (b.addr, Arc::clone(r)),
+                );
+            }
+        }
+
+        // Build everything before changing anything, so an error leaves the node as it was.
+        let mut next_pools = Vec::with_capacity(spec.pools.len());
+        let mut swaps = Vec::new();
+        for p in &spec.pools {
+            let state = build_state(p, &reuse, &self.inner.metrics, self.inner.threads);
+            match current.iter().find(|existing| existing.name() == p.name) {
+                Some(existing) => {
+                    next_pools.push(Arc::clone(existing));
+                    swaps.push((Arc::clone(existing), state));
+                }
+                None => next_pools.push(Arc::new(Pool::new(
+                    &p.name,
+                    state,
+                    self.inner.metrics.retries(&p.name),
+                ))),
+            }
+        }
+        let mut routers = Vec::with_capacity(spec.listeners.len());
+        for l in &spec.listeners {
+            routers.push(build_router(l, &next_pools)?);
+        }
+
+        let kept: HashSet<(String, String)> = spec
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.backends
+                    .iter()
+                    .map(move |b| (p.name.clone(), b.address.clone()))
+            })
+            .collect();
+        for (pool, state) in swaps {
+            pool.swap_state(state);
+        }
+        self.inner.pools.store(Arc::new(next_pools));
+        for (listener, router) in self.inner.listeners.iter().zip(routers) {
+            listener.router.store(Arc::new(router));
+        }
+        for (pool, address) in reuse.keys() {
+            if !kept.contains(&(pool.clone(), address.clone())) {
+                self.inner.metrics.remove_backend(pool, address);
+            }
+        }
+        self.restart_checks();
+        tracing::info!(pools = spec.pools.len(), "configuration reloaded");
+        Ok(())
+    }
+
+    fn check_listeners_unchanged(&self, spec: &NodeSpec) -> Result<(), NodeError> {
+        let running = &self.inner.listeners;
+        if running.len() != spec.listeners.len() {
+            return Err(NodeError::ListenersChanged(format!(
+                "{} listener(s) running, {} configured",
+                running.len(),
+                spec.listeners.len()
+            )));
+        }
+        for (r, s) in running.iter().zip(&spec.listeners) {
+            let same_addr = s.listen == r.local_addr
+                || (s.listen.port() == 0 && s.listen.ip() == r.local_addr.ip());
+            if *r.name != *s.name
+                || !same_addr
+                || r.protocol != s.protocol
+                || r.timeouts != s.timeouts
+            {
+                return Err(NodeError::ListenersChanged(format!(
+                    "listener `{}` changed",
+                    s.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The pools, in declaration order.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.inner.pools.load().iter().cloned().collect()
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.inner
+            .pools
+            .load()
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+    }
+
+    /// The listeners.
+    pub fn listeners(&self) -> &[Arc<ListenerRuntime>] {
+        &self.inner.listeners
+    }
+
+    /// Listener summaries.
+    pub fn listener_status(&self) -> Vec<ListenerStatus> {
+        self.inner
+            .listeners
+            .iter()
+            .map(|l| ListenerStatus {
+                name: l.name.to_string(),
+                listen: l.local_addr.to_string(),
+                protocol: l.protocol.name(),
+            })
+            .collect()
+    }
+
+    /// Time since the node started.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Wall-clock start time.
+    pub fn started_at(&self) -> SystemTime {
+        self.inner.started_at
+    }
+
+    /// Worker threads.
+    pub fn threads(&self) -> usize {
+        self.inner.threads
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Prometheus text exposition of every metric, with live gauges refreshed.
+    pub fn metrics_text(&self) -> String {
+        let metrics = &self.inner.metrics;
+        metrics.backend_up.clear();
+        metrics.backend_in_flight.clear();
+        for pool in self.inner.pools.load().iter() {
+            let state = pool.state();
+            let panic = pool.is_panic(&state);
+            for b in &state.backends {
+                let labels = crate::metrics::BackendLabels {
+                    pool: pool.name().to_owned(),
+                    backend: b.address.to_string(),
+                };
+                metrics
+                    .backend_up
+                    .get_or_create(&labels)
+                    .set(i64::from(b.live.is_routable(panic)));
+                metrics
+                    .backend_in_flight
+                    .get_or_create(&labels)
+                    .set(i64::try_from(b.live.in_flight()).unwrap_or(i64::MAX));
+            }
+        }
+        metrics.encode()
+    }
+
+    /// Summary of one pool.
+    pub fn pool_summary(pool: &Pool) -> PoolSummary {
+        let state = pool.state();
+        let mut counts = BackendCounts {
+            total: state.backends.len(),
+            ..BackendCounts::default()
+        };
+        for b in &state.backends {
+            match b.live.flags().state_name() {
+                "disabled" => counts.disabled += 1,
+                "draining" => counts.draining += 1,
+                "unhealthy" => counts.unhealthy += 1,
+                "ejected" => counts.ejected += 1,
+                _ => counts.healthy += 1,
+            }
+        }
+        PoolSummary {
+            name: pool.name().to_owned(),
+            strategy: state.kind.name(),
+            backends: counts,
+            panic: pool.is_panic(&state),
+            active_requests: pool.active_requests(),
+            health_checks: state.settings.health_check.is_some(),
+        }
+    }
+
+    /// Live figures of every backend of `pool`.
+    pub fn backend_status(pool: &Pool) -> Vec<BackendStatus> {
+        let state = pool.state();
+        let now = now_ns();
+        let panic = pool.is_panic(&state);
+        let ms = |ns: u64| ns as f64 / 1e6;
+        state
+            .backends
+            .iter()
+            .zip(&state.runtimes)
+            .zip(&state.tags)
+            .map(|((b, r), tags)| {
+                let live = &b.live;
+                BackendStatus {
+                    address: b.address.to_string(),
+                    weight: b.weight,
+                    tags: tags.clone(),
+                    state: live.flags().state_name(),
+                    in_rotation: live.is_routable(panic),
+                    in_flight: live.in_flight(),
+                    requests: live.requests(),
+                    errors: live.failures(),
+                    consecutive_failures: live.consecutive_failures(),
+                    ejections: live.ejections_total(),
+                    ejection_remaining_secs: live
+                        .ejected_until_ns()
+                        .map(|until| until.saturating_sub(now) as f64 / 1e9),
+                    latency_ms: LatencyMs {
+                        ewma: live.latency_estimate_ns(now) / 1e6,
+                        p50: live.latency_quantile_ns(0.5, now).map(ms),
+                        p99: live.latency_quantile_ns(0.99, now).map(ms),
+                    },
+                    idle_connections: r.conns.idle_count(),
+                }
+            })
+            .collect()
+    }
+
+    /// Switches pool `name` to strategy `kind` for new requests; returns the previous one.
+    pub fn switch_strategy(
+        &self,
+        name: &str,
+        kind: StrategyKind,
+    ) -> Result<StrategyKind, AdminError> {
+        let pool = self
+            .pool(name)
+            .ok_or_else(|| AdminError::UnknownPool(name.to_owned()))?;
+        let previous = pool.switch_strategy(kind);
+        tracing::info!(
+            pool = name,
+            from = previous.name(),
+            to = kind.name(),
+            "strategy switched"
+        );
+        Ok(previous)
+    }
+
+    /// Drains, disables or enables backend `address` of pool `pool`; returns its new state.
+    pub fn set_backend_admin(
+        &self,
+        pool: &str,
+        address: &str,
+        action: AdminAction,
+    ) -> Result<&'static str, AdminError> {
+        let p = self
+            .pool(pool)
+            .ok_or_else(|| AdminError::UnknownPool(pool.to_owned()))?;
+        let state = p.state();
+        let index = state
+            .position(address)
+            .ok_or_else(|| AdminError::UnknownBackend {
+                pool: pool.to_owned(),
+                address: address.to_owned(),
+            })?;
+        let live = &state.backends[index].live;
+        match action {
+            AdminAction::Drain => {
+                p.set_flag(live, BackendFlags::DRAINING);
+            }
+            AdminAction::Disable => {
+                p.set_flag(live, BackendFlags::DISABLED);
+            }
+            AdminAction::Enable => {
+                p.clear_flag(live, BackendFlags::DRAINING);
+                p.clear_flag(live, BackendFlags::DISABLED);
+            }
+        }
+        let now = live.flags().state_name();
+        tracing::info!(
+            pool,
+            backend = address,
+            ?action,
+            state = now,
+            "backend admin state changed"
+        );
+        Ok(now)
+    }
+
+    /// A token cancelled when the node begins shutting down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to the drain timeout, and
+    /// waits for the workers to exit. Idempotent.
+    pub async fn shutdown(&self) {
+        tracing::info!(
+            drain_timeout_secs = self.inner.drain_timeout.as_secs_f64(),
+            "shutting down: draining connections"
+        );
+        self.inner.shutdown.cancel();
+        self.inner.checks.lock().cancel();
+        let workers = self.inner.workers.lock().take();
+        if let Some(workers) = workers {
+            // Joining blocks; keep the control runtime responsive meanwhile.
+            let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+        }
+        tracing::info!("shutdown complete");
+    }
+}
+
+/// Builds a pool state, reusing runtime state by (pool, address) from `reuse` when the
+/// resolved address is unchanged.
+fn build_state(
+    spec: &PoolSpec,
+    reuse: &HashMap<(String, String), (SocketAddr, Arc<BackendRuntime>)>,
+    metrics: &Metrics,
+    threads: usize,
+) -> PoolState {
+    let now = now_ns();
+    let mut backends = Vec::with_capacity(spec.backends.len());
+    let mut runtimes = Vec::with_capacity(spec.backends.len());
+    let mut tags = Vec::with_capacity(spec.backends.len());
+    for b in &spec.backends {
+        let runtime = match reuse.get(&(spec.name.clone(), b.address.clone())) {
+            Some((addr, runtime)) if *addr == b.addr => Arc::clone(runtime),
+            _ => Arc::new(BackendRuntime {
+                address: b.address.as_str().into(),
+                live: Arc::new(LiveBackend::new(spec.settings.live, now)),
+                conns: ConnPool::new(b.addr, threads),
+                metrics: metrics.backend(&spec.name, &b.address),
+            }),
+        };
+        backends.push(Backend {
+            address: Arc::clone(&runtime.address),
+            addr: b.addr,
+            weight: b.weight.max(1),
+            live: Arc::clone(&runtime.live),
+        });
+        runtimes.push(runtime);
+        tags.push(b.tags.clone());
+    }
+    PoolState::new(
+        spec.strategy,
+        backends,
+        runtimes,
+        tags,
+        spec.settings.clone(),
+    )
+}
+
+fn build_router(spec: &ListenerSpec, pools: &[Arc<Pool>]) -> Result<Router, NodeError> {
+    let mut routes = Vec::with_capacity(spec.routes.len());
+    for r in &spec.routes {
+        let pool =
+            pools
+                .iter()
+                .find(|p| p.name() == r.pool)
+                .ok_or_else(|| NodeError::UnknownPool {
+                    listener: spec.name.clone(),
+                    pool: r.pool.clone(),
+                })?;
+        let header = match &r.header {
+            None => None,
+            Some((name, value)) => {
+                let invalid = |message: String| NodeError::InvalidHeader {
+                    listener: spec.name.clone(),
+                    message,
+                };
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|e| invalid(format!("name `{name}`: {e}")))?;
+                let value = match value {
+                    Some(v) => Some(
+                        HeaderValue::from_str(v)
+                            .map_err(|e| invalid(format!("value `{v}`: {e}")))?,
+                    ),
+                    None => None,
+                };
+                Some((name, value))
+            }
+        };
+        routes.push(Route {
+            host: r.host.as_deref().map(HostMatch::parse),
+            path_prefix: r.path_prefix.clone(),
+            header,
+            pool: Arc::clone(pool),
+        });
+    }
+    Ok(Router::new(routes))
+}

@@ -1,0 +1,265 @@
+//! Request routing: a listener's ordered routes, first match wins.
+//!
+//! A route matches on any combination of host (exact, or `*.suffix` wildcard; compared
+//! case-insensitively without the port), path prefix and one header (name, and optionally
+//! an exact value); a route with no conditions matches everything. Each route holds its
+//! pool directly, so routing a request costs a few comparisons and no map lookup.
+
+use std::sync::Arc;
+
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::request::Parts;
+
+use crate::state::Pool;
+
+/// How a route matches the request host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    /// The host equals this (lowercase, no port).
+    Exact(String),
+    /// The host ends with this suffix, which starts with `.` (from `*.example.com`); the
+    /// bare domain does not match, as in nginx `server_name` wildcards.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Parses `example.com` or `*.example.com` (lowercased).
+    pub fn parse(pattern: &str) -> Self {
+        let pattern = pattern.to_ascii_lowercase();
+        match pattern.strip_prefix('*') {
+            Some(suffix) if suffix.starts_with('.') => HostMatch::Suffix(suffix.to_owned()),
+            _ => HostMatch::Exact(pattern),
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(exact) => host.eq_ignore_ascii_case(exact),
+            HostMatch::Suffix(suffix) => {
+                host.len() > suffix.len()
+                    && host.is_char_boundary(host.len() - suffix.len())
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            }
+        }
+    }
+}
+
+/// One route: conditions and the pool it sends matching requests to.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Host condition.
+    pub host: Option<HostMatch>,
+    /// Path prefix condition (starts with `/`).
+    pub path_prefix: Option<String>,
+    /// Header condition: name, and exact value if any.
+    pub header: Option<(HeaderName, Option<HeaderValue>)>,
+    /// Destination pool.
+    pub pool: Arc<Pool>,
+}
+
+impl Route {
+    fn matches(&self, parts: &Parts) -> bool {
+        if let Some(host) = &self.host {
+            match request_host(parts) {
+                Some(h) if host.matches(h) => {}
+                _ => return false,
+            }
+        }
+        if let Some(prefix) = &self.path_prefix
+            && !parts.uri.path().starts_with(prefix.as_str())
+        {
+            return false;
+        }
+        if let Some((name, value)) = &self.header {
+            match (parts.headers.get(name), value) {
+                (None, _) => return false,
+                (Some(got), Some(want)) if got != want => return false,
+                _ => {}
+            }
+        }
+        true
+    }
+}
+
+/// The host a request is for, without port: the `Host` field, or the URI authority
+/// (HTTP/2 `:authority`).
+pub fn request_host(parts: &Parts) -> Option<&str> {
+    let raw = match parts.headers.get(HOST).and_then(|h| h.to_str().ok()) {
+        Some(h) => h,
+        None => parts.uri.authority()?.as_str(),
+    };
+    Some(strip_port(raw))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [IPv6]:port
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
+}
+
+/// A listener's routes in order.
+#[derive(Clone, Debug, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// A router over `routes`, tried in order.
+    pub fn new(routes: Vec<Route>) -> Self {
+        Self { routes }
+    }
+
+    /// The first route matching the request, if any.
+    #[inline]
+    pub fn route(&self, parts: &Parts) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(parts))
+    }
+
+    /// All routes, in order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::state::{PoolSettings, PoolState};
+    use fulcrum_balance::StrategyKind;
+    use http::Request;
+
+    fn pool(name: &str) -> Arc<Pool> {
+        let state = PoolState::new(
+            StrategyKind::RoundRobin,
+            vec![],
+            vec![],
+            vec![],
+            PoolSettings::default(),
+        );
+        Arc::new(Pool::new(name, state, Metrics::new().retries(name)))
+    }
+
+    fn parts(uri: &str, host: Option<&str>, header: Option<(&str, &str)>) -> Parts {
+        let mut b = Request::get(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        if let Some((n, v)) = header {
+            b = b.header(n, v);
+        }
+        b.body(()).expect("valid request").into_parts().0
+    }
+
+    fn router() -> Router {
+        Router::new(vec![
+            Route {
+                host: Some(HostMatch::parse("API.example.com")),
+                path_prefix: Some("/v2".into()),
+                header: None,
+                pool: pool("api-v2"),
+            },
+            Route {
+                host: None,
+                path_prefix: None,
+                header: Some((
+                    HeaderName::from_static("x-canary"),
+                    Some(HeaderValue::from_static("1")),
+                )),
+                pool: pool("canary"),
+            },
+            Route {
+                host: Some(HostMatch::parse("*.example.com")),
+                path_prefix: None,
+                header: None,
+                pool: pool("wild"),
+            },
+            Route {
+                host: None,
+                path_prefix: Some("/static/".into()),
+                header: None,
+                pool: pool("static"),
+            },
+        ])
+    }
+
+    fn routed(r: &Router, p: &Parts) -> Option<String> {
+        r.route(p).map(|route| route.pool.name().to_owned())
+    }
+
+    #[test]
+    fn first_match_wins() {
+        let r = router();
+        assert_eq!(
+            routed(&r, &parts("/v2/users", Some("api.example.com:8080"), None)).as_deref(),
+            Some("api-v2")
+        );
+        assert_eq!(
+            routed(&r, &parts("/v1/users", Some("api.example.com"), None)).as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            routed(
+                &r,
+                &parts(
+                    "/v2/users",
+                    Some("api.example.com"),
+                    Some(("x-canary", "1"))
+                )
+            )
+            .as_deref(),
+            Some("api-v2")
+        );
+        assert_eq!(
+            routed(&r, &parts("/x", Some("other.org"), Some(("x-canary", "1")))).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            routed(&r, &parts("/x", Some("other.org"), Some(("x-canary", "2")))),
+            None
+        );
+        assert_eq!(
+            routed(&r, &parts("/static/a.css", Some("other.org"), None)).as_deref(),
+            Some("static")
+        );
+    }
+
+    #[test]
+    fn wildcard_does_not_match_bare_domain() {
+        let r = router();
+        assert_eq!(routed(&r, &parts("/", Some("example.com"), None)), None);
+        assert_eq!(
+            routed(&r, &parts("/", Some("a.b.EXAMPLE.com"), None)).as_deref(),
+            Some("wild")
+        );
+    }
+
+    #[test]
+    fn h2_authority_is_the_host() {
+        let r = router();
+        let p = Request::get("http://api.example.com/v2/x")
+            .body(())
+            .expect("valid request")
+            .into_parts()
+            .0;
+        assert_eq!(routed(&r, &p).as_deref(), Some("api-v2"));
+    }
+
+    #[test]
+    fn ports_and_ipv6_are_stripped() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+}

@@ -1,0 +1,472 @@
+//! Pools and their live state: what a request reads to pick and reach a backend.
+//!
+//! A [`Pool`] lives as long as the node has a pool of that name. Its current
+//! [`PoolState`] — backend list, strategy, policies — is swapped atomically (`arc-swap`)
+//! when an operator switches the strategy or the configuration is reloaded; a request
+//! reads it with one atomic load and keeps the `Arc` it loaded for its whole life, so a
+//! swap never disturbs requests in flight. Per-backend runtime state ([`BackendRuntime`]:
+//! live statistics, connection pool, metric series) is shared between successive states
+//! by address, so statistics, health and pooled connections survive swaps.
+//!
+//! Every change to a backend's flags goes through [`Pool::set_flag`] /
+//! [`Pool::clear_flag`], which bump the pool's health generation so the panic-mode
+//! decision (Envoy's healthy panic threshold) is recomputed only when health changes,
+//! not on every request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fulcrum_balance::{
+    Backend, BackendFlags, LiveBackend, LiveBackendConfig, OutlierPolicy, Strategy, StrategyKind,
+    build_strategy,
+};
+use fulcrum_stats::clock::now_ns;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::metrics::BackendMetrics;
+use crate::upstream::{ConnPool, ConnSettings};
+
+/// Which failures of an attempt may be retried on another backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0 = none).
+    pub attempts: u32,
+    /// Retries in flight may be at most this percentage of the pool's active requests
+    /// (Envoy's retry budget) …
+    pub budget_percent: u32,
+    /// … but this many concurrent retries are always allowed.
+    pub min_retry_concurrency: u32,
+    /// Retry when the connection cannot be established.
+    pub on_connect_failure: bool,
+    /// Retry when the connection fails before a response head arrives.
+    pub on_reset: bool,
+    /// Retry when no response head arrives within the response header timeout.
+    pub on_timeout: bool,
+    /// Retry on these response statuses (500..=599), as a bit set indexed by `status - 500`.
+    pub on_status: u128,
+    /// Retry non-idempotent methods too (by default only GET, HEAD, OPTIONS, TRACE, PUT and
+    /// DELETE are retried once sent, RFC 9110 §9.2.2).
+    pub non_idempotent: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            budget_percent: 20,
+            min_retry_concurrency: 3,
+            on_connect_failure: true,
+            on_reset: true,
+            on_timeout: false,
+            on_status: 0,
+            non_idempotent: false,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether a response with `status` is retriable.
+    #[inline]
+    pub fn retries_status(&self, status: u16) -> bool {
+        (500..600).contains(&status) && self.on_status & (1u128 << (status - 500)) != 0
+    }
+
+    /// Adds `status` (500..=599; others are ignored) to the retriable statuses.
+    pub fn add_status(&mut self, status: u16) {
+        if (500..600).contains(&status) {
+            self.on_status |= 1u128 << (status - 500);
+        }
+    }
+}
+
+/// How an active health check probes a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthProbe {
+    /// `GET path` over HTTP/1.1 on a fresh connection; healthy if the status is in
+    /// `expected` (inclusive range).
+    Http {
+        /// Request path.
+        path: String,
+        /// `Host` header; the backend address when `None`.
+        host: Option<String>,
+        /// Accepted status range, inclusive.
+        expected: (u16, u16),
+    },
+    /// A TCP connect; healthy if it succeeds.
+    Tcp,
+}
+
+/// Active health checking of a pool's backends (HAProxy's `check inter rise fall`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    /// What a check does.
+    pub probe: HealthProbe,
+    /// Time between checks of one backend.
+    pub interval: Duration,
+    /// Longest a check may take.
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+}
+
+/// A pool's policies: everything but its backends and strategy.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    /// Upstream connection timeouts.
+    pub conn: ConnSettings,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Passive outlier detection.
+    pub outlier: OutlierPolicy,
+    /// Below this percentage of healthy backends, route to all of them (0 disables).
+    pub panic_threshold: u8,
+    /// Active health checks, if configured.
+    pub health_check: Option<HealthCheckSettings>,
+    /// Parameters of the backends' live statistics.
+    pub live: LiveBackendConfig,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            conn: ConnSettings {
+                connect_timeout: Duration::from_secs(1),
+                response_header_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
+            },
+            retry: RetryPolicy::default(),
+            outlier: OutlierPolicy::default(),
+            panic_threshold: 50,
+            health_check: None,
+            live: LiveBackendConfig::default(),
+        }
+    }
+}
+
+/// One backend as a pool's members are declared: address, weight, tags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// `host:port` as configured.
+    pub address: String,
+    /// Resolved socket address.
+    pub addr: std::net::SocketAddr,
+    /// Weight ≥ 1.
+    pub weight: u32,
+    /// Free-form tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Runtime state of one backend of one pool, shared across pool-state swaps.
+#[derive(Debug)]
+pub struct BackendRuntime {
+    /// `host:port` as configured.
+    pub address: Arc<str>,
+    /// Live statistics and flags (read by strategies).
+    pub live: Arc<LiveBackend>,
+    /// Keep-alive connections.
+    pub conns: ConnPool,
+    /// Pre-resolved metric series.
+    pub metrics: BackendMetrics,
+}
+
+/// A pool's current configuration and strategy. Immutable; replaced whole.
+#[derive(Debug)]
+pub struct PoolState {
+    /// The strategy in use.
+    pub kind: StrategyKind,
+    /// Its instance, built for `backends`.
+    pub strategy: Box<dyn Strategy>,
+    /// Backends in configured order (what strategies index).
+    pub backends: Vec<Backend>,
+    /// Runtime state, parallel to `backends`.
+    pub runtimes: Vec<Arc<BackendRuntime>>,
+    /// Tags, parallel to `backends`.
+    pub tags: Vec<BTreeMap<String, String>>,
+    /// Policies.
+    pub settings: PoolSettings,
+}
+
+impl PoolState {
+    /// A state with a fresh `kind` strategy over `backends`.
+    pub fn new(
+        kind: StrategyKind,
+        backends: Vec<Backend>,
+        runtimes: Vec<Arc<BackendRuntime>>,
+        tags: Vec<BTreeMap<String, String>>,
+        settings: PoolSettings,
+    ) -> Self {
+        let strategy = build_strategy(kind, &backends);
+        Self {
+            kind,
+            strategy,
+            backends,
+            runtimes,
+            tags,
+            settings,
+        }
+    }
+
+    /// Index of the backend with configured address `address`.
+    pub fn position(&self, address: &str) -> Option<usize> {
+        self.backends.iter().position(|b| &*b.address == address)
+    }
+}
+
+/// A named pool of backends.
+pub struct Pool {
+    name: Arc<str>,
+    state: ArcSwap<PoolState>,
+    /// Bumped after every flag change or state swap.
+    health_generation: AtomicU64,
+    /// `(generation << 1) | panic` as last computed.
+    panic_cache: AtomicU64,
+    active_requests: AtomicU64,
+    active_retries: AtomicU64,
+    retries: Counter,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("state", &self.state.load())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool named `name` in `state`; `retries` counts its retried attempts.
+    pub fn new(name: &str, state: PoolState, retries: Counter) -> Self {
+        Self {
+            name: name.into(),
+            state: ArcSwap::from_pointee(state),
+            health_generation: AtomicU64::new(1),
+            panic_cache: AtomicU64::new(0),
+            active_requests: AtomicU64::new(0),
+            active_retries: AtomicU64::new(0),
+            retries,
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current state (one atomic load and reference-count increment).
+    #[inline]
+    pub fn state(&self) -> Arc<PoolState> {
+        self.state.load_full()
+    }
+
+    /// Replaces the state; requests in flight keep the one they loaded.
+    pub fn swap_state(&self, state: PoolState) -> Arc<PoolState> {
+        let old = self.state.swap(Arc::new(state));
+        self.health_generation.fetch_add(1, Ordering::AcqRel);
+        old
+    }
+
+    /// Switches to strategy `kind`, keeping backends, live state and policies.
+    /// Returns the previous strategy.
+    pub fn switch_strategy(&self, kind: StrategyKind) -> StrategyKind {
+        let mut previous = kind;
+        self.state.rcu(|current| {
+            previous = current.kind;
+            PoolState::new(
+                kind,
+                current.backends.clone(),
+                current.runtimes.clone(),
+                current.tags.clone(),
+                current.settings.clone(),
+            )
+        });
+        self.health_generation.fetch_add(1, Ordering::AcqRel);
+        previous
+    }
+
+    /// Sets `flag` on `live`; returns whether it changed.
+    pub fn set_flag(&self, live: &LiveBackend, flag: BackendFlags) -> bool {
+        let changed = live.set_flag(flag);
+        if changed {
+            self.health_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        changed
+    }
+
+    /// Clears `flag` on `live`; returns whether it changed.
+    pub fn clear_flag(&self, live: &LiveBackend, flag: BackendFlags) -> bool {
+        let changed = live.clear_flag(flag);
+        if changed {
+            self.health_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        changed
+    }
+
+    /// Whether `state` is in panic mode: fewer than `panic_threshold` percent of the
+    /// backends not drained or disabled are healthy (Envoy's healthy panic threshold). In
+    /// panic mode health and ejections are ignored, so traffic spreads over every backend
+    /// rather than failing outright or overloading the few healthy ones.
+    ///
+    /// Recomputed (O(n)) only after a flag change or state swap; otherwise one load.
+    #[inline]
+    pub fn is_panic(&self, state: &PoolState) -> bool {
+        let generation = self.health_generation.load(Ordering::Acquire);
+        let cached = self.panic_cache.load(Ordering::Acquire);
+        if cached >> 1 == generation {
+            return cached & 1 == 1;
+        }
+        let panic = compute_panic(state);
+        self.panic_cache
+            .store((generation << 1) | u64::from(panic), Ordering::Release);
+        panic
+    }
+
+    /// Tries to eject backend `index` of `state` after a failure, if outlier detection
+    /// calls for it and `max_ejection_percent` allows. Returns the ejection duration.
+    pub fn maybe_eject(
+        &self,
+        state: &PoolState,
+        index: usize,
+        consecutive: u32,
+    ) -> Option<Duration> {
+        let policy = &state.settings.outlier;
+        if !policy.should_eject(consecutive) {
+            return None;
+        }
+        let live = &state.backends[index].live;
+        if live.flags().contains(BackendFlags::EJECTED) {
+            return None;
+        }
+        let ejected = state
+            .backends
+            .iter()
+            .filter(|b| b.live.flags().contains(BackendFlags::EJECTED))
+            .count();
+        if !policy.within_budget(state.backends.len(), ejected) {
+            return None;
+        }
+        let duration = live.eject(policy, now_ns())?;
+        self.health_generation.fetch_add(1, Ordering::AcqRel);
+        state.runtimes[index].metrics.ejections.inc();
+        tracing::warn!(
+            pool = %self.name,
+            backend = %state.backends[index].address,
+            consecutive_failures = consecutive,
+            ejection_secs = duration.as_secs_f64(),
+            "backend ejected by outlier detection"
+        );
+        Some(duration)
+    }
+
+    /// Lifts the outlier ejection of `live` at once; returns whether it was ejected.
+    pub fn lift_ejection(&self, live: &LiveBackend) -> bool {
+        let lifted = live.lift_ejection(now_ns());
+        if lifted {
+            self.health_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        lifted
+    }
+
+    /// Re-admits ejected backends whose ejection time has passed; returns how many.
+    pub fn sweep_ejections(&self) -> usize {
+        let state = self.state();
+        let now = now_ns();
+        let mut readmitted = 0;
+        for backend in &state.backends {
+            if backend.live.uneject_if_due(now) {
+                readmitted += 1;
+                tracing::info!(pool = %self.name, backend = %backend.address, "ejection ended; backend re-admitted");
+            }
+        }
+        if readmitted > 0 {
+            self.health_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        readmitted
+    }
+
+    /// Counts a request entering the pool until the returned guard drops (retry budget).
+    #[inline]
+    pub fn enter(self: &Arc<Self>) -> ActiveRequest {
+        self.active_requests.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest {
+            pool: Arc::clone(self),
+        }
+    }
+
+    /// Claims a retry if the retry budget allows: retries in flight stay below
+    /// `max(min_retry_concurrency, budget_percent × active requests)` (Envoy's
+    /// `retry_budget`). The claim is released when the returned guard drops.
+    pub fn try_retry(self: &Arc<Self>, policy: &RetryPolicy) -> Option<ActiveRetry> {
+        let active = self.active_requests.load(Ordering::Relaxed);
+        let budget = (active * u64::from(policy.budget_percent) / 100)
+            .max(u64::from(policy.min_retry_concurrency));
+        let claimed = self
+            .active_retries
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r < budget).then_some(r + 1)
+            })
+            .is_ok();
+        if claimed {
+            self.retries.inc();
+            Some(ActiveRetry {
+                pool: Arc::clone(self),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Requests currently in the pool (received, response head not yet sent).
+    pub fn active_requests(&self) -> u64 {
+        self.active_requests.load(Ordering::Relaxed)
+    }
+}
+
+fn compute_panic(state: &PoolState) -> bool {
+    let threshold = u64::from(state.settings.panic_threshold);
+    if threshold == 0 {
+        return false;
+    }
+    let mut considered = 0u64;
+    let mut healthy = 0u64;
+    for backend in &state.backends {
+        let flags = backend.live.flags();
+        if flags.intersects(BackendFlags::ADMIN) {
+            continue;
+        }
+        considered += 1;
+        if flags.is_empty() {
+            healthy += 1;
+        }
+    }
+    considered > 0 && healthy * 100 < threshold * considered
+}
+
+/// A request counted as active in its pool.
+#[derive(Debug)]
+pub struct ActiveRequest {
+    pool: Arc<Pool>,
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.pool.active_requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A retry counted against its pool's retry budget.
+#[derive(Debug)]
+pub struct ActiveRetry {
+    pool: Arc<Pool>,
+}
+
+impl Drop for ActiveRetry {
+    fn drop(&mut self) {
+        self.pool.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,262 @@
+//! Upstream connections: per-backend pools of keep-alive HTTP/1.1 connections.
+//!
+//! Each backend has one [`ConnPool`], shared by every worker thread but partitioned by
+//! worker: a worker only reuses the connections it opened, whose hyper connection tasks
+//! run on its own runtime, so a request never wakes another thread and the per-worker lock
+//! is uncontended (nginx keeps its upstream keepalive cache per worker for the same
+//! reason).
+//!
+//! Fulcrum drives `hyper::client::conn::http1` directly instead of hyper-util's pooled
+//! `client::legacy::Client` (which DESIGN.md first chose). Reading hyper-util 0.1.21
+//! showed two costs that matter here: it spawns a task per request to return a
+//! connection to its pool once the response body has been read, and when connecting fails
+//! it drops the request, body included, so a request with a body could never be retried on
+//! another backend. Here, a connection is established *before* the request is handed over,
+//! a connect failure gives the request back intact, and a connection returns to its pool
+//! from the response body's end-of-stream, with no task spawned (see
+//! docs/ARCHITECTURE.md).
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+
+/// The body of a request sent upstream: the client's streamed body, or nothing (retries of
+/// body-less requests are rebuilt with an empty body).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// Most idle connections a worker keeps per backend; further ones are closed when released.
+pub const MAX_IDLE_PER_WORKER: usize = 256;
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Marks the current thread as worker `index` (0-based) for connection-pool partitioning.
+/// Threads that never call this (the control thread) share one extra partition.
+pub fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+fn worker_slot(slots: usize) -> usize {
+    let w = WORKER.with(Cell::get);
+    if w < slots - 1 { w } else { slots - 1 }
+}
+
+/// Why an upstream exchange failed, as retry and outlier logic classify it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TCP connection could not be established (refused, unreachable, timed out).
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        /// Backend address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The connection was established but failed before a response head arrived (reset,
+    /// closed, protocol error).
+    #[error("{addr} failed before responding: {source}")]
+    Reset {
+        /// Backend address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: hyper::Error,
+    },
+    /// No response head within the pool's `response_header` timeout.
+    #[error("{addr} sent no response head within {timeout:?}")]
+    Timeout {
+        /// Backend address.
+        addr: SocketAddr,
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+}
+
+/// A failed send, with the request given back when it was never written to the wire
+/// (so it can be retried elsewhere whatever its body).
+pub struct SendFailure {
+    /// What went wrong.
+    pub error: UpstreamError,
+    /// The request, if it was not sent.
+    pub unsent: Option<Request<UpstreamBody>>,
+}
+
+struct IdleConn {
+    sender: http1::SendRequest<UpstreamBody>,
+    idle_since: tokio::time::Instant,
+}
+
+/// Timeouts applied to one backend's connections (from the pool's settings).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnSettings {
+    /// Longest TCP connect.
+    pub connect_timeout: Duration,
+    /// Longest wait from sending a request to receiving the response head.
+    pub response_header_timeout: Duration,
+    /// Idle connections older than this are not reused.
+    pub idle_timeout: Duration,
+}
+
+/// Keep-alive connections to one backend, partitioned by worker thread.
+pub struct ConnPool {
+    addr: SocketAddr,
+    idle: Box<[Mutex<Vec<IdleConn>>]>,
+}
+
+impl std::fmt::Debug for ConnPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnPool")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection checked out of a [`ConnPool`], ready for one request.
+pub struct Conn {
+    sender: http1::SendRequest<UpstreamBody>,
+    /// Whether the connection served a request before (a failure on a reused connection
+    /// may be a keep-alive race rather than a backend fault).
+    pub reused: bool,
+}
+
+impl ConnPool {
+    /// An empty pool for `addr` with one partition per worker plus one for other threads.
+    pub fn new(addr: SocketAddr, workers: usize) -> Self {
+        Self {
+            addr,
+            idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    /// The backend address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Idle connections currently pooled, over all workers.
+    pub fn idle_count(&self) -> usize {
+        self.idle.iter().map(|p| p.lock().len()).sum()
+    }
+
+    /// A ready connection: the most recently used idle one of this worker that is still
+    /// open and younger than the idle timeout, else a new one.
+    pub async fn checkout(&self, settings: &ConnSettings) -> Result<Conn, UpstreamError> {
+        let slot = worker_slot(self.idle.len());
+        loop {
+            let candidate = self.idle[slot].lock().pop();
+            let Some(mut idle) = candidate else { break };
+            if idle.sender.is_closed() || idle.idle_since.elapsed() > settings.idle_timeout {
+                continue;
+            }
+            // A connection released at body end-of-stream becomes ready once its task has
+            // polled again; this resolves at once, or with an error if it closed meanwhile.
+            if idle.sender.ready().await.is_ok() {
+                return Ok(Conn {
+                    sender: idle.sender,
+                    reused: true,
+                });
+            }
+        }
+        self.connect(settings).await
+    }
+
+    async fn connect(&self, settings: &ConnSettings) -> Result<Conn, UpstreamError> {
+        let addr = self.addr;
+        let stream =
+            match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+                Err(_) => {
+                    return Err(UpstreamError::Connect {
+                        addr,
+                        source: io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no connection within {:?}", settings.connect_timeout),
+                        ),
+                    });
+                }
+            };
+        // Small requests and responses: do not wait for Nagle coalescing.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Reset { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(backend = %addr, %error, "upstream connection ended with an error");
+            }
+        });
+        Ok(Conn {
+            sender,
+            reused: false,
+        })
+    }
+
+    /// Returns a connection whose response has been read to the end, for reuse by this
+    /// worker. Closed connections and those beyond [`MAX_IDLE_PER_WORKER`] are dropped.
+    pub fn release(&self, conn: Conn) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        let slot = worker_slot(self.idle.len());
+        let mut idle = self.idle[slot].lock();
+        if idle.len() < MAX_IDLE_PER_WORKER {
+            idle.push(IdleConn {
+                sender: conn.sender,
+                idle_since: tokio::time::Instant::now(),
+            });
+        }
+    }
+
+    /// Drops every idle connection older than `idle_timeout` or already closed.
+    pub fn evict_idle(&self, idle_timeout: Duration) {
+        for partition in self.idle.iter() {
+            partition
+                .lock()
+                .retain(|c| !c.sender.is_closed() && c.idle_since.elapsed() <= idle_timeout);
+        }
+    }
+}
+
+impl Conn {
+    /// Sends `req` and waits for the response head, up to `timeout`.
+    ///
+    /// On failure, the request is given back in [`SendFailure::unsent`] if it never reached
+    /// the wire. The connection is consumed either way; on success the caller keeps it with
+    /// the response (see `ResponseBody`) and releases it at end-of-stream.
+    pub async fn send(
+        &mut self,
+        addr: SocketAddr,
+        req: Request<UpstreamBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        match tokio::time::timeout(timeout, self.sender.try_send_request(req)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(mut failure)) => {
+                let unsent = failure.take_message();
+                Err(SendFailure {
+                    error: UpstreamError::Reset {
+                        addr,
+                        source: failure.into_error(),
+                    },
+                    unsent,
+                })
+            }
+            Err(_) => Err(SendFailure {
+                error: UpstreamError::Timeout { addr, timeout },
+                unsent: None,
+            }),
+        }
+    }
+}

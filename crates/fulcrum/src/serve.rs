@@ -1,0 +1,203 @@
+//! Running a node: configuration → data plane + admin API, until a signal.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use fulcrum_admin::{AdminState, ReloadFn};
+use fulcrum_config::Config;
+use fulcrum_proxy::Node;
+use fulcrum_proxy::spec::node_spec;
+use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// `fulcrum run`: loads and validates `path`, then serves until SIGTERM/SIGINT.
+pub fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {
+    let config = match fulcrum_config::load(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            eprintln!("fulcrum: refusing to start with an invalid configuration");
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(&config.log);
+    serve(config, Some(path), threads, |_, _| {})
+}
+
+/// Serves `config` on a control runtime on this thread (admin API, health checks,
+/// signals) plus the node's worker threads. `source` is the file SIGHUP and
+/// `POST /api/reload` re-read. `on_ready` runs once everything is bound, after the ready
+/// line is printed.
+pub fn serve(
+    config: Config,
+    source: Option<PathBuf>,
+    threads: Option<usize>,
+    on_ready: impl FnOnce(&Node, SocketAddr),
+) -> ExitCode {
+    let spec = match node_spec(&config, threads) {
+        Ok(spec) => spec,
+        Err(error) => {
+            eprintln!("fulcrum: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("fulcrum: cannot start the control runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let node = match Node::start(&spec) {
+            Ok(node) => node,
+            Err(error) => {
+                eprintln!("fulcrum: {error}");
+                return ExitCode::from(1);
+            }
+        };
+        let admin_listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!(
+                    "fulcrum: admin: cannot listen on {}: {error}",
+                    config.admin.listen
+                );
+                node.shutdown().await;
+                return ExitCode::from(1);
+            }
+        };
+        let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+
+        let reload: Option<ReloadFn> = source.map(|path| {
+            let node = node.clone();
+            let admin = config.admin.clone();
+            Arc::new(move || reload_from(&path, &node, &admin)) as ReloadFn
+        });
+        let admin_shutdown = CancellationToken::new();
+        let state = AdminState {
+            node: node.clone(),
+            node_name: node_name(),
+            token: config.admin.token.clone(),
+            reload: reload.clone(),
+        };
+        let admin = tokio::spawn(fulcrum_admin::serve(
+            admin_listener,
+            state,
+            admin_shutdown.clone(),
+        ));
+        tracing::info!(address = %admin_addr, "admin API listening");
+
+        print_ready(&node, admin_addr);
+        on_ready(&node, admin_addr);
+
+        wait_for_shutdown(reload).await;
+        let drain = tokio::spawn({
+            let node = node.clone();
+            async move { node.shutdown().await }
+        });
+        // A second signal during the drain exits at once.
+        tokio::select! {
+            _ = drain => {}
+            () = next_termination_signal() => {
+                eprintln!("fulcrum: second signal; exiting without waiting for the drain");
+                return ExitCode::from(1);
+            }
+        }
+        admin_shutdown.cancel();
+        let _ = admin.await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn node_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "fulcrum".to_owned())
+}
+
+/// Prints the machine-readable ready line on stdout.
+fn print_ready(node: &Node, admin: SocketAddr) {
+    let line = json!({
+        "event": "ready",
+        "admin": admin.to_string(),
+        "threads": node.threads(),
+        "listeners": node.listener_status(),
+    });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn reload_from(
+    path: &std::path::Path,
+    node: &Node,
+    admin: &fulcrum_config::AdminConfig,
+) -> Result<String, String> {
+    let config = fulcrum_config::load(path).map_err(|e| e.to_string())?;
+    let spec = node_spec(&config, Some(node.threads())).map_err(|e| e.to_string())?;
+    node.reload(&spec).map_err(|e| e.to_string())?;
+    if config.admin != *admin {
+        tracing::warn!("admin settings changed; they take effect on restart");
+    }
+    let backends: usize = spec.pools.iter().map(|p| p.backends.len()).sum();
+    Ok(format!(
+        "{} pool(s), {} backend(s) from {}",
+        spec.pools.len(),
+        backends,
+        path.display()
+    ))
+}
+
+/// Waits for SIGTERM or SIGINT, reloading on SIGHUP meanwhile.
+async fn wait_for_shutdown(reload: Option<ReloadFn>) {
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    loop {
+        let hup = async {
+            match hangup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = next_termination_signal() => return,
+            () = hup => {
+                let Some(reload) = reload.clone() else {
+                    tracing::warn!("SIGHUP ignored: no configuration file to reload");
+                    continue;
+                };
+                match tokio::task::spawn_blocking(move || reload()).await {
+                    Ok(Ok(summary)) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
+                    Ok(Err(error)) => tracing::error!(%error, "SIGHUP: new configuration refused; the running one stays"),
+                    Err(error) => tracing::error!(%error, "SIGHUP: reload failed"),
+                }
+            }
+        }
+    }
+}
+
+async fn next_termination_signal() {
+    let mut term = signal(SignalKind::terminate()).ok();
+    let term = async {
+        match term.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

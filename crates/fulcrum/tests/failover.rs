@@ -1,0 +1,144 @@
+//! Failover: a backend killed under load, detected, avoided, and re-admitted.
+
+mod common;
+
+use common::{Backend, DEADLINE, Load, Node, assert_all_ok, eventually, simple_config};
+
+const HEALTH: &str =
+    "    health_check: { path: /health, interval: 200ms, timeout: 150ms, rise: 2, fall: 2 }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_is_avoided_without_client_errors_and_readmitted() {
+    let b1 = Backend::start("b1", &["--latency", "fixed:2ms"]);
+    let mut b2 = Backend::start("b2", &["--latency", "fixed:2ms"]);
+    let b3 = Backend::start("b3", &["--latency", "fixed:2ms"]);
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2, &b3], HEALTH));
+    let b2_address = b2.address();
+
+    let load = Load::start(&format!("{}/steady", node.url("web")), 4);
+    load.wait_for_more(200).await;
+    assert!(
+        load.count_from("b2") > 0,
+        "b2 served traffic before the kill"
+    );
+
+    b2.kill();
+    eventually(DEADLINE, "b2 reported unhealthy", async || {
+        (node.backend_state("app", &b2_address).await == "unhealthy").then_some(())
+    })
+    .await;
+    // Traffic keeps flowing to the others meanwhile.
+    load.wait_for_more(200).await;
+
+    b2.restart();
+    eventually(DEADLINE, "b2 healthy again", async || {
+        (node.backend_state("app", &b2_address).await == "healthy").then_some(())
+    })
+    .await;
+    let before = load.count_from("b2");
+    eventually(DEADLINE, "b2 gets traffic again", async || {
+        (load.count_from("b2") > before + 20).then_some(())
+    })
+    .await;
+
+    let outcomes = load.stop().await;
+    assert_all_ok(&outcomes);
+    assert!(outcomes.len() > 500, "only {} requests", outcomes.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_backend_and_readmits_it() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let bad = Backend::start("bad", &[]);
+    let extra = "    outlier_detection: { consecutive_failures: 3, base_ejection_time: 1s, max_ejection_percent: 50 }\n\
+                 \x20   retry: { attempts: 2, retry_on: [connect_failure, reset, 503] }\n";
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2, &bad], extra));
+    bad.control("fail=1").await;
+
+    // Every 503 from `bad` is retried elsewhere, so clients see only 200s; three in a row
+    // eject it.
+    let load = Load::start(&format!("{}/x", node.url("web")), 2);
+    eventually(DEADLINE, "bad ejected", async || {
+        (node.backend_state("app", &bad.address()).await == "ejected").then_some(())
+    })
+    .await;
+    let backends = node.api("/api/pools/app/backends").await;
+    let entry = backends["backends"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|b| b["address"] == bad.address())
+        .cloned();
+    let entry = entry.expect("bad listed");
+    assert!(entry["ejections"].as_u64() >= Some(1), "{entry}");
+    assert_eq!(entry["in_rotation"], false);
+
+    // Once healthy again, the ejection expires and it is re-admitted.
+    bad.control("fail=0").await;
+    eventually(DEADLINE, "bad re-admitted", async || {
+        (node.backend_state("app", &bad.address()).await == "healthy").then_some(())
+    })
+    .await;
+    let before = load.count_from("bad");
+    eventually(DEADLINE, "bad serves again", async || {
+        (load.count_from("bad") > before).then_some(())
+    })
+    .await;
+    let outcomes = load.stop().await;
+    assert_all_ok(&outcomes);
+
+    let metrics = common::client()
+        .get(node.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("fulcrum_ejections_total") && l.contains(&bad.address()))
+        .unwrap_or_else(|| panic!("no ejection series for bad in:\n{metrics}"));
+    assert!(!line.ends_with(" 0"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_failing_gives_a_json_502_and_no_backend_gives_503() {
+    let mut b1 = Backend::start("b1", &[]);
+    let mut b2 = Backend::start("b2", &[]);
+    let extra = "    outlier_detection: { consecutive_failures: 0 }\n";
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2], extra));
+    b1.kill();
+    b2.kill();
+    let response = common::client()
+        .get(format!("{}/gone", node.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = response.json().await.expect("json error");
+    assert_eq!(body["error"]["code"], "upstream_failed");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("connect"),
+        "{body}"
+    );
+
+    for b in [&b1, &b2] {
+        let (status, _) = node
+            .api_post(&format!("/api/pools/app/backends/{}/disable", b.addr), None)
+            .await;
+        assert_eq!(status, 200);
+    }
+    let response = common::client()
+        .get(format!("{}/none", node.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.expect("json error");
+    assert_eq!(body["error"]["code"], "no_backend");
+}

@@ -1,0 +1,325 @@
+//! HTTP protocol handling through a real node: malformed requests, HTTP/2, WebSocket,
+//! large streamed bodies, forwarded headers, routing.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{Backend, Node, client, simple_config};
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+
+/// Sends raw bytes on a new connection and returns everything the proxy answered.
+fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(request).expect("write");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_never_reach_a_backend() {
+    let b = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b], ""));
+    let addr = node.listeners["web"];
+    let cases: &[(&str, &[u8])] = &[
+        ("space in header name", b"GET /a HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n"),
+        ("control byte in header value", b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n"),
+        ("conflicting Content-Length", b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+        ("Content-Length then Transfer-Encoding", b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ("Transfer-Encoding then Content-Length", b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ("bad request line", b"GET /a HTTP/9.9\r\nHost: x\r\n\r\n"),
+    ];
+    for (what, request) in cases {
+        let answer = raw(addr, request);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: got {answer:?}");
+    }
+    let stats = b.stats().await;
+    assert_eq!(
+        stats["requests"], 0,
+        "a malformed request reached the backend: {stats}"
+    );
+
+    // A well-formed request on the same kind of raw connection is served.
+    let answer = raw(
+        addr,
+        b"GET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served() {
+    let b = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b], ""));
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    for i in 0..20 {
+        let response = h2
+            .get(format!("{}/h2/{i}", node.url("web")))
+            .send()
+            .await
+            .expect("h2 request");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(body["path"], format!("/h2/{i}"));
+    }
+    // Concurrent streams on one connection.
+    let futures = (0..16).map(|i| h2.get(format!("{}/c/{i}", node.url("web"))).send());
+    for response in futures_util::future::join_all(futures).await {
+        assert_eq!(response.expect("h2 stream").status(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_proxy() {
+    let b = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b], ""));
+    let url = format!("ws://{}/ws", node.listeners["web"]);
+    let (mut ws, response) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(response.status(), 101);
+    for i in 0..10 {
+        let text = format!("hello {i}");
+        ws.send(tokio_tungstenite::tungstenite::Message::Text(
+            text.clone().into(),
+        ))
+        .await
+        .expect("send");
+        let echoed = ws.next().await.expect("frame").expect("frame ok");
+        assert_eq!(echoed.into_text().expect("text").as_str(), text);
+    }
+    let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        blob.clone().into(),
+    ))
+    .await
+    .expect("send binary");
+    let echoed = ws.next().await.expect("frame").expect("frame ok");
+    assert_eq!(echoed.into_data().as_ref(), blob.as_slice());
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_streamed_upload_and_download_arrive_intact() {
+    let b = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b], ""));
+    let c = client();
+
+    // Upload 64 MiB as a stream of 1 MiB chunks (chunked transfer encoding), echoed back.
+    const CHUNKS: usize = 64;
+    let chunk = |i: usize| {
+        bytes::Bytes::from(
+            (0..1 << 20)
+                .map(|j| ((i * 7 + j * 13) % 256) as u8)
+                .collect::<Vec<u8>>(),
+        )
+    };
+    let mut sent = Sha256::new();
+    for i in 0..CHUNKS {
+        sent.update(chunk(i));
+    }
+    let stream =
+        futures_util::stream::iter((0..CHUNKS).map(move |i| Ok::<_, std::io::Error>(chunk(i))));
+    let response = c
+        .post(format!("{}/echo", node.url("web")))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 200);
+    let mut received = Sha256::new();
+    let mut total = 0usize;
+    let mut body = response.bytes_stream();
+    while let Some(part) = body.next().await {
+        let part = part.expect("body chunk");
+        total += part.len();
+        received.update(&part);
+    }
+    assert_eq!(total, CHUNKS << 20);
+    assert_eq!(
+        received.finalize(),
+        sent.finalize(),
+        "echoed upload differs"
+    );
+
+    // Download 128 MiB, checksummed by the backend.
+    let response = c
+        .get(format!("{}/download?bytes={}", node.url("web"), 128 << 20))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(response.status(), 200);
+    let expected = response.headers()["x-content-sha256"]
+        .to_str()
+        .expect("header")
+        .to_owned();
+    let mut got = Sha256::new();
+    let mut total = 0usize;
+    let mut body = response.bytes_stream();
+    while let Some(part) = body.next().await {
+        let part = part.expect("body chunk");
+        total += part.len();
+        got.update(&part);
+    }
+    assert_eq!(total, 128 << 20);
+    let got: String = got.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
+    let b = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b], ""));
+    let response = client()
+        .post(format!("{}/echo", node.url("web")))
+        .header("host", "shop.example:8443")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .body("x")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let h = response.headers();
+    assert_eq!(h["x-echo-x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-echo-x-forwarded-proto"], "http");
+    assert_eq!(h["x-echo-x-forwarded-host"], "shop.example:8443");
+    assert_eq!(h["x-echo-host"], "shop.example:8443");
+    assert!(h.get("x-echo-x-private").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_host_path_and_header_first_match_wins() {
+    let api = Backend::start("api", &[]);
+    let canary = Backend::start("canary", &[]);
+    let web = Backend::start("web", &[]);
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n\
+         \x20     - match: {{ header: {{ name: x-canary, value: \"1\" }} }}\n        pool: canary\n\
+         \x20     - match: {{ host: api.example.com, path_prefix: /v1 }}\n        pool: api\n\
+         \x20     - match: {{ path_prefix: /static }}\n        pool: web\n\
+         pools:\n  api:\n    backends:\n      - address: {}\n  canary:\n    backends:\n      - address: {}\n  web:\n    backends:\n      - address: {}\n",
+        api.addr, canary.addr, web.addr
+    );
+    let node = Node::start(&yaml);
+    let c = client();
+    let base = node.url("web");
+    let hit = |path: &str, host: Option<&str>, canary: bool| {
+        let mut request = c.get(format!("{base}{path}"));
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        if canary {
+            request = request.header("x-canary", "1");
+        }
+        request.send()
+    };
+    let r = hit("/v1/users", Some("api.example.com"), false)
+        .await
+        .expect("request");
+    assert_eq!(common::served_by(&r), "api");
+    let r = hit("/v1/users", Some("api.example.com"), true)
+        .await
+        .expect("request");
+    assert_eq!(common::served_by(&r), "canary");
+    let r = hit("/static/app.js", Some("www.example.com"), false)
+        .await
+        .expect("request");
+    assert_eq!(common::served_by(&r), "web");
+    let r = hit("/v1/users", Some("www.example.com"), false)
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "no_route");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listener_passes_bytes_through() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: tcp\n    listen: 127.0.0.1:0\n    protocol: tcp\n    routes:\n      - pool: app\n\
+         pools:\n  app:\n    backends:\n      - address: {}\n      - address: {}\n",
+        b1.addr, b2.addr
+    );
+    let node = Node::start(&yaml);
+    let addr = node.listeners["tcp"];
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let answer = raw(
+            addr,
+            b"GET /t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let backend = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("x-backend: "))
+            .expect("x-backend header")
+            .to_owned();
+        seen.insert(backend);
+    }
+    assert_eq!(seen.len(), 2, "round robin over both backends: {seen:?}");
+}
+
+/// Reads until the peer closes the connection; returns what arrived.
+fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    stream
+        .set_read_timeout(Some(common::DEADLINE))
+        .expect("timeout");
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "connection not closed by the proxy: {e}; got {:?}",
+                String::from_utf8_lossy(&all)
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_timeouts_close_slow_heads_and_idle_connections_but_not_slow_responses() {
+    let b = Backend::start("b1", &["--latency", "fixed:1200ms"]);
+    let yaml = simple_config("round_robin", &[&b], "").replace(
+        "    routes:",
+        "    timeouts: { request_header: 300ms, idle: 600ms }\n    routes:",
+    );
+    let node = Node::start(&yaml);
+    let addr = node.listeners["web"];
+
+    // A head that never completes (slowloris) is cut off, without a response.
+    let mut slow_head = TcpStream::connect(addr).expect("connect");
+    slow_head
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    let got = tokio::task::block_in_place(|| read_until_closed(&mut slow_head));
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+
+    // A request whose response takes longer than `idle` is served on a keep-alive
+    // connection; the connection is closed only once it has been idle for `idle`.
+    let mut keep_alive = TcpStream::connect(addr).expect("connect");
+    keep_alive
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let got = tokio::task::block_in_place(|| read_until_closed(&mut keep_alive));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(b.stats().await["requests"], 1);
+}

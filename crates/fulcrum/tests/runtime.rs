@@ -1,0 +1,288 @@
+//! Run-time operations through the admin API, under load: strategy switches, drain,
+//! disable/enable, reload; and the API's error responses.
+
+mod common;
+
+use common::{Backend, DEADLINE, Load, Node, assert_all_ok, client, eventually, simple_config};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategy_switches_and_drain_under_load_drop_nothing() {
+    let b1 = Backend::start("b1", &["--latency", "fixed:2ms"]);
+    let b2 = Backend::start("b2", &["--latency", "fixed:2ms"]);
+    let b3 = Backend::start("b3", &["--latency", "fixed:2ms"]);
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2, &b3], ""));
+    let load = Load::start(&format!("{}/busy", node.url("web")), 4);
+    load.wait_for_more(100).await;
+
+    for strategy in [
+        "weighted_round_robin",
+        "random",
+        "least_connections",
+        "p2c",
+        "peak_ewma",
+        "round_robin",
+    ] {
+        let (status, body) = node
+            .api_post(
+                "/api/pools/app/strategy",
+                Some(json!({ "strategy": strategy })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["strategy"], strategy);
+        let pools = node.api("/api/pools").await;
+        assert_eq!(pools["pools"][0]["strategy"], strategy);
+        load.wait_for_more(50).await;
+    }
+
+    // Drain b1: it finishes what it has and gets nothing new.
+    let (status, body) = node
+        .api_post(&format!("/api/pools/app/backends/{}/drain", b1.addr), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "draining");
+    eventually(DEADLINE, "b1 has nothing in flight", async || {
+        let v = node.api("/api/pools/app/backends").await;
+        let b = v["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["address"] == b1.address())?
+            .clone();
+        (b["in_flight"] == 0).then_some(())
+    })
+    .await;
+    let drained_at = load.count_from("b1");
+    load.wait_for_more(300).await;
+    assert_eq!(
+        load.count_from("b1"),
+        drained_at,
+        "a drained backend got new requests"
+    );
+
+    // Disable b2 as well: everything goes to b3.
+    let (status, _) = node
+        .api_post(
+            &format!("/api/pools/app/backends/{}/disable", b2.addr),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(node.backend_state("app", &b2.address()).await, "disabled");
+    let (b2_before, b3_before) = (load.count_from("b2"), load.count_from("b3"));
+    load.wait_for_more(200).await;
+    assert!(
+        load.count_from("b2") <= b2_before + 4,
+        "disabled b2 kept getting traffic"
+    );
+    assert!(load.count_from("b3") >= b3_before + 190);
+
+    // Enable both: traffic returns.
+    for b in [&b1, &b2] {
+        let (status, body) = node
+            .api_post(&format!("/api/pools/app/backends/{}/enable", b.addr), None)
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(body["state"], "healthy");
+    }
+    let before = load.count_from("b1");
+    eventually(DEADLINE, "b1 serves again", async || {
+        (load.count_from("b1") > before + 10).then_some(())
+    })
+    .await;
+
+    assert_all_ok(&load.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_errors_are_json_with_the_right_status() {
+    let b1 = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b1], ""));
+    let c = client();
+
+    // 422: well-formed request, unknown strategy; the message lists the valid ones.
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/strategy",
+            Some(json!({ "strategy": "fastest" })),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(body["error"]["code"], "unknown_strategy");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("peak_ewma"),
+        "{body}"
+    );
+
+    // 400: malformed body.
+    let response = c
+        .post(node.admin_url("/api/pools/app/strategy"))
+        .header("content-type", "application/json")
+        .body("{\"strategy\": ")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "bad_request");
+    let (status, body) = node
+        .api_post("/api/pools/app/strategy", Some(json!({ "strat": "p2c" })))
+        .await;
+    assert_eq!(status, 400, "{body}");
+
+    // 404: unknown pool, unknown backend, unknown path.
+    let (status, body) = node
+        .api_post(
+            "/api/pools/nope/strategy",
+            Some(json!({ "strategy": "p2c" })),
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "unknown_pool");
+    let (status, body) = node
+        .api_post("/api/pools/app/backends/127.0.0.1:1/drain", None)
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "unknown_backend");
+    let response = c
+        .get(node.admin_url("/api/pools/nope/backends"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 404);
+    let response = c
+        .get(node.admin_url("/api/nothing"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "not_found");
+
+    // 405: wrong method.
+    let response = c
+        .get(node.admin_url("/api/pools/app/strategy"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 405);
+
+    // Status and metrics.
+    let status = node.api("/api/status").await;
+    assert_eq!(status["listeners"][0]["name"], "web");
+    let metrics = c
+        .get(node.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for family in [
+        "fulcrum_requests_total",
+        "fulcrum_request_duration_seconds",
+        "fulcrum_backend_up",
+        "fulcrum_backend_in_flight",
+        "fulcrum_retries_total",
+        "fulcrum_ejections_total",
+    ] {
+        assert!(
+            metrics.contains(family),
+            "{family} missing from /metrics:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_calls_need_the_bearer_token() {
+    let b1 = Backend::start("b1", &[]);
+    let yaml = simple_config("round_robin", &[&b1], "").replace(
+        "  listen: 127.0.0.1:0\nlisteners",
+        "  listen: 127.0.0.1:0\n  token: s3cret\nlisteners",
+    );
+    let node = Node::start(&yaml);
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/strategy",
+            Some(json!({ "strategy": "p2c" })),
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let response = client()
+        .post(node.admin_url("/api/pools/app/strategy"))
+        .bearer_auth("wrong")
+        .json(&json!({ "strategy": "p2c" }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 401);
+    let response = client()
+        .post(node.admin_url("/api/pools/app/strategy"))
+        .bearer_auth("s3cret")
+        .json(&json!({ "strategy": "p2c" }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    // Reads stay open.
+    node.api("/api/pools").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b1], ""));
+    let url = format!("{}/r", node.url("web"));
+    let before = common::spread(&url, 10).await;
+    assert_eq!(before.get("b1"), Some(&10));
+
+    // Same listener (port now known), second backend, new strategy.
+    let web = node.listeners["web"];
+    let admin = node.admin;
+    let next = simple_config("p2c", &[&b1, &b2], "")
+        .replacen("listen: 127.0.0.1:0", &format!("listen: {admin}"), 1)
+        .replacen("listen: 127.0.0.1:0", &format!("listen: {web}"), 1);
+    std::fs::write(node.config.path(), &next).expect("rewrite config");
+    let (status, body) = node.api_post("/api/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let pools = node.api("/api/pools").await;
+    assert_eq!(pools["pools"][0]["strategy"], "p2c");
+    assert_eq!(pools["pools"][0]["backends"]["total"], 2);
+    let after = common::spread(&url, 40).await;
+    assert!(after.contains_key("b2"), "{after:?}");
+
+    // An invalid file is refused whole; the running configuration stays.
+    std::fs::write(
+        node.config.path(),
+        next.replace("strategy: p2c", "strategy: fastest"),
+    )
+    .expect("rewrite config");
+    let (status, body) = node.api_post("/api/reload", None).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains(":"),
+        "{body}"
+    );
+    let pools = node.api("/api/pools").await;
+    assert_eq!(pools["pools"][0]["strategy"], "p2c");
+
+    // SIGHUP reloads too.
+    std::fs::write(
+        node.config.path(),
+        next.replace("strategy: p2c", "strategy: least_connections"),
+    )
+    .expect("rewrite");
+    node.signal("HUP");
+    eventually(DEADLINE, "SIGHUP reload", async || {
+        (node.api("/api/pools").await["pools"][0]["strategy"] == "least_connections").then_some(())
+    })
+    .await;
+}
