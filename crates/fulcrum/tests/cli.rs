@@ -174,3 +174,30 @@ async fn sigterm_lets_in_flight_requests_finish() {
     // The listener is closed.
     assert!(std::net::TcpStream::connect(node.listeners["web"]).is_err());
 }
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = Command::new(fulcrum_bin())
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .expect("run check");
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 3,
+        "expected the example configs, found {checked}"
+    );
+}
