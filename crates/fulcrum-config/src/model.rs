@@ -174,11 +174,14 @@ pub enum Protocol {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenerTimeouts {
-    /// Longest time to receive a request head (line and headers) from the client; the
-    /// connection is closed after it. Default 10 s. Validated: > 0.
+    /// HTTP/1: longest time from the first byte of a request head to its end (HAProxy's
+    /// `timeout http-request`); a slower client is disconnected. Default 10 s.
+    /// Validated: > 0.
     #[serde(with = "scalar::duration")]
     pub request_header: Duration,
-    /// Keep-alive idle timeout of client connections. Default 60 s. Validated: > 0.
+    /// Longest time a client connection may stay open with no request in progress
+    /// (HTTP/1 keep-alive, HTTP/2 with no open stream; HAProxy's `timeout
+    /// http-keep-alive`); it is then closed gracefully. Default 60 s. Validated: > 0.
     #[serde(with = "scalar::duration")]
     pub idle: Duration,
 }

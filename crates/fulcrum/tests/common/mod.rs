@@ -122,6 +122,21 @@ impl Drop for Proc {
     }
 }
 
+/// Any `fulcrum` command that prints a JSON ready line, killed on drop.
+pub struct Spawned {
+    _proc: Proc,
+    /// The ready line.
+    pub ready: Value,
+}
+
+impl Spawned {
+    /// Runs `cmd` and waits for its ready line.
+    pub fn start(label: &str, cmd: Command) -> Spawned {
+        let (proc, ready) = Proc::spawn(label, cmd);
+        Spawned { _proc: proc, ready }
+    }
+}
+
 /// A simulated backend process (`fulcrum backend`).
 pub struct Backend {
     proc: Option<Proc>,
