@@ -53,10 +53,7 @@ impl Exchange {
     /// read to the end, and releases the in-flight count (by dropping the guard).
     fn finish(self, complete: bool) {
         let elapsed_ns = now_ns().saturating_sub(self.guard.started_ns());
-        self.backend
-            .metrics
-            .duration
-            .observe(elapsed_ns as f64 / 1e9);
+        self.backend.metrics.duration.observe_ns(elapsed_ns);
         if complete && let Some(conn) = self.conn {
             self.backend.conns.release(conn);
         }

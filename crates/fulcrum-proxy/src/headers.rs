@@ -29,12 +29,58 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
 
-/// Removes the fields named by `Connection` and then the fixed hop-by-hop fields.
+/// The connection-specific and forwarding fields a message carries, found in one pass
+/// over its field names, so that only the fields actually present are looked up again.
+/// (Each `HeaderMap` lookup hashes the name; most messages carry none of these.)
+#[derive(Clone, Copy, Default)]
+struct Present {
+    connection: bool,
+    keep_alive: bool,
+    proxy_connection: bool,
+    te: bool,
+    transfer_encoding: bool,
+    upgrade: bool,
+    expect: bool,
+    host: bool,
+    forwarded_for: bool,
+}
+
+impl Present {
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut p = Present::default();
+        for name in headers.keys() {
+            // Standard names compare by tag; the custom ones by bytes, after a length check.
+            if name == CONNECTION {
+                p.connection = true;
+            } else if name == HOST {
+                p.host = true;
+            } else if name == TE {
+                p.te = true;
+            } else if name == TRANSFER_ENCODING {
+                p.transfer_encoding = true;
+            } else if name == UPGRADE {
+                p.upgrade = true;
+            } else if name == EXPECT {
+                p.expect = true;
+            } else if *name == KEEP_ALIVE {
+                p.keep_alive = true;
+            } else if *name == PROXY_CONNECTION {
+                p.proxy_connection = true;
+            } else if *name == X_FORWARDED_FOR {
+                p.forwarded_for = true;
+            }
+        }
+        p
+    }
+}
+
+/// Removes the fields named by `Connection` and then the fixed hop-by-hop fields present.
 /// Returns whether the message asked for a protocol upgrade (`Connection: upgrade` with an
-/// `Upgrade` field); the `Upgrade` field is then kept and `Connection: upgrade` restored.
-fn strip_hop_by_hop(headers: &mut HeaderMap, allow_upgrade: bool) -> bool {
+/// `Upgrade` field) and `allow_upgrade` holds; the `Upgrade` field is then kept and
+/// `Connection: upgrade` restored.
+fn strip_hop_by_hop(headers: &mut HeaderMap, present: Present, allow_upgrade: bool) -> bool {
     let mut upgrade_requested = false;
-    if headers.contains_key(CONNECTION) {
+    if present.connection {
         // Header values are reference-counted, so these clones do not copy; the Vec is
         // only needed for the rare message with several Connection fields.
         let mut values = headers.get_all(CONNECTION).iter();
@@ -55,14 +101,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, allow_upgrade: bool) -> bool {
             }
         }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(TE);
-    headers.remove(TRANSFER_ENCODING);
-    let upgrading = allow_upgrade && upgrade_requested && headers.contains_key(UPGRADE);
+    if present.keep_alive {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present.proxy_connection {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present.te {
+        headers.remove(TE);
+    }
+    if present.transfer_encoding {
+        headers.remove(TRANSFER_ENCODING);
+    }
+    let upgrading = allow_upgrade && upgrade_requested && present.upgrade;
     if upgrading {
         headers.insert(CONNECTION, UPGRADE_TOKEN.clone());
-    } else {
+    } else if present.upgrade {
         headers.remove(UPGRADE);
     }
     upgrading
@@ -78,23 +132,37 @@ pub fn prepare_request(
     client_ip: &HeaderValue,
     proto: &'static str,
 ) -> bool {
+    let present = Present::scan(&parts.headers);
     let from_h1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
-    let upgrading = strip_hop_by_hop(&mut parts.headers, from_h1);
-    parts.headers.remove(EXPECT);
-
-    if !parts.headers.contains_key(HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(HOST, host);
+    let upgrading = strip_hop_by_hop(&mut parts.headers, present, from_h1);
+    if present.expect {
+        parts.headers.remove(EXPECT);
     }
-    if let Some(host) = parts.headers.get(HOST).cloned() {
+
+    let host = if present.host {
+        parts.headers.get(HOST).cloned()
+    } else {
+        // HTTP/2 carries the host in `:authority`; HTTP/1.1 requires `Host`.
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        if let Some(host) = &host {
+            parts.headers.insert(HOST, host.clone());
+        }
+        host
+    };
+    if let Some(host) = host {
         parts.headers.insert(&X_FORWARDED_HOST, host);
     }
     parts
         .headers
         .insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    append_forwarded_for(&mut parts.headers, client_ip);
+    if present.forwarded_for {
+        append_forwarded_for(&mut parts.headers, client_ip);
+    } else {
+        parts.headers.insert(&X_FORWARDED_FOR, client_ip.clone());
+    }
 
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         parts.uri = origin_form(&parts.uri);
@@ -106,10 +174,6 @@ pub fn prepare_request(
 /// Appends `client_ip` to `X-Forwarded-For`, joining multiple existing fields into one
 /// list (RFC 9110 §5.3 allows either form).
 fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        headers.insert(&X_FORWARDED_FOR, client_ip.clone());
-        return;
-    }
     let mut joined = Vec::with_capacity(64);
     for value in headers.get_all(&X_FORWARDED_FOR) {
         if !joined.is_empty() {
@@ -117,7 +181,10 @@ fn append_forwarded_for(headers: &mut HeaderMap, client_ip: &HeaderValue) {
         }
         joined.extend_from_slice(value.as_bytes());
     }
-    joined.extend_from_slice(b", ");
+    if !joined.is_empty() {
+        // Empty when the client named X-Forwarded-For in `Connection` (already removed).
+        joined.extend_from_slice(b", ");
+    }
     joined.extend_from_slice(client_ip.as_bytes());
     match HeaderValue::from_bytes(&joined) {
         Ok(value) => {
@@ -143,7 +210,8 @@ fn origin_form(uri: &Uri) -> Uri {
 /// (HTTP/2 forbids connection-specific fields altogether).
 pub fn prepare_response(parts: &mut response::Parts, upgrading: bool, to_h1: bool) {
     let allow_upgrade = upgrading && to_h1 && parts.status == StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(&mut parts.headers, allow_upgrade);
+    let present = Present::scan(&parts.headers);
+    strip_hop_by_hop(&mut parts.headers, present, allow_upgrade);
 }
 
 #[cfg(test)]
@@ -207,6 +275,19 @@ mod tests {
         assert_eq!(p.headers["x-forwarded-proto"], "http");
         assert_eq!(p.headers["x-forwarded-host"], "shop.example:8080");
         assert_eq!(p.headers["host"], "shop.example:8080");
+    }
+
+    #[test]
+    fn forwarded_for_named_in_connection_is_replaced_not_joined() {
+        let mut p = parts(
+            Request::get("/")
+                .header("connection", "x-forwarded-for")
+                .header("x-forwarded-for", "6.6.6.6")
+                .body(())
+                .expect("valid request"),
+        );
+        prepare_request(&mut p, &ip(), "http");
+        assert_eq!(p.headers["x-forwarded-for"], "10.0.0.7");
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! transition, not on every passing check, so a backend whose health endpoint passes while
 //! its real requests fail stays ejected for its full ejection time.
 //!
-//! The same module runs each pool's ejection sweep: once a second, backends whose
-//! outlier-detection ejection has expired are re-admitted.
+//! The same module runs each pool's sweep: once a second, backends whose
+//! outlier-detection ejection has expired are re-admitted, and pooled upstream
+//! connections idle for longer than the pool's `timeouts.idle` are closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,14 +165,21 @@ pub async fn check_loop(
     }
 }
 
-/// Re-admits `pool`'s expired ejections every [`EJECTION_SWEEP_INTERVAL`] until `cancel`.
+/// Every [`EJECTION_SWEEP_INTERVAL`] until `cancel`: re-admits `pool`'s expired
+/// ejections and closes its idle upstream connections older than the idle timeout.
 pub async fn ejection_sweep(pool: Arc<Pool>, cancel: CancellationToken) {
     let mut ticker = tokio::time::interval(EJECTION_SWEEP_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = ticker.tick() => { pool.sweep_ejections(); }
+            _ = ticker.tick() => {
+                pool.sweep_ejections();
+                let state = pool.state();
+                for runtime in &state.runtimes {
+                    runtime.conns.evict_idle(state.settings.conn.idle_timeout);
+                }
+            }
         }
     }
 }

@@ -17,13 +17,17 @@
 //! `GOAWAY`), and waits for them — and for TCP tunnels — up to the drain timeout; what is
 //! still open then is closed.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::task::AtomicWaker;
 use http::{Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -273,6 +277,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .keep_alive(true)
+        .writev(false)
         .max_buf_size(MAX_HEAD_LEN);
     builder.http2().timer(TokioTimer::new());
     builder
@@ -326,44 +331,82 @@ async fn accept_loop(
     }
 }
 
-/// Drives one HTTP connection to its end, enforcing the listener's client timeouts and the
-/// node's graceful shutdown.
+/// What a connection's watchdog asks of the connection's task.
+#[derive(Debug, Default)]
+struct ConnControl {
+    /// 0 (carry on), [`CLOSE_GRACEFULLY`] or [`CLOSE_NOW`]; only ever raised.
+    request: AtomicU8,
+    /// The connection task, woken when `request` changes.
+    task: AtomicWaker,
+}
+
+const CLOSE_GRACEFULLY: u8 = 1;
+const CLOSE_NOW: u8 = 2;
+
+impl ConnControl {
+    fn ask(&self, request: u8) {
+        self.request.fetch_max(request, Ordering::AcqRel);
+        self.task.wake();
+    }
+}
+
+/// Drives one HTTP connection to its end, with a watchdog task beside it that enforces
+/// the listener's client timeouts and the node's graceful shutdown.
 ///
-/// The watchdog sleeps until the nearest deadline: `request_header` after a head started
-/// arriving (the guard reports heads that span reads, and wakes this loop when one
-/// starts), or `idle` after the last response finished. While requests are in progress it
-/// only re-checks every `idle`. A slow head closes the connection at once; an idle or
-/// shutting-down connection is closed gracefully (HTTP/1 after the response in progress,
-/// HTTP/2 with `GOAWAY`).
+/// The connection's own task only checks one atomic per poll; the deadlines and the
+/// shutdown signal are waited on by the watchdog, so the request path does not poll
+/// timers or cancellation futures on every wake-up.
 async fn serve_http<C>(connection: C, ctx: Arc<ConnContext>, shutdown: CancellationToken)
 where
-    C: std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
-        + GracefulConnection,
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulConnection,
 {
-    let timeouts = ctx.listener.timeouts;
+    let control = Arc::new(ConnControl::default());
+    let watchdog = tokio::spawn(watchdog(Arc::clone(&ctx), Arc::clone(&control), shutdown));
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
+    let ended = std::future::poll_fn(|cx| {
+        control.task.register(cx.waker());
+        match control.request.load(Ordering::Acquire) {
+            CLOSE_NOW => return Poll::Ready(None),
+            CLOSE_GRACEFULLY if !closing => {
+                closing = true;
+                connection.as_mut().graceful_close();
+            }
+            _ => {}
+        }
+        connection.as_mut().poll(cx).map(Some)
+    })
+    .await;
+    watchdog.abort();
+    if let Some(Err(error)) = ended {
+        tracing::debug!(listener = %ctx.listener.name, peer = %ctx.peer, %error, "client connection ended with an error");
+    }
+}
+
+/// Watches one connection: sleeps until the nearest deadline — `request_header` after a
+/// head started arriving (the guard reports heads that span reads, and wakes this task
+/// when one starts), or `idle` after the last response finished; while requests are in
+/// progress it re-checks every `idle` — and asks the connection to close when one
+/// passes: at once for a slow head, gracefully (HTTP/1 after the response in progress,
+/// HTTP/2 with `GOAWAY`) when idle or when the node shuts down. Aborted when the
+/// connection ends.
+async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: CancellationToken) {
+    let timeouts = ctx.listener.timeouts;
     loop {
-        let deadline = (!closing).then(|| next_deadline(&ctx, timeouts));
-        let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now));
+        let deadline = next_deadline(&ctx, timeouts);
         tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(listener = %ctx.listener.name, peer = %ctx.peer, %error, "client connection ended with an error");
-                }
+            () = shutdown.cancelled() => {
+                control.ask(CLOSE_GRACEFULLY);
                 return;
             }
-            () = shutdown.cancelled(), if !closing => {
-                connection.as_mut().graceful_close();
-                closing = true;
-            }
-            () = ctx.verdicts.head_started(), if !closing => {}
-            () = sleep, if deadline.is_some() => {
+            () = ctx.verdicts.head_started() => {}
+            () = tokio::time::sleep_until(deadline) => {
                 let now = now_ns();
                 if let Some(started) = ctx.verdicts.head_started_ns()
                     && now.saturating_sub(started) >= duration_ns(timeouts.request_header)
                 {
                     tracing::debug!(listener = %ctx.listener.name, peer = %ctx.peer, "request header timeout; closing connection");
+                    control.ask(CLOSE_NOW);
                     return;
                 }
                 if ctx.active_requests() == 0
@@ -371,8 +414,9 @@ where
                     && now.saturating_sub(ctx.idle_since_ns()) >= duration_ns(timeouts.idle)
                 {
                     tracing::trace!(listener = %ctx.listener.name, peer = %ctx.peer, "idle timeout; closing connection");
-                    connection.as_mut().graceful_close();
-                    closing = true;
+                    control.ask(CLOSE_GRACEFULLY);
+                    // A graceful close of an idle connection completes at once; keep
+                    // watching in case a request slipped in just before it.
                 }
             }
         }

@@ -167,7 +167,9 @@ impl ConnPool {
                 });
             }
         }
-        self.connect(settings).await
+        // Boxed: connecting is the rare path, and its future is large; inline it would
+        // enlarge (and be copied with) every request's future.
+        Box::pin(self.connect(settings)).await
     }
 
     async fn connect(&self, settings: &ConnSettings) -> Result<Conn, UpstreamError> {
@@ -189,6 +191,7 @@ impl ConnPool {
         // Small requests and responses: do not wait for Nagle coalescing.
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Reset { addr, source })?;

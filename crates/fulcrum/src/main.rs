@@ -19,6 +19,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// hyper re-allocates its 8 KiB read buffers for most requests (the previous message's
+// header bytes are still referenced when it reads again); glibc serves blocks that size
+// from its general heap, mimalloc from per-thread pages. Measured in BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Fulcrum: a traffic-aware HTTP/TCP load balancer.
 #[derive(Debug, Parser)]
 #[command(name = "fulcrum", version, propagate_version = true)]
