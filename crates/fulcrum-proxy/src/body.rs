@@ -52,10 +52,11 @@ impl Exchange {
     /// Records the total duration, returns the connection to its pool if the body was
     /// read to the end, and releases the in-flight count (by dropping the guard).
     fn finish(self, complete: bool) {
-        let elapsed_ns = now_ns().saturating_sub(self.guard.started_ns());
+        let now = now_ns();
+        let elapsed_ns = now.saturating_sub(self.guard.started_ns());
         self.backend.metrics.duration.observe_ns(elapsed_ns);
         if complete && let Some(conn) = self.conn {
-            self.backend.conns.release(conn);
+            self.backend.conns.release(conn, now);
         }
     }
 }

@@ -279,7 +279,7 @@ async fn forward(
         );
         let guard = backend.live.begin(now);
 
-        let mut conn = match backend.conns.checkout(&settings.conn).await {
+        let mut conn = match backend.conns.checkout(&settings.conn, now).await {
             Ok(conn) => conn,
             Err(error) => {
                 backend.metrics.connect_failures.inc();

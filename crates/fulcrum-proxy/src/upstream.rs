@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fulcrum_stats::clock::{duration_ns, now_ns};
 use http::{Request, Response};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -93,7 +94,8 @@ pub struct SendFailure {
 
 struct IdleConn {
     sender: http1::SendRequest<UpstreamBody>,
-    idle_since: tokio::time::Instant,
+    /// When it was released, in clock nanoseconds.
+    idle_since_ns: u64,
 }
 
 /// Timeouts applied to one backend's connections (from the pool's settings).
@@ -149,13 +151,20 @@ impl ConnPool {
     }
 
     /// A ready connection: the most recently used idle one of this worker that is still
-    /// open and younger than the idle timeout, else a new one.
-    pub async fn checkout(&self, settings: &ConnSettings) -> Result<Conn, UpstreamError> {
+    /// open and younger than the idle timeout at `now_ns` (the request's clock reading),
+    /// else a new one.
+    pub async fn checkout(
+        &self,
+        settings: &ConnSettings,
+        now_ns: u64,
+    ) -> Result<Conn, UpstreamError> {
         let slot = worker_slot(self.idle.len());
         loop {
             let candidate = self.idle[slot].lock().pop();
             let Some(mut idle) = candidate else { break };
-            if idle.sender.is_closed() || idle.idle_since.elapsed() > settings.idle_timeout {
+            if idle.sender.is_closed()
+                || now_ns.saturating_sub(idle.idle_since_ns) > duration_ns(settings.idle_timeout)
+            {
                 continue;
             }
             // A connection released at body end-of-stream becomes ready once its task has
@@ -206,9 +215,9 @@ impl ConnPool {
         })
     }
 
-    /// Returns a connection whose response has been read to the end, for reuse by this
-    /// worker. Closed connections and those beyond [`MAX_IDLE_PER_WORKER`] are dropped.
-    pub fn release(&self, conn: Conn) {
+    /// Returns a connection whose response has been read to the end at `now_ns`, for reuse
+    /// by this worker. Closed connections and those beyond [`MAX_IDLE_PER_WORKER`] are dropped.
+    pub fn release(&self, conn: Conn, now_ns: u64) {
         if conn.sender.is_closed() {
             return;
         }
@@ -217,17 +226,19 @@ impl ConnPool {
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(IdleConn {
                 sender: conn.sender,
-                idle_since: tokio::time::Instant::now(),
+                idle_since_ns: now_ns,
             });
         }
     }
 
     /// Drops every idle connection older than `idle_timeout` or already closed.
     pub fn evict_idle(&self, idle_timeout: Duration) {
+        let now = now_ns();
+        let limit = duration_ns(idle_timeout);
         for partition in self.idle.iter() {
             partition
                 .lock()
-                .retain(|c| !c.sender.is_closed() && c.idle_since.elapsed() <= idle_timeout);
+                .retain(|c| !c.sender.is_closed() && now.saturating_sub(c.idle_since_ns) <= limit);
         }
     }
 }
