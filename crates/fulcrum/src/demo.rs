@@ -207,20 +207,7 @@ pub fn backend(args: BackendArgs) -> ExitCode {
             let _ = writeln!(out, "{}", handle.ready_line());
             let _ = out.flush();
         }
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term = async {
-            match term.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = term => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        crate::serve::next_termination_signal().await;
         handle.shutdown().await;
         ExitCode::SUCCESS
     })

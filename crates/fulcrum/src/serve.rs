@@ -186,7 +186,8 @@ async fn wait_for_shutdown(reload: Option<ReloadFn>) {
     }
 }
 
-async fn next_termination_signal() {
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub(crate) async fn next_termination_signal() {
     let mut term = signal(SignalKind::terminate()).ok();
     let term = async {
         match term.as_mut() {

@@ -88,14 +88,7 @@ async fn outlier_detection_ejects_a_failing_backend_and_readmits_it() {
     let outcomes = load.stop().await;
     assert_all_ok(&outcomes);
 
-    let metrics = common::client()
-        .get(node.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node.metrics().await;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("fulcrum_ejections_total") && l.contains(&bad.address()))

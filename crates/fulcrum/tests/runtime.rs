@@ -173,14 +173,7 @@ async fn admin_api_errors_are_json_with_the_right_status() {
     // Status and metrics.
     let status = node.api("/api/status").await;
     assert_eq!(status["listeners"][0]["name"], "web");
-    let metrics = c
-        .get(node.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node.metrics().await;
     for family in [
         "fulcrum_requests_total",
         "fulcrum_request_duration_seconds",

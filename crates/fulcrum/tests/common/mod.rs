@@ -299,6 +299,18 @@ impl Node {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// The state of backend `address` of `pool`, from the admin API.
     pub async fn backend_state(&self, pool: &str, address: &str) -> String {
         let v = self.api(&format!("/api/pools/{pool}/backends")).await;
