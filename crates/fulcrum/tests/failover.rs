@@ -135,3 +135,59 @@ async fn every_attempt_failing_gives_a_json_502_and_no_backend_gives_503() {
     let body: serde_json::Value = response.json().await.expect("json error");
     assert_eq!(body["error"]["code"], "no_backend");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_threshold_routes_to_all_when_too_few_are_healthy() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let b3 = Backend::start("b3", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2, &b3], HEALTH));
+    // Two of three failing their health checks: 33 % healthy, below the default 50 %
+    // panic threshold. Their /health fails but they still serve requests.
+    b1.control("healthy=false").await;
+    b2.control("healthy=false").await;
+    eventually(DEADLINE, "pool in panic mode", async || {
+        let pools = node.api("/api/pools").await;
+        (pools["pools"][0]["panic"] == true && pools["pools"][0]["backends"]["unhealthy"] == 2)
+            .then_some(())
+    })
+    .await;
+    let counts = common::spread(&format!("{}/p", node.url("web")), 30).await;
+    assert_eq!(
+        counts.len(),
+        3,
+        "panic mode routes to every backend: {counts:?}"
+    );
+
+    // One recovers: 67 % healthy, panic ends, unhealthy b2 gets nothing.
+    b1.control("healthy=true").await;
+    eventually(DEADLINE, "panic over", async || {
+        (node.api("/api/pools").await["pools"][0]["panic"] == false).then_some(())
+    })
+    .await;
+    let counts = common::spread(&format!("{}/p", node.url("web")), 30).await;
+    assert!(!counts.contains_key("b2"), "{counts:?}");
+    assert_eq!(counts.get("b1"), Some(&15), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_health_check_detects_a_dead_backend_and_readmits_it() {
+    let b1 = Backend::start("b1", &[]);
+    let mut b2 = Backend::start("b2", &[]);
+    let tcp =
+        "    health_check: { type: tcp, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }\n";
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2], tcp));
+    let address = b2.address();
+    b2.kill();
+    eventually(DEADLINE, "b2 unhealthy", async || {
+        (node.backend_state("app", &address).await == "unhealthy").then_some(())
+    })
+    .await;
+    let counts = common::spread(&format!("{}/t", node.url("web")), 10).await;
+    assert_eq!(counts.get("b1"), Some(&10), "{counts:?}");
+    b2.restart();
+    eventually(DEADLINE, "b2 healthy", async || {
+        (node.backend_state("app", &address).await == "healthy").then_some(())
+    })
+    .await;
+}

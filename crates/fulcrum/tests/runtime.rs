@@ -245,6 +245,15 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     assert_eq!(status, 200, "{body}");
     let pools = node.api("/api/pools").await;
     assert_eq!(pools["pools"][0]["strategy"], "p2c");
+    // b1's live statistics survived the reload.
+    let backends = node.api("/api/pools/app/backends").await;
+    let kept = backends["backends"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|b| b["address"] == b1.address())
+        .cloned();
+    assert_eq!(kept.expect("b1 kept")["requests"], 10, "{backends}");
     assert_eq!(pools["pools"][0]["backends"]["total"], 2);
     let after = common::spread(&url, 40).await;
     assert!(after.contains_key("b2"), "{after:?}");
