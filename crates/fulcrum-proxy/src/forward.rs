@@ -158,9 +158,18 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
             }
         }
     };
-    let upgrading = headers::prepare_request(&mut parts, &ctx.client_ip, "http");
-    let on_upgrade = if upgrading { on_upgrade } else { None };
-    forward(ctx, &pool, parts, body, on_upgrade, client_h1).await
+    let prepared = headers::prepare_request(&mut parts, &ctx.client_ip, "http");
+    let on_upgrade = if prepared.upgrading { on_upgrade } else { None };
+    forward(
+        ctx,
+        &pool,
+        parts,
+        body,
+        on_upgrade,
+        client_h1,
+        prepared.needs_host,
+    )
+    .await
 }
 
 /// RFC 9110 §9.2.2 idempotent methods.
@@ -194,6 +203,7 @@ async fn forward(
     body: Incoming,
     on_upgrade: Option<OnUpgrade>,
     client_h1: bool,
+    needs_host: bool,
 ) -> Response<ProxyBody> {
     let _active = pool.enter();
     let state = pool.state();
@@ -292,13 +302,16 @@ async fn forward(
                 break;
             }
         };
-        let request = match pending.take() {
+        let mut request = match pending.take() {
             Some(request) => request,
             None => match &template {
                 Some(template) => rebuild(template),
                 None => break,
             },
         };
+        if needs_host && let Ok(host) = HeaderValue::from_str(&backend.address) {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
 
         match conn
             .send(

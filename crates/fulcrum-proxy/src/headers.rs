@@ -122,8 +122,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: Present, allow_upgrade: bo
     upgrading
 }
 
-/// Rewrites a client request head for the backend; returns whether it is a protocol
-/// upgrade request (HTTP/1.1 `Upgrade`, e.g. WebSocket).
+/// What [`prepare_request`] found out about a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// A protocol upgrade request (HTTP/1.1 `Upgrade`, e.g. WebSocket).
+    pub upgrading: bool,
+    /// The request names no host at all (an HTTP/1.0 request without `Host`): the
+    /// forwarder sets `Host` to the backend's address, as nginx does, because HTTP/1.1
+    /// requires it.
+    pub needs_host: bool,
+}
+
+/// Rewrites a client request head for the backend.
 ///
 /// `client_ip` is the client's address as a header value (made once per connection);
 /// `proto` is `http` or `https`.
@@ -131,7 +141,7 @@ pub fn prepare_request(
     parts: &mut request::Parts,
     client_ip: &HeaderValue,
     proto: &'static str,
-) -> bool {
+) -> Prepared {
     let present = Present::scan(&parts.headers);
     let from_h1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
     let upgrading = strip_hop_by_hop(&mut parts.headers, present, from_h1);
@@ -152,6 +162,7 @@ pub fn prepare_request(
         }
         host
     };
+    let needs_host = host.is_none();
     if let Some(host) = host {
         parts.headers.insert(&X_FORWARDED_HOST, host);
     }
@@ -168,7 +179,10 @@ pub fn prepare_request(
         parts.uri = origin_form(&parts.uri);
     }
     parts.version = Version::HTTP_11;
-    upgrading
+    Prepared {
+        upgrading,
+        needs_host,
+    }
 }
 
 /// Appends `client_ip` to `X-Forwarded-For`, joining multiple existing fields into one
@@ -243,7 +257,7 @@ mod tests {
                 .body(())
                 .expect("valid request"),
         );
-        assert!(!prepare_request(&mut p, &ip(), "http"));
+        assert!(!prepare_request(&mut p, &ip(), "http").upgrading);
         for gone in [
             "connection",
             "keep-alive",
@@ -291,6 +305,26 @@ mod tests {
     }
 
     #[test]
+    fn a_request_without_any_host_is_flagged() {
+        let mut p = parts(
+            Request::get("/")
+                .version(Version::HTTP_10)
+                .body(())
+                .expect("valid request"),
+        );
+        let prepared = prepare_request(&mut p, &ip(), "http");
+        assert!(prepared.needs_host);
+        assert!(!p.headers.contains_key("x-forwarded-host"));
+        let mut p = parts(
+            Request::get("/")
+                .header("host", "a")
+                .body(())
+                .expect("valid request"),
+        );
+        assert!(!prepare_request(&mut p, &ip(), "http").needs_host);
+    }
+
+    #[test]
     fn joins_multiple_forwarded_for_fields() {
         let mut p = parts(
             Request::get("/")
@@ -328,7 +362,7 @@ mod tests {
                 .body(())
                 .expect("valid request"),
         );
-        assert!(prepare_request(&mut p, &ip(), "http"));
+        assert!(prepare_request(&mut p, &ip(), "http").upgrading);
         assert_eq!(p.headers["connection"], "upgrade");
         assert_eq!(p.headers["upgrade"], "websocket");
         assert!(p.headers.contains_key("sec-websocket-key"));

@@ -199,6 +199,15 @@ async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
     assert_eq!(h["x-echo-x-forwarded-host"], "shop.example:8443");
     assert_eq!(h["x-echo-host"], "shop.example:8443");
     assert!(h.get("x-echo-x-private").is_none());
+
+    // An HTTP/1.0 request without Host reaches the backend with Host set to its address.
+    let answer = raw(node.listeners["web"], b"GET /echo HTTP/1.0\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let expected = format!("x-echo-host: {}", b.addr);
+    assert!(
+        answer.lines().any(|l| l == expected),
+        "{expected} not in {answer}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
