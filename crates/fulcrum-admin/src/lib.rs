@@ -223,14 +223,19 @@ async fn pools(State(state): State<AdminState>) -> Json<Value> {
     Json(json!({ "pools": pools }))
 }
 
+/// The pool named `name`, or 404 `unknown_pool`.
+fn pool_named(state: &AdminState, name: &str) -> Result<Arc<fulcrum_proxy::Pool>, ApiError> {
+    state
+        .node
+        .pool(name)
+        .ok_or_else(|| AdminError::UnknownPool(name.to_owned()).into())
+}
+
 async fn pool(
     State(state): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let pool = state
-        .node
-        .pool(&name)
-        .ok_or(AdminError::UnknownPool(name))?;
+    let pool = pool_named(&state, &name)?;
     Ok(Json(json!(Node::pool_summary(&pool))))
 }
 
@@ -238,10 +243,7 @@ async fn backends(
     State(state): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let pool = state
-        .node
-        .pool(&name)
-        .ok_or(AdminError::UnknownPool(name))?;
+    let pool = pool_named(&state, &name)?;
     let summary = Node::pool_summary(&pool);
     Ok(Json(json!({
         "pool": summary.name,
@@ -273,10 +275,7 @@ async fn switch_strategy(
 ) -> Result<Json<Value>, ApiError> {
     let Json(change) = body.map_err(bad_body)?;
     // 404 before 422: an unknown pool is the more fundamental error.
-    state
-        .node
-        .pool(&name)
-        .ok_or_else(|| AdminError::UnknownPool(name.clone()))?;
+    pool_named(&state, &name)?;
     let kind: StrategyKind =
         change
             .strategy

@@ -104,13 +104,8 @@ async fn work_endpoint_answers_with_its_name_path_and_method() {
     assert_eq!(stats["settings"]["capacity"], 0);
     assert_eq!(backend.stats().requests, 1);
 
-    let response = client
-        .get(format!("{}/x?delay_ms=soon", backend.url()))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), 400);
-    let body: Value = response.json().await.expect("json");
+    let (status, body) = get_json(&client, format!("{}/x?delay_ms=soon", backend.url())).await;
+    assert_eq!(status, 400);
     assert!(
         body["error"]["message"]
             .as_str()
@@ -370,17 +365,17 @@ async fn download_matches_its_checksum_header() {
             "{len} bytes differ from the documented pattern"
         );
     }
-    let response = client
-        .get(format!("{}/download?bytes=99999999999", backend.url()))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), 400);
-    let body: Value = response.json().await.expect("json");
+    let (status, body) = get_json(
+        &client,
+        format!("{}/download?bytes=99999999999", backend.url()),
+    )
+    .await;
+    assert_eq!(status, 400);
     assert!(
         body["error"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("`bytes`"))
+            .is_some_and(|m| m.contains("`bytes`")),
+        "{body}"
     );
 }
 

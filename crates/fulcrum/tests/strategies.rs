@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Backend, Load, Node, client, served_by, simple_config, spread};
+use common::{Backend, Load, Node, client, served_by, simple_config, spread, weighted_config};
 
 fn three(args: &[&str]) -> [Backend; 3] {
     [
@@ -39,13 +39,10 @@ async fn round_robin_is_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_follows_weights() {
     let [b1, b2, b3] = three(&[]);
-    let yaml = format!(
-        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\n\
-         pools:\n  app:\n    strategy: weighted_round_robin\n    backends:\n\
-         \x20     - {{ address: {}, weight: 3 }}\n      - {{ address: {}, weight: 2 }}\n      - {{ address: {}, weight: 1 }}\n",
-        b1.addr, b2.addr, b3.addr
-    );
-    let node = Node::start(&yaml);
+    let node = Node::start(&weighted_config(
+        "weighted_round_robin",
+        &[(&b1, 3), (&b2, 2), (&b3, 1)],
+    ));
     // Smooth WRR is exact over whole cycles of 6.
     let counts = spread(&format!("{}/w", node.url("web")), 60).await;
     assert_eq!(counts.get("b1"), Some(&30), "{counts:?}");
@@ -56,13 +53,7 @@ async fn weighted_round_robin_follows_weights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_follows_weights_within_tolerance() {
     let [b1, b2, b3] = three(&[]);
-    let yaml = format!(
-        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\n\
-         pools:\n  app:\n    strategy: random\n    backends:\n\
-         \x20     - {{ address: {}, weight: 1 }}\n      - {{ address: {}, weight: 1 }}\n      - {{ address: {}, weight: 2 }}\n",
-        b1.addr, b2.addr, b3.addr
-    );
-    let node = Node::start(&yaml);
+    let node = Node::start(&weighted_config("random", &[(&b1, 1), (&b2, 1), (&b3, 2)]));
     let n = 800;
     let counts = spread(&format!("{}/r", node.url("web")), n).await;
     // Expected shares 25 %, 25 %, 50 %; ±8 points is > 4 standard deviations at n = 800.

@@ -485,6 +485,17 @@ pub fn backends_yaml(backends: &[&Backend]) -> String {
         .collect()
 }
 
+/// Like [`simple_config`], with an explicit weight per backend.
+pub fn weighted_config(strategy: &str, backends: &[(&Backend, u32)]) -> String {
+    let entries: String = backends
+        .iter()
+        .map(|(b, w)| format!("      - {{ address: {}, weight: {w} }}\n", b.addr))
+        .collect();
+    format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    strategy: {strategy}\n    backends:\n{entries}"
+    )
+}
+
 /// A one-listener, one-pool configuration (`web` → pool `app`) with ephemeral ports; `pool_extra`
 /// is YAML indented by 4 spaces inserted in the pool.
 pub fn simple_config(strategy: &str, backends: &[&Backend], pool_extra: &str) -> String {
