@@ -11,7 +11,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum_balance::{
     Backend, InFlightGuard, LiveBackend, LiveBackendConfig, PoolView, RequestInfo, StrategyKind,
-    build_strategy,
+    StrategyParams, build_strategy,
 };
 
 const POOL_SIZES: [usize; 3] = [10, 100, 10_000];
@@ -46,7 +46,7 @@ fn pick(c: &mut Criterion) {
     for &kind in StrategyKind::ALL {
         let mut group = c.benchmark_group(kind.name());
         for (backends, _guards) in &pools {
-            let strategy = build_strategy(kind, backends);
+            let strategy = build_strategy(kind, backends, &StrategyParams::default());
             let view = PoolView::new(backends, &[], false);
             group.bench_with_input(
                 BenchmarkId::from_parameter(backends.len()),

@@ -136,9 +136,26 @@ impl Default for LiveBackendConfig {
 /// Number of sub-windows the latency window is divided into (it slides by one at a time).
 const LATENCY_SLOTS: usize = 6;
 
+/// How many in-flight attempts per backend have their start time tracked, for
+/// [`LiveBackend::oldest_in_flight_ns`]. Beyond this many concurrent attempts the oldest
+/// age is a lower bound (the untracked attempts started later than some tracked one or
+/// are simply not seen); the in-flight count itself still covers them.
+pub const TRACKED_IN_FLIGHT: usize = 16;
+
+/// Marks an [`InFlightGuard`] that holds no start-time slot.
+const NO_SLOT: u8 = u8::MAX;
+
 /// What the data plane knows about a backend right now. Shared by every worker thread.
 pub struct LiveBackend {
     in_flight: AtomicU64,
+    long_in_flight: AtomicU64,
+    /// Start times (clock ns, 0 = free) of up to [`TRACKED_IN_FLIGHT`] attempts in flight.
+    started: [AtomicU64; TRACKED_IN_FLIGHT],
+    /// The effective weight as an `f64` bit pattern: configured weight × dynamic factor ×
+    /// slow-start factor, refreshed by the pool's periodic tick.
+    effective_weight: AtomicU64,
+    /// When the backend (re)joined rotation, clock ns: slow start ramps from here.
+    warm_since_ns: AtomicU64,
     requests: AtomicU64,
     failures: AtomicU64,
     consecutive_failures: AtomicU32,
@@ -175,6 +192,10 @@ impl LiveBackend {
     pub fn new(config: LiveBackendConfig, now_ns: u64) -> Self {
         Self {
             in_flight: AtomicU64::new(0),
+            long_in_flight: AtomicU64::new(0),
+            started: std::array::from_fn(|_| AtomicU64::new(0)),
+            effective_weight: AtomicU64::new(f64::NAN.to_bits()),
+            warm_since_ns: AtomicU64::new(now_ns),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -190,6 +211,61 @@ impl LiveBackend {
     #[inline]
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Attempts in flight that were classified long (see [`LiveBackend::begin_classified`]).
+    #[inline]
+    pub fn long_in_flight(&self) -> u64 {
+        self.long_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Start time (clock ns) of the oldest tracked attempt in flight, or `None` when none
+    /// is tracked. Exact while at most [`TRACKED_IN_FLIGHT`] attempts are in flight; a
+    /// lower bound on the true age beyond. O([`TRACKED_IN_FLIGHT`]) loads.
+    pub fn oldest_in_flight_ns(&self) -> Option<u64> {
+        self.started
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&s| s != 0)
+            .min()
+    }
+
+    /// Age at `now_ns` of the oldest tracked attempt in flight (0 when none), in ns: the
+    /// head-of-line age that tail-aware balancing penalises.
+    #[inline]
+    pub fn head_age_ns(&self, now_ns: u64) -> u64 {
+        self.oldest_in_flight_ns()
+            .map_or(0, |started| now_ns.saturating_sub(started))
+    }
+
+    /// The effective weight set by the last [`LiveBackend::set_effective_weight`], or
+    /// `None` if none was set yet (then strategies use the configured weight).
+    #[inline]
+    pub fn effective_weight(&self) -> Option<f64> {
+        let w = f64::from_bits(self.effective_weight.load(Ordering::Relaxed));
+        (w.is_finite() && w > 0.0).then_some(w)
+    }
+
+    /// Publishes the effective weight (configured × dynamic factor × slow-start factor);
+    /// non-finite or non-positive values are ignored.
+    pub fn set_effective_weight(&self, weight: f64) {
+        if weight.is_finite() && weight > 0.0 {
+            self.effective_weight
+                .store(weight.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// When the backend last (re)joined rotation, clock ns: creation, or the last
+    /// [`LiveBackend::restart_warmup`].
+    #[inline]
+    pub fn warm_since_ns(&self) -> u64 {
+        self.warm_since_ns.load(Ordering::Relaxed)
+    }
+
+    /// Restarts slow start at `now_ns` (the backend came back: health check passed or an
+    /// ejection ended).
+    pub fn restart_warmup(&self, now_ns: u64) {
+        self.warm_since_ns.store(now_ns, Ordering::Relaxed);
     }
 
     /// Attempts that completed with an outcome (success or failure) since start.
@@ -254,12 +330,42 @@ impl LiveBackend {
     }
 
     /// Starts an attempt: counts it in flight until the returned guard is dropped.
+    #[inline]
     pub fn begin(self: &Arc<Self>, now_ns: u64) -> InFlightGuard {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.begin_classified(now_ns, false)
+    }
+
+    /// Starts an attempt of a request classified long (`long`) or not: counts it in flight
+    /// (and in [`LiveBackend::long_in_flight`] if long) and records its start time for
+    /// the head-of-line age, until the returned guard is dropped.
+    pub fn begin_classified(self: &Arc<Self>, now_ns: u64, long: bool) -> InFlightGuard {
+        let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if long {
+            self.long_in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        // Claim a free start-time slot, probing from a position that spreads concurrent
+        // claims; 0 marks a free slot, so a start time of 0 is stored as 1.
+        let stamp = now_ns.max(1);
+        let mut slot = NO_SLOT;
+        let n = TRACKED_IN_FLIGHT as u64;
+        if before < n {
+            for k in 0..n {
+                let i = ((before + k) % n) as usize;
+                if self.started[i]
+                    .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    slot = i as u8;
+                    break;
+                }
+            }
+        }
         InFlightGuard {
             backend: Arc::clone(self),
             started_ns: now_ns,
             recorded: AtomicBool::new(false),
+            long,
+            slot,
         }
     }
 
@@ -340,6 +446,8 @@ pub struct InFlightGuard {
     backend: Arc<LiveBackend>,
     started_ns: u64,
     recorded: AtomicBool,
+    long: bool,
+    slot: u8,
 }
 
 impl InFlightGuard {
@@ -387,7 +495,14 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let b = &self.backend;
+        if self.slot != NO_SLOT {
+            b.started[usize::from(self.slot)].store(0, Ordering::Relaxed);
+        }
+        if self.long {
+            b.long_in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        b.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -426,6 +541,39 @@ mod tests {
         // Dropping a never-completed future drops its captured guard.
         drop(fut);
         assert_eq!(b.in_flight(), 0);
+    }
+
+    #[test]
+    fn head_age_and_long_count_follow_guards() {
+        let b = live();
+        assert_eq!(b.head_age_ns(10 * MS), 0);
+        let g1 = b.begin_classified(2 * MS, true);
+        let g2 = b.begin(5 * MS);
+        assert_eq!(b.long_in_flight(), 1);
+        assert_eq!(b.oldest_in_flight_ns(), Some(2 * MS));
+        assert_eq!(b.head_age_ns(10 * MS), 8 * MS);
+        drop(g1);
+        assert_eq!(b.long_in_flight(), 0);
+        assert_eq!(b.head_age_ns(10 * MS), 5 * MS);
+        drop(g2);
+        assert_eq!(b.oldest_in_flight_ns(), None);
+        // More attempts than slots: counts stay exact, slots are all released.
+        let guards: Vec<_> = (0..40).map(|i| b.begin(i * MS + 1)).collect();
+        assert_eq!(b.in_flight(), 40);
+        assert_eq!(b.oldest_in_flight_ns(), Some(1));
+        drop(guards);
+        assert_eq!(b.in_flight(), 0);
+        assert_eq!(b.oldest_in_flight_ns(), None);
+    }
+
+    #[test]
+    fn effective_weight_ignores_nonsense() {
+        let b = live();
+        assert_eq!(b.effective_weight(), None);
+        b.set_effective_weight(2.5);
+        b.set_effective_weight(f64::NAN);
+        b.set_effective_weight(-1.0);
+        assert_eq!(b.effective_weight(), Some(2.5));
     }
 
     #[test]

@@ -10,10 +10,13 @@
 
 pub mod backend;
 pub mod outlier;
+pub mod slow_start;
 pub mod strategy;
 
 pub use backend::{Backend, BackendFlags, InFlightGuard, LiveBackend, LiveBackendConfig};
 pub use outlier::OutlierPolicy;
+pub use slow_start::SlowStart;
 pub use strategy::{
-    BackendId, PoolView, RequestInfo, Strategy, StrategyKind, UnknownStrategy, build_strategy,
+    BackendId, DurationClassMode, Figure, PoolView, RequestClass, RequestInfo, Strategy,
+    StrategyKind, StrategyParams, TICK_INTERVAL, UnknownStrategy, build_strategy,
 };

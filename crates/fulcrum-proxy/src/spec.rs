@@ -145,6 +145,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                     latency_window: p.stats.latency_window,
                     ..LiveBackendConfig::default()
                 },
+                strategy: fulcrum_balance::StrategyParams::default(),
             },
         });
     }

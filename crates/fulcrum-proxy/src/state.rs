@@ -21,7 +21,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use fulcrum_balance::{
     Backend, BackendFlags, LiveBackend, LiveBackendConfig, OutlierPolicy, Strategy, StrategyKind,
-    build_strategy,
+    StrategyParams, build_strategy,
 };
 use fulcrum_stats::clock::now_ns;
 use prometheus_client::metrics::counter::Counter;
@@ -129,6 +129,8 @@ pub struct PoolSettings {
     pub health_check: Option<HealthCheckSettings>,
     /// Parameters of the backends' live statistics.
     pub live: LiveBackendConfig,
+    /// Parameters of the strategies (each reads its own part).
+    pub strategy: StrategyParams,
 }
 
 impl Default for PoolSettings {
@@ -144,6 +146,7 @@ impl Default for PoolSettings {
             panic_threshold: 50,
             health_check: None,
             live: LiveBackendConfig::default(),
+            strategy: StrategyParams::default(),
         }
     }
 }
@@ -200,7 +203,7 @@ impl PoolState {
         tags: Vec<BTreeMap<String, String>>,
         settings: PoolSettings,
     ) -> Self {
-        let strategy = build_strategy(kind, &backends);
+        let strategy = build_strategy(kind, &backends, &settings.strategy);
         Self {
             kind,
             strategy,

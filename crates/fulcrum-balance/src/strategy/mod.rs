@@ -24,8 +24,23 @@ mod weighted_round_robin;
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::backend::Backend;
+use crate::slow_start::SlowStart;
+
+/// A request's predicted duration class (temporary local definition; moves to
+/// `fulcrum_stats::classify`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub enum RequestClass {
+    /// No history.
+    #[default]
+    Unknown,
+    /// Short.
+    Short,
+    /// Long.
+    Long,
+}
 
 pub use least_connections::LeastConnections;
 pub use p2c::PowerOfTwoChoices;
@@ -46,22 +61,33 @@ pub struct RequestInfo {
     /// Clock time of the decision, in nanoseconds (see `fulcrum_stats::clock::now_ns`).
     pub now_ns: u64,
     /// A hash of the request's affinity key (header, cookie, path or client IP), for
-    /// hashing strategies; `None` when the pool has no hash policy.
+    /// hashing strategies; `None` when the request carries no key (hashing strategies then
+    /// fall back to an even spread).
     pub hash_key: Option<u64>,
+    /// The request's predicted duration class, from its endpoint's history (known before
+    /// forwarding); [`RequestClass::Unknown`] when the endpoint has no history yet.
+    pub class: RequestClass,
 }
 
 impl RequestInfo {
-    /// A request decided at `now_ns`, without an affinity key.
+    /// A request decided at `now_ns`, without an affinity key or class.
     pub fn new(now_ns: u64) -> Self {
         Self {
             now_ns,
             hash_key: None,
+            class: RequestClass::Unknown,
         }
     }
 
     /// The same request with affinity key hash `key`.
     pub fn with_hash_key(mut self, key: u64) -> Self {
         self.hash_key = Some(key);
+        self
+    }
+
+    /// The same request with predicted class `class`.
+    pub fn with_class(mut self, class: RequestClass) -> Self {
+        self.class = class;
         self
     }
 }
@@ -77,6 +103,7 @@ pub struct PoolView<'a> {
     backends: &'a [Backend],
     excluded: &'a [BackendId],
     panic: bool,
+    total_in_flight: Option<u64>,
 }
 
 impl<'a> PoolView<'a> {
@@ -86,7 +113,35 @@ impl<'a> PoolView<'a> {
             backends,
             excluded,
             panic,
+            total_in_flight: None,
         }
+    }
+
+    /// The same view with the pool's total load (requests in flight over all backends)
+    /// known in O(1) — the proxy keeps a pool-wide counter — so bounded-load strategies
+    /// need not sum it per pick.
+    pub fn with_total_in_flight(mut self, total: u64) -> Self {
+        self.total_in_flight = Some(total);
+        self
+    }
+
+    /// Requests in flight over all backends: the value given to
+    /// [`PoolView::with_total_in_flight`], else the sum over backends (O(n)).
+    #[inline]
+    pub fn total_in_flight(&self) -> u64 {
+        self.total_in_flight
+            .unwrap_or_else(|| self.backends.iter().map(|b| b.live.in_flight()).sum())
+    }
+
+    /// The effective weight of backend `i` (> 0): what the pool's periodic tick last
+    /// published (configured weight × dynamic-weight factor × slow-start factor, see
+    /// [`crate::slow_start`]), or the configured weight if nothing was published yet.
+    #[inline]
+    pub fn effective_weight(&self, i: usize) -> f64 {
+        let b = &self.backends[i];
+        b.live
+            .effective_weight()
+            .unwrap_or_else(|| weight_of(b) as f64)
     }
 
     /// Number of backends in the pool (eligible or not).
@@ -154,6 +209,39 @@ fn weight_of(backend: &Backend) -> u64 {
     u64::from(backend.weight.max(1))
 }
 
+/// One figure a strategy reports about itself for the admin API
+/// (`GET /api/algorithm-metrics`): a name, the backend it concerns (if any) and a value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Figure {
+    /// Stable snake_case name with its unit as suffix (`target_p99_ms`, `beta`,
+    /// `hedge_rate`, `bounded_load_redirects`, `warmup_progress`).
+    pub name: &'static str,
+    /// Index of the backend the figure is about, or `None` for a pool-wide figure.
+    pub backend: Option<usize>,
+    /// The value.
+    pub value: f64,
+}
+
+impl Figure {
+    /// A pool-wide figure.
+    pub fn pool(name: &'static str, value: f64) -> Self {
+        Self {
+            name,
+            backend: None,
+            value,
+        }
+    }
+
+    /// A figure about backend `i`.
+    pub fn backend(name: &'static str, i: usize, value: f64) -> Self {
+        Self {
+            name,
+            backend: Some(i),
+            value,
+        }
+    }
+}
+
 /// Picks a backend for one request from a pool's eligible backends.
 ///
 /// See the [module documentation](self) for the contract.
@@ -163,6 +251,97 @@ pub trait Strategy: Send + Sync + fmt::Debug {
 
     /// The backend for this request, or `None` only when no backend is eligible.
     fn pick(&self, req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId>;
+
+    /// Periodic housekeeping, called by the pool's background task about every
+    /// [`TICK_INTERVAL`] (never on the request path): adapt parameters from the live
+    /// statistics, rebuild tables after effective weights changed. Default: nothing.
+    fn tick(&self, pool: &PoolView<'_>, now_ns: u64) {
+        let _ = (pool, now_ns);
+    }
+
+    /// The strategy's own figures for the admin API. Default: none.
+    fn figures(&self, pool: &PoolView<'_>, now_ns: u64) -> Vec<Figure> {
+        let _ = (pool, now_ns);
+        Vec::new()
+    }
+
+    /// Whether the forwarder may hedge requests now (SLO-aware conditional hedging: a
+    /// strategy that tracks a latency target vetoes hedges while the target is met).
+    /// Only consulted when the pool has a hedge policy. Default: `true`.
+    fn hedge_allowed(&self, now_ns: u64) -> bool {
+        let _ = now_ns;
+        true
+    }
+
+    /// Told that the forwarder sent a hedge (`won` = false) or that a hedge's answer won
+    /// (`won` = true), for strategies that report a hedge rate. Default: nothing.
+    fn note_hedge(&self, won: bool) {
+        let _ = won;
+    }
+}
+
+/// How often the proxy calls [`Strategy::tick`].
+pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Which backends `duration_class` dedicates to short requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DurationClassMode {
+    /// Seed 000's rules: configured short backends (the first by default), long requests
+    /// on the others.
+    #[default]
+    Static,
+    /// Reserve a share of backends for long requests in proportion to their share of the
+    /// work, recomputed on every tick.
+    Adaptive,
+}
+
+/// Parameters of the strategies that have any; each strategy reads its own part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StrategyParams {
+    /// `rendezvous`, `ring_hash`, `maglev`: bounded-load factor `c` (Mirrokni et al.
+    /// 2018): no backend takes more than `ceil(c × (total in flight + 1) / n)` requests in
+    /// flight. `None` = unbounded. Otherwise ≥ 1.
+    pub bounded_load: Option<f64>,
+    /// `maglev`: lookup table size, a prime (Eisenbud et al. use 65537).
+    pub maglev_table_size: usize,
+    /// `ring_hash`: minimum total number of points on the Ketama ring.
+    pub ring_size: usize,
+    /// Slow start of backends that (re)join, for the weight-based strategies (also
+    /// applied to effective weights by the proxy; hashing strategies read it to warm up).
+    pub slow_start: SlowStart,
+    /// `duration_class`: indices of the backends dedicated to short requests (empty =
+    /// the first backend).
+    pub short_backends: Vec<usize>,
+    /// `duration_class`: static (seed 000) or adaptive.
+    pub duration_class_mode: DurationClassMode,
+    /// `tail_aware`: the p99 latency target.
+    pub target_p99: Duration,
+    /// `tail_aware`: initial weight β of the interference term.
+    pub beta: f64,
+    /// `tail_aware`: initial weight γ of the head-of-line age term.
+    pub gamma: f64,
+    /// `tail_aware`: adapt β and γ by feedback on the observed p99.
+    pub adapt: bool,
+    /// `response_time`: share (0..=0.5) of picks that explore a random eligible backend.
+    pub exploration: f64,
+}
+
+impl Default for StrategyParams {
+    fn default() -> Self {
+        Self {
+            bounded_load: Some(1.25),
+            maglev_table_size: 65_537,
+            ring_size: 4096,
+            slow_start: SlowStart::default(),
+            short_backends: Vec::new(),
+            duration_class_mode: DurationClassMode::Static,
+            target_p99: Duration::from_millis(200),
+            beta: 1.0,
+            gamma: 1.0,
+            adapt: true,
+            exploration: 0.05,
+        }
+    }
 }
 
 /// Every strategy this build implements, by configuration name.
@@ -183,6 +362,22 @@ pub enum StrategyKind {
     P2c,
     /// `peak_ewma`: P2C on peak-EWMA latency × (in-flight + 1) ([`PeakEwmaStrategy`]).
     PeakEwma,
+    /// `response_time`: lowest EWMA response time, with exploration (seed 002 RRT-BS).
+    ResponseTime,
+    /// `health_score`: highest 0..1 score from load and failure history (seed 002 HS-BS).
+    HealthScore,
+    /// `adaptive_weighted`: failure-adaptive weighted round robin (seed 002 HF-WRR).
+    AdaptiveWeighted,
+    /// `tail_aware`: P2C on a tail-risk score with SLO-aware hedging (seed 002 ALPHA1).
+    TailAware,
+    /// `rendezvous`: highest-random-weight hashing with bounded load (seed 002 BETA1).
+    Rendezvous,
+    /// `ring_hash`: Ketama consistent hashing with bounded load.
+    RingHash,
+    /// `maglev`: Maglev hashing (Eisenbud et al., NSDI'16) with bounded load.
+    Maglev,
+    /// `duration_class`: long/short request classification and node rules (seed 000).
+    DurationClass,
 }
 
 impl StrategyKind {
@@ -194,6 +389,14 @@ impl StrategyKind {
         Self::LeastConnections,
         Self::P2c,
         Self::PeakEwma,
+        Self::ResponseTime,
+        Self::HealthScore,
+        Self::AdaptiveWeighted,
+        Self::TailAware,
+        Self::Rendezvous,
+        Self::RingHash,
+        Self::Maglev,
+        Self::DurationClass,
     ];
 
     /// Names of every implemented strategy, in documentation order.
@@ -204,7 +407,21 @@ impl StrategyKind {
         "least_connections",
         "p2c",
         "peak_ewma",
+        "response_time",
+        "health_score",
+        "adaptive_weighted",
+        "tail_aware",
+        "rendezvous",
+        "ring_hash",
+        "maglev",
+        "duration_class",
     ];
+
+    /// Whether the strategy maps a request's affinity key to a backend (the proxy then
+    /// computes [`RequestInfo::hash_key`]).
+    pub fn uses_hash_key(self) -> bool {
+        matches!(self, Self::Rendezvous | Self::RingHash | Self::Maglev)
+    }
 
     /// The configuration name.
     pub fn name(self) -> &'static str {
@@ -215,6 +432,14 @@ impl StrategyKind {
             Self::LeastConnections => "least_connections",
             Self::P2c => "p2c",
             Self::PeakEwma => "peak_ewma",
+            Self::ResponseTime => "response_time",
+            Self::HealthScore => "health_score",
+            Self::AdaptiveWeighted => "adaptive_weighted",
+            Self::TailAware => "tail_aware",
+            Self::Rendezvous => "rendezvous",
+            Self::RingHash => "ring_hash",
+            Self::Maglev => "maglev",
+            Self::DurationClass => "duration_class",
         }
     }
 }
@@ -246,8 +471,13 @@ impl FromStr for StrategyKind {
 }
 
 /// Builds a `kind` strategy for `backends` (the list the returned strategy's
-/// [`BackendId`]s index; weights are read from it once, here).
-pub fn build_strategy(kind: StrategyKind, backends: &[Backend]) -> Box<dyn Strategy> {
+/// [`BackendId`]s index) with `params` (each strategy reads its own part).
+pub fn build_strategy(
+    kind: StrategyKind,
+    backends: &[Backend],
+    params: &StrategyParams,
+) -> Box<dyn Strategy> {
+    let _ = params;
     match kind {
         StrategyKind::RoundRobin => Box::new(RoundRobin::new()),
         StrategyKind::WeightedRoundRobin => Box::new(SmoothWeightedRoundRobin::new(backends)),
@@ -255,6 +485,8 @@ pub fn build_strategy(kind: StrategyKind, backends: &[Backend]) -> Box<dyn Strat
         StrategyKind::LeastConnections => Box::new(LeastConnections::new()),
         StrategyKind::P2c => Box::new(PowerOfTwoChoices::new()),
         StrategyKind::PeakEwma => Box::new(PeakEwmaStrategy::new()),
+        // Being implemented; placeholders keep the workspace building meanwhile.
+        _ => Box::new(RoundRobin::new()),
     }
 }
 
@@ -311,7 +543,7 @@ mod tests {
     fn built_strategies_carry_their_kind_name() {
         let pool = testing::backends(&[1, 2]);
         for &kind in StrategyKind::ALL {
-            assert_eq!(build_strategy(kind, &pool).name(), kind.name());
+            assert_eq!(build_strategy(kind, &pool, &StrategyParams::default()).name(), kind.name());
         }
     }
 
@@ -350,7 +582,7 @@ mod tests {
             let any_eligible = (0..view.len()).any(|i| view.is_eligible(i));
             let req = RequestInfo::new(now_ms * 1_000_000);
             for &kind in StrategyKind::ALL {
-                let strategy = build_strategy(kind, &pool);
+                let strategy = build_strategy(kind, &pool, &StrategyParams::default());
                 // Several picks: stateful strategies (rotations) move between them.
                 for _ in 0..8 {
                     match strategy.pick(&req, &view) {
