@@ -51,11 +51,13 @@ use std::path::Path;
 
 pub use error::{ConfigError, Diagnostic};
 pub use model::{
-    AdminConfig, BackendConfig, Config, HeaderMatch, HealthCheckConfig, HealthCheckKind,
-    ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig, PoolConfig,
-    Protocol, RetryConfig, RouteConfig, RouteMatch, RuntimeConfig, StatsConfig, UpstreamTimeouts,
+    AdminConfig, AnalysisConfig, BackendConfig, Config, DurationClassConfig, DurationClassMode,
+    DynamicWeightsConfig, HashConfig, HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind,
+    HedgeConfig, ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig,
+    PoolConfig, Protocol, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch, RuntimeConfig,
+    SlowStartConfig, StatsConfig, TailAwareConfig, UpstreamTimeouts,
 };
-pub use scalar::{RetryOn, StatusRange};
+pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 
 use locate::{Anchor, SourceIndex};
 use validate::Locator;
@@ -256,7 +258,12 @@ fn friendly_type_names(message: String) -> String {
         ("expected u8", "expected an integer 0..=255"),
         ("expected u16", "expected an integer 0..=65535"),
         ("expected u32", "expected an integer 0..=4294967295"),
+        (
+            "expected u64",
+            "expected an integer 0..=18446744073709551615",
+        ),
         ("expected usize", "expected a non-negative integer"),
+        ("expected f64", "expected a number"),
         ("expected a map", "expected a mapping"),
     ];
     for (rust, yaml) in NAMES {

@@ -14,12 +14,14 @@ use fulcrum_balance::{OutlierPolicy, StrategyKind};
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::scalar::{self, RetryOn, StatusRange};
+use crate::scalar::{self, HedgeDelay, RetryOn, StatusRange};
 
 /// A whole `fulcrum.yaml`.
 ///
 /// Only `listeners` and `pools` need to be written; every other block has defaults.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `PartialEq` but not `Eq`: pools hold `f64` settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Process settings: worker threads, graceful shutdown.
@@ -237,7 +239,11 @@ pub struct HeaderMatch {
 }
 
 /// One entry of `pools`: a named group of backends and the policies that serve them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The strategy-specific blocks (`hash`, `duration_class`, `tail_aware`, `response_time`)
+/// are read only by their strategy but validated whatever the strategy is, since the
+/// strategy can be changed at run time through the admin API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
     /// How a backend is picked for each request. Default `round_robin`; names in
@@ -260,8 +266,25 @@ pub struct PoolConfig {
     /// backends is healthy, requests go to all backends rather than overload the few left.
     /// 0 disables panic mode. Default 50.
     pub panic_threshold: u8,
-    /// Live statistics kept per backend.
+    /// Live statistics kept per backend and per endpoint.
     pub stats: StatsConfig,
+    /// Request-rate history, forecast and anomaly detection.
+    pub analysis: AnalysisConfig,
+    /// Periodic re-weighting of backends from their observed performance (opt-in).
+    pub dynamic_weights: DynamicWeightsConfig,
+    /// Envoy's slow start: a new or recovered backend's weight ramps up over a window.
+    pub slow_start: SlowStartConfig,
+    /// Affinity key and table sizes of `rendezvous`, `ring_hash` and `maglev`.
+    pub hash: HashConfig,
+    /// Long/short request classes of `duration_class`.
+    pub duration_class: DurationClassConfig,
+    /// Tail-latency control of `tail_aware`.
+    pub tail_aware: TailAwareConfig,
+    /// Exploration of `response_time`.
+    pub response_time: ResponseTimeConfig,
+    /// Request hedging; `None` (default) = no hedging. Present (even `hedge: {}`) = on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgeConfig>,
 }
 
 impl Default for PoolConfig {
@@ -276,6 +299,14 @@ impl Default for PoolConfig {
             outlier_detection: OutlierDetectionConfig::default(),
             panic_threshold: 50,
             stats: StatsConfig::default(),
+            analysis: AnalysisConfig::default(),
+            dynamic_weights: DynamicWeightsConfig::default(),
+            slow_start: SlowStartConfig::default(),
+            hash: HashConfig::default(),
+            duration_class: DurationClassConfig::default(),
+            tail_aware: TailAwareConfig::default(),
+            response_time: ResponseTimeConfig::default(),
+            hedge: None,
         }
     }
 }
@@ -489,8 +520,8 @@ impl From<OutlierPolicy> for OutlierDetectionConfig {
     }
 }
 
-/// `pools.*.stats`: live per-backend statistics.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `pools.*.stats`: live statistics per backend and per endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StatsConfig {
     /// Decay time τ of the peak-EWMA latency estimate: an old sample's weight falls to
@@ -500,6 +531,20 @@ pub struct StatsConfig {
     /// Window of the p50/p99 latencies shown by the API. Default 60 s. Validated: > 0.
     #[serde(with = "scalar::duration")]
     pub latency_window: Duration,
+    /// N: an endpoint's duration is the average of its last N request durations.
+    /// Default 5. Validated: 1..=1024.
+    pub stats_window: u32,
+    /// Endpoints tracked per pool; beyond this many, new endpoints share one overflow
+    /// entry. Default 1000. Validated: 1..=100000.
+    pub max_endpoints: u32,
+    /// An endpoint is long when its last-N average is at least this. Default 5 s.
+    /// Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub long_request_threshold: Duration,
+    /// Hysteresis h, a ratio: a long endpoint becomes short again only when its average
+    /// falls below `long_request_threshold` × (1 − h). Default 0.2. Validated: finite,
+    /// 0 ≤ h < 1.
+    pub long_request_hysteresis: f64,
 }
 
 impl Default for StatsConfig {
@@ -507,6 +552,264 @@ impl Default for StatsConfig {
         Self {
             ewma_decay: Duration::from_secs(10),
             latency_window: Duration::from_secs(60),
+            stats_window: 5,
+            max_endpoints: 1000,
+            long_request_threshold: Duration::from_millis(5000),
+            long_request_hysteresis: 0.2,
+        }
+    }
+}
+
+/// `pools.*.analysis`: the pool's request-rate history (1 s buckets), its Holt
+/// (double exponential smoothing) forecast, and spike/drop detection by a robust z-score
+/// (median absolute deviation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalysisConfig {
+    /// Length of the rate history, in 1 s buckets. Default 300 s. Validated: whole
+    /// seconds, 10 s..=3600 s.
+    #[serde(with = "scalar::duration")]
+    pub horizon: Duration,
+    /// Holt's level smoothing factor α. Default 0.5. Validated: finite, 0 < α ≤ 1.
+    pub holt_alpha: f64,
+    /// Holt's trend smoothing factor β. Default 0.1. Validated: finite, 0 < β ≤ 1.
+    pub holt_beta: f64,
+    /// Robust z-score (deviation from the median in units of 1.4826 × MAD) at or above
+    /// which a rate is flagged as a spike or drop. Default 4.0. Validated: finite, > 0.
+    pub anomaly_threshold: f64,
+    /// Requests per second below which nothing is flagged. Default 5.0. Validated:
+    /// finite, ≥ 0.
+    pub min_rate: f64,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        Self {
+            horizon: Duration::from_secs(300),
+            holt_alpha: 0.5,
+            holt_beta: 0.1,
+            anomaly_threshold: 4.0,
+            min_rate: 5.0,
+        }
+    }
+}
+
+/// `pools.*.dynamic_weights`: periodic re-weighting of backends from their observed
+/// latency and errors. Off by default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamicWeightsConfig {
+    /// Whether weights are recomputed. Default false.
+    pub enabled: bool,
+    /// Time between two recomputations. Default 1 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub interval: Duration,
+    /// EWMA factor of a new weight: weight ← s × computed + (1 − s) × previous.
+    /// Default 0.3. Validated: finite, 0 < s ≤ 1.
+    pub smoothing: f64,
+}
+
+impl Default for DynamicWeightsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: Duration::from_secs(1),
+            smoothing: 0.3,
+        }
+    }
+}
+
+/// `pools.*.slow_start`: Envoy's slow start. For weight-based strategies, a new or
+/// recovered backend's effective weight is
+/// `weight × max(min_weight_percent / 100, (time_since_start / window) ^ (1 / aggression))`
+/// until `window` has passed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlowStartConfig {
+    /// Length of the ramp; 0 (default) = slow start off.
+    #[serde(with = "scalar::duration")]
+    pub window: Duration,
+    /// Shape of the ramp: 1.0 (default) is linear, larger values ramp up faster at the
+    /// start. Validated: finite, > 0.
+    pub aggression: f64,
+    /// Floor of the effective weight during the ramp, in percent of the configured
+    /// weight. Default 10. Validated: 1..=100.
+    pub min_weight_percent: u8,
+}
+
+impl Default for SlowStartConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::ZERO,
+            aggression: 1.0,
+            min_weight_percent: 10,
+        }
+    }
+}
+
+/// `pools.*.hash`: the affinity key of the hashing strategies (`rendezvous`,
+/// `ring_hash`, `maglev`) and their table sizes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HashConfig {
+    /// What is hashed. Default `client_ip`.
+    pub key: HashKey,
+    /// The header or cookie name, for `key: header` or `key: cookie`. Default `None`.
+    /// Validated: set iff `key` is `header` or `cookie`; an HTTP token (header names are
+    /// compared without case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Load bound c of consistent hashing with bounded loads (Mirrokni, Thorup and
+    /// Zadimoghaddam, 2018): no backend takes more than c × the average load; a key whose
+    /// backend is full goes to the next one. 0 = unbounded. Default 1.25. Validated:
+    /// finite, 0 or 1.0..=100.
+    pub bounded_load: f64,
+    /// Size M of the Maglev lookup table (Eisenbud et al., 2016). Default 65537.
+    /// Validated: a prime, 7..=1000003.
+    pub table_size: u32,
+    /// Points on the Ketama ring of `ring_hash`, in total over all backends (at least
+    /// this many). Default 4096. Validated: 64..=1000000.
+    pub ring_size: u32,
+}
+
+impl Default for HashConfig {
+    fn default() -> Self {
+        Self {
+            key: HashKey::ClientIp,
+            name: None,
+            bounded_load: 1.25,
+            table_size: 65537,
+            ring_size: 4096,
+        }
+    }
+}
+
+/// `hash.key`: what the hashing strategies hash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    /// `header`: the value of the request header `hash.name`.
+    Header,
+    /// `cookie`: the value of the cookie `hash.name`.
+    Cookie,
+    /// `path`: the request path, without the query.
+    Path,
+    /// `client_ip`: the client's IP address (the default).
+    #[default]
+    ClientIp,
+}
+
+impl HashKey {
+    /// The configuration name: `header`, `cookie`, `path` or `client_ip`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::Cookie => "cookie",
+            Self::Path => "path",
+            Self::ClientIp => "client_ip",
+        }
+    }
+}
+
+/// `pools.*.duration_class`: the rules of `duration_class`, which keeps short requests
+/// off the backends busy with long ones. An endpoint is long or short by
+/// `stats.long_request_threshold`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DurationClassConfig {
+    /// How the short backends are chosen. Default `static`.
+    pub mode: DurationClassMode,
+    /// Addresses of the backends dedicated to short requests; empty (default) = the
+    /// first backend. Validated: each is the address of a backend of this pool, listed
+    /// once; not every backend when the pool has two or more.
+    pub short_backends: Vec<String>,
+}
+
+/// `duration_class.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurationClassMode {
+    /// `static`: the short backends are `short_backends`, fixed.
+    #[default]
+    Static,
+    /// `adaptive`: the split between short and long backends follows the observed load,
+    /// starting from `short_backends`.
+    Adaptive,
+}
+
+/// `pools.*.tail_aware`: the feedback controller of `tail_aware`, which scores a
+/// backend by its latency plus β × interference (long requests in flight) plus
+/// γ × the age of its oldest request in flight (head-of-line blocking).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TailAwareConfig {
+    /// The p99 latency the controller aims for. Default 200 ms. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub target_p99: Duration,
+    /// Initial interference weight β. Default 1.0. Validated: finite, ≥ 0.
+    pub beta: f64,
+    /// Initial head-of-line age weight γ. Default 1.0. Validated: finite, ≥ 0.
+    pub gamma: f64,
+    /// Whether β and γ adapt by feedback on the observed p99 against `target_p99`.
+    /// Default true.
+    pub adapt: bool,
+}
+
+impl Default for TailAwareConfig {
+    fn default() -> Self {
+        Self {
+            target_p99: Duration::from_millis(200),
+            beta: 1.0,
+            gamma: 1.0,
+            adapt: true,
+        }
+    }
+}
+
+/// `pools.*.response_time`: settings of `response_time`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponseTimeConfig {
+    /// Share of picks that go to a random eligible backend rather than the fastest, so
+    /// that every backend's response time stays measured. Default 0.05. Validated:
+    /// finite, 0..=0.5.
+    pub exploration: f64,
+}
+
+impl Default for ResponseTimeConfig {
+    fn default() -> Self {
+        Self { exploration: 0.05 }
+    }
+}
+
+/// `pools.*.hedge`: request hedging ("The Tail at Scale", Dean and Barroso, 2013): when
+/// a request has no response head after `delay`, a second attempt goes to another
+/// backend and the first response wins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HedgeConfig {
+    /// When the second attempt is sent: a duration (`50ms`) or `p95`, the endpoint's
+    /// observed 95th-percentile latency. Default `p95`. Validated: a duration is > 0.
+    pub delay: HedgeDelay,
+    /// Floor of the `p95` delay (unused with a fixed delay). Default 5 ms.
+    #[serde(with = "scalar::duration")]
+    pub min_delay: Duration,
+    /// Hedges are at most this percent of the pool's requests. Default 10.
+    /// Validated: 1..=100.
+    pub budget_percent: u8,
+    /// Requests with a body of at most this many bytes are buffered and may be hedged;
+    /// 0 = only requests without a body. Default 65536 (64 KiB). Validated: ≤ 16777216
+    /// (16 MiB).
+    pub max_body_bytes: u64,
+}
+
+impl Default for HedgeConfig {
+    fn default() -> Self {
+        Self {
+            delay: HedgeDelay::P95,
+            min_delay: Duration::from_millis(5),
+            budget_percent: 10,
+            max_body_bytes: 65536,
         }
     }
 }

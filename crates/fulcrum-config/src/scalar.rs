@@ -1,5 +1,5 @@
 //! Scalar values with their own syntax: durations, addresses, strategy names, retry
-//! conditions and status ranges. Parsing lives here so that the error messages for a bad
+//! conditions, status ranges and hedge delays. Parsing lives here so that the error messages for a bad
 //! value are written once and read the same wherever the value appears.
 
 use std::fmt;
@@ -425,6 +425,79 @@ impl<'de> Deserialize<'de> for StatusRange {
     }
 }
 
+/// When a hedged request's second attempt is sent (`hedge.delay`). Default `p95`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HedgeDelay {
+    /// A fixed delay, written as a duration (`50ms`). Validated: > 0.
+    Fixed(Duration),
+    /// `p95`: the endpoint's observed 95th-percentile latency, floored at
+    /// `hedge.min_delay` (Dean and Barroso, "The Tail at Scale", 2013). The default.
+    #[default]
+    P95,
+}
+
+impl fmt::Display for HedgeDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(d) => write!(f, "{}", humantime::format_duration(*d)),
+            Self::P95 => f.write_str("p95"),
+        }
+    }
+}
+
+impl FromStr for HedgeDelay {
+    type Err = String;
+
+    /// Parses `p95` or a duration such as `50ms`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "p95" {
+            return Ok(Self::P95);
+        }
+        parse_duration(s)
+            .map(Self::Fixed)
+            .map_err(|e| format!("{e}; or `p95` for the endpoint's observed p95"))
+    }
+}
+
+impl Serialize for HedgeDelay {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HedgeDelay {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct HedgeDelayVisitor;
+        impl HedgeDelayVisitor {
+            fn bare_number<E: de::Error>(n: impl fmt::Display) -> E {
+                E::custom(format!(
+                    "invalid hedge delay `{n}`: missing unit, e.g. {n}ms; or `p95` for the \
+                     endpoint's observed p95"
+                ))
+            }
+        }
+        impl Visitor<'_> for HedgeDelayVisitor {
+            type Value = HedgeDelay;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`p95` or a duration with a unit, e.g. 50ms")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HedgeDelay, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HedgeDelay, E> {
+                Err(Self::bare_number(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HedgeDelay, E> {
+                Err(Self::bare_number(v))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<HedgeDelay, E> {
+                Err(Self::bare_number(v))
+            }
+        }
+        d.deserialize_any(HedgeDelayVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,5 +613,32 @@ mod tests {
         assert!("2xx".parse::<StatusRange>().is_err());
         assert!(StatusRange::default().contains(204));
         assert!(!StatusRange::default().contains(301));
+    }
+
+    #[test]
+    fn hedge_delays() {
+        assert_eq!("p95".parse(), Ok(HedgeDelay::P95));
+        assert_eq!(
+            "50ms".parse(),
+            Ok(HedgeDelay::Fixed(Duration::from_millis(50)))
+        );
+        let err = "fast".parse::<HedgeDelay>().unwrap_err();
+        assert!(err.starts_with("invalid duration `fast`"), "{err}");
+        assert!(
+            err.ends_with("or `p95` for the endpoint's observed p95"),
+            "{err}"
+        );
+        assert!(
+            "50".parse::<HedgeDelay>()
+                .unwrap_err()
+                .contains("missing unit")
+        );
+        for d in [
+            HedgeDelay::P95,
+            HedgeDelay::Fixed(Duration::from_millis(1500)),
+        ] {
+            assert_eq!(d.to_string().parse(), Ok(d));
+        }
+        assert_eq!(HedgeDelay::default(), HedgeDelay::P95);
     }
 }

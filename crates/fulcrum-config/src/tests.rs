@@ -107,6 +107,33 @@ fn minimal_config_gets_every_default() {
     assert_eq!(p.panic_threshold, 50);
     assert_eq!(p.stats.ewma_decay, secs(10));
     assert_eq!(p.stats.latency_window, secs(60));
+    assert_eq!(p.stats.stats_window, 5);
+    assert_eq!(p.stats.max_endpoints, 1000);
+    assert_eq!(p.stats.long_request_threshold, Duration::from_millis(5000));
+    assert_eq!(p.stats.long_request_hysteresis, 0.2);
+    let a = &p.analysis;
+    assert_eq!(a.horizon, secs(300));
+    assert_eq!(
+        (a.holt_alpha, a.holt_beta, a.anomaly_threshold, a.min_rate),
+        (0.5, 0.1, 4.0, 5.0)
+    );
+    assert!(!p.dynamic_weights.enabled);
+    assert_eq!(p.dynamic_weights.interval, secs(1));
+    assert_eq!(p.dynamic_weights.smoothing, 0.3);
+    assert_eq!(p.slow_start.window, Duration::ZERO);
+    assert_eq!(p.slow_start.aggression, 1.0);
+    assert_eq!(p.slow_start.min_weight_percent, 10);
+    assert_eq!(p.hash.key, HashKey::ClientIp);
+    assert_eq!(p.hash.name, None);
+    assert_eq!(p.hash.bounded_load, 1.25);
+    assert_eq!((p.hash.table_size, p.hash.ring_size), (65537, 4096));
+    assert_eq!(p.duration_class.mode, DurationClassMode::Static);
+    assert!(p.duration_class.short_backends.is_empty());
+    assert_eq!(p.tail_aware.target_p99, Duration::from_millis(200));
+    assert_eq!((p.tail_aware.beta, p.tail_aware.gamma), (1.0, 1.0));
+    assert!(p.tail_aware.adapt);
+    assert_eq!(p.response_time.exploration, 0.05);
+    assert_eq!(p.hedge, None);
 
     let hc = HealthCheckConfig::default();
     assert_eq!(hc.r#type, HealthCheckKind::Http);
@@ -122,6 +149,21 @@ fn minimal_config_gets_every_default() {
     assert_eq!(
         (hc.interval, hc.timeout, hc.rise, hc.fall),
         (secs(2), secs(1), 2, 3)
+    );
+}
+
+#[test]
+fn an_empty_hedge_block_turns_hedging_on_with_the_defaults() {
+    let c = parse_ok(&with_pool_keys("    hedge: {}\n"));
+    let h = c.pools["app"].hedge.clone().unwrap();
+    assert_eq!(h, HedgeConfig::default());
+    assert_eq!(h.delay, HedgeDelay::P95);
+    assert_eq!(h.min_delay, Duration::from_millis(5));
+    assert_eq!((h.budget_percent, h.max_body_bytes), (10, 65536));
+    // `hedge:` alone is YAML null: no hedging.
+    assert_eq!(
+        parse_ok(&with_pool_keys("    hedge:\n")).pools["app"].hedge,
+        None
     );
 }
 
@@ -272,8 +314,74 @@ fn full_config_has_every_value() {
         app.stats,
         StatsConfig {
             ewma_decay: secs(5),
-            latency_window: secs(120)
+            latency_window: secs(120),
+            stats_window: 8,
+            max_endpoints: 500,
+            long_request_threshold: secs(2),
+            long_request_hysteresis: 0.25,
         }
+    );
+    assert_eq!(
+        app.analysis,
+        AnalysisConfig {
+            horizon: secs(600),
+            holt_alpha: 0.4,
+            holt_beta: 0.2,
+            anomaly_threshold: 3.5,
+            min_rate: 1.0,
+        }
+    );
+    assert_eq!(
+        app.dynamic_weights,
+        DynamicWeightsConfig {
+            enabled: true,
+            interval: secs(2),
+            smoothing: 0.5,
+        }
+    );
+    assert_eq!(
+        app.slow_start,
+        SlowStartConfig {
+            window: secs(30),
+            aggression: 2.0,
+            min_weight_percent: 20,
+        }
+    );
+    assert_eq!(
+        app.hash,
+        HashConfig {
+            key: HashKey::Header,
+            name: Some("x-user-id".into()),
+            bounded_load: 1.5,
+            table_size: 655_373,
+            ring_size: 8192,
+        }
+    );
+    assert_eq!(
+        app.duration_class,
+        DurationClassConfig {
+            mode: DurationClassMode::Adaptive,
+            short_backends: vec!["[::1]:8082".into()],
+        }
+    );
+    assert_eq!(
+        app.tail_aware,
+        TailAwareConfig {
+            target_p99: Duration::from_millis(150),
+            beta: 0.5,
+            gamma: 2.0,
+            adapt: false,
+        }
+    );
+    assert_eq!(app.response_time, ResponseTimeConfig { exploration: 0.1 });
+    assert_eq!(
+        app.hedge,
+        Some(HedgeConfig {
+            delay: HedgeDelay::P95,
+            min_delay: Duration::from_millis(10),
+            budget_percent: 5,
+            max_body_bytes: 0,
+        })
     );
 
     let api = &c.pools["api"];
@@ -283,6 +391,23 @@ fn full_config_has_every_value() {
         (hc.r#type, hc.interval, hc.timeout, hc.rise, hc.fall),
         (HealthCheckKind::Tcp, secs(5), secs(2), 3, 3)
     );
+    assert_eq!(
+        api.hash,
+        HashConfig {
+            key: HashKey::Cookie,
+            name: Some("session".into()),
+            bounded_load: 0.0,
+            ..HashConfig::default()
+        }
+    );
+    assert_eq!(
+        api.hedge,
+        Some(HedgeConfig {
+            delay: HedgeDelay::Fixed(Duration::from_millis(50)),
+            ..HedgeConfig::default()
+        })
+    );
+    assert_eq!(c.pools["db"].hedge, None);
     assert_eq!(c.pools["db"].outlier_detection.consecutive_failures, 0);
 }
 
@@ -458,6 +583,61 @@ fn wrong_types_name_the_field() {
             "pools.app.stats.ewma_decay",
             "invalid duration `1.5`: missing unit",
         ),
+        (
+            "    stats: { stats_window: -1 }\n",
+            "pools.app.stats.stats_window",
+            "expected an integer 0..=4294967295",
+        ),
+        (
+            "    analysis: { holt_alpha: high }\n",
+            "pools.app.analysis.holt_alpha",
+            "invalid type: string \"high\", expected a number",
+        ),
+        (
+            "    slow_start: { windw: 1s }\n",
+            "pools.app.slow_start.windw",
+            "unknown field `windw`, expected one of `window`, `aggression`",
+        ),
+        (
+            "    hash: { key: ip }\n",
+            "pools.app.hash.key",
+            "unknown variant `ip`, expected one of `header`, `cookie`, `path`, `client_ip`",
+        ),
+        (
+            "    duration_class: { mode: dynamic }\n",
+            "pools.app.duration_class.mode",
+            "unknown variant `dynamic`, expected `static` or `adaptive`",
+        ),
+        (
+            "    duration_class: { short_backends: 127.0.0.1:8081 }\n",
+            "pools.app.duration_class.short_backends",
+            "invalid type: string \"127.0.0.1:8081\", expected a sequence",
+        ),
+        (
+            "    tail_aware: { adapt: sometimes }\n",
+            "pools.app.tail_aware.adapt",
+            "expected a boolean",
+        ),
+        (
+            "    hedge: { delay: 50 }\n",
+            "pools.app.hedge.delay",
+            "invalid hedge delay `50`: missing unit, e.g. 50ms; or `p95`",
+        ),
+        (
+            "    hedge: { delay: P99 }\n",
+            "pools.app.hedge.delay",
+            "invalid duration `P99`",
+        ),
+        (
+            "    hedge: { max_body_bytes: lots }\n",
+            "pools.app.hedge.max_body_bytes",
+            "expected an integer 0..=18446744073709551615",
+        ),
+        (
+            "    hedge: true\n",
+            "pools.app.hedge",
+            "invalid type: boolean `true`, expected a mapping",
+        ),
     ];
     for (extra, path, message) in cases {
         let d = diags(&with_pool_keys(extra));
@@ -521,6 +701,151 @@ fn semantic_checks_of_pool_fields() {
             "pools.app.stats.latency_window",
             "must be greater than 0",
         ),
+        (
+            "    stats: { stats_window: 1025 }\n",
+            "pools.app.stats.stats_window",
+            "1025 is out of range; must be 1..=1024",
+        ),
+        (
+            "    stats: { max_endpoints: 0 }\n",
+            "pools.app.stats.max_endpoints",
+            "0 is out of range; must be 1..=100000",
+        ),
+        (
+            "    stats: { long_request_hysteresis: -0.1 }\n",
+            "pools.app.stats.long_request_hysteresis",
+            "-0.1 is out of range; must be at least 0 and less than 1",
+        ),
+        (
+            "    analysis: { horizon: 1h 1s }\n",
+            "pools.app.analysis.horizon",
+            "1h 1s is out of range; must be 10s..=3600s",
+        ),
+        (
+            "    analysis: { horizon: 10500ms }\n",
+            "pools.app.analysis.horizon",
+            "10s 500ms is not a whole number of seconds",
+        ),
+        (
+            "    analysis: { holt_beta: 1.01 }\n",
+            "pools.app.analysis.holt_beta",
+            "1.01 is out of range; must be greater than 0 and at most 1",
+        ),
+        (
+            "    analysis: { holt_beta: -.inf }\n",
+            "pools.app.analysis.holt_beta",
+            "-.inf is not a finite number",
+        ),
+        (
+            "    analysis: { anomaly_threshold: 0 }\n",
+            "pools.app.analysis.anomaly_threshold",
+            "0 is out of range; must be greater than 0",
+        ),
+        (
+            "    analysis: { min_rate: -1 }\n",
+            "pools.app.analysis.min_rate",
+            "-1 is out of range; must be at least 0",
+        ),
+        (
+            "    dynamic_weights: { interval: 0s }\n",
+            "pools.app.dynamic_weights.interval",
+            "must be greater than 0",
+        ),
+        (
+            "    dynamic_weights: { smoothing: 0 }\n",
+            "pools.app.dynamic_weights.smoothing",
+            "0 is out of range; must be greater than 0 and at most 1",
+        ),
+        (
+            "    slow_start: { aggression: 0 }\n",
+            "pools.app.slow_start.aggression",
+            "0 is out of range; must be greater than 0",
+        ),
+        (
+            "    slow_start: { min_weight_percent: 101 }\n",
+            "pools.app.slow_start.min_weight_percent",
+            "101 is out of range; must be 1..=100",
+        ),
+        (
+            "    hash: { key: header, name: \"x y\" }\n",
+            "pools.app.hash.name",
+            "`x y` is not a valid HTTP header name",
+        ),
+        (
+            "    hash: { key: cookie, name: \"\" }\n",
+            "pools.app.hash.name",
+            "`` is not a valid cookie name",
+        ),
+        (
+            "    hash: { key: cookie }\n",
+            "pools.app.hash.name",
+            "hash key `cookie` needs `name`, the cookie to hash",
+        ),
+        (
+            "    hash: { name: x-user-id }\n",
+            "pools.app.hash.name",
+            "`name` applies to hash keys `header` and `cookie` only; this key is `client_ip`",
+        ),
+        (
+            "    hash: { bounded_load: 100.5 }\n",
+            "pools.app.hash.bounded_load",
+            "100.5 is out of range; must be 0 (unbounded) or 1.0..=100",
+        ),
+        (
+            "    hash: { table_size: 5 }\n",
+            "pools.app.hash.table_size",
+            "5 is out of range; must be a prime in 7..=1000003",
+        ),
+        (
+            "    hash: { table_size: 1000001 }\n",
+            "pools.app.hash.table_size",
+            "1000001 is not a prime; the Maglev table size must be prime (the next one is 1000003)",
+        ),
+        (
+            "    hash: { ring_size: 1000001 }\n",
+            "pools.app.hash.ring_size",
+            "1000001 is out of range; must be 64..=1000000",
+        ),
+        (
+            "    duration_class: { short_backends: [\"127.0.0.1:8082\"] }\n",
+            "pools.app.duration_class.short_backends[0]",
+            "`127.0.0.1:8082` is not a backend of pool `app` (backends: 127.0.0.1:8081)",
+        ),
+        (
+            "    tail_aware: { target_p99: 0s }\n",
+            "pools.app.tail_aware.target_p99",
+            "must be greater than 0",
+        ),
+        (
+            "    tail_aware: { gamma: -1 }\n",
+            "pools.app.tail_aware.gamma",
+            "-1 is out of range; must be at least 0",
+        ),
+        (
+            "    response_time: { exploration: -0.01 }\n",
+            "pools.app.response_time.exploration",
+            "-0.01 is out of range; must be 0..=0.5",
+        ),
+        (
+            "    response_time: { exploration: .nan }\n",
+            "pools.app.response_time.exploration",
+            ".nan is not a finite number; must be 0..=0.5",
+        ),
+        (
+            "    hedge: { delay: 0s }\n",
+            "pools.app.hedge.delay",
+            "must be greater than 0",
+        ),
+        (
+            "    hedge: { budget_percent: 101 }\n",
+            "pools.app.hedge.budget_percent",
+            "101 is out of range; must be 1..=100",
+        ),
+        (
+            "    hedge: { max_body_bytes: 16777217 }\n",
+            "pools.app.hedge.max_body_bytes",
+            "16777217 is out of range; must be 0..=16777216 (16 MiB)",
+        ),
     ];
     for (extra, path, message) in cases {
         let d = diags(&with_pool_keys(extra));
@@ -529,6 +854,63 @@ fn semantic_checks_of_pool_fields() {
         assert_eq!(d[0].2, path, "{extra}");
         assert!(d[0].3.starts_with(message), "{extra}: {}", d[0].3);
     }
+}
+
+#[test]
+fn edge_values_of_the_tuning_blocks_are_accepted() {
+    for extra in [
+        "    stats: { stats_window: 1, max_endpoints: 100000, long_request_hysteresis: 0 }\n",
+        "    stats: { stats_window: 1024, max_endpoints: 1 }\n",
+        "    analysis: { horizon: 10s, holt_alpha: 1, holt_beta: 1, min_rate: 0 }\n",
+        "    analysis: { horizon: 1h }\n",
+        "    dynamic_weights: { smoothing: 1 }\n",
+        "    slow_start: { window: 0s, aggression: 0.1, min_weight_percent: 100 }\n",
+        "    hash: { key: path, bounded_load: 1, table_size: 7, ring_size: 64 }\n",
+        "    hash: { bounded_load: 100, table_size: 1000003, ring_size: 1000000 }\n",
+        "    hash: { key: header, name: X-User-Id }\n",
+        "    duration_class: { short_backends: [\"127.0.0.1:8081\"] }\n",
+        "    tail_aware: { beta: 0, gamma: 0 }\n",
+        "    response_time: { exploration: 0.5 }\n",
+        "    response_time: { exploration: 0 }\n",
+        "    hedge: { delay: 1ms, budget_percent: 100, max_body_bytes: 16777216 }\n",
+        "    hedge: { min_delay: 0s, budget_percent: 1 }\n",
+    ] {
+        parse_ok(&with_pool_keys(extra));
+    }
+}
+
+#[test]
+fn short_backends_compare_as_backend_addresses() {
+    let src = format!(
+        "{MINIMAL}      - address: Api.Internal.:8080\n      - address: \"[::1]:9\"\n    \
+         duration_class: {{ short_backends: [api.internal:8080, \"[0::1]:9\"] }}\n"
+    );
+    let c = parse_ok(&src);
+    assert_eq!(c.pools["app"].duration_class.short_backends.len(), 2);
+    // With one backend, it may be the short one (it then serves every request).
+    parse_ok(&with_pool_keys(
+        "    duration_class: { short_backends: [127.0.0.1:8081] }\n",
+    ));
+}
+
+#[test]
+fn code_built_config_rejects_non_finite_numbers() {
+    let mut c = parse_ok(MINIMAL);
+    let pool = c.pools.get_mut("app").unwrap();
+    pool.stats.long_request_hysteresis = f64::NAN;
+    pool.hash.bounded_load = f64::INFINITY;
+    pool.hedge = Some(HedgeConfig {
+        delay: HedgeDelay::Fixed(Duration::ZERO),
+        ..HedgeConfig::default()
+    });
+    let err = c.validate().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config: pools.app.stats.long_request_hysteresis: .nan is not a finite number; must be \
+         at least 0 and less than 1\nconfig: pools.app.hash.bounded_load: .inf is not a finite \
+         number; must be 0 (unbounded) or 1.0..=100\nconfig: pools.app.hedge.delay: must be \
+         greater than 0"
+    );
 }
 
 #[test]

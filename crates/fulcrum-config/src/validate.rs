@@ -4,15 +4,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::env::ColumnMap;
 use crate::error::Diagnostic;
 use crate::locate::{Anchor, Pos, SourceIndex};
 use crate::model::{
-    Config, HealthCheckConfig, HealthCheckKind, ListenerConfig, PoolConfig, Protocol, RouteMatch,
+    Config, HashConfig, HashKey, HealthCheckConfig, HealthCheckKind, HedgeConfig, ListenerConfig,
+    PoolConfig, Protocol, RouteMatch,
 };
-use crate::scalar::{check_backend_addr, check_dns_name};
+use crate::scalar::{HedgeDelay, check_backend_addr, check_dns_name};
 
 /// Turns field paths into located [`Diagnostic`]s for one source.
 pub(crate) struct Locator<'a> {
@@ -138,6 +140,44 @@ fn is_tchar(c: char) -> bool {
     c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
 
+/// Whether `name` is an HTTP token: a valid header name, and a valid cookie name
+/// (RFC 6265 `cookie-name`).
+fn is_token(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(is_tchar)
+}
+
+/// What two backend addresses of a pool are compared by: the socket address of an IP
+/// literal (`sock`, from [`check_backend_addr`]), else the host name without case or
+/// trailing dot, and the port.
+fn backend_key(address: &str, sock: Option<SocketAddr>) -> String {
+    match (sock, address.rsplit_once(':')) {
+        (Some(s), _) => s.to_string(),
+        (None, Some((host, port))) => {
+            format!("{}:{port}", host.trim_end_matches('.').to_ascii_lowercase())
+        }
+        (None, None) => address.to_ascii_lowercase(),
+    }
+}
+
+/// `v` as YAML writes it, for the non-finite values that `{v}` would show as `NaN`/`inf`.
+fn yaml_float(v: f64) -> String {
+    if v.is_nan() {
+        ".nan".to_owned()
+    } else if v.is_infinite() {
+        if v > 0.0 { ".inf" } else { "-.inf" }.to_owned()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Whether `n` is prime (trial division; `n` is at most about a million here).
+fn is_prime(n: u32) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
 impl Checker<'_> {
     /// Reports `message` about `path`, at `path`.
     fn report(&mut self, path: &str, anchor: Anchor, message: String) {
@@ -149,6 +189,37 @@ impl Checker<'_> {
         if d.is_zero() {
             self.report(path, Anchor::Value, "must be greater than 0".to_owned());
         }
+    }
+
+    /// Reports an integer outside `range`.
+    fn int_range(&mut self, path: &str, v: u64, range: RangeInclusive<u64>) {
+        if !range.contains(&v) {
+            self.report(
+                path,
+                Anchor::Value,
+                format!(
+                    "{v} is out of range; must be {}..={}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+    }
+
+    /// Reports a number that is not finite (`.nan`, `.inf`) or for which `ok` is false;
+    /// `expected` words the valid values.
+    fn number(&mut self, path: &str, v: f64, ok: fn(f64) -> bool, expected: &str) {
+        let message = if !v.is_finite() {
+            format!(
+                "{} is not a finite number; must be {expected}",
+                yaml_float(v)
+            )
+        } else if !ok(v) {
+            format!("{v} is out of range; must be {expected}")
+        } else {
+            return;
+        };
+        self.report(path, Anchor::Value, message);
     }
 
     /// Reports a percentage above 100.
@@ -385,10 +456,7 @@ impl Checker<'_> {
             match check_backend_addr(&b.address) {
                 Err(e) => self.report(&format!("{bp}.address"), Anchor::Value, e),
                 Ok(sock) => {
-                    let key = sock.map_or_else(
-                        || b.address.trim_end_matches('.').to_ascii_lowercase(),
-                        |s| s.to_string(),
-                    );
+                    let key = backend_key(&b.address, sock);
                     if let Some(&first) = seen.get(&key) {
                         let first_path = format!("{p}.backends[{first}]");
                         let note = self.loc.line_note(", ", &first_path);
@@ -454,11 +522,263 @@ impl Checker<'_> {
             od.max_ejection_percent,
         );
         self.percent(&format!("{p}.panic_threshold"), pool.panic_threshold);
-        self.positive(&format!("{p}.stats.ewma_decay"), pool.stats.ewma_decay);
-        self.positive(
-            &format!("{p}.stats.latency_window"),
-            pool.stats.latency_window,
+        self.stats(pool, &p);
+        self.analysis(pool, &p);
+        let dw = &pool.dynamic_weights;
+        self.positive(&format!("{p}.dynamic_weights.interval"), dw.interval);
+        self.number(
+            &format!("{p}.dynamic_weights.smoothing"),
+            dw.smoothing,
+            |v| v > 0.0 && v <= 1.0,
+            "greater than 0 and at most 1",
         );
+        let ss = &pool.slow_start;
+        self.number(
+            &format!("{p}.slow_start.aggression"),
+            ss.aggression,
+            |v| v > 0.0,
+            "greater than 0",
+        );
+        self.int_range(
+            &format!("{p}.slow_start.min_weight_percent"),
+            ss.min_weight_percent.into(),
+            1..=100,
+        );
+        self.hash(&pool.hash, &format!("{p}.hash"));
+        self.duration_class(name, pool, &p, &seen);
+        let ta = &pool.tail_aware;
+        self.positive(&format!("{p}.tail_aware.target_p99"), ta.target_p99);
+        for (field, v) in [("beta", ta.beta), ("gamma", ta.gamma)] {
+            self.number(
+                &format!("{p}.tail_aware.{field}"),
+                v,
+                |v| v >= 0.0,
+                "at least 0",
+            );
+        }
+        self.number(
+            &format!("{p}.response_time.exploration"),
+            pool.response_time.exploration,
+            |v| (0.0..=0.5).contains(&v),
+            "0..=0.5",
+        );
+        if let Some(hedge) = &pool.hedge {
+            self.hedge(hedge, &format!("{p}.hedge"));
+        }
+    }
+
+    fn stats(&mut self, pool: &PoolConfig, p: &str) {
+        let s = &pool.stats;
+        let sp = format!("{p}.stats");
+        self.positive(&format!("{sp}.ewma_decay"), s.ewma_decay);
+        self.positive(&format!("{sp}.latency_window"), s.latency_window);
+        self.int_range(
+            &format!("{sp}.stats_window"),
+            s.stats_window.into(),
+            1..=1024,
+        );
+        self.int_range(
+            &format!("{sp}.max_endpoints"),
+            s.max_endpoints.into(),
+            1..=100_000,
+        );
+        self.positive(
+            &format!("{sp}.long_request_threshold"),
+            s.long_request_threshold,
+        );
+        self.number(
+            &format!("{sp}.long_request_hysteresis"),
+            s.long_request_hysteresis,
+            |v| (0.0..1.0).contains(&v),
+            "at least 0 and less than 1",
+        );
+    }
+
+    fn analysis(&mut self, pool: &PoolConfig, p: &str) {
+        let a = &pool.analysis;
+        let ap = format!("{p}.analysis");
+        let horizon = humantime::format_duration(a.horizon);
+        if a.horizon.subsec_nanos() != 0 {
+            self.report(
+                &format!("{ap}.horizon"),
+                Anchor::Value,
+                format!("{horizon} is not a whole number of seconds (the history has 1 s buckets)"),
+            );
+        } else if !(10..=3600).contains(&a.horizon.as_secs()) {
+            self.report(
+                &format!("{ap}.horizon"),
+                Anchor::Value,
+                format!("{horizon} is out of range; must be 10s..=3600s"),
+            );
+        }
+        for (field, v) in [("holt_alpha", a.holt_alpha), ("holt_beta", a.holt_beta)] {
+            self.number(
+                &format!("{ap}.{field}"),
+                v,
+                |v| v > 0.0 && v <= 1.0,
+                "greater than 0 and at most 1",
+            );
+        }
+        self.number(
+            &format!("{ap}.anomaly_threshold"),
+            a.anomaly_threshold,
+            |v| v > 0.0,
+            "greater than 0",
+        );
+        self.number(
+            &format!("{ap}.min_rate"),
+            a.min_rate,
+            |v| v >= 0.0,
+            "at least 0",
+        );
+    }
+
+    fn hash(&mut self, h: &HashConfig, p: &str) {
+        let name_path = format!("{p}.name");
+        match (h.key, &h.name) {
+            (HashKey::Header | HashKey::Cookie, None) => {
+                let what = if h.key == HashKey::Header {
+                    "the header to hash, e.g. x-user-id"
+                } else {
+                    "the cookie to hash, e.g. session"
+                };
+                self.diags.push(self.loc.diag(
+                    &name_path,
+                    &format!("{p}.key"),
+                    Anchor::Value,
+                    format!("hash key `{}` needs `name`, {what}", h.key.name()),
+                ));
+            }
+            (HashKey::Header, Some(name)) if !is_token(name) => self.report(
+                &name_path,
+                Anchor::Value,
+                format!("`{name}` is not a valid HTTP header name"),
+            ),
+            (HashKey::Cookie, Some(name)) if !is_token(name) => self.report(
+                &name_path,
+                Anchor::Value,
+                format!(
+                    "`{name}` is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~)"
+                ),
+            ),
+            (HashKey::Path | HashKey::ClientIp, Some(_)) => self.report(
+                &name_path,
+                Anchor::Key,
+                format!(
+                    "`name` applies to hash keys `header` and `cookie` only; this key is `{}`",
+                    h.key.name()
+                ),
+            ),
+            _ => {}
+        }
+        self.number(
+            &format!("{p}.bounded_load"),
+            h.bounded_load,
+            |v| v == 0.0 || (1.0..=100.0).contains(&v),
+            "0 (unbounded) or 1.0..=100",
+        );
+        let table = format!("{p}.table_size");
+        if !(7..=1_000_003).contains(&h.table_size) {
+            self.report(
+                &table,
+                Anchor::Value,
+                format!(
+                    "{} is out of range; must be a prime in 7..=1000003",
+                    h.table_size
+                ),
+            );
+        } else if !is_prime(h.table_size) {
+            let next = (h.table_size..).find(|&n| is_prime(n)).unwrap_or(1_000_003);
+            self.report(
+                &table,
+                Anchor::Value,
+                format!(
+                    "{} is not a prime; the Maglev table size must be prime (the next one is {next})",
+                    h.table_size
+                ),
+            );
+        }
+        self.int_range(
+            &format!("{p}.ring_size"),
+            h.ring_size.into(),
+            64..=1_000_000,
+        );
+    }
+
+    /// `seen` maps the pool's valid backend addresses ([`backend_key`]) to their index.
+    fn duration_class(
+        &mut self,
+        name: &str,
+        pool: &PoolConfig,
+        p: &str,
+        seen: &HashMap<String, usize>,
+    ) {
+        let sp = format!("{p}.duration_class.short_backends");
+        // Backend key → index of its first entry in `short_backends`.
+        let mut listed: HashMap<String, usize> = HashMap::new();
+        for (i, address) in pool.duration_class.short_backends.iter().enumerate() {
+            let ep = format!("{sp}[{i}]");
+            let key = check_backend_addr(address)
+                .ok()
+                .map(|sock| backend_key(address, sock))
+                .filter(|k| seen.contains_key(k));
+            match key {
+                None => {
+                    let known: Vec<&str> =
+                        pool.backends.iter().map(|b| b.address.as_str()).collect();
+                    self.report(
+                        &ep,
+                        Anchor::Value,
+                        format!(
+                            "`{address}` is not a backend of pool `{name}` (backends: {})",
+                            known.join(", ")
+                        ),
+                    );
+                }
+                Some(key) => {
+                    if let Some(&first) = listed.get(&key) {
+                        self.report(
+                            &ep,
+                            Anchor::Value,
+                            format!("`{address}` is listed twice (first at {sp}[{first}])"),
+                        );
+                    } else {
+                        listed.insert(key, i);
+                    }
+                }
+            }
+        }
+        if pool.backends.len() >= 2 && listed.len() == pool.backends.len() {
+            self.report(
+                &sp,
+                Anchor::Value,
+                format!(
+                    "lists every backend of pool `{name}`; leave at least one for long requests"
+                ),
+            );
+        }
+    }
+
+    fn hedge(&mut self, h: &HedgeConfig, p: &str) {
+        if let HedgeDelay::Fixed(d) = h.delay {
+            self.positive(&format!("{p}.delay"), d);
+        }
+        self.int_range(
+            &format!("{p}.budget_percent"),
+            h.budget_percent.into(),
+            1..=100,
+        );
+        const MAX_BODY: u64 = 16 * 1024 * 1024;
+        if h.max_body_bytes > MAX_BODY {
+            self.report(
+                &format!("{p}.max_body_bytes"),
+                Anchor::Value,
+                format!(
+                    "{} is out of range; must be 0..={MAX_BODY} (16 MiB)",
+                    h.max_body_bytes
+                ),
+            );
+        }
     }
 
     fn health_check(&mut self, hc: &HealthCheckConfig, p: &str) {
@@ -559,5 +879,30 @@ mod tests {
                 .unwrap_err()
                 .contains("contains ` `")
         );
+    }
+
+    #[test]
+    fn backend_keys_ignore_case_and_a_trailing_dot() {
+        let key = |a: &str| backend_key(a, check_backend_addr(a).unwrap());
+        assert_eq!(key("Api.Internal.:8080"), key("api.internal:8080"));
+        assert_ne!(key("api.internal:8080"), key("api.internal:8081"));
+        assert_eq!(key("[0::1]:9"), key("[::1]:9"));
+    }
+
+    #[test]
+    fn primes() {
+        let small: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        // The Maglev paper's table sizes and the upper bound of `hash.table_size`.
+        assert!(is_prime(65537) && is_prime(655_373) && is_prime(1_000_003));
+        assert!(!is_prime(65536) && !is_prime(1_000_001));
+    }
+
+    #[test]
+    fn non_finite_numbers_are_written_as_yaml() {
+        assert_eq!(yaml_float(f64::NAN), ".nan");
+        assert_eq!(yaml_float(f64::INFINITY), ".inf");
+        assert_eq!(yaml_float(f64::NEG_INFINITY), "-.inf");
+        assert_eq!(yaml_float(0.25), "0.25");
     }
 }
