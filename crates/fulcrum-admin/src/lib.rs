@@ -108,6 +108,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/pools", get(pools))
         .route("/api/pools/{pool}", get(pool))
         .route("/api/pools/{pool}/backends", get(backends))
+        .route("/api/pools/{pool}/analysis", get(analysis))
+        .route("/api/endpoints", get(endpoints))
+        .route("/api/algorithm-metrics", get(algorithm_metrics))
         .route("/metrics", get(metrics))
         .merge(mutating)
         .fallback(not_found)
@@ -251,6 +254,33 @@ async fn backends(
         "panic": summary.panic,
         "backends": Node::backend_status(&pool),
     })))
+}
+
+async fn analysis(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = pool_named(&state, &name)?;
+    Ok(Json(json!(Node::pool_analysis(&pool))))
+}
+
+async fn endpoints(State(state): State<AdminState>) -> Json<Value> {
+    Json(json!({ "endpoints": state.node.endpoints() }))
+}
+
+async fn algorithm_metrics(State(state): State<AdminState>) -> Json<Value> {
+    let pools: serde_json::Map<String, Value> = state
+        .node
+        .pools()
+        .iter()
+        .map(|pool| {
+            (
+                pool.name().to_owned(),
+                json!(Node::algorithm_metrics(pool)),
+            )
+        })
+        .collect();
+    Json(json!({ "pools": pools }))
 }
 
 /// Body of `POST /api/pools/{pool}/strategy`.

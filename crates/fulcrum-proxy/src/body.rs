@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use fulcrum_balance::InFlightGuard;
+use fulcrum_stats::EndpointStats;
 use fulcrum_stats::clock::now_ns;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
@@ -41,11 +42,23 @@ pub struct UpstreamBody {
     exchange: Option<Exchange>,
 }
 
+/// What a finished response contributes to its endpoint's statistics.
+#[derive(Debug)]
+pub struct EndpointRecord {
+    /// The endpoint.
+    pub stats: Arc<EndpointStats>,
+    /// When the request arrived, clock ns (the duration runs to the end of the body).
+    pub started_ns: u64,
+    /// Whether the backend answered 5xx (recorded as an error).
+    pub server_error: bool,
+}
+
 /// The attempt a streamed body belongs to; finished exactly once.
 struct Exchange {
     guard: InFlightGuard,
     conn: Option<Conn>,
     backend: Arc<BackendRuntime>,
+    endpoint: Option<EndpointRecord>,
 }
 
 impl Exchange {
@@ -55,6 +68,17 @@ impl Exchange {
         let now = now_ns();
         let elapsed_ns = now.saturating_sub(self.guard.started_ns());
         self.backend.metrics.duration.observe_ns(elapsed_ns);
+        if let Some(record) = self.endpoint {
+            // A body cut short is an error only if the backend failed it; a client that
+            // went away says nothing about the endpoint, so it is not recorded at all.
+            if complete || record.server_error {
+                record.stats.record(
+                    now.saturating_sub(record.started_ns),
+                    record.server_error,
+                    now,
+                );
+            }
+        }
         if complete && let Some(conn) = self.conn {
             self.backend.conns.release(conn, now);
         }
@@ -63,12 +87,13 @@ impl Exchange {
 
 impl UpstreamBody {
     /// Wraps a backend body; `conn` (if any) is released to `backend`'s pool at
-    /// end-of-stream.
+    /// end-of-stream, and `endpoint` (if any) records the request's duration.
     pub fn new(
         inner: Incoming,
         guard: InFlightGuard,
         conn: Option<Conn>,
         backend: Arc<BackendRuntime>,
+        endpoint: Option<EndpointRecord>,
     ) -> Self {
         Self {
             inner,
@@ -76,6 +101,7 @@ impl UpstreamBody {
                 guard,
                 conn,
                 backend,
+                endpoint,
             }),
         }
     }

@@ -21,22 +21,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use fulcrum_balance::{BackendId, InFlightGuard, PoolView, RequestInfo};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fulcrum_balance::{BackendId, InFlightGuard, PoolView, RequestClass, RequestInfo};
+use fulcrum_stats::EndpointStats;
 use fulcrum_stats::clock::now_ns;
 use http::header::{CONNECTION, HeaderValue, UPGRADE};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use http_body_util::{Either, Empty};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::body::{ClientBody, ProxyBody, UpstreamBody as ResponseBody};
+use crate::body::{ClientBody, EndpointRecord, ProxyBody, UpstreamBody as ResponseBody};
 use crate::h1_guard::FramingVerdicts;
 use crate::headers;
 use crate::listener::ListenerRuntime;
-use crate::state::{ActiveRetry, BackendRuntime, Pool, PoolState};
+use crate::state::{
+    ActiveRetry, BackendRuntime, HashKeySource, HedgeDelay, Pool, PoolSettings, PoolState,
+};
 use crate::upstream::{Conn, SendFailure, UpstreamBody, UpstreamError};
 
 /// Most attempts (first try plus retries) one request may make.
@@ -160,16 +166,90 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     };
     let prepared = headers::prepare_request(&mut parts, &ctx.client_ip, "http");
     let on_upgrade = if prepared.upgrading { on_upgrade } else { None };
-    forward(
+
+    let _active = pool.enter();
+    let state = pool.state();
+    let started = now_ns();
+    pool.rate().record(started);
+    // The endpoint's history decides the request's class before it is forwarded.
+    let endpoint = state
+        .endpoints
+        .get(parts.method.as_str(), parts.uri.path());
+    let mut info = RequestInfo::new(started).with_class(endpoint.class());
+    if state.kind.uses_hash_key()
+        && let Some(key) = affinity_key(&state.settings.hash_key, &parts, ctx.peer)
+    {
+        info = info.with_hash_key(key);
+    }
+    let hedge_delay = state.settings.hedge.as_ref().and_then(|policy| {
+        pool.count_hedgeable();
+        match policy.delay {
+            HedgeDelay::Fixed(delay) => Some(delay),
+            HedgeDelay::P95 => endpoint
+                .quantile_ns(0.95, started)
+                .map(|p95| Duration::from_nanos(p95).max(policy.min_delay)),
+        }
+    });
+    let response = forward(
         ctx,
         &pool,
+        &state,
+        info,
+        hedge_delay,
         parts,
         body,
         on_upgrade,
         client_h1,
         prepared.needs_host,
+        &endpoint,
     )
-    .await
+    .await;
+    // Replies generated here (no backend, all attempts failed) count against the
+    // endpoint now; streamed responses when their body ends (see `body.rs`).
+    if let ProxyBody::Local(_) = response.body()
+        && response.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
+        let now = now_ns();
+        endpoint.record(
+            now.saturating_sub(started),
+            response.status().is_server_error(),
+            now,
+        );
+    }
+    response
+}
+
+/// The affinity key of a request for hashing strategies, hashed to 64 bits with a fixed
+/// function (FNV-1a, see `fulcrum_stats::path::key_hash`) so that every node derives the
+/// same value; `None` when the request does not carry the configured key.
+fn affinity_key(source: &HashKeySource, parts: &Parts, peer: SocketAddr) -> Option<u64> {
+    match source {
+        HashKeySource::Header(name) => parts
+            .headers
+            .get(name)
+            .map(|value| fnv1a(value.as_bytes())),
+        HashKeySource::Cookie(name) => parts
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| fnv1a(value.as_bytes())),
+        HashKeySource::Path => Some(fnv1a(parts.uri.path().as_bytes())),
+        HashKeySource::ClientIp => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => fnv1a(&ip.octets()),
+            std::net::IpAddr::V6(ip) => fnv1a(&ip.octets()),
+        }),
+    }
+}
+
+/// 64-bit FNV-1a (Fowler, Noll, Vo): fixed parameters, so stable across nodes and builds.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// RFC 9110 §9.2.2 idempotent methods.
@@ -180,14 +260,22 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// A body-less request head kept to rebuild the request for each attempt.
-fn rebuild(template: &Parts) -> Request<UpstreamBody> {
-    let mut req = Request::new(Either::Right(Empty::new()));
-    *req.method_mut() = template.method.clone();
-    *req.uri_mut() = template.uri.clone();
-    *req.version_mut() = template.version;
-    *req.headers_mut() = template.headers.clone();
-    req
+/// A request kept to rebuild it for each attempt: its head and its buffered body (empty
+/// for a body-less request; `Bytes` clones share the buffer).
+struct Template {
+    parts: Parts,
+    body: Bytes,
+}
+
+impl Template {
+    fn rebuild(&self) -> Request<UpstreamBody> {
+        let mut req = Request::new(Either::Right(Full::new(self.body.clone())));
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = self.parts.uri.clone();
+        *req.version_mut() = self.parts.version;
+        *req.headers_mut() = self.parts.headers.clone();
+        req
+    }
 }
 
 /// Records a failed attempt and lets outlier detection act on it.
@@ -196,47 +284,308 @@ fn record_failure(pool: &Pool, state: &PoolState, index: usize, guard: &InFlight
     pool.maybe_eject(state, index, consecutive);
 }
 
+/// What one attempt on one backend came to.
+enum Outcome {
+    /// A response head arrived on `Conn`.
+    Response(Response<Incoming>, Conn),
+    /// No response: the error, the request if it never reached the wire, and whether the
+    /// failure was a pooled connection closing just before the request went out (a
+    /// keep-alive race, not a fault of the backend).
+    Failed {
+        error: UpstreamError,
+        unsent: Option<Request<UpstreamBody>>,
+        keepalive_race: bool,
+    },
+}
+
+/// One attempt: a pooled (or new) connection to `backend`, the request, and the wait for
+/// the response head under the pool's timeouts.
+async fn attempt(
+    backend: &BackendRuntime,
+    settings: &PoolSettings,
+    now: u64,
+    request: Request<UpstreamBody>,
+) -> Outcome {
+    let mut conn = match backend.conns.checkout(&settings.conn, now).await {
+        Ok(conn) => conn,
+        Err(error) => {
+            backend.metrics.connect_failures.inc();
+            return Outcome::Failed {
+                error,
+                unsent: Some(request),
+                keepalive_race: false,
+            };
+        }
+    };
+    match conn
+        .send(
+            backend.conns.addr(),
+            request,
+            settings.conn.response_header_timeout,
+        )
+        .await
+    {
+        Ok(response) => Outcome::Response(response, conn),
+        Err(SendFailure { error, unsent }) => {
+            match &error {
+                UpstreamError::Timeout { .. } => backend.metrics.timeouts.inc(),
+                UpstreamError::Reset { .. } => backend.metrics.resets.inc(),
+                UpstreamError::Connect { .. } => backend.metrics.connect_failures.inc(),
+            };
+            let keepalive_race = unsent.is_some() && conn.reused;
+            Outcome::Failed {
+                error,
+                unsent,
+                keepalive_race,
+            }
+        }
+    }
+}
+
+/// What a request carries through its attempts.
+struct Request0<'a> {
+    ctx: &'a ConnContext,
+    pool: &'a Arc<Pool>,
+    state: &'a PoolState,
+    /// Class and affinity key, decided once before the first pick; `now_ns` is when the
+    /// request arrived.
+    info: RequestInfo,
+    needs_host: bool,
+    /// The endpoint's statistics, fed when the response ends.
+    endpoint: &'a Arc<EndpointStats>,
+}
+
+impl Request0<'_> {
+    fn long(&self) -> bool {
+        self.info.class == RequestClass::Long
+    }
+
+    /// Picks a backend not in `tried`; `None` if none is eligible.
+    fn pick(&self, now: u64, tried: &[BackendId]) -> Option<BackendId> {
+        let panic = self.pool.is_panic(self.state);
+        let mut info = self.info;
+        info.now_ns = now;
+        let view = PoolView::new(&self.state.backends, tried, panic)
+            .with_total_in_flight(self.pool.active_requests());
+        self.state.strategy.pick(&info, &view)
+    }
+
+    fn set_host(&self, request: &mut Request<UpstreamBody>, backend: &BackendRuntime) {
+        if self.needs_host
+            && let Ok(host) = HeaderValue::from_str(&backend.address)
+        {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+    }
+}
+
+/// The first attempt of a hedge-eligible request (Dean & Barroso, "The Tail at Scale",
+/// CACM 2013): if no response head arrives within `delay`, a second copy goes to another
+/// backend — when the hedge budget and the strategy (SLO-aware strategies veto hedges
+/// while their latency target is met) allow it. The first response head wins; the other
+/// attempt is cancelled by dropping it, which closes its connection and releases its
+/// in-flight count without recording an outcome. A failure of one copy is recorded and the
+/// other awaited; when both fail, the later failure is returned for the caller to record.
+#[allow(clippy::too_many_arguments)]
+async fn hedged(
+    r: &Request0<'_>,
+    template: &Template,
+    first: BackendId,
+    first_guard: InFlightGuard,
+    request: Request<UpstreamBody>,
+    delay: Duration,
+    tried: &mut [BackendId],
+    n_tried: &mut usize,
+) -> (BackendId, InFlightGuard, Outcome) {
+    let state = r.state;
+    let settings = &state.settings;
+    let primary = attempt(&state.runtimes[first.0], settings, r.info.now_ns, request);
+    tokio::pin!(primary);
+    tokio::select! {
+        biased;
+        outcome = &mut primary => return (first, first_guard, outcome),
+        () = tokio::time::sleep(delay) => {}
+    }
+    let now = now_ns();
+    let second = if *n_tried < tried.len()
+        && state.strategy.hedge_allowed(now)
+        && let Some(policy) = &settings.hedge
+        && r.pool.try_hedge(policy)
+    {
+        r.pick(now, &tried[..*n_tried])
+    } else {
+        None
+    };
+    let Some(second) = second else {
+        return (first, first_guard, primary.await);
+    };
+    tried[*n_tried] = second;
+    *n_tried += 1;
+    r.pool.metrics().hedges.inc();
+    state.strategy.note_hedge(false);
+    let runtime = &state.runtimes[second.0];
+    tracing::debug!(pool = %r.pool.name(), backend = %runtime.address, delay_ms = delay.as_secs_f64() * 1e3, "hedging");
+    let second_guard = runtime.live.begin_classified(now, r.long());
+    let mut copy = template.rebuild();
+    r.set_host(&mut copy, runtime);
+    let secondary = attempt(runtime, settings, now, copy);
+    tokio::pin!(secondary);
+
+    let (mut first_failed, mut second_failed) = (false, false);
+    loop {
+        tokio::select! {
+            outcome = &mut primary, if !first_failed => match outcome {
+                Outcome::Response(..) => return (first, first_guard, outcome),
+                Outcome::Failed { .. } if second_failed => return (first, first_guard, outcome),
+                Outcome::Failed { keepalive_race, .. } => {
+                    if !keepalive_race {
+                        record_failure(r.pool, state, first.0, &first_guard);
+                    }
+                    first_failed = true;
+                }
+            },
+            outcome = &mut secondary, if !second_failed => match outcome {
+                Outcome::Response(..) => {
+                    r.pool.metrics().hedges_won.inc();
+                    state.strategy.note_hedge(true);
+                    return (second, second_guard, outcome);
+                }
+                Outcome::Failed { .. } if first_failed => return (second, second_guard, outcome),
+                Outcome::Failed { keepalive_race, .. } => {
+                    if !keepalive_race {
+                        record_failure(r.pool, state, second.0, &second_guard);
+                    }
+                    second_failed = true;
+                }
+            },
+        }
+    }
+}
+
+/// Whether the request's body can be buffered for replay (hedges): a declared
+/// `Content-Length` of at most `max` bytes.
+fn small_body(parts: &Parts, max: u64) -> bool {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len <= max)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     ctx: &ConnContext,
     pool: &Arc<Pool>,
+    state: &PoolState,
+    info: RequestInfo,
+    hedge_delay: Option<Duration>,
     parts: Parts,
     body: Incoming,
     on_upgrade: Option<OnUpgrade>,
     client_h1: bool,
     needs_host: bool,
+    endpoint: &Arc<EndpointStats>,
 ) -> Response<ProxyBody> {
-    let _active = pool.enter();
-    let state = pool.state();
     let settings = &state.settings;
     let retry = &settings.retry;
     let upgrading = on_upgrade.is_some();
     let body_empty = body.is_end_stream();
+    let idempotent = is_idempotent(&parts.method);
+    let hedge_delay = hedge_delay.filter(|_| idempotent && !upgrading);
 
-    // A body-less idempotent request can be rebuilt for every attempt (`template`);
-    // anything else is sent once (`pending`) and retried only if it comes back unsent.
-    let replayable =
-        body_empty && !upgrading && (is_idempotent(&parts.method) || retry.non_idempotent);
-    let (template, mut pending) = if replayable {
-        (Some(parts), None)
-    } else {
-        let body = if body_empty {
-            Either::Right(Empty::new())
-        } else {
-            Either::Left(body)
-        };
-        (None, Some(Request::from_parts(parts, body)))
+    // A small body of a hedge-eligible request is buffered so the request can be sent
+    // twice; other bodies stream and are sent once.
+    let (parts, buffered) = match &settings.hedge {
+        Some(policy)
+            if hedge_delay.is_some()
+                && !body_empty
+                && small_body(&parts, policy.max_body_bytes) =>
+        {
+            match body.collect().await {
+                Ok(collected) => (parts, Some(collected.to_bytes())),
+                Err(error) => {
+                    return ctx.listener.reply(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        &format!("the request body could not be read: {error}"),
+                    );
+                }
+            }
+        }
+        _ if body_empty => (parts, Some(Bytes::new())),
+        _ => {
+            // Streamed: sent once (`pending`), retried only if it comes back unsent.
+            return forward_attempts(
+                Request0 {
+                    ctx,
+                    pool,
+                    state,
+                    info,
+                    needs_host,
+                    endpoint,
+                },
+                None,
+                Some(Request::from_parts(parts, Either::Left(body))),
+                None,
+                on_upgrade,
+                client_h1,
+            )
+            .await;
+        }
     };
+    let body = buffered.unwrap_or_default();
+    // A buffered idempotent request can be rebuilt for every attempt (`template`).
+    let replayable = !upgrading && (idempotent || retry.non_idempotent);
+    let (template, pending) = if replayable {
+        (Some(Template { parts, body }), None)
+    } else {
+        (
+            None,
+            Some(Request::from_parts(parts, Either::Right(Full::new(body)))),
+        )
+    };
+    let hedge_delay = hedge_delay.filter(|_| template.is_some());
+    forward_attempts(
+        Request0 {
+            ctx,
+            pool,
+            state,
+            info,
+            needs_host,
+            endpoint,
+        },
+        template,
+        pending,
+        hedge_delay,
+        on_upgrade,
+        client_h1,
+    )
+    .await
+}
 
+async fn forward_attempts(
+    r: Request0<'_>,
+    template: Option<Template>,
+    mut pending: Option<Request<UpstreamBody>>,
+    hedge_delay: Option<Duration>,
+    on_upgrade: Option<OnUpgrade>,
+    client_h1: bool,
+) -> Response<ProxyBody> {
+    let (ctx, pool, state) = (r.ctx, r.pool, r.state);
+    let settings = &state.settings;
+    let retry = &settings.retry;
     let max_attempts = (1 + retry.attempts as usize).min(MAX_ATTEMPTS);
-    let mut tried = [BackendId(0); MAX_ATTEMPTS];
+    // One more slot than attempts: a hedge takes one too.
+    let mut tried = [BackendId(0); MAX_ATTEMPTS + 1];
     let mut n_tried = 0;
     let mut last_error: Option<UpstreamError> = None;
     let mut last_status: Option<StatusCode> = None;
     let mut claimed: Option<ActiveRetry> = None;
     let mut on_upgrade = on_upgrade;
 
-    for attempt in 0..max_attempts {
-        let _retry = if attempt == 0 {
+    for attempt_no in 0..max_attempts {
+        let _retry = if attempt_no == 0 {
             None
         } else {
             if template.is_none() && pending.is_none() {
@@ -252,19 +601,10 @@ async fn forward(
         };
 
         let now = now_ns();
-        let info = RequestInfo::new(now);
-        let panic = pool.is_panic(&state);
-        let picked = state.strategy.pick(
-            &info,
-            &PoolView::new(&state.backends, &tried[..n_tried], panic),
-        );
-        let id = match picked {
+        let id = match r.pick(now, &tried[..n_tried]) {
             Some(id) => id,
             // Every eligible backend was tried: a retry may go back to one of them.
-            None if n_tried > 0 => match state
-                .strategy
-                .pick(&info, &PoolView::new(&state.backends, &[], panic))
-            {
+            None if n_tried > 0 => match r.pick(now, &[]) {
                 Some(id) => id,
                 None => break,
             },
@@ -275,6 +615,9 @@ async fn forward(
                     .reply(StatusCode::SERVICE_UNAVAILABLE, "no_backend", &message);
             }
         };
+        if n_tried >= tried.len() {
+            break;
+        }
         tried[n_tried] = id;
         n_tried += 1;
         let backend = &state.runtimes[id.0];
@@ -282,53 +625,48 @@ async fn forward(
             pool = %pool.name(),
             backend = %backend.address,
             strategy = state.kind.name(),
-            attempt,
-            panic,
+            attempt = attempt_no,
+            class = ?r.info.class,
             in_flight = backend.live.in_flight(),
             "picked backend"
         );
-        let guard = backend.live.begin(now);
-
-        let mut conn = match backend.conns.checkout(&settings.conn, now).await {
-            Ok(conn) => conn,
-            Err(error) => {
-                backend.metrics.connect_failures.inc();
-                record_failure(pool, &state, id.0, &guard);
-                tracing::debug!(pool = %pool.name(), backend = %backend.address, %error, "connect failed");
-                last_error = Some(error);
-                if retry.on_connect_failure {
-                    continue;
-                }
-                break;
-            }
-        };
+        let guard = backend.live.begin_classified(now, r.long());
         let mut request = match pending.take() {
             Some(request) => request,
             None => match &template {
-                Some(template) => rebuild(template),
+                Some(template) => template.rebuild(),
                 None => break,
             },
         };
-        if needs_host && let Ok(host) = HeaderValue::from_str(&backend.address) {
-            request.headers_mut().insert(http::header::HOST, host);
-        }
+        r.set_host(&mut request, backend);
 
-        match conn
-            .send(
-                backend.conns.addr(),
-                request,
-                settings.conn.response_header_timeout,
-            )
-            .await
-        {
-            Ok(response) => {
+        let (id, guard, outcome) = match (attempt_no, hedge_delay, &template) {
+            (0, Some(delay), Some(template)) => {
+                hedged(
+                    &r,
+                    template,
+                    id,
+                    guard,
+                    request,
+                    delay,
+                    &mut tried,
+                    &mut n_tried,
+                )
+                .await
+            }
+            _ => (id, guard, attempt(backend, settings, now, request).await),
+        };
+        let backend = &state.runtimes[id.0];
+
+        match outcome {
+            Outcome::Response(response, conn) => {
                 let status = response.status();
                 backend.metrics.response(status.as_u16());
                 if status.is_server_error() {
-                    record_failure(pool, &state, id.0, &guard);
+                    record_failure(pool, state, id.0, &guard);
                     if template.is_some()
                         && retry.retries_status(status.as_u16())
-                        && attempt + 1 < max_attempts
+                        && attempt_no + 1 < max_attempts
                     {
                         // Claim the retry before discarding the response: without budget,
                         // the client gets this response rather than a synthetic error.
@@ -342,30 +680,39 @@ async fn forward(
                 } else {
                     guard.success(now_ns());
                 }
-                return respond(response, guard, conn, backend, on_upgrade.take(), client_h1);
-            }
-            Err(SendFailure { error, unsent }) => {
-                match &error {
-                    UpstreamError::Timeout { .. } => backend.metrics.timeouts.inc(),
-                    UpstreamError::Reset { .. } => backend.metrics.resets.inc(),
-                    UpstreamError::Connect { .. } => backend.metrics.connect_failures.inc(),
+                let record = EndpointRecord {
+                    stats: Arc::clone(r.endpoint),
+                    started_ns: r.info.now_ns,
+                    server_error: status.is_server_error(),
                 };
-                // A pooled connection that closed just before the request went out is a
-                // keep-alive race, not a fault of the backend.
-                let keepalive_race = unsent.is_some() && conn.reused;
+                return respond(
+                    response,
+                    guard,
+                    conn,
+                    backend,
+                    on_upgrade.take(),
+                    client_h1,
+                    record,
+                );
+            }
+            Outcome::Failed {
+                error,
+                unsent,
+                keepalive_race,
+            } => {
                 if !keepalive_race {
-                    record_failure(pool, &state, id.0, &guard);
+                    record_failure(pool, state, id.0, &guard);
                 }
                 tracing::debug!(pool = %pool.name(), backend = %backend.address, %error, unsent = unsent.is_some(), "attempt failed");
+                let never_sent = unsent.is_some();
                 let retriable = match &error {
                     UpstreamError::Timeout { .. } => retry.on_timeout,
-                    UpstreamError::Reset { .. } => retry.on_reset,
+                    UpstreamError::Reset { .. } => retry.on_reset || never_sent,
                     UpstreamError::Connect { .. } => retry.on_connect_failure,
                 };
-                let never_sent = unsent.is_some();
                 pending = unsent;
                 last_error = Some(error);
-                if !(retriable || never_sent) {
+                if !retriable {
                     break;
                 }
             }
@@ -406,6 +753,7 @@ fn respond(
     backend: &Arc<BackendRuntime>,
     client_upgrade: Option<OnUpgrade>,
     client_h1: bool,
+    record: EndpointRecord,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -444,6 +792,7 @@ fn respond(
             guard,
             Some(conn),
             Arc::clone(backend),
+            Some(record),
         )),
     )
 }

@@ -10,6 +10,7 @@
 //!
 //! Request flow and threading are described in `docs/ARCHITECTURE.md`.
 
+pub mod analysis;
 pub mod body;
 pub mod forward;
 pub mod h1_guard;

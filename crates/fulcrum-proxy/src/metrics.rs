@@ -55,6 +55,15 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
+/// Labels of traffic anomalies.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnomalyLabels {
+    /// Pool name.
+    pub pool: String,
+    /// `spike` or `drop`.
+    pub kind: &'static str,
+}
+
 /// Labels of responses Fulcrum generated itself.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LocalReplyLabels {
@@ -161,6 +170,15 @@ pub struct Metrics {
     duration: Family<BackendLabels, DurationHistogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<PoolLabels, Counter>,
+    hedges: Family<PoolLabels, Counter>,
+    hedges_won: Family<PoolLabels, Counter>,
+    anomalies: Family<AnomalyLabels, Counter>,
+    rate: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    rate_forecast: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    /// `fulcrum_backend_effective_weight`: weight used by strategies, set at scrape time.
+    pub backend_effective_weight: Family<BackendLabels, Gauge<f64, AtomicU64>>,
+    /// `fulcrum_endpoints`: endpoints tracked per pool, set at scrape time.
+    pub endpoints: Family<PoolLabels, Gauge>,
     ejections: Family<BackendLabels, Counter>,
     health_transitions: Family<HealthLabels, Counter>,
     /// `fulcrum_backend_up`: 1 when the backend may receive traffic, set at scrape time.
@@ -208,6 +226,48 @@ impl Metrics {
         );
         let retries = Family::<PoolLabels, Counter>::default();
         registry.register("fulcrum_retries", "Retried attempts", retries.clone());
+        let hedges = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "fulcrum_hedges",
+            "Hedged attempts sent (a second copy of a slow request to another backend)",
+            hedges.clone(),
+        );
+        let hedges_won = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "fulcrum_hedges_won",
+            "Hedged attempts whose response arrived first and was used",
+            hedges_won.clone(),
+        );
+        let anomalies = Family::<AnomalyLabels, Counter>::default();
+        registry.register(
+            "fulcrum_traffic_anomalies",
+            "Request-rate anomalies (spikes and drops against the Holt forecast)",
+            anomalies.clone(),
+        );
+        let rate = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "fulcrum_pool_request_rate",
+            "Requests per second received by the pool in the last complete second",
+            rate.clone(),
+        );
+        let rate_forecast = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "fulcrum_pool_request_rate_forecast",
+            "Holt forecast of the pool's request rate for the next second, requests per second",
+            rate_forecast.clone(),
+        );
+        let backend_effective_weight = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "fulcrum_backend_effective_weight",
+            "Weight strategies use: configured weight × dynamic-weight factor × slow-start factor",
+            backend_effective_weight.clone(),
+        );
+        let endpoints = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "fulcrum_endpoints",
+            "Endpoints (method + normalised path) tracked by the pool's statistics",
+            endpoints.clone(),
+        );
         let ejections = Family::<BackendLabels, Counter>::default();
         registry.register(
             "fulcrum_ejections",
@@ -250,6 +310,13 @@ impl Metrics {
             duration,
             upstream_errors,
             retries,
+            hedges,
+            hedges_won,
+            anomalies,
+            rate,
+            rate_forecast,
+            backend_effective_weight,
+            endpoints,
             ejections,
             health_transitions,
             backend_up,
@@ -330,11 +397,26 @@ impl Metrics {
         self.ejections.remove(&labels);
     }
 
-    /// The retry counter of a pool.
-    pub fn retries(&self, pool: &str) -> Counter {
-        self.retries.get_or_create_owned(&PoolLabels {
+    /// The series of one pool, resolved once.
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        let labels = PoolLabels {
             pool: pool.to_owned(),
-        })
+        };
+        let anomaly = |kind| {
+            self.anomalies.get_or_create_owned(&AnomalyLabels {
+                pool: pool.to_owned(),
+                kind,
+            })
+        };
+        PoolMetrics {
+            retries: self.retries.get_or_create_owned(&labels),
+            hedges: self.hedges.get_or_create_owned(&labels),
+            hedges_won: self.hedges_won.get_or_create_owned(&labels),
+            spikes: anomaly("spike"),
+            drops: anomaly("drop"),
+            rate: self.rate.get_or_create_owned(&labels),
+            rate_forecast: self.rate_forecast.get_or_create_owned(&labels),
+        }
     }
 
     /// The counter of local replies with `code` on `listener`.
@@ -352,6 +434,25 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// One pool's pre-resolved series; cloning shares the underlying atomics.
+#[derive(Clone, Debug, Default)]
+pub struct PoolMetrics {
+    /// Retried attempts.
+    pub retries: Counter,
+    /// Hedged attempts sent.
+    pub hedges: Counter,
+    /// Hedged attempts that won.
+    pub hedges_won: Counter,
+    /// Rate spikes detected.
+    pub spikes: Counter,
+    /// Rate drops detected.
+    pub drops: Counter,
+    /// Last complete second's request rate.
+    pub rate: Gauge<f64, AtomicU64>,
+    /// Forecast of the next second's rate.
+    pub rate_forecast: Gauge<f64, AtomicU64>,
 }
 
 /// One backend's pre-resolved series; cloning shares the underlying atomics.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use fulcrum_balance::{Backend, BackendFlags, LiveBackend, StrategyKind};
+use fulcrum_balance::{Backend, BackendFlags, LiveBackend, PoolView, StrategyKind};
 use fulcrum_stats::clock::now_ns;
 use http::header::{HeaderName, HeaderValue};
 use parking_lot::Mutex;
@@ -186,6 +186,129 @@ pub struct BackendStatus {
     pub latency_ms: LatencyMs,
     /// Idle pooled connections.
     pub idle_connections: usize,
+    /// The weight strategies use now: configured weight × dynamic-weight factor ×
+    /// slow-start factor (equal to `weight` when neither is active).
+    pub effective_weight: f64,
+}
+
+/// One endpoint's statistics, as `GET /api/endpoints` shows them (durations in ms).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct EndpointStatus {
+    /// Pool name.
+    pub pool: String,
+    /// Method and normalised path (`GET /v1/users/{id}`).
+    pub endpoint: String,
+    /// Requests since first seen.
+    pub count: u64,
+    /// Of those, errors (5xx from the backend, or no response).
+    pub errors: u64,
+    /// Average of the last `stats_window` durations (the class input).
+    pub average_ms: f64,
+    /// Time-decayed EWMA of durations.
+    pub ewma_ms: f64,
+    /// Longest duration seen.
+    pub max_ms: f64,
+    /// Median over the latency window; `null` without data.
+    pub p50_ms: Option<f64>,
+    /// 95th percentile over the latency window; `null` without data.
+    pub p95_ms: Option<f64>,
+    /// 99th percentile over the latency window; `null` without data.
+    pub p99_ms: Option<f64>,
+    /// `unknown`, `short` or `long`.
+    pub class: &'static str,
+}
+
+/// One second of a pool's request-rate series.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RatePoint {
+    /// Second index of the node's monotonic clock.
+    pub second: u64,
+    /// Requests received in that second.
+    pub requests: u64,
+}
+
+/// A detected request-rate anomaly.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AnomalyStatus {
+    /// Second index of the node's monotonic clock.
+    pub second: u64,
+    /// How many seconds ago (at the time of the API call).
+    pub age_secs: u64,
+    /// `spike` or `drop`.
+    pub kind: &'static str,
+    /// Requests observed in that second.
+    pub observed: f64,
+    /// Requests the Holt forecast expected.
+    pub forecast: f64,
+    /// Robust z-score (|observed − forecast| / MAD-based scale).
+    pub score: f64,
+}
+
+/// A backend's weights, as `GET /api/pools/{pool}/analysis` shows them.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WeightStatus {
+    /// Address as configured.
+    pub address: String,
+    /// Configured weight.
+    pub weight: u32,
+    /// Dynamic-weight factor (0.1..=10; 1 when dynamic weights are off).
+    pub dynamic_factor: f64,
+    /// Weight strategies use now.
+    pub effective_weight: f64,
+}
+
+/// A pool's traffic analysis, as `GET /api/pools/{pool}/analysis` shows it. Rates are in
+/// requests per second.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PoolAnalysis {
+    /// Pool name.
+    pub pool: String,
+    /// Complete seconds within the horizon, oldest first.
+    pub series: Vec<RatePoint>,
+    /// Mean rate over the last 10 s.
+    pub sma_10s: Option<f64>,
+    /// Mean rate over the last 60 s.
+    pub sma_60s: Option<f64>,
+    /// Holt level.
+    pub level: Option<f64>,
+    /// Holt trend (requests per second per second).
+    pub trend: Option<f64>,
+    /// Holt forecast of the next second's rate.
+    pub forecast: Option<f64>,
+    /// Recent anomalies, oldest first.
+    pub anomalies: Vec<AnomalyStatus>,
+    /// Anomalies since the analysis (re)started.
+    pub anomalies_total: u64,
+    /// Whether dynamic weights are on.
+    pub dynamic_weights: bool,
+    /// Configured, dynamic and effective weight per backend.
+    pub weights: Vec<WeightStatus>,
+}
+
+/// A strategy's own figures, as `GET /api/algorithm-metrics` shows them.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AlgorithmMetrics {
+    /// Strategy name.
+    pub strategy: &'static str,
+    /// Pool-wide figures by name (e.g. `target_p99_ms`, `beta`, `hedge_rate`).
+    pub figures: BTreeMap<&'static str, f64>,
+    /// Per-backend figures by name (e.g. `warmup_progress`, `head_age_ms`).
+    pub backends: Vec<BackendFigures>,
+    /// Hedges sent by the forwarder.
+    pub hedges_sent: u64,
+    /// Hedges whose response won.
+    pub hedges_won: u64,
+    /// Retries sent.
+    pub retries: u64,
+}
+
+/// One backend's strategy figures.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BackendFigures {
+    /// Address as configured.
+    pub address: String,
+    /// Figures by name.
+    pub figures: BTreeMap<&'static str, f64>,
 }
 
 /// Backend counts of a pool by state.
@@ -292,8 +415,8 @@ impl Node {
             .map(|p| {
                 Arc::new(Pool::new(
                     &p.name,
-                    build_state(p, &HashMap::new(), &metrics, threads),
-                    metrics.retries(&p.name),
+                    build_state(p, &HashMap::new(), &metrics, threads, None),
+                    metrics.pool(&p.name),
                 ))
             })
             .collect();
@@ -352,6 +475,7 @@ impl Node {
         for pool in self.inner.pools.load().iter() {
             let state = pool.state();
             tokio::spawn(health::ejection_sweep(Arc::clone(pool), cancel.clone()));
+            tokio::spawn(crate::analysis::pool_loop(Arc::clone(pool), cancel.clone()));
             if let Some(check) = &state.settings.health_check {
                 for (backend, runtime) in state.backends.iter().zip(&state.runtimes) {
                     tokio::spawn(health::check_loop(
@@ -391,8 +515,16 @@ impl Node {
         let mut next_pools = Vec::with_capacity(spec.pools.len());
         let mut swaps = Vec::new();
         for p in &spec.pools {
-            let state = build_state(p, &reuse, &self.inner.metrics, self.inner.threads);
-            match current.iter().find(|existing| existing.name() == p.name) {
+            let existing = current.iter().find(|existing| existing.name() == p.name);
+            let endpoints = existing.map(|pool| Arc::clone(&pool.state().endpoints));
+            let state = build_state(
+                p,
+                &reuse,
+                &self.inner.metrics,
+                self.inner.threads,
+                endpoints,
+            );
+            match existing {
                 Some(existing) => {
                     next_pools.push(Arc::clone(existing));
                     swaps.push((Arc::clone(existing), state));
@@ -400,7 +532,7 @@ impl Node {
                 None => next_pools.push(Arc::new(Pool::new(
                     &p.name,
                     state,
-                    self.inner.metrics.retries(&p.name),
+                    self.inner.metrics.pool(&p.name),
                 ))),
             }
         }
@@ -519,10 +651,19 @@ impl Node {
         let metrics = &self.inner.metrics;
         metrics.backend_up.clear();
         metrics.backend_in_flight.clear();
+        metrics.backend_effective_weight.clear();
+        metrics.endpoints.clear();
         for pool in self.inner.pools.load().iter() {
             let state = pool.state();
             let panic = pool.is_panic(&state);
-            for b in &state.backends {
+            metrics
+                .endpoints
+                .get_or_create(&crate::metrics::PoolLabels {
+                    pool: pool.name().to_owned(),
+                })
+                .set(i64::try_from(state.endpoints.len()).unwrap_or(i64::MAX));
+            let view = PoolView::new(&state.backends, &[], panic);
+            for (i, b) in state.backends.iter().enumerate() {
                 let labels = crate::metrics::BackendLabels {
                     pool: pool.name().to_owned(),
                     backend: b.address.to_string(),
@@ -535,6 +676,10 @@ impl Node {
                     .backend_in_flight
                     .get_or_create(&labels)
                     .set(i64::try_from(b.live.in_flight()).unwrap_or(i64::MAX));
+                metrics
+                    .backend_effective_weight
+                    .get_or_create(&labels)
+                    .set(view.effective_weight(i));
             }
         }
         metrics.encode()
@@ -599,9 +744,126 @@ impl Node {
                         p99: live.latency_quantile_ns(0.99, now).map(ms),
                     },
                     idle_connections: r.conns.idle_count(),
+                    effective_weight: PoolView::new(std::slice::from_ref(b), &[], false)
+                        .effective_weight(0),
                 }
             })
             .collect()
+    }
+
+    /// Endpoint statistics of every pool, busiest first within each pool.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        let now = now_ns();
+        let mut out = Vec::new();
+        for pool in self.pools() {
+            let state = pool.state();
+            out.extend(
+                state
+                    .endpoints
+                    .snapshot(now)
+                    .into_iter()
+                    .map(|e| EndpointStatus {
+                        pool: pool.name().to_owned(),
+                        endpoint: e.key,
+                        count: e.count,
+                        errors: e.errors,
+                        average_ms: e.average_ms,
+                        ewma_ms: e.ewma_ms,
+                        max_ms: e.max_ms,
+                        p50_ms: e.p50_ms,
+                        p95_ms: e.p95_ms,
+                        p99_ms: e.p99_ms,
+                        class: e.class.name(),
+                    }),
+            );
+        }
+        out
+    }
+
+    /// The traffic analysis of `pool`.
+    pub fn pool_analysis(pool: &Pool) -> PoolAnalysis {
+        let state = pool.state();
+        let analysis = pool.analysis().lock();
+        let snapshot = analysis.rate.snapshot();
+        let current_second = now_ns() / 1_000_000_000;
+        let weights = state
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| WeightStatus {
+                address: b.address.to_string(),
+                weight: b.weight,
+                dynamic_factor: analysis.factors.get(i).copied().unwrap_or(1.0),
+                effective_weight: PoolView::new(&state.backends, &[], false).effective_weight(i),
+            })
+            .collect();
+        PoolAnalysis {
+            pool: pool.name().to_owned(),
+            series: snapshot
+                .series
+                .iter()
+                .map(|&(second, requests)| RatePoint { second, requests })
+                .collect(),
+            sma_10s: snapshot.sma_10s,
+            sma_60s: snapshot.sma_60s,
+            level: snapshot.level,
+            trend: snapshot.trend,
+            forecast: snapshot.forecast,
+            anomalies: snapshot
+                .anomalies
+                .iter()
+                .map(|a| AnomalyStatus {
+                    second: a.second,
+                    age_secs: current_second.saturating_sub(a.second),
+                    kind: a.kind.name(),
+                    observed: a.observed,
+                    forecast: a.forecast,
+                    score: a.score,
+                })
+                .collect(),
+            anomalies_total: snapshot.anomalies_total,
+            dynamic_weights: state.settings.dynamic_weights.is_some(),
+            weights,
+        }
+    }
+
+    /// The strategy figures of `pool` (seed 002's algorithm metrics).
+    pub fn algorithm_metrics(pool: &Pool) -> AlgorithmMetrics {
+        let state = pool.state();
+        let now = now_ns();
+        let panic = pool.is_panic(&state);
+        let view = PoolView::new(&state.backends, &[], panic)
+            .with_total_in_flight(pool.active_requests());
+        let mut figures = BTreeMap::new();
+        let mut backends: Vec<BackendFigures> = state
+            .backends
+            .iter()
+            .map(|b| BackendFigures {
+                address: b.address.to_string(),
+                figures: BTreeMap::new(),
+            })
+            .collect();
+        for figure in state.strategy.figures(&view, now) {
+            match figure.backend {
+                None => {
+                    figures.insert(figure.name, figure.value);
+                }
+                Some(i) => {
+                    if let Some(b) = backends.get_mut(i) {
+                        b.figures.insert(figure.name, figure.value);
+                    }
+                }
+            }
+        }
+        let metrics = pool.metrics();
+        AlgorithmMetrics {
+            strategy: state.kind.name(),
+            figures,
+            backends,
+            hedges_sent: metrics.hedges.get(),
+            hedges_won: metrics.hedges_won.get(),
+            retries: metrics.retries.get(),
+        }
     }
 
     /// Switches pool `name` to strategy `kind` for new requests; returns the previous one.
@@ -688,12 +950,14 @@ impl Node {
 }
 
 /// Builds a pool state, reusing runtime state by (pool, address) from `reuse` when the
-/// resolved address is unchanged.
+/// resolved address is unchanged, and the endpoint statistics `endpoints` when their
+/// settings are unchanged.
 fn build_state(
     spec: &PoolSpec,
     reuse: &HashMap<(String, String), (SocketAddr, Arc<BackendRuntime>)>,
     metrics: &Metrics,
     threads: usize,
+    endpoints: Option<Arc<fulcrum_stats::EndpointTable>>,
 ) -> PoolState {
     let now = now_ns();
     let mut backends = Vec::with_capacity(spec.backends.len());
@@ -724,6 +988,7 @@ fn build_state(
         runtimes,
         tags,
         spec.settings.clone(),
+        endpoints,
     )
 }
 

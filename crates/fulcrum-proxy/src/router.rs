@@ -146,8 +146,9 @@ mod tests {
             vec![],
             vec![],
             PoolSettings::default(),
+            None,
         );
-        Arc::new(Pool::new(name, state, Metrics::new().retries(name)))
+        Arc::new(Pool::new(name, state, Metrics::new().pool(name)))
     }
 
     fn parts(uri: &str, host: Option<&str>, header: Option<(&str, &str)>) -> Parts {

@@ -6,12 +6,17 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use fulcrum_balance::LiveBackendConfig;
-use fulcrum_config::{Config, HealthCheckKind, Protocol, RetryOn};
+use fulcrum_balance::{DurationClassMode, LiveBackendConfig, SlowStart, StrategyParams};
+use fulcrum_config::{Config, HashConfig, HashKey, HealthCheckKind, PoolConfig, Protocol, RetryOn};
+use fulcrum_stats::clock::duration_ns;
+use fulcrum_stats::{AnalysisConfig, Classifier, DynamicWeightConfig, EndpointConfig};
 
 use crate::listener::{ClientTimeouts, ListenerProtocol};
 use crate::node::{ListenerSpec, NodeSpec, PoolSpec, RouteSpec};
-use crate::state::{BackendSpec, HealthCheckSettings, HealthProbe, PoolSettings, RetryPolicy};
+use crate::state::{
+    BackendSpec, HashKeySource, HealthCheckSettings, HealthProbe, HedgeDelay, HedgePolicy,
+    PoolSettings, RetryPolicy,
+};
 use crate::upstream::ConnSettings;
 
 /// A backend address that could not be resolved.
@@ -126,6 +131,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
             rise: h.rise,
             fall: h.fall,
         });
+        let strategy = strategy_params(p, &backends);
         pools.push(PoolSpec {
             name: name.clone(),
             strategy: p.strategy,
@@ -145,7 +151,40 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                     latency_window: p.stats.latency_window,
                     ..LiveBackendConfig::default()
                 },
-                strategy: fulcrum_balance::StrategyParams::default(),
+                strategy,
+                hedge: p.hedge.as_ref().map(|h| HedgePolicy {
+                    delay: match h.delay {
+                        fulcrum_config::HedgeDelay::Fixed(d) => HedgeDelay::Fixed(d),
+                        fulcrum_config::HedgeDelay::P95 => HedgeDelay::P95,
+                    },
+                    min_delay: h.min_delay,
+                    budget_percent: u32::from(h.budget_percent),
+                    max_body_bytes: h.max_body_bytes,
+                }),
+                hash_key: hash_key_source(&p.hash),
+                endpoints: EndpointConfig {
+                    window: p.stats.stats_window as usize,
+                    ewma_decay: p.stats.ewma_decay,
+                    latency_window: p.stats.latency_window,
+                    classifier: Classifier {
+                        threshold_ns: duration_ns(p.stats.long_request_threshold),
+                        hysteresis: p.stats.long_request_hysteresis,
+                    },
+                    max_endpoints: p.stats.max_endpoints as usize,
+                },
+                analysis: AnalysisConfig {
+                    horizon: p.analysis.horizon,
+                    alpha: p.analysis.holt_alpha,
+                    beta: p.analysis.holt_beta,
+                    threshold: p.analysis.anomaly_threshold,
+                    min_rate: p.analysis.min_rate,
+                    ..AnalysisConfig::default()
+                },
+                dynamic_weights: p.dynamic_weights.enabled.then(|| DynamicWeightConfig {
+                    smoothing: p.dynamic_weights.smoothing,
+                    ..DynamicWeightConfig::default()
+                }),
+                dynamic_weights_interval: p.dynamic_weights.interval,
             },
         });
     }
@@ -155,4 +194,56 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
         threads,
         drain_timeout: config.runtime.drain_timeout,
     })
+}
+
+/// The strategies' parameters from a pool's configuration; `backends` (in configured
+/// order) resolves `duration_class.short_backends` addresses to indices.
+fn strategy_params(p: &PoolConfig, backends: &[BackendSpec]) -> StrategyParams {
+    let short_backends = p
+        .duration_class
+        .short_backends
+        .iter()
+        .filter_map(|address| {
+            let resolved = resolve(address).ok();
+            backends
+                .iter()
+                .position(|b| b.address == *address || Some(b.addr) == resolved)
+        })
+        .collect();
+    StrategyParams {
+        bounded_load: (p.hash.bounded_load > 0.0).then_some(p.hash.bounded_load),
+        maglev_table_size: p.hash.table_size as usize,
+        ring_size: p.hash.ring_size as usize,
+        slow_start: SlowStart {
+            window: p.slow_start.window,
+            aggression: p.slow_start.aggression,
+            min_weight: f64::from(p.slow_start.min_weight_percent) / 100.0,
+        },
+        short_backends,
+        duration_class_mode: match p.duration_class.mode {
+            fulcrum_config::DurationClassMode::Static => DurationClassMode::Static,
+            fulcrum_config::DurationClassMode::Adaptive => DurationClassMode::Adaptive,
+        },
+        target_p99: p.tail_aware.target_p99,
+        beta: p.tail_aware.beta,
+        gamma: p.tail_aware.gamma,
+        adapt: p.tail_aware.adapt,
+        exploration: p.response_time.exploration,
+    }
+}
+
+/// Where the affinity key comes from, per `hash.key` and `hash.name` (validated: a header
+/// name is a valid token).
+fn hash_key_source(hash: &HashConfig) -> HashKeySource {
+    let name = hash.name.clone().unwrap_or_default();
+    match hash.key {
+        HashKey::Header => match http::header::HeaderName::try_from(name.as_str()) {
+            Ok(header) => HashKeySource::Header(header),
+            // Unreachable after validation; fall back to the client address.
+            Err(_) => HashKeySource::ClientIp,
+        },
+        HashKey::Cookie => HashKeySource::Cookie(name),
+        HashKey::Path => HashKeySource::Path,
+        HashKey::ClientIp => HashKeySource::ClientIp,
+    }
 }

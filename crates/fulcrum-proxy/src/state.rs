@@ -24,9 +24,13 @@ use fulcrum_balance::{
     StrategyParams, build_strategy,
 };
 use fulcrum_stats::clock::now_ns;
-use prometheus_client::metrics::counter::Counter;
+use fulcrum_stats::{
+    AnalysisConfig, DynamicWeightConfig, DynamicWeights, EndpointConfig, EndpointTable,
+    RateAnalyzer, RateCounter,
+};
+use parking_lot::Mutex;
 
-use crate::metrics::BackendMetrics;
+use crate::metrics::{BackendMetrics, PoolMetrics};
 use crate::upstream::{ConnPool, ConnSettings};
 
 /// Which failures of an attempt may be retried on another backend.
@@ -114,6 +118,44 @@ pub struct HealthCheckSettings {
     pub fall: u32,
 }
 
+/// When a hedge is sent after the first attempt (see [`HedgePolicy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HedgeDelay {
+    /// A fixed delay.
+    Fixed(Duration),
+    /// The endpoint's observed p95 latency (no hedge until it has one), at least
+    /// [`HedgePolicy::min_delay`].
+    P95,
+}
+
+/// Hedged requests (Dean & Barroso, "The Tail at Scale", CACM 2013): a second copy of a
+/// slow idempotent request goes to another backend; the first answer wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HedgePolicy {
+    /// How long to wait for the first attempt's response head before hedging.
+    pub delay: HedgeDelay,
+    /// Floor of the p95 delay.
+    pub min_delay: Duration,
+    /// Hedges sent stay at most this percentage (1..=100) of the pool's requests.
+    pub budget_percent: u32,
+    /// Request bodies up to this many bytes (declared `Content-Length`) are buffered so
+    /// the request can be hedged; larger or chunked bodies are never hedged.
+    pub max_body_bytes: u64,
+}
+
+/// Where a hashing strategy's affinity key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKeySource {
+    /// A request header's value (absent header: no key).
+    Header(http::header::HeaderName),
+    /// A cookie's value (absent cookie: no key).
+    Cookie(String),
+    /// The request path (without the query).
+    Path,
+    /// The client's IP address.
+    ClientIp,
+}
+
 /// A pool's policies: everything but its backends and strategy.
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
@@ -131,6 +173,19 @@ pub struct PoolSettings {
     pub live: LiveBackendConfig,
     /// Parameters of the strategies (each reads its own part).
     pub strategy: StrategyParams,
+    /// Hedged requests; `None` = no hedging.
+    pub hedge: Option<HedgePolicy>,
+    /// Where the affinity key of hashing strategies comes from.
+    pub hash_key: HashKeySource,
+    /// Endpoint statistics (last-N average, long/short classification, quantiles).
+    pub endpoints: EndpointConfig,
+    /// Request-rate analysis (moving averages, Holt forecast, anomalies).
+    pub analysis: AnalysisConfig,
+    /// Dynamic weight adjustment; `None` = off (effective weight = configured weight ×
+    /// slow start).
+    pub dynamic_weights: Option<DynamicWeightConfig>,
+    /// How often dynamic weights are recomputed.
+    pub dynamic_weights_interval: Duration,
 }
 
 impl Default for PoolSettings {
@@ -147,6 +202,12 @@ impl Default for PoolSettings {
             health_check: None,
             live: LiveBackendConfig::default(),
             strategy: StrategyParams::default(),
+            hedge: None,
+            hash_key: HashKeySource::ClientIp,
+            endpoints: EndpointConfig::default(),
+            analysis: AnalysisConfig::default(),
+            dynamic_weights: None,
+            dynamic_weights_interval: Duration::from_secs(1),
         }
     }
 }
@@ -192,18 +253,26 @@ pub struct PoolState {
     pub tags: Vec<BTreeMap<String, String>>,
     /// Policies.
     pub settings: PoolSettings,
+    /// Endpoint statistics, shared by successive states while the endpoint settings
+    /// stay the same.
+    pub endpoints: Arc<EndpointTable>,
 }
 
 impl PoolState {
-    /// A state with a fresh `kind` strategy over `backends`.
+    /// A state with a fresh `kind` strategy over `backends`; `endpoints` is kept if given
+    /// (and built with its settings), else a new table is made.
     pub fn new(
         kind: StrategyKind,
         backends: Vec<Backend>,
         runtimes: Vec<Arc<BackendRuntime>>,
         tags: Vec<BTreeMap<String, String>>,
         settings: PoolSettings,
+        endpoints: Option<Arc<EndpointTable>>,
     ) -> Self {
         let strategy = build_strategy(kind, &backends, &settings.strategy);
+        let endpoints = endpoints
+            .filter(|table| *table.config() == settings.endpoints)
+            .unwrap_or_else(|| Arc::new(EndpointTable::new(settings.endpoints.clone())));
         Self {
             kind,
             strategy,
@@ -211,6 +280,7 @@ impl PoolState {
             runtimes,
             tags,
             settings,
+            endpoints,
         }
     }
 
@@ -230,7 +300,36 @@ pub struct Pool {
     panic_cache: AtomicU64,
     active_requests: AtomicU64,
     active_retries: AtomicU64,
-    retries: Counter,
+    metrics: PoolMetrics,
+    /// Requests received per second (hot path: one atomic add).
+    rate: RateCounter,
+    /// Rate analysis and dynamic weights, driven by the pool's background task.
+    analysis: Mutex<Analysis>,
+    /// Requests seen while a hedge policy was set, and hedges sent (hedge budget).
+    hedge_requests: AtomicU64,
+    hedges: AtomicU64,
+}
+
+/// Longest rate history any configuration may ask for (`analysis.horizon` ≤ 3600 s).
+const MAX_RATE_HORIZON: Duration = Duration::from_secs(3600);
+
+/// State of a pool's traffic analysis, owned by its background task (and read by the API).
+#[derive(Debug)]
+pub struct Analysis {
+    /// Request-rate analysis.
+    pub rate: RateAnalyzer,
+    /// The settings `rate` was built with (rebuilt when a reload changes them).
+    pub rate_config: AnalysisConfig,
+    /// Last second fed to `rate`.
+    pub last_second: Option<u64>,
+    /// Dynamic weight controller, when enabled.
+    pub weights: Option<DynamicWeights>,
+    /// Dynamic weight factor per backend (parallel to the state's backends), 1 when off.
+    pub factors: Vec<f64>,
+    /// Addresses `factors` belong to (to notice a changed backend list).
+    pub factor_addresses: Vec<Arc<str>>,
+    /// When dynamic weights were last updated, clock ns.
+    pub weights_updated_ns: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -243,17 +342,64 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool named `name` in `state`; `retries` counts its retried attempts.
-    pub fn new(name: &str, state: PoolState, retries: Counter) -> Self {
+    /// A pool named `name` in `state`, counting into `metrics`.
+    pub fn new(name: &str, state: PoolState, metrics: PoolMetrics) -> Self {
+        let rate_config = state.settings.analysis.clone();
         Self {
             name: name.into(),
+            analysis: Mutex::new(Analysis {
+                rate: RateAnalyzer::new(rate_config.clone()),
+                rate_config,
+                // Start from now: earlier seconds predate the pool.
+                last_second: Some(now_ns() / 1_000_000_000),
+                weights: None,
+                factors: Vec::new(),
+                factor_addresses: Vec::new(),
+                weights_updated_ns: 0,
+            }),
             state: ArcSwap::from_pointee(state),
             health_generation: AtomicU64::new(1),
             panic_cache: AtomicU64::new(0),
             active_requests: AtomicU64::new(0),
             active_retries: AtomicU64::new(0),
-            retries,
+            metrics,
+            rate: RateCounter::new(MAX_RATE_HORIZON),
+            hedge_requests: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
         }
+    }
+
+    /// The pool's metric series.
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.metrics
+    }
+
+    /// The per-second request counter.
+    pub fn rate(&self) -> &RateCounter {
+        &self.rate
+    }
+
+    /// The traffic analysis state (locked briefly by the background task and the API).
+    pub fn analysis(&self) -> &Mutex<Analysis> {
+        &self.analysis
+    }
+
+    /// Counts a request toward the hedge budget (only while a hedge policy is set).
+    #[inline]
+    pub fn count_hedgeable(&self) {
+        self.hedge_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Claims a hedge if `policy`'s budget allows: hedges sent stay at most
+    /// `budget_percent` % of the requests counted by [`Pool::count_hedgeable`].
+    pub fn try_hedge(&self, policy: &HedgePolicy) -> bool {
+        let requests = self.hedge_requests.load(Ordering::Relaxed);
+        let budget = requests * u64::from(policy.budget_percent) / 100;
+        self.hedges
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h < budget).then_some(h + 1)
+            })
+            .is_ok()
     }
 
     /// The pool's name.
@@ -286,6 +432,7 @@ impl Pool {
                 current.runtimes.clone(),
                 current.tags.clone(),
                 current.settings.clone(),
+                Some(Arc::clone(&current.endpoints)),
             )
         });
         self.health_generation.fetch_add(1, Ordering::AcqRel);
@@ -301,11 +448,15 @@ impl Pool {
         changed
     }
 
-    /// Clears `flag` on `live`; returns whether it changed.
+    /// Clears `flag` on `live`; returns whether it changed. A backend that becomes
+    /// routable again restarts its slow start.
     pub fn clear_flag(&self, live: &LiveBackend, flag: BackendFlags) -> bool {
         let changed = live.clear_flag(flag);
         if changed {
             self.health_generation.fetch_add(1, Ordering::AcqRel);
+            if live.flags().is_empty() {
+                live.restart_warmup(now_ns());
+            }
         }
         changed
     }
@@ -368,9 +519,13 @@ impl Pool {
 
     /// Lifts the outlier ejection of `live` at once; returns whether it was ejected.
     pub fn lift_ejection(&self, live: &LiveBackend) -> bool {
-        let lifted = live.lift_ejection(now_ns());
+        let now = now_ns();
+        let lifted = live.lift_ejection(now);
         if lifted {
             self.health_generation.fetch_add(1, Ordering::AcqRel);
+            if live.flags().is_empty() {
+                live.restart_warmup(now);
+            }
         }
         lifted
     }
@@ -383,6 +538,9 @@ impl Pool {
         for backend in &state.backends {
             if backend.live.uneject_if_due(now) {
                 readmitted += 1;
+                if backend.live.flags().is_empty() {
+                    backend.live.restart_warmup(now);
+                }
                 tracing::info!(pool = %self.name, backend = %backend.address, "ejection ended; backend re-admitted");
             }
         }
@@ -415,7 +573,7 @@ impl Pool {
             })
             .is_ok();
         if claimed {
-            self.retries.inc();
+            self.metrics.retries.inc();
             Some(ActiveRetry {
                 pool: Arc::clone(self),
             })

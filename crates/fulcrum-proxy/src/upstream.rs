@@ -24,16 +24,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use fulcrum_stats::clock::{duration_ns, now_ns};
 use http::{Request, Response};
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
-/// The body of a request sent upstream: the client's streamed body, or nothing (retries of
-/// body-less requests are rebuilt with an empty body).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// The body of a request sent upstream: the client's streamed body, or a buffered one
+/// (empty for body-less requests; replayed requests — retries, hedges — are rebuilt with
+/// it).
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
 /// Most idle connections a worker keeps per backend; further ones are closed when released.
 pub const MAX_IDLE_PER_WORKER: usize = 256;

@@ -17,6 +17,10 @@
 //! and attract more traffic. A failure at least doubles the estimate (capped at
 //! [`MAX_PENALTY_NS`]), so consecutive fast failures push the backend's cost up
 //! geometrically, independent of the pool's latency scale.
+//!
+//! [`Ewma`] is the plain time-decayed average with the same update rule and packing, for
+//! statistics that should report a typical value rather than react to peaks (per-endpoint
+//! request durations).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -88,41 +92,102 @@ impl PeakEwma {
         });
     }
 
-    /// Applies `next(stored, w)` atomically, where `w = e^(-Δ/τ)` for the time `Δ` since
-    /// the last observation, and stamps the result with `now_ns`.
+    /// Applies `next(stored, w)` atomically (see [`cas_update`]).
     fn update(&self, now_ns: u64, next: impl Fn(f64, f64) -> f64) {
-        let now = stamp(now_ns);
-        let mut current = self.state.load(Ordering::Relaxed);
-        loop {
-            let (value, at) = unpack(current);
-            let w = self.decay(at, now_ns);
-            let updated = next(f64::from(value), w).max(0.0) as f32;
-            // A caller whose clock read is older than the last update (it read the clock
-            // before another thread recorded) must not move the stamp backwards.
-            let stamp_after = if elapsed_stamps(at, now) > 0 { now } else { at };
-            match self.state.compare_exchange_weak(
-                current,
-                pack(updated, stamp_after),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(actual) => current = actual,
-            }
+        cas_update(&self.state, self.tau_ns, now_ns, |stored, w| {
+            next(f64::from(stored), w).max(0.0) as f32
+        });
+    }
+
+    /// `e^(-Δ/τ)` for the time Δ from stamp `at` to `now_ns` (see [`decay_weight`]).
+    #[inline]
+    fn decay(&self, at: u32, now_ns: u64) -> f64 {
+        decay_weight(self.tau_ns, at, now_ns)
+    }
+}
+
+/// A lock-free, time-decayed exponentially weighted moving average, shared between
+/// threads: the plain counterpart of [`PeakEwma`] (same packing, same time-based weight),
+/// without peak sensitivity and without decay toward zero between observations.
+///
+/// An observation `x` made `Δ` after the previous one updates the average `E` to
+/// `E·w + x·(1 − w)` with `w = e^(-Δ/τ)` (the time-weighted EWMA of Finagle/tower, as in
+/// [`PeakEwma`]); the first observation sets it. Time is stamped with ≈1 ms resolution,
+/// so observations arriving within the same millisecond as the previous update carry no
+/// weight: above ~1000 observations per second the average is effectively a random sample
+/// of one observation per millisecond, ample for a decay time of seconds.
+///
+/// Used for the per-endpoint duration average ([`crate::endpoint::EndpointStats`]).
+#[derive(Debug)]
+pub struct Ewma {
+    state: AtomicU64,
+    tau_ns: f64,
+}
+
+impl Ewma {
+    /// An empty average with decay time `decay` (τ; a zero `decay` is treated as 1 ns,
+    /// i.e. the average follows the last observation).
+    pub fn new(decay: Duration) -> Self {
+        Self {
+            state: AtomicU64::new(pack(f32::NAN, 0)),
+            tau_ns: (duration_ns(decay) as f64).max(1.0),
         }
     }
 
-    /// `e^(-Δ/τ)` for the time Δ from stamp `at` to `now_ns`; 1 when `now_ns` is not
-    /// after `at` (concurrent callers read the clock at slightly different times).
-    #[inline]
-    fn decay(&self, at: u32, now_ns: u64) -> f64 {
-        let elapsed = elapsed_stamps(at, stamp(now_ns));
-        if elapsed <= 0 {
-            return 1.0;
-        }
-        let elapsed_ns = (elapsed as u64) << STAMP_SHIFT;
-        (-(elapsed_ns as f64) / self.tau_ns).exp()
+    /// Records an observation of `value_ns` nanoseconds made at `now_ns`.
+    pub fn observe(&self, value_ns: u64, now_ns: u64) {
+        let x = value_ns as f64;
+        cas_update(&self.state, self.tau_ns, now_ns, |stored, w| {
+            if stored.is_nan() {
+                x as f32
+            } else {
+                (f64::from(stored) * w + x * (1.0 - w)) as f32
+            }
+        });
     }
+
+    /// The average in nanoseconds, or `None` before the first observation. One load.
+    #[inline]
+    pub fn value_ns(&self) -> Option<f64> {
+        let (value, _) = unpack(self.state.load(Ordering::Relaxed));
+        (!value.is_nan()).then_some(f64::from(value))
+    }
+}
+
+/// Replaces the value packed in `state` by `next(stored, w)`, where `w = e^(-Δ/τ)` for the
+/// time `Δ` since the stamped update, and stamps it with `now_ns`; a compare-and-swap
+/// loop, so concurrent updates are never lost.
+fn cas_update(state: &AtomicU64, tau_ns: f64, now_ns: u64, next: impl Fn(f32, f64) -> f32) {
+    let now = stamp(now_ns);
+    let mut current = state.load(Ordering::Relaxed);
+    loop {
+        let (value, at) = unpack(current);
+        let updated = next(value, decay_weight(tau_ns, at, now_ns));
+        // A caller whose clock read is older than the last update (it read the clock
+        // before another thread recorded) must not move the stamp backwards.
+        let stamp_after = if elapsed_stamps(at, now) > 0 { now } else { at };
+        match state.compare_exchange_weak(
+            current,
+            pack(updated, stamp_after),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// `e^(-Δ/τ)` for the time Δ from stamp `at` to `now_ns`; 1 when `now_ns` is not after
+/// `at` (concurrent callers read the clock at slightly different times).
+#[inline]
+fn decay_weight(tau_ns: f64, at: u32, now_ns: u64) -> f64 {
+    let elapsed = elapsed_stamps(at, stamp(now_ns));
+    if elapsed <= 0 {
+        return 1.0;
+    }
+    let elapsed_ns = (elapsed as u64) << STAMP_SHIFT;
+    (-(elapsed_ns as f64) / tau_ns).exp()
 }
 
 /// Stamps from `from` to `to`, signed: the 32-bit stamps wrap, and a difference of more
@@ -264,7 +329,59 @@ mod tests {
         assert!(e.estimate_ns(10_000 * MS) > 799.0 * MS as f64);
     }
 
+    #[test]
+    fn plain_ewma_starts_empty_then_takes_first_value() {
+        let e = Ewma::new(TAU);
+        assert_eq!(e.value_ns(), None);
+        e.observe(40 * MS, 5 * MS);
+        let v = e.value_ns().expect("observed");
+        assert!((v - 40.0 * MS as f64).abs() < 1.0, "value {v}");
+    }
+
+    #[test]
+    fn plain_ewma_is_time_weighted_and_not_peak_sensitive() {
+        let e = Ewma::new(TAU);
+        e.observe(10 * MS, 0);
+        // One τ later a 110 ms observation gets weight 1 - e^-1 ≈ 0.632.
+        e.observe(110 * MS, 10_000 * MS);
+        let v = e.value_ns().expect("observed") / MS as f64;
+        let expected = 10.0 + 100.0 * (1.0 - (-1.0f64).exp());
+        assert!((v - expected).abs() < 0.5, "value {v} expected {expected}");
+        // Reading does not decay it.
+        assert_eq!(e.value_ns(), e.value_ns());
+    }
+
+    #[test]
+    fn plain_ewma_converges() {
+        let e = Ewma::new(TAU);
+        e.observe(1_000 * MS, 0);
+        let mut now = 0;
+        for _ in 0..10_000 {
+            now += 20 * MS;
+            e.observe(10 * MS, now);
+        }
+        let v = e.value_ns().expect("observed") / MS as f64;
+        assert!((v - 10.0).abs() < 0.5, "value {v} ms");
+    }
+
     proptest! {
+        #[test]
+        fn plain_ewma_stays_within_observed_range(
+            obs in proptest::collection::vec((1u64..5_000, 0u64..10_000), 1..200)
+        ) {
+            let e = Ewma::new(TAU);
+            let mut now = 0u64;
+            let (mut lo, mut hi) = (f64::MAX, 0.0f64);
+            for (v_ms, gap_ms) in obs {
+                now += gap_ms * MS;
+                e.observe(v_ms * MS, now);
+                lo = lo.min(v_ms as f64);
+                hi = hi.max(v_ms as f64);
+                let v = e.value_ns().expect("observed") / MS as f64;
+                prop_assert!(v >= lo * 0.9999 && v <= hi * 1.0001, "{} not in {}..{}", v, lo, hi);
+            }
+        }
+
         #[test]
         fn estimate_stays_within_observed_range(
             obs in proptest::collection::vec((1u64..5_000, 1u64..10_000), 1..200)

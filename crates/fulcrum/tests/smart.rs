@@ -1,0 +1,231 @@
+//! Smart balancing end to end: long/short classification, hedging, tail-aware balancing,
+//! traffic analysis and dynamic weights, through real `fulcrum run` and `fulcrum backend`
+//! processes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, DEADLINE, Load, Node, client, eventually, served_by, simple_config};
+use serde_json::Value;
+
+/// GETs `url` and returns which backend served it (asserting a 200).
+async fn get_served_by(client: &reqwest::Client, url: &str) -> String {
+    let response = client.get(url).send().await.expect("request");
+    assert_eq!(response.status(), 200, "GET {url}");
+    let by = served_by(&response);
+    let _ = response.bytes().await;
+    by
+}
+
+/// The `/api/endpoints` entry for `endpoint` (e.g. `GET /long`) of pool `app`.
+async fn endpoint(node: &Node, endpoint: &str) -> Option<Value> {
+    let all = node.api("/api/endpoints").await;
+    all["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["pool"] == "app" && e["endpoint"] == endpoint)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_class_sends_long_endpoint_to_backend_2_and_short_to_backend_1() {
+    let b1 = Backend::start("b1", &["--latency", "fixed:1ms"]);
+    let b2 = Backend::start("b2", &["--latency", "fixed:1ms"]);
+    let node = Node::start(&simple_config(
+        "duration_class",
+        &[&b1, &b2],
+        "    stats: { long_request_threshold: 150ms, stats_window: 3 }\n",
+    ));
+    let client = client();
+    let long_url = format!("{}/v1/jobs/42/run?delay_ms=250", node.url("web"));
+    let short_url = format!("{}/v1/users/7", node.url("web"));
+
+    // Build history: the endpoint's last-3 average crosses the threshold.
+    for _ in 0..3 {
+        get_served_by(&client, &long_url).await;
+        get_served_by(&client, &short_url).await;
+    }
+    let long = endpoint(&node, "GET /v1/jobs/{id}/run")
+        .await
+        .expect("long endpoint tracked, numeric segment normalised");
+    assert_eq!(long["class"], "long", "{long}");
+    let short = endpoint(&node, "GET /v1/users/{id}")
+        .await
+        .expect("short endpoint tracked");
+    assert_eq!(short["class"], "short", "{short}");
+    assert_eq!(short["count"], 3, "{short}");
+
+    // Classified: long requests go to backend 2, short ones stay on backend 1 — also
+    // while a long request is in flight on backend 2.
+    for _ in 0..4 {
+        assert_eq!(get_served_by(&client, &long_url).await, "b2");
+    }
+    let in_flight = {
+        let (client, url) = (client.clone(), long_url.clone());
+        tokio::spawn(async move { get_served_by(&client, &url).await })
+    };
+    for _ in 0..20 {
+        assert_eq!(get_served_by(&client, &short_url).await, "b1");
+    }
+    assert_eq!(in_flight.await.expect("long request task"), "b2");
+
+    let metrics = node.api("/api/algorithm-metrics").await;
+    let pool = &metrics["pools"]["app"];
+    assert_eq!(pool["strategy"], "duration_class", "{metrics}");
+    assert!(
+        pool["figures"]["picks_long"].as_f64().unwrap_or(0.0) >= 5.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_get_completes_from_the_fast_backend() {
+    let slow = Backend::start("slow", &["--latency", "fixed:2s"]);
+    let fast = Backend::start("fast", &["--latency", "fixed:2ms"]);
+    let node = Node::start(&simple_config(
+        "round_robin",
+        &[&slow, &fast],
+        "    hedge: { delay: 100ms, budget_percent: 100 }\n",
+    ));
+    let client = client();
+    let url = format!("{}/item", node.url("web"));
+    // Round robin sends every other first attempt to the slow backend; each of those is
+    // hedged to the fast one after 100 ms, and the fast answer wins.
+    for _ in 0..6 {
+        assert_eq!(get_served_by(&client, &url).await, "fast");
+    }
+    let metrics = node.metrics().await;
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("pool=\"app\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(value("fulcrum_hedges_total") >= 3.0, "{metrics}");
+    assert!(value("fulcrum_hedges_won_total") >= 3.0, "{metrics}");
+    // A POST is not idempotent: never hedged, so it waits for the slow backend or
+    // goes to the fast one by round robin, but is sent exactly once.
+    let before = slow.stats().await["requests"].as_u64().unwrap_or(0)
+        + fast.stats().await["requests"].as_u64().unwrap_or(0);
+    for _ in 0..2 {
+        let response = client
+            .post(format!("{}/submit", node.url("web")))
+            .body("x")
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), 200);
+    }
+    let after = slow.stats().await["requests"].as_u64().unwrap_or(0)
+        + fast.stats().await["requests"].as_u64().unwrap_or(0);
+    assert_eq!(after - before, 2, "each POST sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_aware_moves_traffic_off_a_stalled_backend() {
+    let b1 = Backend::start("b1", &["--latency", "fixed:2ms"]);
+    let b2 = Backend::start("b2", &["--latency", "fixed:2ms"]);
+    let b3 = Backend::start("b3", &["--latency", "fixed:2ms"]);
+    let node = Node::start(&simple_config("tail_aware", &[&b1, &b2, &b3], ""));
+    let url = format!("{}/t", node.url("web"));
+    let load = Load::start(&url, 3);
+    load.wait_for_more(60).await;
+    // b2 stalls: every request it takes now hangs for 3 s.
+    b2.control("delay_ms=3000").await;
+    let before = load.count_from("b2");
+    load.wait_for_more(300).await;
+    let outcomes = load.stop().await;
+    common::assert_all_ok(&outcomes);
+    let stalled = outcomes.iter().filter(|(_, b)| b == "b2").count() - before;
+    assert!(
+        stalled <= 10,
+        "the stalled backend still got {stalled} requests after stalling"
+    );
+
+    let metrics = node.api("/api/algorithm-metrics").await;
+    let pool = &metrics["pools"]["app"];
+    assert_eq!(pool["strategy"], "tail_aware", "{metrics}");
+    for figure in ["target_p99_ms", "current_p99_ms", "beta", "gamma", "hedge_rate"] {
+        assert!(pool["figures"][figure].is_number(), "{figure}: {metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_rate_spike_is_reported_as_an_anomaly() {
+    let b1 = Backend::start("b1", &["--latency", "fixed:1ms"]);
+    let node = Node::start(&simple_config(
+        "round_robin",
+        &[&b1],
+        "    analysis: { anomaly_threshold: 4.0, min_rate: 5 }\n",
+    ));
+    let client = client();
+    let url = format!("{}/steady", node.url("web"));
+
+    // A steady ~20 req/s until the analysis has a forecast (warm-up of 10 s)…
+    let warm = std::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(50));
+    while warm.elapsed() < Duration::from_secs(13) {
+        ticker.tick().await;
+        get_served_by(&client, &url).await;
+    }
+    let before = node.api("/api/pools/app/analysis").await;
+    assert!(before["forecast"].is_number(), "{before}");
+    assert!(
+        before["anomalies"].as_array().is_some_and(|a| a.is_empty()),
+        "no anomaly in steady traffic: {before}"
+    );
+
+    // …then a burst of a few hundred requests at once.
+    let burst = Load::start(&url, 16);
+    burst.wait_for_more(600).await;
+    common::assert_all_ok(&burst.stop().await);
+
+    let analysis = eventually(DEADLINE, "a spike in the analysis", async || {
+        let analysis = node.api("/api/pools/app/analysis").await;
+        let spiked = analysis["anomalies"]
+            .as_array()?
+            .iter()
+            .any(|a| a["kind"] == "spike");
+        spiked.then_some(analysis)
+    })
+    .await;
+    assert!(
+        analysis["series"].as_array().is_some_and(|s| s.len() >= 10),
+        "{analysis}"
+    );
+    assert!(node.metrics().await.contains(
+        "fulcrum_traffic_anomalies_total{pool=\"app\",kind=\"spike\"}"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_weights_lower_a_slow_backend_next_to_its_configured_weight() {
+    let fast = Backend::start("fast", &["--latency", "fixed:2ms"]);
+    let slow = Backend::start("slow", &["--latency", "fixed:40ms"]);
+    let node = Node::start(&simple_config(
+        "weighted_round_robin",
+        &[&fast, &slow],
+        "    dynamic_weights: { enabled: true, interval: 200ms }\n",
+    ));
+    let load = Load::start(&format!("{}/d", node.url("web")), 4);
+    let slow_addr = slow.address();
+    let backends = eventually(DEADLINE, "the slow backend's weight to drop", async || {
+        let backends = node.api("/api/pools/app/backends").await;
+        let slow = backends["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["address"] == slow_addr.as_str())?
+            .clone();
+        (slow["effective_weight"].as_f64()? < 0.8).then_some(backends)
+    })
+    .await;
+    common::assert_all_ok(&load.stop().await);
+    for b in backends["backends"].as_array().expect("backends") {
+        assert_eq!(b["weight"], 1, "configured weight shown: {b}");
+        let effective = b["effective_weight"].as_f64().expect("effective weight");
+        assert!((0.1..=10.0).contains(&effective), "bounded: {b}");
+    }
+}
