@@ -38,14 +38,6 @@ fn latency(c: &mut Criterion) {
 const PATH: &str = "/v1/users/12345/orders/3f2504e0-4f89-11d3-9a0c-0305e82c3301";
 
 fn endpoints(c: &mut Criterion) {
-    let key = fulcrum_stats::endpoint_key("GET", PATH);
-    c.bench_function("key_hash_tmp", |b| {
-        b.iter(|| black_box(fulcrum_stats::path::key_hash(black_box(&key))))
-    });
-    let mut out = String::with_capacity(128);
-    c.bench_function("normalize_tmp", |b| {
-        b.iter(|| { out.clear(); fulcrum_stats::normalize_path(black_box(PATH), &mut out); black_box(out.len()) })
-    });
     c.bench_function("endpoint_hash", |b| {
         b.iter(|| black_box(endpoint_hash(black_box("GET"), black_box(PATH))))
     });

@@ -117,9 +117,14 @@ impl WindowedHistogram {
         let slot = &self.slots[(epoch % self.slots.len() as u64) as usize];
         let seen = slot.epoch.load(Ordering::Acquire);
         // A stale slot is reset by whoever wins the epoch swap. A slot already in a newer
-        // epoch (this thread's clock read is late) is counted into as it is.
-        if seen != epoch
-            && (seen == u64::MAX || seen < epoch)
+        // epoch (this thread's clock read is late) is counted into as it is. A never-used
+        // slot (`u64::MAX`) holds only zeros: it is claimed without clearing, which could
+        // only erase the counts of threads that already saw the new epoch.
+        if seen == u64::MAX {
+            let _ = slot
+                .epoch
+                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire);
+        } else if seen < epoch
             && slot
                 .epoch
                 .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
