@@ -4,14 +4,19 @@
 //! requests in flight (varied so least-connections and P2C compare real loads rather than
 //! breaking ties everywhere). One benchmark group per strategy, the backend count as the
 //! parameter: `cargo bench -p fulcrum-balance --bench pick -- p2c` runs one strategy.
+//! Groups named `strategy/case` (`duration_class/long`, `tail_aware/ticked`) bench picks
+//! that depend on the request class or on what a tick computed.
+//! `rendezvous/keyed`, `ring_hash/keyed`, `maglev/keyed` (and `…/keyed_unbounded`) bench
+//! the hashing strategies on requests that carry an affinity key (without one they only
+//! round-robin).
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum_balance::{
-    Backend, InFlightGuard, LiveBackend, LiveBackendConfig, PoolView, RequestInfo, StrategyKind,
-    StrategyParams, build_strategy,
+    Backend, DurationClassMode, InFlightGuard, LiveBackend, LiveBackendConfig, PoolView,
+    RequestClass, RequestInfo, StrategyKind, StrategyParams, build_strategy,
 };
 
 const POOL_SIZES: [usize; 3] = [10, 100, 10_000];
@@ -58,5 +63,119 @@ fn pick(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, pick);
+/// The strategies whose pick depends on the request class or on state built by `tick`:
+/// `duration_class` (static and adaptive, short and long requests, after a tick with a
+/// sixth of the pool's requests long) and `tail_aware` after a tick.
+fn pick_after_tick(c: &mut Criterion) {
+    let pools: Vec<_> = POOL_SIZES
+        .iter()
+        .map(|&n| {
+            let (backends, mut guards) = pool(n);
+            guards.extend(
+                backends
+                    .iter()
+                    .step_by(6)
+                    .map(|b| b.live.begin_classified(0, true)),
+            );
+            (backends, guards)
+        })
+        .collect();
+    let adaptive = StrategyParams {
+        duration_class_mode: DurationClassMode::Adaptive,
+        ..StrategyParams::default()
+    };
+    let cases = [
+        (
+            "duration_class/short",
+            StrategyKind::DurationClass,
+            StrategyParams::default(),
+            RequestClass::Short,
+        ),
+        (
+            "duration_class/long",
+            StrategyKind::DurationClass,
+            StrategyParams::default(),
+            RequestClass::Long,
+        ),
+        (
+            "duration_class/adaptive_short",
+            StrategyKind::DurationClass,
+            adaptive.clone(),
+            RequestClass::Short,
+        ),
+        (
+            "duration_class/adaptive_long",
+            StrategyKind::DurationClass,
+            adaptive,
+            RequestClass::Long,
+        ),
+        (
+            "tail_aware/ticked",
+            StrategyKind::TailAware,
+            StrategyParams::default(),
+            RequestClass::Unknown,
+        ),
+    ];
+    for (name, kind, params, class) in cases {
+        let mut group = c.benchmark_group(name);
+        let req = RequestInfo::new(NOW_NS).with_class(class);
+        for (backends, _guards) in &pools {
+            let strategy = build_strategy(kind, backends, &params);
+            let view = PoolView::new(backends, &[], false);
+            strategy.tick(&view, NOW_NS);
+            group.bench_with_input(
+                BenchmarkId::from_parameter(backends.len()),
+                &view,
+                |b, view| b.iter(|| strategy.pick(black_box(&req), black_box(view))),
+            );
+        }
+        group.finish();
+    }
+}
+
+/// The hashing strategies (`rendezvous`, `ring_hash`, `maglev`) on requests with an
+/// affinity key, as the proxy calls them: a different key each pick (cycling through 4,096
+/// keys, so table lookups miss the cache as they would in production) and the pool's
+/// total in flight given in O(1). `keyed`: bounded load at its default factor 1.25; the
+/// bench pool's loads do not follow its weights, so many backends are at their bound and
+/// picks often walk past them or fall back to the O(n) least-loaded scan. `keyed_unbounded`:
+/// the hashing alone.
+fn pick_keyed(c: &mut Criterion) {
+    let pools: Vec<_> = POOL_SIZES.iter().map(|&n| pool(n)).collect();
+    let keys: Vec<u64> = (0..4_096u64)
+        .map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let unbounded = StrategyParams {
+        bounded_load: None,
+        ..StrategyParams::default()
+    };
+    let cases = [
+        ("keyed", StrategyParams::default()),
+        ("keyed_unbounded", unbounded),
+    ];
+    let kinds = StrategyKind::ALL.iter().filter(|k| k.uses_hash_key());
+    for (&kind, (case, params)) in kinds.flat_map(|k| cases.iter().map(move |c| (k, c))) {
+        let mut group = c.benchmark_group(format!("{}/{case}", kind.name()));
+        for (backends, _guards) in &pools {
+            let strategy = build_strategy(kind, backends, params);
+            let total = backends.iter().map(|b| b.live.in_flight()).sum();
+            let view = PoolView::new(backends, &[], false).with_total_in_flight(total);
+            strategy.tick(&view, NOW_NS);
+            let mut next = keys.iter().copied().cycle();
+            group.bench_with_input(
+                BenchmarkId::from_parameter(backends.len()),
+                &view,
+                |b, view| {
+                    b.iter(|| {
+                        let req = RequestInfo::new(NOW_NS).with_hash_key(next.next().unwrap_or(0));
+                        strategy.pick(black_box(&req), black_box(view))
+                    });
+                },
+            );
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, pick, pick_after_tick, pick_keyed);
 criterion_main!(benches);

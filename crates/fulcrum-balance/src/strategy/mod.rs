@@ -15,11 +15,20 @@
 //!
 //! Each file cites the system or paper its algorithm comes from.
 
+mod adaptive_weighted;
+mod bounded;
+mod duration_class;
+mod health_score;
 mod least_connections;
+mod maglev;
 mod p2c;
 mod peak_ewma;
 mod random;
+mod rendezvous;
+mod response_time;
+mod ring_hash;
 mod round_robin;
+mod tail_aware;
 mod weighted_round_robin;
 
 use std::fmt;
@@ -29,25 +38,22 @@ use std::time::Duration;
 use crate::backend::Backend;
 use crate::slow_start::SlowStart;
 
-/// A request's predicted duration class (temporary local definition; moves to
-/// `fulcrum_stats::classify`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
-pub enum RequestClass {
-    /// No history.
-    #[default]
-    Unknown,
-    /// Short.
-    Short,
-    /// Long.
-    Long,
-}
+pub use fulcrum_stats::RequestClass;
 
+pub use adaptive_weighted::AdaptiveWeighted;
+pub use duration_class::DurationClass;
+pub use health_score::HealthScore;
 pub use least_connections::LeastConnections;
+pub use maglev::Maglev;
 pub use p2c::PowerOfTwoChoices;
 pub use peak_ewma::PeakEwmaStrategy;
 pub use random::WeightedRandom;
+pub use rendezvous::Rendezvous;
+pub use response_time::ResponseTime;
+pub use ring_hash::RingHash;
 pub use round_robin::RoundRobin;
-pub use weighted_round_robin::SmoothWeightedRoundRobin;
+pub use tail_aware::TailAware;
+pub use weighted_round_robin::WeightedRoundRobin;
 
 /// Index of a backend within the [`PoolView`] (and the backend list the strategy was
 /// built for).
@@ -300,7 +306,9 @@ pub enum DurationClassMode {
 pub struct StrategyParams {
     /// `rendezvous`, `ring_hash`, `maglev`: bounded-load factor `c` (Mirrokni et al.
     /// 2018): no backend takes more than `ceil(c × (total in flight + 1) / n)` requests in
-    /// flight. `None` = unbounded. Otherwise ≥ 1.
+    /// flight, `n` the eligible backends; with unequal (effective) weights `1 / n` becomes
+    /// the backend's share of the eligible weight, `w_i / Σ w`. `None` = unbounded.
+    /// Otherwise ≥ 1.
     pub bounded_load: Option<f64>,
     /// `maglev`: lookup table size, a prime (Eisenbud et al. use 65537).
     pub maglev_table_size: usize,
@@ -350,23 +358,26 @@ impl Default for StrategyParams {
 pub enum StrategyKind {
     /// `round_robin`: each backend in turn ([`RoundRobin`]).
     RoundRobin,
-    /// `weighted_round_robin`: nginx's smooth weighted round robin
-    /// ([`SmoothWeightedRoundRobin`]).
+    /// `weighted_round_robin`: Envoy's earliest-deadline-first weighted round robin
+    /// ([`WeightedRoundRobin`]).
     WeightedRoundRobin,
     /// `random`: weighted random ([`WeightedRandom`]).
     Random,
-    /// `least_connections`: fewest in-flight requests per unit of weight
-    /// ([`LeastConnections`]).
+    /// `least_connections`: fewest in-flight requests per unit of effective weight, sampled
+    /// in large pools ([`LeastConnections`]).
     LeastConnections,
     /// `p2c`: power of two choices on in-flight requests ([`PowerOfTwoChoices`]).
     P2c,
     /// `peak_ewma`: P2C on peak-EWMA latency × (in-flight + 1) ([`PeakEwmaStrategy`]).
     PeakEwma,
-    /// `response_time`: lowest EWMA response time, with exploration (seed 002 RRT-BS).
+    /// `response_time`: lowest EWMA response time, with exploration (seed 002 RRT-BS,
+    /// [`ResponseTime`]).
     ResponseTime,
-    /// `health_score`: highest 0..1 score from load and failure history (seed 002 HS-BS).
+    /// `health_score`: highest 0..1 score from load and failure history (seed 002 HS-BS,
+    /// [`HealthScore`]).
     HealthScore,
-    /// `adaptive_weighted`: failure-adaptive weighted round robin (seed 002 HF-WRR).
+    /// `adaptive_weighted`: failure-adaptive weighted round robin (seed 002 HF-WRR,
+    /// [`AdaptiveWeighted`]).
     AdaptiveWeighted,
     /// `tail_aware`: P2C on a tail-risk score with SLO-aware hedging (seed 002 ALPHA1).
     TailAware,
@@ -477,16 +488,21 @@ pub fn build_strategy(
     backends: &[Backend],
     params: &StrategyParams,
 ) -> Box<dyn Strategy> {
-    let _ = params;
     match kind {
         StrategyKind::RoundRobin => Box::new(RoundRobin::new()),
-        StrategyKind::WeightedRoundRobin => Box::new(SmoothWeightedRoundRobin::new(backends)),
+        StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(backends)),
         StrategyKind::Random => Box::new(WeightedRandom::new(backends)),
         StrategyKind::LeastConnections => Box::new(LeastConnections::new()),
         StrategyKind::P2c => Box::new(PowerOfTwoChoices::new()),
         StrategyKind::PeakEwma => Box::new(PeakEwmaStrategy::new()),
-        // Being implemented; placeholders keep the workspace building meanwhile.
-        _ => Box::new(RoundRobin::new()),
+        StrategyKind::TailAware => Box::new(TailAware::new(backends, params)),
+        StrategyKind::DurationClass => Box::new(DurationClass::new(backends, params)),
+        StrategyKind::Rendezvous => Box::new(Rendezvous::new(backends, params)),
+        StrategyKind::RingHash => Box::new(RingHash::new(backends, params)),
+        StrategyKind::Maglev => Box::new(Maglev::new(backends, params)),
+        StrategyKind::ResponseTime => Box::new(ResponseTime::new(params.exploration)),
+        StrategyKind::HealthScore => Box::new(HealthScore::new(backends)),
+        StrategyKind::AdaptiveWeighted => Box::new(AdaptiveWeighted::new(backends)),
     }
 }
 
@@ -543,7 +559,10 @@ mod tests {
     fn built_strategies_carry_their_kind_name() {
         let pool = testing::backends(&[1, 2]);
         for &kind in StrategyKind::ALL {
-            assert_eq!(build_strategy(kind, &pool, &StrategyParams::default()).name(), kind.name());
+            assert_eq!(
+                build_strategy(kind, &pool, &StrategyParams::default()).name(),
+                kind.name()
+            );
         }
     }
 

@@ -25,7 +25,8 @@
 //! few eligible backends still gets a correct answer in bounded time.
 //!
 //! [`distinct_pair`] and [`power_of_two_choices`] (generic over the load) are shared with
-//! `peak_ewma`, which differs only in its load.
+//! `peak_ewma` and `tail_aware`, which differ only in their load; `duration_class` draws
+//! its pairs among a subset of the pool with [`distinct_pair`] and `MAX_PAIR_DRAWS`.
 
 use super::least_connections::{InFlightPerWeight, least_loaded};
 use super::{BackendId, PoolView, RequestInfo, Strategy};
@@ -33,7 +34,7 @@ use super::{BackendId, PoolView, RequestInfo, Strategy};
 /// Pairs drawn before falling back to a scan. With a fraction `f` of the pool ineligible,
 /// a pair is wholly ineligible with probability about `f²`, so the scan runs for a share
 /// of about `f^6` of picks (one in 64 with half the pool down).
-const MAX_PAIR_DRAWS: usize = 3;
+pub(super) const MAX_PAIR_DRAWS: usize = 3;
 
 /// Power of two choices on in-flight requests per unit of weight. Lock-free and
 /// write-free: two random draws and two atomic loads per pick.
