@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 
 use crate::latency::LatencySpec;
-use crate::settings::{MAX_CAPACITY, Settings, check_fail_rate, check_slow_factor};
+use crate::settings::{
+    DEFAULT_CACHE_MISS_MS, MAX_CACHE_SIZE, MAX_CAPACITY, Settings, check_cache_miss_ms,
+    check_fail_rate, check_slow_factor,
+};
 
 /// Options of a simulated backend (`fulcrum backend`).
 ///
@@ -40,6 +43,18 @@ pub struct BackendArgs {
     /// Multiplies every work latency (2 = twice as slow), from 0 to 1000.
     #[arg(long, value_name = "FACTOR", default_value_t = 1.0, value_parser = parse_slow_factor)]
     pub slow_factor: f64,
+
+    /// Keys held by a simulated LRU cache; 0 = no cache. A work request carrying a key
+    /// (`x-cache-key` header, else `?key=`) that is not cached pays --cache-miss-ms extra
+    /// and is then cached. `/stats` counts `cache_hits` and `cache_misses`.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_CACHE_SIZE)))]
+    pub cache_size: u32,
+
+    /// Milliseconds a cache miss adds to the work latency (before the slow factor).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_CACHE_MISS_MS,
+          value_parser = parse_cache_miss_ms)]
+    pub cache_miss_ms: u64,
 }
 
 impl Default for BackendArgs {
@@ -52,6 +67,8 @@ impl Default for BackendArgs {
             capacity: settings.capacity,
             fail_rate: settings.fail_rate,
             slow_factor: settings.slow_factor,
+            cache_size: settings.cache_size,
+            cache_miss_ms: settings.cache_miss_ms,
         }
     }
 }
@@ -65,6 +82,8 @@ impl BackendArgs {
             slow_factor: self.slow_factor,
             capacity: self.capacity,
             healthy: true,
+            cache_size: self.cache_size,
+            cache_miss_ms: self.cache_miss_ms,
         }
     }
 }
@@ -90,6 +109,13 @@ fn parse_fail_rate(text: &str) -> Result<f64, String> {
         .parse()
         .map_err(|_| format!("`{text}` is not a number"))?;
     check_fail_rate(rate)
+}
+
+fn parse_cache_miss_ms(text: &str) -> Result<u64, String> {
+    let ms: u64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number of milliseconds"))?;
+    check_cache_miss_ms(ms)
 }
 
 fn parse_slow_factor(text: &str) -> Result<f64, String> {
@@ -138,6 +164,10 @@ mod tests {
             "0.1",
             "--slow-factor",
             "2.5",
+            "--cache-size",
+            "500",
+            "--cache-miss-ms",
+            "15",
         ])
         .expect("valid");
         assert_eq!(
@@ -152,6 +182,8 @@ mod tests {
                 capacity: 8,
                 fail_rate: 0.1,
                 slow_factor: 2.5,
+                cache_size: 500,
+                cache_miss_ms: 15,
             }
         );
     }
@@ -163,6 +195,8 @@ mod tests {
             (&["--slow-factor=-2"][..], "--slow-factor"),
             (&["--latency", "lognormal:20ms"][..], "--latency"),
             (&["--capacity", "2000000"][..], "--capacity"),
+            (&["--cache-size", "2000000"][..], "--cache-size"),
+            (&["--cache-miss-ms", "soon"][..], "--cache-miss-ms"),
             (&["--name", "bad\nname"][..], "--name"),
             (&["--name", ""][..], "--name"),
             (&["--listen", "localhost"][..], "--listen"),

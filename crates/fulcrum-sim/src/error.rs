@@ -25,4 +25,11 @@ pub enum SimError {
         /// What is wrong with the value.
         message: String,
     },
+    /// A settings change given to [`BackendHandle::control`](crate::BackendHandle::control)
+    /// has a bad parameter.
+    #[error("invalid settings change: {message}")]
+    InvalidControl {
+        /// The parameter and what is wrong with it.
+        message: String,
+    },
 }

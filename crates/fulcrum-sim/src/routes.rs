@@ -31,6 +31,10 @@ pub(crate) type ResBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Header naming the backend that answered, on every response.
 pub const BACKEND_HEADER: &str = "x-backend";
 
+/// Request header carrying the key the simulated cache looks up (else the `key` query
+/// parameter).
+pub const CACHE_KEY_HEADER: &str = "x-cache-key";
+
 /// Header carrying the hex SHA-256 of a `/download` body.
 pub const CONTENT_SHA256_HEADER: &str = "x-content-sha256";
 
@@ -146,6 +150,8 @@ async fn control(req: Request<Incoming>, state: &SimState) -> Response<ResBody> 
                 slow_factor = settings.slow_factor,
                 capacity = settings.capacity,
                 healthy = settings.healthy,
+                cache_size = settings.cache_size,
+                cache_miss_ms = settings.cache_miss_ms,
                 "settings changed through /control"
             );
             json(StatusCode::OK, &settings)
@@ -162,10 +168,12 @@ struct WorkAnswer<'a> {
 }
 
 /// The work endpoint (every path without an endpoint of its own): queue for capacity,
-/// sleep the latency, then answer 200, or 503 at the fail rate.
+/// look the cache key up, sleep the latency (plus the miss penalty), then answer 200, or
+/// 503 at the fail rate.
 async fn work(req: Request<Incoming>, state: &SimState) -> Response<ResBody> {
     state.requests.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
+    let cache_key = cache_key(&parts);
     let delay_override = match parse_delay_override(parts.uri.query().unwrap_or("")) {
         Ok(delay) => delay,
         Err(bad) => return bad_request(&bad),
@@ -196,7 +204,14 @@ async fn work(req: Request<Incoming>, state: &SimState) -> Response<ResBody> {
 
     let settings = state.settings();
     let mut rng = fastrand::Rng::new();
-    let latency = delay_override.unwrap_or_else(|| settings.latency.sample(&mut rng));
+    let mut latency = delay_override.unwrap_or_else(|| settings.latency.sample(&mut rng));
+    // Looked up once served, not on arrival: a key fetched by a request ahead in the
+    // queue is a hit for the ones behind it, as in a real cache.
+    if let Some(key) = cache_key
+        && state.cache_miss(&key, settings.cache_size)
+    {
+        latency += std::time::Duration::from_millis(settings.cache_miss_ms);
+    }
     tokio::time::sleep(scale(latency, settings.slow_factor)).await;
 
     if rng.f64() < settings.fail_rate {
@@ -215,6 +230,17 @@ async fn work(req: Request<Incoming>, state: &SimState) -> Response<ResBody> {
             method: parts.method.as_str(),
         },
     )
+}
+
+/// The cache key of a work request: the `x-cache-key` header, else the `key` query
+/// parameter; `None` when neither is there.
+fn cache_key(parts: &http::request::Parts) -> Option<Vec<u8>> {
+    if let Some(value) = parts.headers.get(CACHE_KEY_HEADER) {
+        return Some(value.as_bytes().to_vec());
+    }
+    form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+        .find(|(key, _)| key == "key")
+        .map(|(_, value)| value.as_bytes().to_vec())
 }
 
 /// `/echo`: the request body streams straight back as the response body, never buffered;

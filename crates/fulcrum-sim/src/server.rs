@@ -102,6 +102,22 @@ impl BackendHandle {
         self.state.snapshot()
     }
 
+    /// Changes the settings as `/control?<query>` does (same parameters, same checks, all
+    /// or nothing) without going through HTTP; for benchmarks and tests that hold the
+    /// handle. Returns the settings now in force.
+    ///
+    /// # Errors
+    /// [`SimError::InvalidControl`] naming the first bad parameter; nothing is changed.
+    pub fn control(&self, query: &str) -> Result<crate::Settings, SimError> {
+        let change =
+            crate::settings::parse_control(query).map_err(|bad| SimError::InvalidControl {
+                message: bad.to_message(),
+            })?;
+        let settings = self.state.apply(&change);
+        tracing::info!(backend = %self.state.name, query, "settings changed through the handle");
+        Ok(settings)
+    }
+
     /// Stops the backend: stops accepting, closes every open connection (requests still
     /// being served are cut off, as if the process had died) and returns once all of the
     /// backend's tasks have ended and its listening socket is closed.
@@ -191,6 +207,7 @@ pub async fn start_backend(args: BackendArgs) -> Result<BackendHandle, SimError>
         capacity = settings.capacity,
         fail_rate = settings.fail_rate,
         slow_factor = settings.slow_factor,
+        cache_size = settings.cache_size,
         "backend listening"
     );
     Ok(BackendHandle {

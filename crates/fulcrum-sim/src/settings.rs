@@ -14,9 +14,17 @@ pub const MAX_CAPACITY: u32 = 1_000_000;
 /// The largest `--slow-factor` / `slow_factor=`.
 pub const MAX_SLOW_FACTOR: f64 = 1000.0;
 
+/// The largest `--cache-size` / `cache_size=`: a million keys is far more than any
+/// benchmark's key space needs, and bounds the memory a typo can claim.
+pub const MAX_CACHE_SIZE: u32 = 1_000_000;
+
+/// `--cache-miss-ms` when not given: the cost of fetching a missing key from the origin.
+pub const DEFAULT_CACHE_MISS_MS: u64 = 20;
+
 /// How a simulated backend behaves right now; shown by `/stats` and `/control`.
 ///
-/// JSON: `{"latency":"fixed:20ms","fail_rate":0.0,"slow_factor":1.0,"capacity":0,"healthy":true}`.
+/// JSON: `{"latency":"fixed:20ms","fail_rate":0.0,"slow_factor":1.0,"capacity":0,"healthy":true,
+/// "cache_size":0,"cache_miss_ms":20}`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     /// Latency distribution of the work endpoint, before the slow factor.
@@ -31,10 +39,18 @@ pub struct Settings {
     pub capacity: u32,
     /// What `/health` reports: `true` → 200, `false` → 503.
     pub healthy: bool,
+    /// Keys the simulated LRU cache holds, `0..=MAX_CACHE_SIZE`; `0` = no cache. A work
+    /// request carrying a cache key (`x-cache-key` header or `key` query parameter) whose
+    /// key is not cached pays [`cache_miss_ms`](Self::cache_miss_ms) extra and caches it.
+    /// Shrinking evicts the least recently used keys; `0` empties the cache.
+    pub cache_size: u32,
+    /// Milliseconds a cache miss adds to the work latency (before the slow factor),
+    /// `0..=3_600_000`.
+    pub cache_miss_ms: u64,
 }
 
 impl Default for Settings {
-    /// Instant, never failing, unlimited, healthy.
+    /// Instant, never failing, unlimited, healthy, no cache.
     fn default() -> Self {
         Settings {
             latency: LatencySpec::default(),
@@ -42,6 +58,8 @@ impl Default for Settings {
             slow_factor: 1.0,
             capacity: 0,
             healthy: true,
+            cache_size: 0,
+            cache_miss_ms: DEFAULT_CACHE_MISS_MS,
         }
     }
 }
@@ -61,6 +79,8 @@ impl Settings {
                 format!("{} is above the maximum of {MAX_CAPACITY}", self.capacity),
             ));
         }
+        check_cache_size(self.cache_size).map_err(|m| ("cache-size", m))?;
+        check_cache_miss_ms(self.cache_miss_ms).map_err(|m| ("cache-miss-ms", m))?;
         Ok(())
     }
 
@@ -80,6 +100,12 @@ impl Settings {
         }
         if let Some(healthy) = change.healthy {
             self.healthy = healthy;
+        }
+        if let Some(cache_size) = change.cache_size {
+            self.cache_size = cache_size;
+        }
+        if let Some(cache_miss_ms) = change.cache_miss_ms {
+            self.cache_miss_ms = cache_miss_ms;
         }
         self
     }
@@ -105,6 +131,29 @@ pub(crate) fn check_slow_factor(factor: f64) -> Result<f64, String> {
     }
 }
 
+/// Accepts a cache size in `0..=MAX_CACHE_SIZE`.
+pub(crate) fn check_cache_size(size: u32) -> Result<u32, String> {
+    if size <= MAX_CACHE_SIZE {
+        Ok(size)
+    } else {
+        Err(format!(
+            "{size} is not a number of keys from 0 (no cache) to {MAX_CACHE_SIZE}"
+        ))
+    }
+}
+
+/// Accepts a cache-miss penalty of at most [`MAX_LATENCY`] in milliseconds.
+pub(crate) fn check_cache_miss_ms(ms: u64) -> Result<u64, String> {
+    let max_ms = MAX_LATENCY.as_millis();
+    if u128::from(ms) <= max_ms {
+        Ok(ms)
+    } else {
+        Err(format!(
+            "{ms} is not a whole number of milliseconds from 0 to {max_ms}"
+        ))
+    }
+}
+
 /// A validated `/control` request: the fields to change, `None` = leave as is.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct SettingsChange {
@@ -113,6 +162,8 @@ pub(crate) struct SettingsChange {
     pub slow_factor: Option<f64>,
     pub capacity: Option<u32>,
     pub healthy: Option<bool>,
+    pub cache_size: Option<u32>,
+    pub cache_miss_ms: Option<u64>,
 }
 
 /// A `/control` or query parameter that cannot be used; becomes a `400`.
@@ -138,7 +189,8 @@ impl BadParameter {
     }
 }
 
-const CONTROL_PARAMETERS: &str = "delay_ms, latency, fail, slow_factor, capacity, healthy";
+const CONTROL_PARAMETERS: &str =
+    "delay_ms, latency, fail, slow_factor, capacity, healthy, cache_size, cache_miss_ms";
 
 /// The `/control` parameters, aliases folded in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +201,8 @@ enum ControlParameter {
     SlowFactor,
     Capacity,
     Healthy,
+    CacheSize,
+    CacheMissMs,
 }
 
 impl ControlParameter {
@@ -160,6 +214,8 @@ impl ControlParameter {
             "slow_factor" => ControlParameter::SlowFactor,
             "capacity" => ControlParameter::Capacity,
             "healthy" => ControlParameter::Healthy,
+            "cache_size" => ControlParameter::CacheSize,
+            "cache_miss_ms" => ControlParameter::CacheMissMs,
             _ => return None,
         })
     }
@@ -172,6 +228,8 @@ impl ControlParameter {
             ControlParameter::SlowFactor => "slow_factor",
             ControlParameter::Capacity => "capacity",
             ControlParameter::Healthy => "healthy",
+            ControlParameter::CacheSize => "cache_size",
+            ControlParameter::CacheMissMs => "cache_miss_ms",
         }
     }
 }
@@ -180,7 +238,7 @@ impl ControlParameter {
 ///
 /// Parameters: `delay_ms=N` (fixed latency of N ms; alias `set_delay_ms` from the seed
 /// spec), `latency=SPEC`, `fail=R` (alias `fail_rate`), `slow_factor=F`, `capacity=N`,
-/// `healthy=true|false`.
+/// `healthy=true|false`, `cache_size=N`, `cache_miss_ms=N`.
 ///
 /// # Errors
 /// The first parameter that is unknown, repeated, empty, out of range, or that conflicts
@@ -248,6 +306,17 @@ pub(crate) fn parse_control(query: &str) -> Result<SettingsChange, BadParameter>
                     _ => return Err(bad(format!("`{value}` is not `true` or `false`"))),
                 });
             }
+            ControlParameter::CacheSize => {
+                let size = value
+                    .parse::<u32>()
+                    .map_err(|_| format!("`{value}` is not a whole number"))
+                    .and_then(check_cache_size)
+                    .map_err(bad)?;
+                change.cache_size = Some(size);
+            }
+            ControlParameter::CacheMissMs => {
+                change.cache_miss_ms = Some(parse_ms(value).map_err(bad)?);
+            }
         }
     }
     Ok(change)
@@ -271,12 +340,16 @@ pub(crate) fn parse_delay_override(
 }
 
 fn parse_delay_ms(value: &str) -> Result<std::time::Duration, String> {
+    parse_ms(value).map(std::time::Duration::from_millis)
+}
+
+/// A whole number of milliseconds from 0 to [`MAX_LATENCY`].
+fn parse_ms(value: &str) -> Result<u64, String> {
     let max_ms = MAX_LATENCY.as_millis();
     value
         .parse::<u64>()
         .ok()
         .filter(|ms| u128::from(*ms) <= max_ms)
-        .map(std::time::Duration::from_millis)
         .ok_or_else(|| {
             format!("`{value}` is not a whole number of milliseconds from 0 to {max_ms}")
         })
@@ -296,8 +369,11 @@ mod tests {
 
     #[test]
     fn parses_every_parameter() {
-        let change = parse_control("delay_ms=150&fail=0.25&slow_factor=2&capacity=4&healthy=false")
-            .expect("valid");
+        let change = parse_control(
+            "delay_ms=150&fail=0.25&slow_factor=2&capacity=4&healthy=false\
+             &cache_size=100&cache_miss_ms=35",
+        )
+        .expect("valid");
         assert_eq!(
             change,
             SettingsChange {
@@ -306,6 +382,8 @@ mod tests {
                 slow_factor: Some(2.0),
                 capacity: Some(4),
                 healthy: Some(false),
+                cache_size: Some(100),
+                cache_miss_ms: Some(35),
             }
         );
         let encoded = parse_control("latency=uniform%3A10ms..50ms").expect("valid");
@@ -344,6 +422,10 @@ mod tests {
             ("capacity=2000000", "capacity", "whole number"),
             ("capacity=1.5", "capacity", "whole number"),
             ("healthy=yes", "healthy", "`true` or `false`"),
+            ("cache_size=2000000", "cache_size", "no cache"),
+            ("cache_size=-1", "cache_size", "whole number"),
+            ("cache_miss_ms=1.5", "cache_miss_ms", "whole number"),
+            ("cache_miss_ms=99999999999", "cache_miss_ms", "whole number"),
             ("latency=fast", "latency", "not a duration"),
             ("fail=", "fail", "needs a value"),
             ("colour=red", "colour", "unknown parameter"),
@@ -415,5 +497,15 @@ mod tests {
             ..Settings::default()
         };
         assert_eq!(bad.validate().expect_err("bad").0, "capacity");
+        let bad = Settings {
+            cache_size: MAX_CACHE_SIZE + 1,
+            ..Settings::default()
+        };
+        assert_eq!(bad.validate().expect_err("bad").0, "cache-size");
+        let bad = Settings {
+            cache_miss_ms: 3_600_001,
+            ..Settings::default()
+        };
+        assert_eq!(bad.validate().expect_err("bad").0, "cache-miss-ms");
     }
 }

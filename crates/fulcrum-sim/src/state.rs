@@ -1,13 +1,16 @@
-//! Shared state of one simulated backend: its counters, current settings and capacity gate.
+//! Shared state of one simulated backend: its counters, current settings, capacity gate
+//! and key cache.
 //!
 //! Every connection task holds an `Arc<SimState>`. Counters are atomics; the settings and
-//! the gate sit behind one short-held lock that is never held across an `.await`.
+//! the gate sit behind one short-held lock, the cache behind another; neither is ever held
+//! across an `.await`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::HeaderValue;
+use lru::LruCache;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -16,7 +19,8 @@ use crate::settings::{Settings, SettingsChange};
 
 /// What `/stats` reports, also returned by [`BackendHandle::stats`](crate::BackendHandle::stats).
 ///
-/// JSON: `{"name":"b1","requests":12,"in_flight":1,"queued":2,"errors":0,"settings":{…}}`.
+/// JSON: `{"name":"b1","requests":12,"in_flight":1,"queued":2,"errors":0,"cache_hits":0,
+/// "cache_misses":0,"settings":{…}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatsSnapshot {
     /// The backend's name.
@@ -30,6 +34,12 @@ pub struct BackendStatsSnapshot {
     pub queued: u64,
     /// Work requests answered `503` by the fail rate since start.
     pub errors: u64,
+    /// Work requests whose cache key was found in the cache since start.
+    #[serde(default)]
+    pub cache_hits: u64,
+    /// Work requests whose cache key was not cached (and paid the miss penalty) since start.
+    #[serde(default)]
+    pub cache_misses: u64,
     /// Current behaviour.
     pub settings: Settings,
 }
@@ -45,7 +55,13 @@ pub(crate) struct SimState {
     pub in_flight: AtomicU64,
     pub queued: AtomicU64,
     pub errors: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
     runtime: Mutex<Runtime>,
+    /// The simulated cache's keys in recency order. Unbounded as a container: the bound is
+    /// `settings.cache_size`, enforced on every insert, so a large size costs memory only
+    /// as keys arrive.
+    cache: Mutex<LruCache<Box<[u8]>, ()>>,
     /// `/download` length → hex SHA-256 of the pattern of that length.
     checksums: Mutex<HashMap<u64, Arc<str>>>,
 }
@@ -72,10 +88,13 @@ impl SimState {
             in_flight: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             runtime: Mutex::new(Runtime {
                 settings,
                 gate: gate_for(settings.capacity),
             }),
+            cache: Mutex::new(LruCache::unbounded()),
             checksums: Mutex::new(HashMap::new()),
         }
     }
@@ -97,7 +116,36 @@ impl SimState {
             runtime.gate = gate_for(next.capacity);
         }
         runtime.settings = next;
+        drop(runtime);
+        if change.cache_size.is_some() {
+            let mut cache = self.cache.lock();
+            trim(&mut cache, next.cache_size);
+            if next.cache_size == 0 {
+                // Give the memory back, not only the entries.
+                *cache = LruCache::unbounded();
+            }
+        }
         next
+    }
+
+    /// Looks `key` up in a cache of `capacity` keys, counting a hit or a miss; a miss
+    /// inserts the key, evicting the least recently used ones beyond `capacity`. Returns
+    /// `true` on a miss. `capacity` 0 means no cache: nothing is looked up or counted, and
+    /// nothing is a miss.
+    pub(crate) fn cache_miss(&self, key: &[u8], capacity: u32) -> bool {
+        if capacity == 0 {
+            return false;
+        }
+        let mut cache = self.cache.lock();
+        let miss = cache.get(key).is_none();
+        if miss {
+            cache.put(key.into(), ());
+            trim(&mut cache, capacity);
+            self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        miss
     }
 
     pub(crate) fn snapshot(&self) -> BackendStatsSnapshot {
@@ -107,6 +155,8 @@ impl SimState {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
             settings: self.settings(),
         }
     }
@@ -121,6 +171,14 @@ impl SimState {
             checksums.clear();
         }
         checksums.insert(len, checksum);
+    }
+}
+
+/// Evicts least recently used keys until at most `capacity` remain.
+fn trim(cache: &mut LruCache<Box<[u8]>, ()>, capacity: u32) {
+    let capacity = capacity as usize;
+    while cache.len() > capacity {
+        cache.pop_lru();
     }
 }
 
@@ -177,6 +235,43 @@ mod tests {
             ..SettingsChange::default()
         });
         assert!(state.gate().is_none());
+    }
+
+    #[test]
+    fn cache_is_lru_and_bounded_by_the_size_given() {
+        let state = state(0);
+        assert!(!state.cache_miss(b"a", 0), "size 0 is no cache");
+        assert_eq!(state.snapshot().cache_misses, 0, "size 0 counts nothing");
+        assert!(state.cache_miss(b"a", 2));
+        assert!(state.cache_miss(b"b", 2));
+        assert!(!state.cache_miss(b"a", 2), "a is cached; now most recent");
+        assert!(
+            state.cache_miss(b"c", 2),
+            "evicts b, the least recently used"
+        );
+        assert!(!state.cache_miss(b"a", 2));
+        assert!(state.cache_miss(b"b", 2), "b was evicted");
+        let snapshot = state.snapshot();
+        assert_eq!((snapshot.cache_hits, snapshot.cache_misses), (2, 4));
+    }
+
+    #[test]
+    fn shrinking_the_cache_evicts_and_zero_empties_it() {
+        let state = state(0);
+        for key in [b"a", b"b", b"c"] {
+            state.cache_miss(key, 3);
+        }
+        state.apply(&SettingsChange {
+            cache_size: Some(1),
+            ..SettingsChange::default()
+        });
+        assert_eq!(state.cache.lock().len(), 1);
+        assert!(!state.cache_miss(b"c", 1), "the most recent key stays");
+        state.apply(&SettingsChange {
+            cache_size: Some(0),
+            ..SettingsChange::default()
+        });
+        assert_eq!(state.cache.lock().len(), 0);
     }
 
     #[test]

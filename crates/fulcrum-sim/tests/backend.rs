@@ -261,6 +261,82 @@ async fn control_changes_latency_failures_and_health() {
 }
 
 #[tokio::test]
+async fn cache_counts_hits_and_misses_by_header_or_query_key() {
+    let backend = start(|args| {
+        args.cache_size = 2;
+        args.cache_miss_ms = 1;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let base = backend.url();
+    let by_header = |key: &'static str| {
+        client
+            .get(format!("{base}/item"))
+            .header(fulcrum_sim::CACHE_KEY_HEADER, key)
+            .send()
+    };
+    for key in ["a", "b", "a"] {
+        assert_eq!(by_header(key).await.expect("request").status(), 200);
+    }
+    let stats = backend.stats();
+    assert_eq!((stats.cache_hits, stats.cache_misses), (1, 2));
+
+    // The query parameter is a key too; `b` is cached from the header requests.
+    let (status, _) = get_json(&client, format!("{base}/item?key=b")).await;
+    assert_eq!(status, 200);
+    // No key at all: no lookup.
+    get_json(&client, format!("{base}/item")).await;
+    let (_, stats) = get_json(&client, format!("{base}/stats")).await;
+    assert_eq!(
+        (stats["cache_hits"].as_u64(), stats["cache_misses"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(stats["settings"]["cache_size"], 2);
+    assert_eq!(stats["settings"]["cache_miss_ms"], 1);
+
+    // `c` evicts the least recently used key, `a`.
+    by_header("c").await.expect("request");
+    by_header("a").await.expect("request");
+    assert_eq!(backend.stats().cache_misses, 4);
+
+    // Turned off at run time: keys are no longer looked up or counted.
+    let (status, settings) = get_json(
+        &client,
+        format!("{base}/control?cache_size=0&cache_miss_ms=50"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            settings["cache_size"].as_u64(),
+            settings["cache_miss_ms"].as_u64()
+        ),
+        (Some(0), Some(50))
+    );
+    by_header("a").await.expect("request");
+    let stats = backend.stats();
+    assert_eq!((stats.cache_hits, stats.cache_misses), (2, 4));
+
+    // And on again, empty.
+    get_json(&client, format!("{base}/control?cache_size=10")).await;
+    by_header("a").await.expect("request");
+    assert_eq!(backend.stats().cache_misses, 5);
+}
+
+#[tokio::test]
+async fn handle_control_applies_the_control_parameters() {
+    let backend = start(|_| {}).await;
+    let settings = backend.control("slow_factor=20&capacity=2").expect("valid");
+    assert_eq!((settings.slow_factor, settings.capacity), (20.0, 2));
+    assert_eq!(backend.stats().settings, settings);
+    let err = backend
+        .control("fail=0.5&slow_factor=x")
+        .expect_err("bad parameter");
+    assert!(err.to_string().contains("`slow_factor`"), "{err}");
+    assert_eq!(backend.stats().settings, settings, "nothing changed");
+}
+
+#[tokio::test]
 async fn bad_control_parameter_is_400_naming_it_and_changes_nothing() {
     let backend = start(|_| {}).await;
     let client = reqwest::Client::new();
@@ -271,6 +347,8 @@ async fn bad_control_parameter_is_400_naming_it_and_changes_nothing() {
         ("slow_factor=3&healthy=maybe", "healthy"),
         ("slow_factor=3&latency=gamma:1ms", "latency"),
         ("slow_factor=3&capacity=-1", "capacity"),
+        ("slow_factor=3&cache_size=x", "cache_size"),
+        ("slow_factor=3&cache_miss_ms=-5", "cache_miss_ms"),
         ("capacity=5&slow_factor=x", "slow_factor"),
         ("slow_factor=3&nonsense=1", "nonsense"),
     ] {

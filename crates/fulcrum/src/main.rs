@@ -5,11 +5,14 @@
 //! fulcrum check --config FILE               validate a configuration (exit 0 ok, 2 invalid)
 //! fulcrum demo                              simulated backends + a node + admin API on localhost
 //! fulcrum backend --listen ADDR [...]       a simulated backend
+//! fulcrum bench --url URL [...]             open-loop load generator with percentiles
+//! fulcrum bench --scenario NAME             strategy comparisons on simulated backends
 //! ```
 //!
 //! Exit codes: 0 success, 1 a runtime failure (a port cannot be bound, …), 2 an invalid
 //! configuration or command line.
 
+mod bench;
 mod demo;
 mod logging;
 mod serve;
@@ -67,6 +70,14 @@ enum Command {
     ///
     /// Prints `{"event":"listening","name":...,"address":...}` once listening.
     Backend(fulcrum_sim::BackendArgs),
+    /// Open-loop load generator with HDR percentiles, or a built-in strategy comparison.
+    ///
+    /// Sends Poisson arrivals at --rate to --url for --duration, each at its scheduled
+    /// time whether or not earlier ones were answered, and reports per endpoint: requests,
+    /// errors by kind, mean, p50, p90, p99, p99.9 and max latency (ms) measured from the
+    /// scheduled send time. `--scenario NAME` runs simulated backends and a node per
+    /// strategy in this process instead (`--scenario list` describes them).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +87,7 @@ fn main() -> ExitCode {
         Command::Run { config, threads } => serve::run(config, threads),
         Command::Demo(args) => demo::run(args),
         Command::Backend(args) => demo::backend(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
