@@ -211,7 +211,7 @@ pub(crate) async fn drive(
         ProgressDrawTarget::stderr(),
     );
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {elapsed:>4} / {duration_s}  {msg}")
+        ProgressStyle::with_template("{prefix} [{bar:20}] {elapsed:>3}/{duration_s} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .with_key(
                 "duration_s",
@@ -237,7 +237,7 @@ async fn tick(bar: ProgressBar, progress: Arc<Progress>) {
         interval.tick().await;
         bar.set_position(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
         bar.set_message(format!(
-            "sent {}  done {}  errors {}  dropped {}  in flight {}",
+            "sent {} done {} err {} drop {} open {}",
             progress.sent(),
             progress.completed(),
             progress.errors(),
@@ -405,7 +405,10 @@ mod tests {
             ),
             (&["--scenario", "nope"][..], "--scenario"),
             (&["--url", "http://h:1", "--quick"][..], "--quick"),
-            (&["--url", "http://h:1", "--strategies", "p2c"][..], "--strategies"),
+            (
+                &["--url", "http://h:1", "--strategies", "p2c"][..],
+                "--strategies",
+            ),
         ] {
             let err = parse(argv).expect_err(needle).to_string();
             assert!(err.contains(needle), "{argv:?}: {err}");

@@ -23,7 +23,7 @@
 //! reintroduce coordinated omission.
 //!
 //! # Layout
-//! [`schedule`] is the pure part (arrival times, endpoint mix, Zipf keys); [`report`] holds
+//! [`schedule`] is the pure part (arrival times, endpoint mix, Zipf keys); `report` holds
 //! the histograms and the report; this module runs the schedule over a pooled HTTP/1.1
 //! keep-alive client.
 //!
