@@ -273,12 +273,7 @@ async fn algorithm_metrics(State(state): State<AdminState>) -> Json<Value> {
         .node
         .pools()
         .iter()
-        .map(|pool| {
-            (
-                pool.name().to_owned(),
-                json!(Node::algorithm_metrics(pool)),
-            )
-        })
+        .map(|pool| (pool.name().to_owned(), json!(Node::algorithm_metrics(pool))))
         .collect();
     Json(json!({ "pools": pools }))
 }

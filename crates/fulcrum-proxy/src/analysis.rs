@@ -58,8 +58,8 @@ pub fn tick(pool: &Pool, now: u64) {
         ));
     }
     let panic = pool.is_panic(&state);
-    let view = PoolView::new(&state.backends, &[], panic)
-        .with_total_in_flight(pool.active_requests());
+    let view =
+        PoolView::new(&state.backends, &[], panic).with_total_in_flight(pool.active_requests());
     state.strategy.tick(&view, now);
     analyse_rate(pool, &state, &mut analysis, now);
 }
@@ -72,7 +72,11 @@ fn update_dynamic_weights(state: &PoolState, analysis: &mut Analysis, now: u64) 
             .zip(&state.backends)
             .all(|(a, b)| *a == b.address);
     if !same_backends {
-        analysis.factor_addresses = state.backends.iter().map(|b| Arc::clone(&b.address)).collect();
+        analysis.factor_addresses = state
+            .backends
+            .iter()
+            .map(|b| Arc::clone(&b.address))
+            .collect();
         analysis.factors = vec![1.0; state.backends.len()];
         analysis.weights = None;
     }
@@ -81,12 +85,18 @@ fn update_dynamic_weights(state: &PoolState, analysis: &mut Analysis, now: u64) 
         analysis.factors.iter_mut().for_each(|f| *f = 1.0);
         return;
     };
-    if analysis.weights.as_ref().is_none_or(|w| w.config() != config) {
+    if analysis
+        .weights
+        .as_ref()
+        .is_none_or(|w| w.config() != config)
+    {
         analysis.weights = Some(DynamicWeights::new(config.clone()));
         analysis.weights_updated_ns = 0;
     }
     let interval = duration_ns(state.settings.dynamic_weights_interval).max(1);
-    if analysis.weights_updated_ns != 0 && now.saturating_sub(analysis.weights_updated_ns) < interval {
+    if analysis.weights_updated_ns != 0
+        && now.saturating_sub(analysis.weights_updated_ns) < interval
+    {
         return;
     }
     analysis.weights_updated_ns = now;

@@ -172,9 +172,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     let started = now_ns();
     pool.rate().record(started);
     // The endpoint's history decides the request's class before it is forwarded.
-    let endpoint = state
-        .endpoints
-        .get(parts.method.as_str(), parts.uri.path());
+    let endpoint = state.endpoints.get(parts.method.as_str(), parts.uri.path());
     let mut info = RequestInfo::new(started).with_class(endpoint.class());
     if state.kind.uses_hash_key()
         && let Some(key) = affinity_key(&state.settings.hash_key, &parts, ctx.peer)
@@ -224,10 +222,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
 /// same value; `None` when the request does not carry the configured key.
 fn affinity_key(source: &HashKeySource, parts: &Parts, peer: SocketAddr) -> Option<u64> {
     match source {
-        HashKeySource::Header(name) => parts
-            .headers
-            .get(name)
-            .map(|value| fnv1a(value.as_bytes())),
+        HashKeySource::Header(name) => parts.headers.get(name).map(|value| fnv1a(value.as_bytes())),
         HashKeySource::Cookie(name) => parts
             .headers
             .get_all(http::header::COOKIE)

@@ -832,8 +832,8 @@ impl Node {
         let state = pool.state();
         let now = now_ns();
         let panic = pool.is_panic(&state);
-        let view = PoolView::new(&state.backends, &[], panic)
-            .with_total_in_flight(pool.active_requests());
+        let view =
+            PoolView::new(&state.backends, &[], panic).with_total_in_flight(pool.active_requests());
         let mut figures = BTreeMap::new();
         let mut backends: Vec<BackendFigures> = state
             .backends

@@ -148,7 +148,13 @@ async fn tail_aware_moves_traffic_off_a_stalled_backend() {
     let metrics = node.api("/api/algorithm-metrics").await;
     let pool = &metrics["pools"]["app"];
     assert_eq!(pool["strategy"], "tail_aware", "{metrics}");
-    for figure in ["target_p99_ms", "current_p99_ms", "beta", "gamma", "hedge_rate"] {
+    for figure in [
+        "target_p99_ms",
+        "current_p99_ms",
+        "beta",
+        "gamma",
+        "hedge_rate",
+    ] {
         assert!(pool["figures"][figure].is_number(), "{figure}: {metrics}");
     }
 }
@@ -196,9 +202,11 @@ async fn an_injected_rate_spike_is_reported_as_an_anomaly() {
         analysis["series"].as_array().is_some_and(|s| s.len() >= 10),
         "{analysis}"
     );
-    assert!(node.metrics().await.contains(
-        "fulcrum_traffic_anomalies_total{pool=\"app\",kind=\"spike\"}"
-    ));
+    assert!(
+        node.metrics()
+            .await
+            .contains("fulcrum_traffic_anomalies_total{pool=\"app\",kind=\"spike\"}")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
