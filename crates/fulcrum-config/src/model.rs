@@ -732,14 +732,16 @@ pub enum DurationClassMode {
     /// `static`: the short backends are `short_backends`, fixed.
     #[default]
     Static,
-    /// `adaptive`: the split between short and long backends follows the observed load,
-    /// starting from `short_backends`.
+    /// `adaptive`: a share of backends proportional to the long requests' share of the
+    /// work is reserved for long requests, recomputed every 100 ms; `short_backends` is
+    /// not used.
     Adaptive,
 }
 
 /// `pools.*.tail_aware`: the feedback controller of `tail_aware`, which scores a
-/// backend by its latency plus β × interference (long requests in flight) plus
-/// γ × the age of its oldest request in flight (head-of-line blocking).
+/// backend by its expected work (latency EWMA × (in-flight + 1)) plus β × interference
+/// (how far its windowed p99 exceeds its p50) plus γ × the age of its oldest request in
+/// flight (head-of-line blocking).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TailAwareConfig {
