@@ -22,7 +22,6 @@ use fulcrum_sim::BackendArgs;
 use fulcrum_sim::loadgen::{DEFAULT_KEY_HEADER, KeySpec, LoadGenerator, LoadSpec};
 use serde::Serialize;
 
-use super::testbed::BedError;
 use super::{Options, ScenarioError, ScenarioResult, Table, TestBed, ms, pick_strategies};
 
 const BACKENDS: usize = 4;
@@ -129,17 +128,12 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
     let run_length = options.run_length(RUN);
     let mut rows = Vec::new();
     for (name, kind) in &strategies {
-        if kind.is_none() {
-            rows.push(Row::unavailable(name, "not in this build".to_owned()));
-            continue;
-        }
-        let bed = match TestBed::start(name, backends(), &[HASH]).await {
+        let bed = match TestBed::start_for(name, *kind, backends(), &[HASH]).await? {
             Ok(bed) => bed,
-            Err(BedError::Config(reason)) => {
+            Err(reason) => {
                 rows.push(Row::unavailable(name, reason));
                 continue;
             }
-            Err(error) => return Err(error.into()),
         };
         let mut spec = LoadSpec::new(bed.url.clone());
         spec.rate = RATE;

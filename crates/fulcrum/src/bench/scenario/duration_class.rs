@@ -28,7 +28,6 @@ use fulcrum_sim::BackendArgs;
 use fulcrum_sim::loadgen::{ClassReport, LoadGenerator, LoadReport, LoadSpec, Mix, MixEntry};
 use serde::Serialize;
 
-use super::testbed::BedError;
 use super::{Options, ScenarioError, ScenarioResult, Table, TestBed, ms, pick_strategies};
 
 const BACKENDS: usize = 2;
@@ -191,17 +190,12 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
         let rate = rate_for(short_share);
         let mut rows: Vec<Row> = Vec::new();
         for (name, kind) in &strategies {
-            if kind.is_none() {
-                rows.push(Row::unavailable(name, "not in this build".to_owned()));
-                continue;
-            }
-            let bed = match TestBed::start(name, backends(), &[&threshold_line]).await {
+            let bed = match TestBed::start_for(name, *kind, backends(), &[&threshold_line]).await? {
                 Ok(bed) => bed,
-                Err(BedError::Config(reason)) => {
+                Err(reason) => {
                     rows.push(Row::unavailable(name, reason));
                     continue;
                 }
-                Err(error) => return Err(error.into()),
             };
             let mut spec = LoadSpec::new(bed.url.clone());
             spec.rate = rate;

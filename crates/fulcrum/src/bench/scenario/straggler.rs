@@ -25,7 +25,6 @@ use fulcrum_sim::loadgen::{DEFAULT_KEY_HEADER, KeySpec, LoadGenerator, LoadSpec}
 use fulcrum_sim::{BackendArgs, BackendStatsSnapshot};
 use serde::Serialize;
 
-use super::testbed::BedError;
 use super::{Options, ScenarioError, ScenarioResult, Table, TestBed, ms, pick_strategies};
 
 const BACKENDS: usize = 3;
@@ -115,17 +114,12 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
     let slow_at = run_length / 2;
     let mut rows = Vec::new();
     for (name, kind) in &strategies {
-        if kind.is_none() {
-            rows.push(Row::unavailable(name, "not in this build".to_owned()));
-            continue;
-        }
-        let bed = match TestBed::start(name, backends(), &[HASH]).await {
+        let bed = match TestBed::start_for(name, *kind, backends(), &[HASH]).await? {
             Ok(bed) => bed,
-            Err(BedError::Config(reason)) => {
+            Err(reason) => {
                 rows.push(Row::unavailable(name, reason));
                 continue;
             }
-            Err(error) => return Err(error.into()),
         };
         let mut spec = LoadSpec::new(bed.url.clone());
         spec.rate = RATE;

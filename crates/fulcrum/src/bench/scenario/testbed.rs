@@ -50,6 +50,25 @@ impl TestBed {
     /// The node's configuration is written as YAML and goes through
     /// [`fulcrum_config::parse`], the path `fulcrum run` takes, so a scenario tests what an
     /// operator would run, and a key this build does not know is reported as such.
+    /// Starts the bed for strategy `name` (`kind` is `None` when this build does not have
+    /// it): `Ok(Err(reason))` when the strategy cannot run in this build, so the scenario
+    /// reports it as unavailable and goes on; `Err` when a backend or the node fails.
+    pub(crate) async fn start_for(
+        name: &str,
+        kind: Option<fulcrum_balance::StrategyKind>,
+        backends: Vec<BackendArgs>,
+        pool_extra: &[&str],
+    ) -> Result<Result<TestBed, String>, ScenarioError> {
+        if kind.is_none() {
+            return Ok(Err("not in this build".to_owned()));
+        }
+        match Self::start(name, backends, pool_extra).await {
+            Ok(bed) => Ok(Ok(bed)),
+            Err(BedError::Config(reason)) => Ok(Err(reason)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     pub(crate) async fn start(
         strategy: &str,
         backends: Vec<BackendArgs>,
