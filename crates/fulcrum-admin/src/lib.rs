@@ -17,13 +17,15 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use fulcrum_balance::StrategyKind;
+use fulcrum_cluster::runtime::ControlPlane;
+use fulcrum_cluster::shared::{AdminState as OverlayAdmin, Change};
 use fulcrum_proxy::{AdminAction, AdminError, Node};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -44,6 +46,9 @@ pub struct AdminState {
     pub token: Option<String>,
     /// Configuration reload, if the node has a configuration file.
     pub reload: Option<ReloadFn>,
+    /// The node's control plane (shared configuration, discovery, cluster); run-time
+    /// changes go through it when the node is in a cluster, so they reach every node.
+    pub control: Option<ControlPlane>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -93,6 +98,8 @@ impl From<AdminError> for ApiError {
     }
 }
 
+mod cluster;
+
 /// The admin API's routes.
 pub fn router(state: AdminState) -> Router {
     let mutating = Router::new()
@@ -102,6 +109,14 @@ pub fn router(state: AdminState) -> Router {
             post(backend_action),
         )
         .route("/api/reload", post(reload))
+        .route("/api/pools/{pool}/backends", post(cluster::add_backend))
+        .route(
+            "/api/pools/{pool}/backends/{address}",
+            delete(cluster::remove_backend),
+        )
+        .route("/api/cluster/join", post(cluster::join))
+        .route("/api/cluster/nodes/{id}", delete(cluster::forget_node))
+        .route("/api/cluster/rebalance", post(cluster::rebalance))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/api/status", get(status))
@@ -112,6 +127,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/endpoints", get(endpoints))
         .route("/api/algorithm-metrics", get(algorithm_metrics))
         .route("/metrics", get(metrics))
+        .route("/api/cluster/nodes", get(cluster::nodes))
+        .route("/api/cluster/nodes/{id}", get(cluster::node))
+        .route("/api/cluster/leader", get(cluster::leader))
+        .route("/api/cluster/status", get(cluster::status))
+        .route("/api/cluster/events", get(cluster::events))
+        .route("/api/cluster/assignments", get(cluster::assignments))
+        .route("/cluster/nodes", get(cluster::seed_nodes))
+        .route("/cluster/stats", get(cluster::seed_stats))
+        .route("/cluster/master", get(cluster::seed_master))
         .merge(mutating)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -227,7 +251,7 @@ async fn pools(State(state): State<AdminState>) -> Json<Value> {
 }
 
 /// The pool named `name`, or 404 `unknown_pool`.
-fn pool_named(state: &AdminState, name: &str) -> Result<Arc<fulcrum_proxy::Pool>, ApiError> {
+pub(crate) fn pool_named(state: &AdminState, name: &str) -> Result<Arc<fulcrum_proxy::Pool>, ApiError> {
     state
         .node
         .pool(name)
@@ -285,7 +309,7 @@ struct StrategyChange {
     strategy: String,
 }
 
-fn bad_body(rejection: JsonRejection) -> ApiError {
+pub(crate) fn bad_body(rejection: JsonRejection) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "bad_request",
@@ -296,6 +320,7 @@ fn bad_body(rejection: JsonRejection) -> ApiError {
 async fn switch_strategy(
     State(state): State<AdminState>,
     Path(name): Path<String>,
+    Query(query): Query<cluster::WriteQuery>,
     body: Result<Json<StrategyChange>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(change) = body.map_err(bad_body)?;
@@ -312,6 +337,21 @@ async fn switch_strategy(
                     e.to_string(),
                 )
             })?;
+    if let Some(plane) = cluster::clustered(&state) {
+        let previous = pool_named(&state, &name)?.state().kind;
+        let write = cluster::submit(
+            plane,
+            Change::Strategy {
+                pool: name.clone(),
+                strategy: kind,
+            },
+            query.consistency()?,
+        )
+        .await?;
+        return Ok(Json(json!({
+            "pool": name, "strategy": kind.name(), "previous": previous.name(), "write": write,
+        })));
+    }
     let previous = state.node.switch_strategy(&name, kind)?;
     Ok(Json(
         json!({ "pool": name, "strategy": kind.name(), "previous": previous.name() }),
@@ -321,7 +361,12 @@ async fn switch_strategy(
 async fn backend_action(
     State(state): State<AdminState>,
     Path((pool, address, action)): Path<(String, String, String)>,
+    Query(query): Query<cluster::WriteQuery>,
+    body: Result<Json<cluster::WeightBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    if action == "weight" {
+        return cluster::set_weight(&state, pool, address, body, &query).await;
+    }
     let action = match action.as_str() {
         "drain" => AdminAction::Drain,
         "disable" => AdminAction::Disable,
@@ -330,10 +375,38 @@ async fn backend_action(
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("unknown backend action `{other}`; expected drain, enable or disable"),
+                format!(
+                    "unknown backend action `{other}`; expected drain, enable, disable or weight"
+                ),
             ));
         }
     };
+    if let Some(plane) = cluster::clustered(&state) {
+        let overlay = match action {
+            AdminAction::Drain => Some(OverlayAdmin::Draining),
+            AdminAction::Disable => Some(OverlayAdmin::Disabled),
+            AdminAction::Enable => None,
+        };
+        let write = cluster::submit(
+            plane,
+            Change::Admin {
+                pool: pool.clone(),
+                address: address.clone(),
+                state: overlay,
+            },
+            query.consistency()?,
+        )
+        .await?;
+        let now = pool_named(&state, &pool)?
+            .state()
+            .backends
+            .iter()
+            .find(|b| &*b.address == address.as_str())
+            .map_or("unknown", |b| b.live.flags().state_name());
+        return Ok(Json(
+            json!({ "pool": pool, "backend": address, "state": now, "write": write }),
+        ));
+    }
     let new_state = state.node.set_backend_admin(&pool, &address, action)?;
     Ok(Json(
         json!({ "pool": pool, "backend": address, "state": new_state }),

@@ -65,6 +65,9 @@ impl BackendFlags {
     pub const UNHEALTHY: Self = Self(1 << 2);
     /// Ejected by passive outlier detection until its ejection time passes.
     pub const EJECTED: Self = Self(1 << 3);
+    /// Out of rotation by the cluster: other nodes see the backend failing and the
+    /// cluster's health-merge rule (`cluster.health_merge`) takes it out here too.
+    pub const PEER_DOWN: Self = Self(1 << 4);
 
     /// Flags set by an operator; honoured even in panic mode.
     pub const ADMIN: Self = Self(Self::DRAINING.0 | Self::DISABLED.0);
@@ -90,19 +93,27 @@ impl BackendFlags {
     }
 
     /// The state name shown by the admin API, by precedence:
-    /// `disabled` > `draining` > `unhealthy` > `ejected` > `healthy`.
+    /// `disabled` > `draining` > `unhealthy` (own check failing, or [`Self::PEER_DOWN`])
+    /// > `ejected` > `healthy`.
     pub fn state_name(self) -> &'static str {
         if self.contains(Self::DISABLED) {
             "disabled"
         } else if self.contains(Self::DRAINING) {
             "draining"
-        } else if self.contains(Self::UNHEALTHY) {
+        } else if self.intersects(Self::UNHEALTHY) || self.intersects(Self::PEER_DOWN) {
             "unhealthy"
         } else if self.contains(Self::EJECTED) {
             "ejected"
         } else {
             "healthy"
         }
+    }
+}
+
+impl BackendFlags {
+    /// The flags without [`Self::PEER_DOWN`]: this node's own view of the backend.
+    pub const fn local(self) -> Self {
+        Self(self.0 & !Self::PEER_DOWN.0)
     }
 }
 

@@ -51,8 +51,9 @@ use std::path::Path;
 
 pub use error::{ConfigError, Diagnostic};
 pub use model::{
-    AdminConfig, AnalysisConfig, BackendConfig, Config, DurationClassConfig, DurationClassMode,
-    DynamicWeightsConfig, HashConfig, HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind,
+    AdminConfig, AnalysisConfig, AssignmentsConfig, BackendConfig, ClusterConfig, Config,
+    CoordinationBackend, CoordinationConfig, DiscoveryConfig, DiscoverySource, DnsRecord,
+    DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HealthMergeRule, HashConfig, HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind,
     HedgeConfig, ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig,
     PoolConfig, Protocol, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch, RuntimeConfig,
     SlowStartConfig, StatsConfig, TailAwareConfig, UpstreamTimeouts,

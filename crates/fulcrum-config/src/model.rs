@@ -36,6 +36,10 @@ pub struct Config {
     /// Backend pools by name, in file order. Validated: at least one; names unique and
     /// made of `[A-Za-z0-9_.-]`.
     pub pools: IndexMap<String, PoolConfig>,
+    /// Clustering: gossip membership, cluster-wide health, coordination store. `None`
+    /// (no `cluster` block, the default) = a single node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `runtime`: how the process runs.
@@ -206,6 +210,11 @@ pub struct RouteConfig {
     pub r#match: Option<RouteMatch>,
     /// The pool that serves matching requests. Required. Validated: names a pool.
     pub pool: String,
+    /// Tags a backend must carry (all of them, exact values) to serve this route, e.g.
+    /// `{ gpu: "true", zone: a }`; empty (default) = every backend of the pool. A request
+    /// whose pool has no eligible backend with these tags gets `503`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backend_tags: BTreeMap<String, String>,
 }
 
 /// `routes[].match`: every condition given must hold; none given matches everything.
@@ -285,6 +294,9 @@ pub struct PoolConfig {
     /// Request hedging; `None` (default) = no hedging. Present (even `hedge: {}`) = on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hedge: Option<HedgeConfig>,
+    /// Where backends come from besides `backends`: `static` (default, only the list),
+    /// `dns` or `registry`.
+    pub discovery: DiscoveryConfig,
 }
 
 impl Default for PoolConfig {
@@ -307,6 +319,7 @@ impl Default for PoolConfig {
             tail_aware: TailAwareConfig::default(),
             response_time: ResponseTimeConfig::default(),
             hedge: None,
+            discovery: DiscoveryConfig::default(),
         }
     }
 }
@@ -812,6 +825,254 @@ impl Default for HedgeConfig {
             min_delay: Duration::from_millis(5),
             budget_percent: 10,
             max_body_bytes: 65536,
+        }
+    }
+}
+
+/// `pools.*.discovery`: where a pool's backends come from. Discovered backends are added
+/// to the ones listed in `backends` (which may then be empty) with weight 1 and no tags
+/// (DNS SRV records give their weight).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// `static` (default): only `backends`; `dns`: the records of `name`, re-resolved
+    /// every `interval`; `registry`: backends registered in the cluster's coordination
+    /// store (`POST /api/pools/{pool}/backends` or `fulcrum backend --register`), each
+    /// kept while its registration's TTL is refreshed. Validated: `registry` needs a
+    /// `cluster.coordination` backend of `redis` or `etcd`.
+    pub source: DiscoverySource,
+    /// `dns`: the name to resolve: `host:port` for A/AAAA records, or an SRV name such
+    /// as `_http._tcp.example.com` (which carries ports and weights). Validated: set iff
+    /// `source` is `dns`; `host:port` with a port 1..=65535 unless `record` is `srv`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `dns`: the record type: `a` (A and AAAA, the default) or `srv`.
+    pub record: DnsRecord,
+    /// `dns`: time between two resolutions; `registry`: time between two reads of the
+    /// registry. Default 5 s. Validated: ≥ 100 ms.
+    #[serde(with = "scalar::duration")]
+    pub interval: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            source: DiscoverySource::Static,
+            name: None,
+            record: DnsRecord::A,
+            interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `discovery.source`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoverySource {
+    /// Only the backends listed in the configuration.
+    #[default]
+    Static,
+    /// DNS records of `discovery.name`.
+    Dns,
+    /// Backends registered in the coordination store.
+    Registry,
+}
+
+/// `discovery.record`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsRecord {
+    /// A and AAAA records of a `host:port` name.
+    #[default]
+    A,
+    /// SRV records (RFC 2782): target, port and weight per record.
+    Srv,
+}
+
+/// `cluster`: this node's place in a cluster of Fulcrum nodes (docs/CLUSTER.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's unique name in the cluster. Default: the host name. Validated: not
+    /// empty, `[A-Za-z0-9_.-]`, at most 64 bytes.
+    pub node_id: String,
+    /// Name of the cluster; nodes gossip only with nodes of the same cluster id.
+    /// Default `fulcrum`.
+    pub cluster_id: String,
+    /// Gossip membership (chitchat: Scuttlebutt anti-entropy, phi-accrual failure
+    /// detection).
+    pub gossip: GossipConfig,
+    /// Free-form labels of this node (`zone: a`), published to the other nodes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// How the nodes' views of a backend are merged into the cluster view: `any`
+    /// (default: out of rotation on every node when any node's active check fails it,
+    /// or when two nodes eject it passively), `majority` (when more than half of the
+    /// nodes that report it see it down) or `local` (each node keeps its own view).
+    pub health_merge: HealthMergeRule,
+    /// How often this node republishes its view of its backends and its load when
+    /// nothing changed (changes are published at once). Default 1 s. Validated: ≥ 100 ms.
+    #[serde(with = "scalar::duration")]
+    pub publish_interval: Duration,
+    /// The coordination store.
+    pub coordination: CoordinationConfig,
+    /// Longest wait of a write made with `?consistency=quorum|all` for the other nodes to
+    /// report the new configuration version. Default 5 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub consistency_timeout: Duration,
+    /// Named work items (tenants, keys) assigned to nodes by bounded-load consistent
+    /// hashing (`GET /api/cluster/assignments`).
+    pub assignments: AssignmentsConfig,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: default_node_id(),
+            cluster_id: "fulcrum".to_owned(),
+            gossip: GossipConfig::default(),
+            tags: BTreeMap::new(),
+            health_merge: HealthMergeRule::Any,
+            publish_interval: Duration::from_secs(1),
+            coordination: CoordinationConfig::default(),
+            consistency_timeout: Duration::from_secs(5),
+            assignments: AssignmentsConfig::default(),
+        }
+    }
+}
+
+/// The host name (`HOSTNAME`, then `/etc/hostname`), or `fulcrum` when neither is set.
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "fulcrum".to_owned())
+}
+
+/// `cluster.gossip`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipConfig {
+    /// UDP address gossip is received on. Default `127.0.0.1:7946`; port 0 = ephemeral.
+    #[serde(with = "scalar::listen_addr")]
+    pub listen: SocketAddr,
+    /// Address the other nodes reach this node at; default = `listen`.
+    #[serde(
+        default,
+        with = "scalar::opt_listen_addr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub advertise: Option<SocketAddr>,
+    /// `host:port` of nodes to contact at start; any live node will do. Default none.
+    /// Validated: each `host:port` with a port 1..=65535.
+    pub seeds: Vec<String>,
+    /// Time between two gossip rounds. Default 200 ms. Validated: 10 ms..=10 s.
+    #[serde(with = "scalar::duration")]
+    pub interval: Duration,
+    /// Phi-accrual suspicion level above which a silent node is declared failed
+    /// (Hayashibara et al. 2004; Cassandra uses 8). Default 8.0. Validated: finite, > 0.
+    pub phi_threshold: f64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7946)),
+            advertise: None,
+            seeds: Vec::new(),
+            interval: Duration::from_millis(200),
+            phi_threshold: 8.0,
+        }
+    }
+}
+
+/// `cluster.health_merge`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthMergeRule {
+    /// Down on every node when any node's active check fails it, or two nodes eject it.
+    #[default]
+    Any,
+    /// Down when more than half of the nodes that report the backend see it down.
+    Majority,
+    /// Every node keeps its own view.
+    Local,
+}
+
+/// `cluster.coordination`: the store that holds what must survive a node: the leader
+/// lease, the shared configuration, the backend registry, persisted statistics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinationConfig {
+    /// `none` (default: gossip only; the leader is the lowest live node id, which is not
+    /// partition-safe), `redis` or `etcd`.
+    pub backend: CoordinationBackend,
+    /// `redis`: the server URL, `redis://host:port[/db]`. Validated: set iff `backend`
+    /// is `redis`; starts with `redis://` or `rediss://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `etcd`: client URLs, `http://host:port`. Validated: not empty iff `backend` is
+    /// `etcd`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Prefix of every key Fulcrum writes. Default `fulcrum:` (Redis) or `/fulcrum/`
+    /// (etcd) when empty.
+    pub prefix: String,
+    /// Time-to-live of the leader lease; the leader renews it every third of it and
+    /// steps down when it could not for two thirds of it. Default 3 s. Validated:
+    /// 1 s..=60 s.
+    #[serde(with = "scalar::duration")]
+    pub lease_ttl: Duration,
+    /// Time-to-live of this node's entry in the node registry, refreshed every third of
+    /// it. Default 10 s. Validated: 1 s..=300 s.
+    #[serde(with = "scalar::duration")]
+    pub node_ttl: Duration,
+}
+
+impl Default for CoordinationConfig {
+    fn default() -> Self {
+        Self {
+            backend: CoordinationBackend::None,
+            url: None,
+            endpoints: Vec::new(),
+            prefix: String::new(),
+            lease_ttl: Duration::from_secs(3),
+            node_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `cluster.coordination.backend`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoordinationBackend {
+    /// Gossip only.
+    #[default]
+    None,
+    /// A Redis server.
+    Redis,
+    /// An etcd cluster (v3 API).
+    Etcd,
+}
+
+/// `cluster.assignments`: seed 004's work assignments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AssignmentsConfig {
+    /// The work items (tenant names, keys). Default none.
+    pub items: Vec<String>,
+    /// Bounded-load factor c: no node holds more than ⌈c × items / nodes⌉. Default 1.25.
+    /// Validated: finite, 1.0..=10.0.
+    pub bounded_load: f64,
+}
+
+impl Default for AssignmentsConfig {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            bounded_load: 1.25,
         }
     }
 }

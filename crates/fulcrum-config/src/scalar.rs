@@ -132,6 +132,23 @@ pub(crate) mod listen_addr {
     }
 }
 
+/// Serde for an optional listen address (`advertise`): absent or `ip:port`.
+pub(crate) mod opt_listen_addr {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let v = String::deserialize(d)?;
+        parse_listen_addr(&v).map(Some).map_err(de::Error::custom)
+    }
+}
+
 /// Parses a listen address (`ip:port`, port 0..=65535), with diagnostic messages.
 pub(crate) fn parse_listen_addr(v: &str) -> Result<SocketAddr, String> {
     let bad = |why: &str| format!("invalid address \"{v}\": {why}");

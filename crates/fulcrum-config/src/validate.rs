@@ -11,7 +11,8 @@ use crate::env::ColumnMap;
 use crate::error::Diagnostic;
 use crate::locate::{Anchor, Pos, SourceIndex};
 use crate::model::{
-    Config, HashConfig, HashKey, HealthCheckConfig, HealthCheckKind, HedgeConfig, ListenerConfig,
+    ClusterConfig, Config, CoordinationBackend, DiscoveryConfig, DiscoverySource, DnsRecord,
+    HashConfig, HashKey, HealthCheckConfig, HealthCheckKind, HedgeConfig, ListenerConfig,
     PoolConfig, Protocol, RouteMatch,
 };
 use crate::scalar::{HedgeDelay, check_backend_addr, check_dns_name};
@@ -95,6 +96,8 @@ impl Locator<'_> {
 struct Checker<'a> {
     loc: &'a Locator<'a>,
     diags: Vec<Diagnostic>,
+    /// The cluster's coordination store (`None` without a `cluster` block).
+    store: Option<CoordinationBackend>,
 }
 
 /// Checks `config`; returns every problem found, empty when it is valid.
@@ -102,11 +105,13 @@ pub(crate) fn check(config: &Config, loc: &Locator<'_>) -> Vec<Diagnostic> {
     let mut c = Checker {
         loc,
         diags: Vec::new(),
+        store: config.cluster.as_ref().map(|c| c.coordination.backend),
     };
     c.log(config);
     c.admin(config);
     c.listeners(config);
     c.pools(config);
+    c.cluster(config);
     c.diags
 }
 
@@ -373,6 +378,15 @@ impl Checker<'_> {
                 (Some(m), Protocol::Http) => self.route_match(m, &format!("{rp}.match")),
                 (None, _) => {}
             }
+            for (k, v) in &route.backend_tags {
+                if k.is_empty() || k.chars().any(|c| c.is_control()) || v.chars().any(|c| c.is_control()) {
+                    self.report(
+                        &format!("{rp}.backend_tags"),
+                        Anchor::Key,
+                        format!("tag `{k}: {v}` is empty or has control characters"),
+                    );
+                }
+            }
         }
     }
 
@@ -441,12 +455,15 @@ impl Checker<'_> {
         if let Err(e) = check_name("pool", name) {
             self.report(&p, Anchor::Key, e);
         }
-        if pool.backends.is_empty() {
+        if pool.backends.is_empty() && pool.discovery.source == DiscoverySource::Static {
             self.diags.push(self.loc.diag(
                 &format!("{p}.backends"),
                 &p,
                 Anchor::Key,
-                format!("pool `{name}` has no backends; add at least one"),
+                format!(
+                    "pool `{name}` has no backends; add at least one, or discover them \
+                     (`discovery.source: dns | registry`)"
+                ),
             ));
         }
         // Normalised address → index of its first backend.
@@ -562,6 +579,7 @@ impl Checker<'_> {
             |v| (0.0..=0.5).contains(&v),
             "0..=0.5",
         );
+        self.discovery(&pool.discovery, &format!("{p}.discovery"));
         if let Some(hedge) = &pool.hedge {
             self.hedge(hedge, &format!("{p}.hedge"));
         }
@@ -757,6 +775,209 @@ impl Checker<'_> {
                 ),
             );
         }
+    }
+
+    fn discovery(&mut self, d: &DiscoveryConfig, p: &str) {
+        if d.interval < Duration::from_millis(100) {
+            self.report(
+                &format!("{p}.interval"),
+                Anchor::Value,
+                format!("{d:?} is below the minimum of 100ms", d = d.interval),
+            );
+        }
+        match d.source {
+            DiscoverySource::Static => {
+                if d.name.is_some() {
+                    self.report(
+                        &format!("{p}.name"),
+                        Anchor::Key,
+                        "`name` is only used with `source: dns`".to_owned(),
+                    );
+                }
+            }
+            DiscoverySource::Dns => match (&d.name, d.record) {
+                (None, _) => self.report(
+                    p,
+                    Anchor::Key,
+                    "`source: dns` needs a `name` to resolve (`host:port`, or an SRV name with \
+                     `record: srv`)"
+                        .to_owned(),
+                ),
+                (Some(name), DnsRecord::A) => {
+                    if let Err(e) = check_backend_addr(name) {
+                        self.report(&format!("{p}.name"), Anchor::Value, e);
+                    }
+                }
+                (Some(name), DnsRecord::Srv) => {
+                    if let Err(e) = check_dns_name(name.trim_end_matches('.')) {
+                        self.report(
+                            &format!("{p}.name"),
+                            Anchor::Value,
+                            format!("invalid SRV name \"{name}\": {e}"),
+                        );
+                    }
+                }
+            },
+            DiscoverySource::Registry => {
+                if d.name.is_some() {
+                    self.report(
+                        &format!("{p}.name"),
+                        Anchor::Key,
+                        "`name` is only used with `source: dns`".to_owned(),
+                    );
+                }
+                if !matches!(
+                    self.store,
+                    Some(CoordinationBackend::Redis | CoordinationBackend::Etcd)
+                ) {
+                    self.report(
+                        &format!("{p}.source"),
+                        Anchor::Value,
+                        "`source: registry` needs a coordination store: set \
+                         `cluster.coordination.backend` to `redis` or `etcd`"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+    }
+
+    fn cluster(&mut self, config: &Config) {
+        let Some(c) = &config.cluster else {
+            return;
+        };
+        let c: &ClusterConfig = c;
+        if let Err(e) = check_name("node", &c.node_id) {
+            self.report("cluster.node_id", Anchor::Value, e);
+        } else if c.node_id.len() > 64 {
+            self.report(
+                "cluster.node_id",
+                Anchor::Value,
+                format!("is {} bytes long; at most 64", c.node_id.len()),
+            );
+        }
+        if let Err(e) = check_name("cluster", &c.cluster_id) {
+            self.report("cluster.cluster_id", Anchor::Value, e);
+        }
+        let g = &c.gossip;
+        if g.interval < Duration::from_millis(10) || g.interval > Duration::from_secs(10) {
+            self.report(
+                "cluster.gossip.interval",
+                Anchor::Value,
+                format!("{:?} is outside 10ms..=10s", g.interval),
+            );
+        }
+        self.number(
+            "cluster.gossip.phi_threshold",
+            g.phi_threshold,
+            |v| v.is_finite() && v > 0.0,
+            "a finite number > 0",
+        );
+        if let Some(a) = g.advertise
+            && a.port() == 0
+        {
+            self.report(
+                "cluster.gossip.advertise",
+                Anchor::Value,
+                "port 0 cannot be advertised; give the port other nodes reach".to_owned(),
+            );
+        }
+        for (i, seed) in g.seeds.iter().enumerate() {
+            if let Err(e) = check_backend_addr(seed) {
+                self.report(&format!("cluster.gossip.seeds[{i}]"), Anchor::Value, e);
+            }
+        }
+        for (k, v) in &c.tags {
+            if k.is_empty() || k.chars().any(|ch| ch.is_control()) || v.chars().any(|ch| ch.is_control()) {
+                self.report(
+                    "cluster.tags",
+                    Anchor::Key,
+                    format!("tag `{k}: {v}` is empty or has control characters"),
+                );
+            }
+        }
+        if c.publish_interval < Duration::from_millis(100) {
+            self.report(
+                "cluster.publish_interval",
+                Anchor::Value,
+                format!("{:?} is below the minimum of 100ms", c.publish_interval),
+            );
+        }
+        self.positive("cluster.consistency_timeout", c.consistency_timeout);
+        let co = &c.coordination;
+        let p = "cluster.coordination";
+        match co.backend {
+            CoordinationBackend::None => {}
+            CoordinationBackend::Redis => match &co.url {
+                None => self.report(
+                    p,
+                    Anchor::Key,
+                    "`backend: redis` needs a `url`, e.g. redis://127.0.0.1:6379".to_owned(),
+                ),
+                Some(url) if !(url.starts_with("redis://") || url.starts_with("rediss://")) => {
+                    self.report(
+                        &format!("{p}.url"),
+                        Anchor::Value,
+                        format!("`{url}` is not a Redis URL; e.g. redis://127.0.0.1:6379"),
+                    );
+                }
+                Some(_) => {}
+            },
+            CoordinationBackend::Etcd => {
+                if co.endpoints.is_empty() {
+                    self.report(
+                        p,
+                        Anchor::Key,
+                        "`backend: etcd` needs `endpoints`, e.g. [http://127.0.0.1:2379]"
+                            .to_owned(),
+                    );
+                }
+                for (i, e) in co.endpoints.iter().enumerate() {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        self.report(
+                            &format!("{p}.endpoints[{i}]"),
+                            Anchor::Value,
+                            format!("`{e}` is not an etcd client URL; e.g. http://127.0.0.1:2379"),
+                        );
+                    }
+                }
+            }
+        }
+        if co.backend != CoordinationBackend::Redis && co.url.is_some() {
+            self.report(
+                &format!("{p}.url"),
+                Anchor::Key,
+                "`url` is only used with `backend: redis`".to_owned(),
+            );
+        }
+        if co.backend != CoordinationBackend::Etcd && !co.endpoints.is_empty() {
+            self.report(
+                &format!("{p}.endpoints"),
+                Anchor::Key,
+                "`endpoints` is only used with `backend: etcd`".to_owned(),
+            );
+        }
+        let secs = |d: Duration| d.as_secs_f64();
+        if !(1.0..=60.0).contains(&secs(co.lease_ttl)) {
+            self.report(
+                &format!("{p}.lease_ttl"),
+                Anchor::Value,
+                format!("{:?} is outside 1s..=60s", co.lease_ttl),
+            );
+        }
+        if !(1.0..=300.0).contains(&secs(co.node_ttl)) {
+            self.report(
+                &format!("{p}.node_ttl"),
+                Anchor::Value,
+                format!("{:?} is outside 1s..=300s", co.node_ttl),
+            );
+        }
+        self.number(
+            "cluster.assignments.bounded_load",
+            c.assignments.bounded_load,
+            |v| v.is_finite() && (1.0..=10.0).contains(&v),
+            "a finite number in 1.0..=10.0",
+        );
     }
 
     fn hedge(&mut self, h: &HedgeConfig, p: &str) {

@@ -148,10 +148,10 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
         (client_h1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    let pool = {
+    let (pool, backend_tags) = {
         let router = ctx.listener.router.load();
         match router.route(&parts) {
-            Some(route) => Arc::clone(&route.pool),
+            Some(route) => (Arc::clone(&route.pool), route.backend_tags.clone()),
             None => {
                 let host = crate::router::request_host(&parts).unwrap_or("");
                 let message = format!(
@@ -169,6 +169,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
 
     let _active = pool.enter();
     let state = pool.state();
+    let allowed = backend_tags.as_deref().map(|tags| state.tag_mask(tags));
     let started = now_ns();
     pool.rate().record(started);
     // The endpoint's history decides the request's class before it is forwarded.
@@ -192,6 +193,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
         ctx,
         &pool,
         &state,
+        allowed.as_deref(),
         info,
         hedge_delay,
         parts,
@@ -342,6 +344,8 @@ struct Request0<'a> {
     ctx: &'a ConnContext,
     pool: &'a Arc<Pool>,
     state: &'a PoolState,
+    /// The backends the route allows (its required tags); `None` = all.
+    allowed: Option<&'a [bool]>,
     /// Class and affinity key, decided once before the first pick; `now_ns` is when the
     /// request arrived.
     info: RequestInfo,
@@ -361,7 +365,8 @@ impl Request0<'_> {
         let mut info = self.info;
         info.now_ns = now;
         let view = PoolView::new(&self.state.backends, tried, panic)
-            .with_total_in_flight(self.pool.active_requests());
+            .with_total_in_flight(self.pool.active_requests())
+            .with_allowed(self.allowed);
         self.state.strategy.pick(&info, &view)
     }
 
@@ -473,6 +478,7 @@ async fn forward(
     ctx: &ConnContext,
     pool: &Arc<Pool>,
     state: &PoolState,
+    allowed: Option<&[bool]>,
     info: RequestInfo,
     hedge_delay: Option<Duration>,
     parts: Parts,
@@ -516,6 +522,7 @@ async fn forward(
                     ctx,
                     pool,
                     state,
+                    allowed,
                     info,
                     needs_host,
                     endpoint,
@@ -546,6 +553,7 @@ async fn forward(
             ctx,
             pool,
             state,
+            allowed,
             info,
             needs_host,
             endpoint,

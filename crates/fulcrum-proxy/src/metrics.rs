@@ -188,6 +188,44 @@ pub struct Metrics {
     local_replies: Family<LocalReplyLabels, Counter>,
     /// `fulcrum_connections_accepted_total`: client connections accepted, all listeners.
     pub connections_accepted: Counter<u64, AtomicU64>,
+    /// Cluster figures (empty on a single node).
+    pub cluster: ClusterMetrics,
+}
+
+/// Label `kind` of cluster events (`node_joined`, `node_left`, `node_failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// Event kind.
+    pub kind: String,
+}
+
+/// Label `state` of cluster members (`alive`, `failed`, `left`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// Member state.
+    pub state: String,
+}
+
+/// The cluster layer's metric families; the cluster runtime updates them.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterMetrics {
+    /// `fulcrum_cluster_events_total{kind}`: membership events seen by this node.
+    pub events: Family<KindLabels, Counter>,
+    /// `fulcrum_cluster_members{state}`: members as this node sees them.
+    pub members: Family<StateLabels, Gauge>,
+    /// `fulcrum_cluster_leader`: 1 while this node is the leader.
+    pub leader: Gauge,
+    /// `fulcrum_cluster_leader_changes_total`: times the leader seen by this node changed.
+    pub leader_changes: Counter,
+    /// `fulcrum_cluster_store_up`: 1 while the coordination store answers (1 with `none`).
+    pub store_up: Gauge,
+    /// `fulcrum_cluster_store_outages_total`: times the store became unreachable.
+    pub store_outages: Counter,
+    /// `fulcrum_cluster_config_version`: shared configuration version applied here.
+    pub config_version: Gauge,
+    /// `fulcrum_cluster_backends_peer_down`: backends out of rotation here because other
+    /// nodes see them failing.
+    pub peer_down: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -304,7 +342,49 @@ impl Metrics {
             "Client connections accepted on all listeners",
             connections_accepted.clone(),
         );
+        let cluster = ClusterMetrics::default();
+        registry.register(
+            "fulcrum_cluster_events",
+            "Cluster membership events (node_joined, node_left, node_failed) seen by this node",
+            cluster.events.clone(),
+        );
+        registry.register(
+            "fulcrum_cluster_members",
+            "Cluster members by state as this node sees them",
+            cluster.members.clone(),
+        );
+        registry.register(
+            "fulcrum_cluster_leader",
+            "1 while this node is the cluster leader",
+            cluster.leader.clone(),
+        );
+        registry.register(
+            "fulcrum_cluster_leader_changes",
+            "Changes of the cluster leader seen by this node",
+            cluster.leader_changes.clone(),
+        );
+        registry.register(
+            "fulcrum_cluster_store_up",
+            "1 while the coordination store answers",
+            cluster.store_up.clone(),
+        );
+        registry.register(
+            "fulcrum_cluster_store_outages",
+            "Times the coordination store became unreachable",
+            cluster.store_outages.clone(),
+        );
+        registry.register(
+            "fulcrum_cluster_config_version",
+            "Version of the shared cluster configuration applied on this node",
+            cluster.config_version.clone(),
+        );
+        registry.register(
+            "fulcrum_cluster_backends_peer_down",
+            "Backends out of rotation on this node because other nodes see them failing",
+            cluster.peer_down.clone(),
+        );
         Self {
+            cluster,
             registry,
             responses,
             duration,

@@ -38,6 +38,8 @@ pub struct RouteSpec {
     pub header: Option<(String, Option<String>)>,
     /// Destination pool name.
     pub pool: String,
+    /// Tags a backend must carry to serve the route; empty = any.
+    pub backend_tags: BTreeMap<String, String>,
 }
 
 /// A listener as declared.
@@ -166,8 +168,12 @@ pub struct BackendStatus {
     pub weight: u32,
     /// Tags.
     pub tags: BTreeMap<String, String>,
-    /// `healthy`, `unhealthy`, `ejected`, `draining` or `disabled`.
+    /// `healthy`, `unhealthy`, `ejected`, `draining` or `disabled`: the state this node
+    /// routes by, which in a cluster includes the merged view of the other nodes.
     pub state: &'static str,
+    /// This node's own view (its checks and ejections only); differs from `state` when
+    /// the cluster's health merge takes the backend out while this node sees it well.
+    pub local_state: &'static str,
     /// Whether new requests may go to it now.
     pub in_rotation: bool,
     /// Requests in flight.
@@ -729,6 +735,7 @@ impl Node {
                     weight: b.weight,
                     tags: tags.clone(),
                     state: live.flags().state_name(),
+                    local_state: live.flags().local().state_name(),
                     in_rotation: live.is_routable(panic),
                     in_flight: live.in_flight(),
                     requests: live.requests(),
@@ -1027,6 +1034,7 @@ fn build_router(spec: &ListenerSpec, pools: &[Arc<Pool>]) -> Result<Router, Node
             path_prefix: r.path_prefix.clone(),
             header,
             pool: Arc::clone(pool),
+            backend_tags: (!r.backend_tags.is_empty()).then(|| Arc::new(r.backend_tags.clone())),
         });
     }
     Ok(Router::new(routes))

@@ -55,6 +55,8 @@ pub struct Route {
     pub header: Option<(HeaderName, Option<HeaderValue>)>,
     /// Destination pool.
     pub pool: Arc<Pool>,
+    /// Tags a backend must carry to serve this route; `None` = any backend of the pool.
+    pub backend_tags: Option<Arc<std::collections::BTreeMap<String, String>>>,
 }
 
 impl Route {

@@ -4,6 +4,7 @@
 //! is left here is what needs the outside world: resolving backend host names (once, at
 //! startup or reload) and choosing the worker count.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use fulcrum_balance::{DurationClassMode, LiveBackendConfig, SlowStart, StrategyParams};
@@ -77,6 +78,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                         path_prefix: m.path_prefix,
                         header: m.header.map(|h| (h.name, h.value)),
                         pool: r.pool.clone(),
+                        backend_tags: r.backend_tags.clone(),
                     }
                 })
                 .collect(),
@@ -137,6 +139,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
             strategy: p.strategy,
             backends,
             settings: PoolSettings {
+                tag_filters: tag_filters(config, name),
                 conn: ConnSettings {
                     connect_timeout: p.timeouts.connect,
                     response_header_timeout: p.timeouts.response_header,
@@ -194,6 +197,17 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
         threads,
         drain_timeout: config.runtime.drain_timeout,
     })
+}
+
+/// The distinct backend-tag sets that routes to pool `pool` require, in route order.
+fn tag_filters(config: &Config, pool: &str) -> Vec<BTreeMap<String, String>> {
+    let mut sets: Vec<BTreeMap<String, String>> = Vec::new();
+    for r in config.listeners.iter().flat_map(|l| &l.routes) {
+        if r.pool == pool && !r.backend_tags.is_empty() && !sets.contains(&r.backend_tags) {
+            sets.push(r.backend_tags.clone());
+        }
+    }
+    sets
 }
 
 /// The strategies' parameters from a pool's configuration; `backends` (in configured

@@ -186,6 +186,9 @@ pub struct PoolSettings {
     pub dynamic_weights: Option<DynamicWeightConfig>,
     /// How often dynamic weights are recomputed.
     pub dynamic_weights_interval: Duration,
+    /// The backend-tag sets routes to this pool require (`routes[].backend_tags`); the
+    /// state precomputes which backends carry each, so a tag route costs no allocation.
+    pub tag_filters: Vec<BTreeMap<String, String>>,
 }
 
 impl Default for PoolSettings {
@@ -208,6 +211,7 @@ impl Default for PoolSettings {
             analysis: AnalysisConfig::default(),
             dynamic_weights: None,
             dynamic_weights_interval: Duration::from_secs(1),
+            tag_filters: Vec::new(),
         }
     }
 }
@@ -256,6 +260,13 @@ pub struct PoolState {
     /// Endpoint statistics, shared by successive states while the endpoint settings
     /// stay the same.
     pub endpoints: Arc<EndpointTable>,
+    /// Per entry of `settings.tag_filters`: which backends carry every tag of it.
+    tag_masks: Vec<Box<[bool]>>,
+}
+
+/// Whether a backend with `tags` carries every tag of `required` with the same value.
+pub fn has_tags(tags: &BTreeMap<String, String>, required: &BTreeMap<String, String>) -> bool {
+    required.iter().all(|(k, v)| tags.get(k) == Some(v))
 }
 
 impl PoolState {
@@ -273,6 +284,11 @@ impl PoolState {
         let endpoints = endpoints
             .filter(|table| *table.config() == settings.endpoints)
             .unwrap_or_else(|| Arc::new(EndpointTable::new(settings.endpoints.clone())));
+        let tag_masks = settings
+            .tag_filters
+            .iter()
+            .map(|required| tags.iter().map(|t| has_tags(t, required)).collect())
+            .collect();
         Self {
             kind,
             strategy,
@@ -281,6 +297,19 @@ impl PoolState {
             tags,
             settings,
             endpoints,
+            tag_masks,
+        }
+    }
+
+    /// Which backends carry every tag of `required` (one flag per backend): precomputed
+    /// when `required` is one of `settings.tag_filters`, else computed (a route and a
+    /// state from two sides of a reload).
+    pub fn tag_mask(&self, required: &BTreeMap<String, String>) -> std::borrow::Cow<'_, [bool]> {
+        match self.settings.tag_filters.iter().position(|f| f == required) {
+            Some(i) => std::borrow::Cow::Borrowed(&self.tag_masks[i]),
+            None => std::borrow::Cow::Owned(
+                self.tags.iter().map(|t| has_tags(t, required)).collect(),
+            ),
         }
     }
 

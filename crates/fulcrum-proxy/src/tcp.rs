@@ -19,18 +19,19 @@ use crate::listener::ListenerRuntime;
 
 /// Serves one client connection accepted on a TCP listener.
 pub async fn serve(listener: Arc<ListenerRuntime>, mut client: TcpStream, peer: SocketAddr) {
-    let Some(pool) = listener
+    let Some((pool, backend_tags)) = listener
         .router
         .load()
         .routes()
         .first()
-        .map(|r| Arc::clone(&r.pool))
+        .map(|r| (Arc::clone(&r.pool), r.backend_tags.clone()))
     else {
         tracing::warn!(listener = %listener.name, "tcp listener has no route; closing connection");
         return;
     };
     let _active = pool.enter();
     let state = pool.state();
+    let allowed = backend_tags.as_deref().map(|tags| state.tag_mask(tags));
     let settings = &state.settings;
     let max_attempts = (1 + settings.retry.attempts as usize).min(MAX_ATTEMPTS);
     let mut tried = [BackendId(0); MAX_ATTEMPTS];
@@ -47,7 +48,8 @@ pub async fn serve(listener: Arc<ListenerRuntime>, mut client: TcpStream, peer: 
         let panic = pool.is_panic(&state);
         let Some(id) = state.strategy.pick(
             &RequestInfo::new(now),
-            &PoolView::new(&state.backends, &tried[..attempt], panic),
+            &PoolView::new(&state.backends, &tried[..attempt], panic)
+                .with_allowed(allowed.as_deref()),
         ) else {
             break;
         };

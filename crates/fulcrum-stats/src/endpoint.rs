@@ -192,6 +192,35 @@ impl EndpointStats {
         }
     }
 
+    /// Warm start: when nothing has been recorded here yet, fills the last-N ring with
+    /// `average_ns` (an average persisted by the cluster, seed 000's `request:stats`) and
+    /// classifies the endpoint from it, so a restarted node knows its long endpoints
+    /// before their first request. Counters, EWMA and quantiles stay empty; the primed
+    /// values are overwritten by the first N real records. Returns whether it primed.
+    pub fn prime(&self, average_ns: u64) -> bool {
+        if self.count.load(Ordering::Relaxed) != 0
+            || self.ring.iter().any(|slot| slot.load(Ordering::Relaxed) != EMPTY)
+        {
+            return false;
+        }
+        let average_ns = average_ns.min(EMPTY - 1);
+        for slot in &self.ring {
+            // Only slots still empty: a concurrent record wins.
+            let _ = slot.compare_exchange(EMPTY, average_ns, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        let next = self
+            .classifier
+            .classify(RequestClass::Unknown, self.average_ns())
+            .to_u8();
+        let _ = self.class.compare_exchange(
+            RequestClass::Unknown.to_u8(),
+            next,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        true
+    }
+
     /// The endpoint's current class: one atomic load, meant to be read before forwarding
     /// every request.
     #[inline]

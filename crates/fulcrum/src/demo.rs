@@ -115,8 +115,8 @@ pub fn run(args: DemoArgs) -> ExitCode {
         name: "web".to_owned(),
         listen,
         routes: vec![RouteConfig {
-            r#match: None,
             pool: "demo".to_owned(),
+            ..RouteConfig::default()
         }],
         ..ListenerConfig::default()
     });
@@ -182,7 +182,46 @@ pub fn run(args: DemoArgs) -> ExitCode {
 }
 
 /// `fulcrum backend`: runs one simulated backend until SIGTERM/SIGINT.
-pub fn backend(args: BackendArgs) -> ExitCode {
+/// `fulcrum backend` arguments: the simulator's, plus self-registration.
+#[derive(clap::Args, Debug)]
+pub struct BackendCli {
+    /// The simulator's settings.
+    #[command(flatten)]
+    pub args: BackendArgs,
+    /// Register this backend with the node whose admin API is at URL (e.g.
+    /// http://127.0.0.1:9901) in pool `--pool`, refreshed every third of
+    /// `--register-ttl`, and deregister it on exit. The pool should use
+    /// `discovery.source: registry`; other pools add it through the shared configuration.
+    #[arg(long, value_name = "ADMIN_URL", requires = "pool")]
+    pub register: Option<String>,
+    /// Pool to register in.
+    #[arg(long, value_name = "POOL")]
+    pub pool: Option<String>,
+    /// Tags of the registration, `k=v` (repeat or separate with commas).
+    #[arg(long = "tags", value_name = "K=V", value_delimiter = ',', value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// Weight of the registration, 1..=65535.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub weight: u32,
+    /// Time-to-live of the registration.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub register_ttl: std::time::Duration,
+    /// Bearer token for the admin API, if it requires one.
+    #[arg(long, value_name = "TOKEN", env = "FULCRUM_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not k=v")),
+    }
+}
+
+/// `fulcrum backend`: runs the simulator until SIGTERM/SIGINT, registered with a node if
+/// `--register` is given.
+pub fn backend(cli: BackendCli) -> ExitCode {
+    let args = cli.args.clone();
     crate::logging::init(&fulcrum_config::LogConfig::default());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -207,7 +246,24 @@ pub fn backend(args: BackendArgs) -> ExitCode {
             let _ = writeln!(out, "{}", handle.ready_line());
             let _ = out.flush();
         }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let registration = cli.register.clone().map(|admin| {
+            tokio::spawn(crate::ctl::keep_registered(
+                admin,
+                cli.pool.clone().unwrap_or_default(),
+                handle.local_addr.to_string(),
+                cli.tags.iter().cloned().collect(),
+                cli.weight,
+                cli.register_ttl,
+                cli.admin_token.clone(),
+                stop.clone(),
+            ))
+        });
         crate::serve::next_termination_signal().await;
+        stop.cancel();
+        if let Some(registration) = registration {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), registration).await;
+        }
         handle.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -13,6 +13,7 @@
 //! configuration or command line.
 
 mod bench;
+mod ctl;
 mod demo;
 mod logging;
 mod serve;
@@ -69,7 +70,7 @@ enum Command {
     /// Run a simulated backend (latency, capacity, failures, /control).
     ///
     /// Prints `{"event":"listening","name":...,"address":...}` once listening.
-    Backend(fulcrum_sim::BackendArgs),
+    Backend(demo::BackendCli),
     /// Open-loop load generator with HDR percentiles, or a built-in strategy comparison.
     ///
     /// Sends Poisson arrivals at --rate to --url for --duration, each at its scheduled
@@ -78,6 +79,8 @@ enum Command {
     /// scheduled send time. `--scenario NAME` runs simulated backends and a node per
     /// strategy in this process instead (`--scenario list` describes them).
     Bench(bench::BenchArgs),
+    /// Query a node's admin API and print readable tables (`ctl cluster status|nodes|leader`).
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Backend(args) => demo::backend(args),
         Command::Bench(args) => bench::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

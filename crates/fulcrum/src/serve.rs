@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use fulcrum_admin::{AdminState, ReloadFn};
+use fulcrum_cluster::runtime::ControlPlane;
 use fulcrum_config::Config;
 use fulcrum_proxy::Node;
 use fulcrum_proxy::spec::node_spec;
@@ -76,10 +77,19 @@ pub fn serve(
         };
         let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
 
+        let control = match ControlPlane::start(node.clone(), config.clone(), admin_addr).await {
+            Ok(control) => control,
+            Err(error) => {
+                eprintln!("fulcrum: {error}");
+                node.shutdown().await;
+                return ExitCode::from(1);
+            }
+        };
         let reload: Option<ReloadFn> = source.map(|path| {
-            let node = node.clone();
+            let control = control.clone();
             let admin = config.admin.clone();
-            Arc::new(move || reload_from(&path, &node, &admin)) as ReloadFn
+            let cluster = config.cluster.clone();
+            Arc::new(move || reload_from(&path, &control, &admin, cluster.as_ref())) as ReloadFn
         });
         let admin_shutdown = CancellationToken::new();
         let state = AdminState {
@@ -87,6 +97,7 @@ pub fn serve(
             node_name: node_name(),
             token: config.admin.token.clone(),
             reload: reload.clone(),
+            control: Some(control.clone()),
         };
         let admin = tokio::spawn(fulcrum_admin::serve(
             admin_listener,
@@ -99,6 +110,7 @@ pub fn serve(
         on_ready(&node, admin_addr);
 
         wait_for_shutdown(reload).await;
+        control.shutdown().await;
         let drain = tokio::spawn({
             let node = node.clone();
             async move { node.shutdown().await }
@@ -139,20 +151,22 @@ fn print_ready(node: &Node, admin: SocketAddr) {
 
 fn reload_from(
     path: &std::path::Path,
-    node: &Node,
+    control: &ControlPlane,
     admin: &fulcrum_config::AdminConfig,
+    cluster: Option<&fulcrum_config::ClusterConfig>,
 ) -> Result<String, String> {
     let config = fulcrum_config::load(path).map_err(|e| e.to_string())?;
-    let spec = node_spec(&config, Some(node.threads())).map_err(|e| e.to_string())?;
-    node.reload(&spec).map_err(|e| e.to_string())?;
     if config.admin != *admin {
         tracing::warn!("admin settings changed; they take effect on restart");
     }
-    let backends: usize = spec.pools.iter().map(|p| p.backends.len()).sum();
+    if config.cluster.as_ref() != cluster {
+        tracing::warn!("cluster settings changed; they take effect on restart");
+    }
+    let pools = config.pools.len();
+    let backends: usize = config.pools.values().map(|p| p.backends.len()).sum();
+    control.set_base(config)?;
     Ok(format!(
-        "{} pool(s), {} backend(s) from {}",
-        spec.pools.len(),
-        backends,
+        "{pools} pool(s), {backends} configured backend(s) from {}",
         path.display()
     ))
 }

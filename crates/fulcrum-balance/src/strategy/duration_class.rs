@@ -35,40 +35,91 @@
 //! Node 1 is used by the two-backend rule only if it is eligible.
 //!
 //! **Adaptive mode** ([`DurationClassMode::Adaptive`]): no hand-picked backends; the
-//! split follows the workload. Every tick measures the long requests' share of the work
+//! split follows the workload. It is size-interval task assignment with equal load
+//! (SITA-E: Harchol-Balter, Crovella & Murta, "On Choosing a Task Assignment Policy for a
+//! Distributed Server System", JPDC 59(2), 1999: each size class gets hosts in proportion
+//! to its share of the work, so that every host carries the same load and short tasks
+//! never wait behind long ones), adapted to what a proxy cannot know — how many requests
+//! a backend serves at once — and to pools too small to split by work in whole backends.
+//!
+//! *Reservation.* Every tick measures the long requests' share of the work and reserves
+//! that share of the pool for them:
 //!
 //! ```text
 //! sample = Σ long_in_flight_i / Σ in_flight_i          (ticks with nothing in flight are skipped)
 //! share ← share + α · (sample − share),  α = SHARE_SMOOTHING = 0.1   (first sample taken as is)
+//! k     = clamp(round(share × n), 1, n − 1)             (0 while no long request has been seen)
 //! ```
 //!
-//! By Little's law the requests in flight of a class are its arrival rate times its
-//! duration, that is the busy time it occupies, so the in-flight ratio is the share of the
-//! work, not of the request count; the EWMA (time constant ≈ 10 ticks, 1 s) keeps one
-//! burst from reshuffling the pool. The tick then reserves
-//! `k = clamp(round(share × n), 1, n − 1)` backends for long requests (`k = 0` while no
-//! long request has been seen, so a pool without long work keeps every backend for short
-//! ones; `k` is also capped so that one eligible backend stays unreserved). The reserved
-//! set is sticky: members stay while they are eligible and `k` does not shrink; when `k`
-//! shrinks the members holding the fewest long requests leave first; when it grows, the
-//! eligible non-members busiest with long requests join first (then those with the least
-//! short work, then later in configured order). Picks:
+//! By Little's law the requests in flight of a class are its arrival rate times its time
+//! in flight, so the in-flight ratio is the share of the work, not of the request count;
+//! the EWMA (time constant ≈ 10 ticks, 1 s) keeps one burst from reshuffling the pool.
+//! `k` is also capped so that one eligible backend stays unreserved. The reserved set is
+//! sticky: members stay while they are eligible and `k` does not shrink; when `k` shrinks
+//! the members holding the fewest long requests leave first; when it grows, the eligible
+//! non-members busiest with long requests join first (then those with the least short
+//! work, then later in configured order).
+//!
+//! *Long requests* keep to the reserved backends but are not stranded there. Rounding to
+//! whole backends can leave the long work far above `k / n` of the pool (2 backends with
+//! 80 % of the work long: `k = 1`, half the capacity), and then SITA-E's equal load holds
+//! only if long requests overflow into the rest of the pool:
 //!
 //! ```text
-//! short   → P2C on in_flight among the unreserved backends without a long request in
-//!           flight; if there is none: the eligible backend least loaded by
-//!           (has long in flight, reserved, in_flight) — counted as degraded
-//! long    → P2C on in_flight among the reserved backends; none eligible → round robin over
-//!           every eligible backend (degraded); nothing reserved yet → round robin (not degraded)
-//! unknown → round robin over every eligible backend
+//! r = P2C on in_flight among the eligible reserved backends
+//! u = P2C on in_flight among the eligible unreserved backends
+//! long → u   if in_flight(r) > in_flight(u) + SPILL_MARGIN      (a spill; SPILL_MARGIN = 1)
+//!      → r   otherwise
 //! ```
 //!
+//! A margin of one request is the smallest for which the spilled request leaves the
+//! unreserved backend still less loaded than the reserved one: long requests leave their
+//! set only for an imbalance that survives the move, not for the one-request differences
+//! that every arrival and completion makes (with a margin of 0, two backends one request
+//! apart would take long requests in turn, mixing the classes on a busy pool). An
+//! unbounded margin (this mode's first version, and seed 000's static rule) leaves long
+//! requests queueing on the reserved backends while the others idle. P2C is Mitzenmacher's
+//! power of two choices (see `p2c`); with one or two backends in a set it is exact.
+//!
+//! *Short requests* keep to the unreserved backends the same way, and cross over to a
+//! reserved one when it is strictly less loaded, by requests in flight first and long
+//! requests in flight second:
+//!
+//! ```text
+//! load(i) = (in_flight_i, long_in_flight_i)                        compared lexicographically
+//! u = P2C on load among the eligible unreserved backends
+//! r = P2C on load among the eligible reserved backends
+//! short → r   if load(r) < load(u)
+//!       → u   otherwise
+//! ```
+//!
+//! The count comes first because the backend with the fewest requests in flight is the
+//! one most likely to start the request at once, whatever its concurrency, which the
+//! proxy does not know (join the shortest queue: Winston, "Optimality of the shortest
+//! line discipline", J. Appl. Prob. 14(1), 1977). Among equally loaded backends, one
+//! holding fewer long requests frees its slots sooner, so short requests avoid long work
+//! in flight whenever a backend at least as lightly loaded has less of it; and since long
+//! requests keep to the reserved backends, the unreserved ones are mostly free of it. A
+//! strict preference for backends without long work, whatever their queue, fails in
+//! larger pools: when most backends hold a long request, every short request piles onto
+//! the few that do not. Drawing one pair in each set keeps both sets in every comparison:
+//! a P2C pair drawn from the whole pool would often hold only reserved backends.
+//!
+//! ```text
+//! nothing reserved yet                 → P2C over every eligible backend (long: on in_flight,
+//!                                        short: on load)
+//! no eligible backend in the own set   → the other set's r or u, counted as degraded
+//! unknown                              → round robin over every eligible backend
+//! ```
+//!
+//! In-flight counts are not divided by weights: like the static rules, adaptive mode
+//! ignores backend weights.
+//!
 //! **Cost.** Picks are O(1) while the backends a rule needs are eligible: one rotation
-//! counter or one P2C pair draw (up to `MAX_PAIR_DRAWS`), and, in adaptive mode, a
-//! read lock held for the pick to see the reservation. The fallbacks scan: a rotation
-//! skips ineligible members (O(members)), P2C scans its members after
-//! `MAX_PAIR_DRAWS` pairs with no admissible backend (for shorts: eligible and free of
-//! long work), and adaptive shorts scan the pool when no unreserved backend qualifies. Ticks are O(n), O(n log n) when the
+//! counter, or up to two P2C pair draws (up to `MAX_PAIR_DRAWS` pairs each) and, in
+//! adaptive mode, a read lock held for the pick to see the reservation. The fallbacks
+//! scan: a rotation skips ineligible members (O(members)), P2C scans its members after
+//! `MAX_PAIR_DRAWS` pairs with no eligible backend. Ticks are O(n), O(n log n) when the
 //! reservation changes.
 
 use std::cmp::Reverse;
@@ -76,8 +127,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
-use super::least_connections::least_loaded;
-use super::p2c::{MAX_PAIR_DRAWS, distinct_pair};
+use super::p2c::{MAX_PAIR_DRAWS, distinct_pair, power_of_two_choices};
 use super::{
     BackendId, DurationClassMode, Figure, PoolView, RequestClass, RequestInfo, RoundRobin,
     Strategy, StrategyParams,
@@ -85,6 +135,12 @@ use super::{
 
 /// Weight α of each tick's sample in the smoothed long-work share (0..1).
 pub const SHARE_SMOOTHING: f64 = 0.1;
+
+/// Adaptive mode: how many more requests in flight the reserved backend must hold than
+/// the unreserved one before a long request spills to the unreserved one. One: a spill
+/// leaves the unreserved backend still less loaded than the reserved one (see the module
+/// documentation).
+pub const SPILL_MARGIN: u64 = 1;
 
 /// Long and short requests on separate backends: seed 000's rules, or an adaptive split.
 ///
@@ -94,10 +150,12 @@ pub const SHARE_SMOOTHING: f64 = 0.1;
 /// is idle or already holds a long request, else to node 1 if node 1 is idle, else to
 /// node 2. Adaptive mode: each tick reserves `clamp(round(share × n), 1, n − 1)` backends
 /// for long requests, `share` being the smoothed long share of the requests in flight;
-/// long requests P2C over the reserved backends, short ones over the others without long
-/// work. Unknown-class requests, and requests whose dedicated backends are all
-/// ineligible, round robin over every eligible backend. The source file's module
-/// documentation gives the full decision graph.
+/// a long request goes to the less loaded of two reserved backends unless it holds more
+/// than [`SPILL_MARGIN`] requests more than the less loaded of two unreserved ones (then
+/// it spills there); a short request goes to the less loaded of two unreserved backends
+/// unless the less loaded of two reserved ones holds fewer requests (or as many, with
+/// fewer long ones). Unknown-class requests round robin over every eligible backend. The
+/// source file's module documentation gives the full decision graph.
 #[derive(Debug)]
 pub struct DurationClass {
     mode: DurationClassMode,
@@ -119,6 +177,8 @@ pub struct DurationClass {
     picks_long: AtomicU64,
     picks_unknown: AtomicU64,
     degraded_picks: AtomicU64,
+    /// Adaptive mode: long requests sent to an unreserved backend by the spill rule.
+    long_spills: AtomicU64,
 }
 
 /// Adaptive mode's split of the pool.
@@ -141,10 +201,6 @@ impl Reservation {
             reserved,
         }
     }
-
-    fn is_reserved(&self, i: usize) -> bool {
-        self.reserved.get(i).copied().unwrap_or(false)
-    }
 }
 
 /// One backend's load as a tick sees it, for [`reserve`].
@@ -162,7 +218,8 @@ pub struct BackendLoad {
 enum Route {
     /// The rule's backend.
     Chosen(BackendId),
-    /// No rule applies (adaptive mode with nothing reserved): round robin, not degraded.
+    /// No rule applies (unknown class, or nothing eligible at all): round robin over
+    /// every eligible backend, not degraded.
     Anywhere,
     /// The rule's backends are not eligible: this fallback backend, or round robin over
     /// every eligible backend when `None`.
@@ -194,6 +251,7 @@ impl DurationClass {
             picks_long: AtomicU64::new(0),
             picks_unknown: AtomicU64::new(0),
             degraded_picks: AtomicU64::new(0),
+            long_spills: AtomicU64::new(0),
         }
     }
 
@@ -219,34 +277,46 @@ impl DurationClass {
         rotate(&self.long_next, &self.long, pool).map_or(Route::Degraded(None), Route::Chosen)
     }
 
+    /// Adaptive mode, short request: the unreserved backend `u` unless the reserved
+    /// backend `r` is less loaded by (in flight, long in flight) (each the less loaded of
+    /// a P2C pair of its set).
     fn adaptive_short(&self, pool: &PoolView<'_>) -> Route {
-        let r = self.reservation.read();
         let live = |i: usize| &pool.backends()[i].live;
-        let has_long = |i: usize| live(i).long_in_flight() > 0;
-        if let Some(i) = p2c_among(&r.others, pool, |i| !has_long(i), |i| live(i).in_flight()) {
-            return Route::Chosen(BackendId(i));
+        let load = |i: usize| (live(i).in_flight(), live(i).long_in_flight());
+        let reservation = self.reservation.read();
+        if reservation.long.is_empty() {
+            return power_of_two_choices(pool, load).map_or(Route::Anywhere, Route::Chosen);
         }
-        let best = least_loaded(pool, |i| {
-            (has_long(i), r.is_reserved(i), live(i).in_flight())
-        });
-        match best {
-            Some(id) if !has_long(id.0) && !r.is_reserved(id.0) => Route::Chosen(id),
-            other => Route::Degraded(other),
+        let unreserved = p2c_among(&reservation.others, pool, load);
+        let reserved = p2c_among(&reservation.long, pool, load);
+        match (unreserved, reserved) {
+            (Some(u), Some(r)) if load(r) < load(u) => Route::Chosen(BackendId(r)),
+            (Some(u), _) => Route::Chosen(BackendId(u)),
+            (None, Some(r)) => Route::Degraded(Some(BackendId(r))),
+            (None, None) => Route::Anywhere,
         }
     }
 
+    /// Adaptive mode, long request: the reserved backend `r` unless it holds more than
+    /// [`SPILL_MARGIN`] requests more than the unreserved backend `u` (each the less
+    /// loaded of a P2C pair of its set).
     fn adaptive_long(&self, pool: &PoolView<'_>) -> Route {
-        let r = self.reservation.read();
-        if r.long.is_empty() {
-            return Route::Anywhere;
+        let load = |i: usize| pool.backends()[i].live.in_flight();
+        let reservation = self.reservation.read();
+        if reservation.long.is_empty() {
+            return power_of_two_choices(pool, load).map_or(Route::Anywhere, Route::Chosen);
         }
-        p2c_among(
-            &r.long,
-            pool,
-            |_| true,
-            |i| pool.backends()[i].live.in_flight(),
-        )
-        .map_or(Route::Degraded(None), |i| Route::Chosen(BackendId(i)))
+        let reserved = p2c_among(&reservation.long, pool, load);
+        let unreserved = p2c_among(&reservation.others, pool, load);
+        match (reserved, unreserved) {
+            (Some(r), Some(u)) if spills(load(r), load(u)) => {
+                self.long_spills.fetch_add(1, Ordering::Relaxed);
+                Route::Chosen(BackendId(u))
+            }
+            (Some(r), _) => Route::Chosen(BackendId(r)),
+            (None, Some(u)) => Route::Degraded(Some(BackendId(u))),
+            (None, None) => Route::Anywhere,
+        }
     }
 
     /// Recomputes adaptive mode's reservation for a long-work share of `share`.
@@ -267,6 +337,13 @@ impl DurationClass {
             *self.reservation.write() = Reservation::from_flags(next);
         }
     }
+}
+
+/// Whether a long request spills from a reserved backend with `reserved` requests in
+/// flight to an unreserved one with `unreserved`: only if the unreserved backend, even
+/// after taking it, holds fewer than the reserved one.
+pub fn spills(reserved: u64, unreserved: u64) -> bool {
+    reserved > unreserved.saturating_add(SPILL_MARGIN)
 }
 
 /// Seed 000's two-backend rule for a long request, `short` being node 1 and `long` node 2.
@@ -305,23 +382,22 @@ fn rotate(next: &AtomicUsize, members: &[usize], pool: &PoolView<'_>) -> Option<
         })
 }
 
-/// Power of two choices by `key` among the *admissible* backends of `members` (indices
-/// into the pool): eligible and passing `admit`. A pair with one admissible backend gives
-/// that one; a pair with none is redrawn; after `MAX_PAIR_DRAWS` such pairs, the
-/// admissible member with the lowest key (first in `members` on a tie), by an
-/// O(members) scan. `None` when no member is admissible.
+/// Power of two choices by `key` among the eligible backends of `members` (indices into
+/// the pool). A pair with one eligible backend gives that one; a pair with none is
+/// redrawn; after `MAX_PAIR_DRAWS` such pairs, the eligible member with the lowest key
+/// (first in `members` on a tie), by an O(members) scan. `None` when no member is
+/// eligible. With one or two members the pick is exact: the less loaded eligible one.
 fn p2c_among<K: PartialOrd>(
     members: &[usize],
     pool: &PoolView<'_>,
-    admit: impl Fn(usize) -> bool,
     key: impl Fn(usize) -> K,
 ) -> Option<usize> {
-    let admissible = |i: usize| i < pool.len() && pool.is_eligible(i) && admit(i);
+    let eligible = |i: usize| i < pool.len() && pool.is_eligible(i);
     if members.len() >= 2 {
         for _ in 0..MAX_PAIR_DRAWS {
             let (a, b) = distinct_pair(members.len(), |bound| fastrand::usize(..bound));
             let (a, b) = (members[a], members[b]);
-            match (admissible(a), admissible(b)) {
+            match (eligible(a), eligible(b)) {
                 (true, true) => return Some(if key(b) < key(a) { b } else { a }),
                 (true, false) => return Some(a),
                 (false, true) => return Some(b),
@@ -332,7 +408,7 @@ fn p2c_among<K: PartialOrd>(
     members
         .iter()
         .copied()
-        .filter(|&i| admissible(i))
+        .filter(|&i| eligible(i))
         .map(|i| (i, key(i)))
         .reduce(|best, c| if c.1 < best.1 { c } else { best })
         .map(|(i, _)| i)
@@ -444,8 +520,8 @@ impl Strategy for DurationClass {
     }
 
     /// `long_share` (0..=1), `reserved_long_backends` (count), `picks_short`,
-    /// `picks_long`, `picks_unknown`, `degraded_picks` (counters since the strategy was
-    /// built), and per backend `long_in_flight` and `reserved_long` (1 if dedicated to
+    /// `picks_long`, `picks_unknown`, `degraded_picks`, `long_spills` (counters since the
+    /// strategy was built; `long_spills` stays 0 in static mode), and per backend `long_in_flight` and `reserved_long` (1 if dedicated to
     /// long requests, else 0).
     fn figures(&self, pool: &PoolView<'_>, _now_ns: u64) -> Vec<Figure> {
         let long = self.long_backends();
@@ -457,6 +533,7 @@ impl Strategy for DurationClass {
             Figure::pool("picks_long", counter(&self.picks_long)),
             Figure::pool("picks_unknown", counter(&self.picks_unknown)),
             Figure::pool("degraded_picks", counter(&self.degraded_picks)),
+            Figure::pool("long_spills", counter(&self.long_spills)),
         ];
         for (i, b) in pool.backends().iter().enumerate() {
             figures.push(Figure::backend(
@@ -757,41 +834,122 @@ mod tests {
         assert_eq!(figure(&s, &view, "reserved_long_backends"), 3.0);
     }
 
-    #[test]
-    fn adaptive_keeps_shorts_off_backends_with_long_work() {
-        let b = backends(&[1; 6]);
+    /// A two-backend adaptive pool whose tick reserved backend 1 for long requests.
+    fn two_backends_reserving_1() -> (Vec<Backend>, DurationClass) {
+        let b = backends(&[1, 1]);
         let s = DurationClass::new(&b, &adaptive_params());
-        let view = PoolView::new(&b, &[], false);
-        // A sixth of the work is long: one backend reserved, the one holding it.
-        let _long = hold(&b[5], 0, 1);
-        let _short = hold(&b[0], 5, 0);
-        s.tick(&view, 0);
-        assert_eq!(s.long_backends(), vec![5]);
-        // A long request left over on an unreserved backend (from before the split).
-        let _leftover = hold(&b[2], 0, 1);
-        let mut seen = [0; 6];
-        for _ in 0..600 {
-            seen[pick(&s, &view, Short).expect("eligible")] += 1;
+        {
+            let _long = hold(&b[1], 0, 1);
+            s.tick(&PoolView::new(&b, &[], false), 0);
         }
-        assert_eq!((seen[2], seen[5]), (0, 0), "{seen:?}");
-        // Backend 0 has requests in flight, 1, 3, 4 none: P2C prefers them.
-        assert!(seen[1] > 100 && seen[3] > 100 && seen[4] > 100, "{seen:?}");
+        assert_eq!(s.long_backends(), vec![1]);
+        (b, s)
+    }
+
+    #[test]
+    fn adaptive_longs_spill_only_beyond_the_margin() {
+        let (b, s) = two_backends_reserving_1();
+        let view = PoolView::new(&b, &[], false);
+        let mut spilled = 0;
+        for reserved in 0..6 {
+            for unreserved in 0..6 {
+                // Any mix of classes: the spill rule counts requests in flight.
+                let _held = (
+                    hold(&b[1], reserved / 2, reserved - reserved / 2),
+                    hold(&b[0], unreserved - unreserved / 3, unreserved / 3),
+                );
+                let spill = reserved as u64 > unreserved as u64 + SPILL_MARGIN;
+                spilled += usize::from(spill);
+                for _ in 0..4 {
+                    let expected = if spill { 0 } else { 1 };
+                    assert_eq!(
+                        pick(&s, &view, Long),
+                        Some(expected),
+                        "reserved {reserved}, unreserved {unreserved}"
+                    );
+                }
+            }
+        }
+        assert_eq!(figure(&s, &view, "long_spills"), (4 * spilled) as f64);
         assert_eq!(figure(&s, &view, "degraded_picks"), 0.0);
     }
 
     #[test]
-    fn adaptive_shorts_fall_back_when_every_unreserved_backend_has_long_work() {
+    fn adaptive_shorts_prefer_unreserved_backends_and_less_long_work() {
+        let (b, s) = two_backends_reserving_1();
+        let view = PoolView::new(&b, &[], false);
+        let cases: [((usize, usize), (usize, usize), usize); 6] = [
+            // ((unreserved short, long), (reserved short, long), expected backend)
+            ((0, 0), (0, 0), 0),
+            ((1, 0), (0, 1), 0),
+            ((0, 1), (0, 1), 0),
+            ((0, 2), (1, 1), 1),
+            ((3, 0), (0, 2), 1),
+            ((2, 0), (0, 3), 0),
+        ];
+        for ((us, ul), (rs, rl), expected) in cases {
+            let _held = (hold(&b[0], us, ul), hold(&b[1], rs, rl));
+            for _ in 0..4 {
+                assert_eq!(
+                    pick(&s, &view, Short),
+                    Some(expected),
+                    "unreserved ({us}, {ul}), reserved ({rs}, {rl})"
+                );
+            }
+        }
+        assert_eq!(figure(&s, &view, "degraded_picks"), 0.0);
+    }
+
+    #[test]
+    fn adaptive_shorts_avoid_long_work_when_an_as_lightly_loaded_backend_has_none() {
         let b = backends(&[1; 3]);
         let s = DurationClass::new(&b, &adaptive_params());
         let view = PoolView::new(&b, &[], false);
-        let _long = hold(&b[2], 0, 1);
-        let _short = hold(&b[0], 2, 0);
-        s.tick(&view, 0);
+        {
+            let _held = (hold(&b[2], 0, 1), hold(&b[0], 2, 0));
+            s.tick(&view, 0);
+        }
         assert_eq!(s.long_backends(), vec![2]);
-        let _leftover = (hold(&b[0], 0, 1), hold(&b[1], 0, 1));
-        // Every backend holds long work: the least loaded, preferring unreserved.
+        // One request on each; a long one left over on unreserved backend 0.
+        let _held = (hold(&b[0], 0, 1), hold(&b[1], 1, 0), hold(&b[2], 0, 1));
+        for _ in 0..100 {
+            assert_eq!(pick(&s, &view, Short), Some(1));
+        }
+    }
+
+    #[test]
+    fn adaptive_class_without_an_eligible_own_backend_degrades_to_the_other_set() {
+        let (b, s) = two_backends_reserving_1();
+        let view = PoolView::new(&b, &[], false);
+        let _busy = hold(&b[0], 5, 0);
+        b[1].live.set_flag(BackendFlags::UNHEALTHY);
+        assert_eq!(pick(&s, &view, Long), Some(0));
+        b[1].live.clear_flag(BackendFlags::UNHEALTHY);
+        b[0].live.set_flag(BackendFlags::DRAINING);
         assert_eq!(pick(&s, &view, Short), Some(1));
-        assert_eq!(figure(&s, &view, "degraded_picks"), 1.0);
+        assert_eq!(figure(&s, &view, "degraded_picks"), 2.0);
+        assert_eq!(figure(&s, &view, "long_spills"), 0.0);
+    }
+
+    #[test]
+    fn adaptive_without_long_work_balances_every_class() {
+        let b = backends(&[1, 1]);
+        let s = DurationClass::new(&b, &adaptive_params());
+        let view = PoolView::new(&b, &[], false);
+        let _short = hold(&b[0], 1, 0);
+        s.tick(&view, 0);
+        assert!(s.long_backends().is_empty());
+        assert_eq!(pick(&s, &view, Long), Some(1));
+        assert_eq!(pick(&s, &view, Short), Some(1));
+        assert_eq!(figure(&s, &view, "degraded_picks"), 0.0);
+    }
+
+    #[test]
+    fn spill_rule() {
+        assert!(!spills(0, 0));
+        assert!(!spills(1 + SPILL_MARGIN, 1));
+        assert!(spills(2 + SPILL_MARGIN, 1));
+        assert!(!spills(u64::MAX, u64::MAX));
     }
 
     #[test]
@@ -858,6 +1016,94 @@ mod tests {
             let kept = (0..loads.len()).filter(|&i| current[i] && loads[i].eligible).count();
             if kept >= members.len() {
                 prop_assert!(members.iter().all(|&i| current[i]));
+            }
+        }
+
+        /// Adaptive picks follow the rules: a long request goes to an unreserved backend
+        /// only when no reserved one is eligible or a reserved one holds more than
+        /// `SPILL_MARGIN` requests more; a short request goes to a reserved backend only
+        /// when no unreserved one is eligible or an unreserved one is more loaded by
+        /// (in flight, long in flight). Where each set has at most two backends, P2C is
+        /// exact and the pick is exactly the rule's.
+        #[test]
+        fn adaptive_picks_follow_the_spill_and_cross_over_rules(
+            cases in prop::collection::vec((prop::bool::weighted(0.8), 0usize..4, 0usize..3), 2..10),
+            tick_long in prop::collection::vec(0usize..3, 2..10),
+            long in any::<bool>(),
+        ) {
+            let n = cases.len();
+            let b = backends(&vec![1; n]);
+            let s = DurationClass::new(&b, &adaptive_params());
+            {
+                // Long work on some backends at tick time sets the reservation.
+                let held: Vec<_> = (0..n)
+                    .map(|i| hold(&b[i], 1, tick_long.get(i).copied().unwrap_or(0)))
+                    .collect();
+                s.tick(&PoolView::new(&b, &[], false), 0);
+                drop(held);
+            }
+            let mut guards = Vec::new();
+            for (i, &(eligible, shorts, longs)) in cases.iter().enumerate() {
+                if !eligible {
+                    b[i].live.set_flag(BackendFlags::UNHEALTHY);
+                }
+                guards.push(hold(&b[i], shorts, longs));
+            }
+            let view = PoolView::new(&b, &[], false);
+            let reserved = s.long_backends();
+            let is_reserved = |i: usize| reserved.contains(&i);
+            let live = |i: usize| &b[i].live;
+            let load = |i: usize| (live(i).in_flight(), live(i).long_in_flight());
+            let eligible_in = |own: bool| -> Vec<usize> {
+                (0..n).filter(|&i| view.is_eligible(i) && is_reserved(i) == own).collect()
+            };
+            let (r_set, u_set) = (eligible_in(true), eligible_in(false));
+            let exact = !reserved.is_empty() && reserved.len() <= 2 && n - reserved.len() <= 2;
+            let class = if long { Long } else { Short };
+            for _ in 0..8 {
+                let Some(i) = pick(&s, &view, class) else {
+                    prop_assert!(r_set.is_empty() && u_set.is_empty());
+                    continue;
+                };
+                prop_assert!(view.is_eligible(i));
+                if reserved.is_empty() {
+                    continue;
+                }
+                if long {
+                    let r_max = r_set.iter().map(|&j| load(j).0).max();
+                    if !is_reserved(i) {
+                        prop_assert!(r_max.is_none_or(|r| spills(r, load(i).0)), "{i}");
+                    }
+                    if exact {
+                        let r_min = r_set.iter().map(|&j| load(j).0).min();
+                        let u_min = u_set.iter().map(|&j| load(j).0).min();
+                        let to_reserved = match (r_min, u_min) {
+                            (Some(r), Some(u)) => !spills(r, u),
+                            (Some(_), None) => true,
+                            (None, _) => false,
+                        };
+                        let expected = if to_reserved { r_min } else { u_min };
+                        prop_assert_eq!(is_reserved(i), to_reserved);
+                        prop_assert_eq!(Some(load(i).0), expected);
+                    }
+                } else {
+                    let u_max = u_set.iter().map(|&j| load(j)).max();
+                    if is_reserved(i) {
+                        prop_assert!(u_max.is_none_or(|u| load(i) < u), "{i}");
+                    }
+                    if exact {
+                        let r_min = r_set.iter().map(|&j| load(j)).min();
+                        let u_min = u_set.iter().map(|&j| load(j)).min();
+                        let to_reserved = match (u_min, r_min) {
+                            (Some(u), Some(r)) => r < u,
+                            (Some(_), None) => false,
+                            (None, _) => true,
+                        };
+                        let expected = if to_reserved { r_min } else { u_min };
+                        prop_assert_eq!(is_reserved(i), to_reserved);
+                        prop_assert_eq!(Some(load(i)), expected);
+                    }
+                }
             }
         }
 

@@ -110,6 +110,7 @@ pub struct PoolView<'a> {
     excluded: &'a [BackendId],
     panic: bool,
     total_in_flight: Option<u64>,
+    allowed: Option<&'a [bool]>,
 }
 
 impl<'a> PoolView<'a> {
@@ -120,7 +121,15 @@ impl<'a> PoolView<'a> {
             excluded,
             panic,
             total_in_flight: None,
+            allowed: None,
         }
+    }
+
+    /// The same view restricted to the backends `i` with `allowed[i]` (a route's
+    /// required backend tags); backends past the end of `allowed` are not allowed.
+    pub fn with_allowed(mut self, allowed: Option<&'a [bool]>) -> Self {
+        self.allowed = allowed;
+        self
     }
 
     /// The same view with the pool's total load (requests in flight over all backends)
@@ -185,7 +194,9 @@ impl<'a> PoolView<'a> {
     /// [`crate::LiveBackend::is_routable`]) and not already tried by it.
     #[inline]
     pub fn is_eligible(&self, i: usize) -> bool {
-        self.backends[i].live.is_routable(self.panic) && !self.excluded.contains(&BackendId(i))
+        self.backends[i].live.is_routable(self.panic)
+            && self.allowed.is_none_or(|a| a.get(i).copied().unwrap_or(false))
+            && !self.excluded.contains(&BackendId(i))
     }
 
     /// The weight of backend `i` as strategies use it: the configured weight, counted as

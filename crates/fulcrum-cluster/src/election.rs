@@ -1,0 +1,282 @@
+//! Leader election over the coordination store: campaign, renew, step down in time.
+//!
+//! One task per node ([`Elector::spawn`]) holds or seeks the store's leader lease
+//! ([`Store::try_acquire`]) and publishes a [`LeaderState`] on a `watch` channel; the
+//! node runs cluster-wide chores (garbage collection, cluster status) only while
+//! `is_leader`, passing the lease's fencing token so the store refuses the chores of a
+//! leader that has been replaced (Kleppmann's fencing tokens).
+//!
+//! Timing, for a lease TTL `ttl`:
+//! - while not leader, it campaigns every `ttl/3` (±10 % jitter, so nodes do not fall in
+//!   lockstep), and reads the current leader to publish it;
+//! - while leader, it renews every `ttl/3`, retrying sooner after an error;
+//! - if no renewal has succeeded within `2·ttl/3` of the last one (the store is down or
+//!   slow), it **steps down** — publishes `is_leader: false` — while the lease still has
+//!   at least `ttl/3` to run in the store. The clock starts when a request is *sent*, so
+//!   the store's expiry is always later than the local deadline: a successor can only
+//!   acquire after the lease expired, by which time this node has stopped leading. This
+//!   assumes clocks that run at similar rates (not synchronised clocks), as any lease does.
+//!
+//! Transitions are logged at `info`.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Lease, LeaderRecord, Store, now_ms};
+
+/// What a node knows about the leadership, published by [`Elector`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderState {
+    /// This node holds a lease it renewed less than `2·ttl/3` ago.
+    pub is_leader: bool,
+    /// The leader's node id, as last read from the store (kept while the store is
+    /// unreadable, except that a node that steps down clears itself).
+    pub leader: Option<String>,
+    /// The leader's fencing token, alongside `leader`.
+    pub token: Option<u64>,
+    /// The last store operation of the election loop got an answer.
+    pub store_available: bool,
+    /// Unix time in milliseconds of the last change of any field above.
+    pub changed_ms: u64,
+}
+
+/// The election loop; see the module documentation.
+pub struct Elector;
+
+impl Elector {
+    /// Spawns the election loop for `node_id` with lease TTL `ttl` on the current Tokio
+    /// runtime and returns its state. The loop stops when `cancel` fires, releasing the
+    /// lease if it holds one (so a successor need not wait for the TTL) and publishing
+    /// `is_leader: false`.
+    ///
+    /// `ttl` should be well above the store's round trip and at least 1 s; etcd rounds it
+    /// up to whole seconds and to its minimum lease TTL.
+    pub fn spawn(
+        store: Store,
+        node_id: String,
+        ttl: Duration,
+        cancel: CancellationToken,
+    ) -> watch::Receiver<LeaderState> {
+        Self::spawn_with_handle(store, node_id, ttl, cancel).0
+    }
+
+    /// Like [`Elector::spawn`], also returning the task's handle: await it after
+    /// cancelling to know the lease was released (shutdown), or abort it to stop without
+    /// releasing (what a crash does; the lease then expires after its TTL).
+    pub fn spawn_with_handle(
+        store: Store,
+        node_id: String,
+        ttl: Duration,
+        cancel: CancellationToken,
+    ) -> (watch::Receiver<LeaderState>, JoinHandle<()>) {
+        let (tx, rx) = watch::channel(LeaderState {
+            is_leader: false,
+            leader: None,
+            token: None,
+            store_available: store.health().available,
+            changed_ms: now_ms(),
+        });
+        let campaign = Campaign {
+            store,
+            node_id,
+            ttl,
+            tx,
+            held: None,
+        };
+        let handle = tokio::spawn(campaign.run(cancel));
+        (rx, handle)
+    }
+}
+
+/// A lease this node holds.
+struct Held {
+    lease: Lease,
+    /// When the request of the last successful acquisition or renewal was sent.
+    renewed_at: Instant,
+}
+
+/// State of the election loop.
+struct Campaign {
+    store: Store,
+    node_id: String,
+    ttl: Duration,
+    tx: watch::Sender<LeaderState>,
+    held: Option<Held>,
+}
+
+impl Campaign {
+    fn interval(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// How long after the last renewal the leader steps down.
+    fn step_down_after(&self) -> Duration {
+        self.ttl * 2 / 3
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            let next = match self.held.take() {
+                None => self.campaign().await,
+                Some(held) => self.keep(held).await,
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+        }
+        if let Some(held) = self.held.take() {
+            let released = self.store.release(&held.lease).await;
+            tracing::info!(
+                node = %self.node_id,
+                token = held.lease.token,
+                released = released.is_ok(),
+                "leadership given up: election stopped"
+            );
+            let available = released.is_ok();
+            self.publish(false, None, None, available);
+        }
+    }
+
+    /// One campaign round; returns when to run the next one.
+    async fn campaign(&mut self) -> Instant {
+        let started = Instant::now();
+        let next = started + jittered(self.interval());
+        match self.store.try_acquire(&self.node_id, self.ttl).await {
+            Ok(Some(lease)) => {
+                tracing::info!(node = %self.node_id, token = lease.token, "became leader");
+                self.publish(true, Some(self.node_id.clone()), Some(lease.token), true);
+                self.held = Some(Held {
+                    lease,
+                    renewed_at: started,
+                });
+                started + self.interval()
+            }
+            Ok(None) => {
+                match self.store.leader().await {
+                    Ok(Some(LeaderRecord { node_id, token })) => {
+                        self.publish(false, Some(node_id), Some(token), true);
+                    }
+                    Ok(None) => self.publish(false, None, None, true),
+                    Err(error) => {
+                        tracing::debug!(node = %self.node_id, %error, "leader not read");
+                        self.publish_unavailable();
+                    }
+                }
+                next
+            }
+            Err(error) => {
+                tracing::debug!(node = %self.node_id, %error, "campaign failed");
+                self.publish_unavailable();
+                next
+            }
+        }
+    }
+
+    /// One renewal round while leader; returns when to run the next one.
+    async fn keep(&mut self, mut held: Held) -> Instant {
+        let deadline = held.renewed_at + self.step_down_after();
+        let started = Instant::now();
+        if started >= deadline {
+            self.step_down(held, "no renewal confirmed within 2/3 of the lease TTL");
+            return started + self.interval();
+        }
+        match tokio::time::timeout_at(deadline, self.store.renew(&held.lease, self.ttl)).await {
+            Ok(Ok(true)) => {
+                held.renewed_at = started;
+                let token = held.lease.token;
+                self.held = Some(held);
+                self.publish(true, Some(self.node_id.clone()), Some(token), true);
+                started + self.interval()
+            }
+            Ok(Ok(false)) => {
+                tracing::info!(
+                    node = %self.node_id,
+                    token = held.lease.token,
+                    "stepped down: lease lost"
+                );
+                self.publish(false, None, None, true);
+                // Campaign again at once: the store may already name a successor.
+                Instant::now()
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(node = %self.node_id, %error, "renewal failed");
+                self.held = Some(held);
+                self.publish_unavailable();
+                (started + self.interval() / 2).min(deadline)
+            }
+            Err(_) => {
+                self.step_down(held, "no renewal confirmed within 2/3 of the lease TTL");
+                Instant::now() + self.interval()
+            }
+        }
+    }
+
+    /// Stops leading before the lease can expire, and tries to release it in the
+    /// background (compare-and-delete, so harmless if a successor already holds it).
+    fn step_down(&mut self, held: Held, reason: &'static str) {
+        tracing::info!(node = %self.node_id, token = held.lease.token, reason, "stepped down");
+        self.publish(false, None, None, false);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.release(&held.lease).await {
+                tracing::debug!(%error, "lease not released after stepping down; it will expire");
+            }
+        });
+    }
+
+    /// Marks the store unreadable, keeping the last known leader unless it is this node.
+    fn publish_unavailable(&self) {
+        let current = self.tx.borrow().clone();
+        let is_leader = self.held.is_some();
+        let (leader, token) = if is_leader || current.leader.as_deref() != Some(&self.node_id) {
+            (current.leader, current.token)
+        } else {
+            (None, None)
+        };
+        self.publish(is_leader, leader, token, false);
+    }
+
+    fn publish(
+        &self,
+        is_leader: bool,
+        leader: Option<String>,
+        token: Option<u64>,
+        store_available: bool,
+    ) {
+        self.tx.send_if_modified(|state| {
+            let unchanged = state.is_leader == is_leader
+                && state.leader == leader
+                && state.token == token
+                && state.store_available == store_available;
+            if unchanged {
+                return false;
+            }
+            if state.leader != leader && !is_leader {
+                tracing::info!(
+                    node = %self.node_id,
+                    leader = leader.as_deref().unwrap_or("none"),
+                    token,
+                    "leader changed"
+                );
+            }
+            *state = LeaderState {
+                is_leader,
+                leader,
+                token,
+                store_available,
+                changed_ms: now_ms(),
+            };
+            true
+        });
+    }
+}
+
+/// `interval` scaled by a random factor in [0.9, 1.1).
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + fastrand::f64() * 0.2)
+}

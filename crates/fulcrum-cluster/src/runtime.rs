@@ -1,0 +1,1483 @@
+//! The control plane of one node: what turns a [`Node`] into a member of a cluster.
+//!
+//! [`ControlPlane`] owns the node's configuration as three layers — the file (`base`),
+//! the shared run-time overlay ([`SharedConfig`]) and the discovered backends (DNS,
+//! registry) — and applies their composition with [`Node::reload`] whenever one of them
+//! changes. With a `cluster` block it also:
+//!
+//! - gossips (chitchat) this node's addresses, tags, load, applied config version and one
+//!   compact summary per backend; health changes are published at once, the rest every
+//!   `publish_interval`;
+//! - merges the other nodes' views of each backend by `health_merge` and takes a backend
+//!   out of rotation here ([`BackendFlags::PEER_DOWN`]) when the cluster says so;
+//! - keeps the shared overlay in the coordination store (compare-and-set on its version,
+//!   watched for changes) or, with `none`, spreads it by gossip;
+//! - runs the leader election ([`crate::election::Elector`]) and, as leader, the cluster
+//!   chores (stale-node garbage collection, `cluster:status`), fenced by its token;
+//! - heartbeats the node registry, persists endpoint statistics and reads them back at
+//!   start (warm start), and reads registered backends.
+//!
+//! Every loop here runs on the control runtime, never on the request path; the data
+//! plane sees the cluster only through backend flags and reloaded pool states. When the
+//! store is down, the node keeps serving with its last known state: loops log, count the
+//! outage and retry; no request waits on the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fulcrum_balance::BackendFlags;
+use fulcrum_config::{
+    BackendConfig, ClusterConfig, Config, CoordinationBackend, DiscoverySource, HealthMergeRule,
+};
+use fulcrum_proxy::Node;
+use fulcrum_proxy::spec::node_spec;
+use fulcrum_stats::clock::now_ns;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::assign;
+use crate::discovery::Dns;
+use crate::election::{Elector, LeaderState};
+use crate::health::{self, HealthMerge};
+use crate::membership::{
+    BackendHealth, BackendSummary, ClusterEvent, KEY_ADMIN, KEY_CONFIG_DOC, KEY_CONFIG_VERSION,
+    KEY_LISTENERS, KEY_LOAD, KEY_STATUS, KEY_TAGS, Member, MemberState, Membership,
+    MembershipSettings, NodeLoad, backends_of,
+};
+use crate::shared::{AdminState, Change, ChangeError, SharedConfig, effective_config};
+use crate::store::{
+    EndpointStatRecord, NodeRecord, PutConfig, RegisteredBackend, Store, StoreSettings,
+};
+
+/// How long a write waits for other nodes to report its version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Consistency {
+    /// Return once applied here (default).
+    #[default]
+    Async,
+    /// Wait until a majority of live nodes report the new version.
+    Quorum,
+    /// Wait until every live node reports it.
+    All,
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "async" => Ok(Self::Async),
+            "quorum" => Ok(Self::Quorum),
+            "all" => Ok(Self::All),
+            other => Err(format!(
+                "unknown consistency `{other}`; expected async, quorum or all"
+            )),
+        }
+    }
+}
+
+/// Why a run-time change was not applied (or not confirmed).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The change names something unknown or would make the configuration invalid.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// The coordination store could not be reached; nothing was changed.
+    #[error("coordination store unavailable; nothing was changed: {0}")]
+    StoreUnavailable(String),
+    /// Other writers kept winning the compare-and-set.
+    #[error("the shared configuration kept changing under this write ({0} attempts); retry")]
+    Conflict(u32),
+    /// The change was applied, but not every node required reported it in time.
+    #[error(
+        "version {version} applied here, but {missing} node(s) did not report it within \
+         {timeout_ms} ms: {lagging}"
+    )]
+    Lagging {
+        /// The version written.
+        version: u64,
+        /// How many more nodes were needed.
+        missing: usize,
+        /// The wait, ms.
+        timeout_ms: u64,
+        /// `node (version)` of each node behind.
+        lagging: String,
+    },
+    /// The composed configuration could not be applied to the node.
+    #[error("cannot apply the configuration: {0}")]
+    Apply(String),
+    /// The registry is used without a coordination store.
+    #[error("pool `{0}` uses the registry, which needs a coordination store")]
+    NoRegistry(String),
+}
+
+/// What a successful write reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct WriteResult {
+    /// Version of the shared configuration written.
+    pub version: u64,
+    /// The consistency waited for.
+    pub consistency: &'static str,
+    /// Live nodes that report the version (this one included).
+    pub acknowledged: Vec<String>,
+}
+
+/// One backend as the cluster sees it (`GET /api/cluster/status`).
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendClusterView {
+    /// Pool.
+    pub pool: String,
+    /// Address.
+    pub address: String,
+    /// This node's own view.
+    pub local: &'static str,
+    /// Each other live node's view, by node id.
+    pub peers: BTreeMap<String, &'static str>,
+    /// Whether the merge rule takes the backend out of rotation cluster-wide.
+    pub cluster_down: bool,
+    /// The merge's reason.
+    pub reason: &'static str,
+}
+
+/// One member as `GET /api/cluster/nodes` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeView {
+    /// Node id.
+    pub node_id: String,
+    /// `alive`, `failed` or `left`.
+    pub state: MemberState,
+    /// Whether this is the node answering.
+    pub is_self: bool,
+    /// Gossip address.
+    pub gossip_addr: String,
+    /// Admin API address.
+    pub admin: Option<String>,
+    /// Listener addresses.
+    pub listeners: Vec<String>,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Shared configuration version it has applied.
+    pub config_version: Option<u64>,
+    /// Its load.
+    pub load: Option<NodeLoad>,
+    /// Whether it is the leader.
+    pub is_leader: bool,
+    /// Its view of every backend.
+    pub backends: Vec<BackendSummary>,
+}
+
+/// Leader information (`GET /api/cluster/leader`).
+#[derive(Clone, Debug, Serialize)]
+pub struct LeaderView {
+    /// Leader node id, if one is known.
+    pub leader: Option<String>,
+    /// Fencing token of the current lease (`null` with `coordination: none`).
+    pub token: Option<u64>,
+    /// Whether this node leads.
+    pub is_self: bool,
+    /// `none`, `redis` or `etcd`.
+    pub coordination: &'static str,
+    /// How the leader is chosen.
+    pub method: &'static str,
+}
+
+struct ClusterParts {
+    config: ClusterConfig,
+    membership: Membership,
+    store: Option<Store>,
+    leader: watch::Receiver<LeaderState>,
+    admin: String,
+    listeners: Vec<String>,
+}
+
+struct Inner {
+    node: Node,
+    threads: usize,
+    base: Mutex<Config>,
+    shared: Mutex<SharedConfig>,
+    discovered: Mutex<BTreeMap<String, Vec<BackendConfig>>>,
+    /// The composed configuration last applied to the node.
+    applied: Mutex<Option<Config>>,
+    /// Serialises writes (compose + reload) on this node.
+    write: tokio::sync::Mutex<()>,
+    cluster: Option<ClusterParts>,
+    views: Mutex<Vec<BackendClusterView>>,
+    assignments: Mutex<BTreeMap<String, String>>,
+    cancel: CancellationToken,
+}
+
+/// The node's control plane; cheap to clone.
+#[derive(Clone)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("clustered", &self.inner.cluster.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn health_of(flags: BackendFlags) -> BackendHealth {
+    let local = flags.local();
+    if local.contains(BackendFlags::DISABLED) {
+        BackendHealth::Disabled
+    } else if local.contains(BackendFlags::DRAINING) {
+        BackendHealth::Draining
+    } else if local.contains(BackendFlags::UNHEALTHY) {
+        BackendHealth::Unhealthy
+    } else if local.contains(BackendFlags::EJECTED) {
+        BackendHealth::Ejected
+    } else {
+        BackendHealth::Healthy
+    }
+}
+
+fn health_name(h: BackendHealth) -> &'static str {
+    match h {
+        BackendHealth::Healthy => "healthy",
+        BackendHealth::Unhealthy => "unhealthy",
+        BackendHealth::Ejected => "ejected",
+        BackendHealth::Draining => "draining",
+        BackendHealth::Disabled => "disabled",
+    }
+}
+
+fn merge_rule(rule: HealthMergeRule) -> HealthMerge {
+    match rule {
+        HealthMergeRule::Any => HealthMerge::Any,
+        HealthMergeRule::Majority => HealthMerge::Majority,
+        HealthMergeRule::Local => HealthMerge::Local,
+    }
+}
+
+impl ControlPlane {
+    /// Starts the control plane of `node`, which runs `config` (the file). Without a
+    /// `cluster` block only discovery runs. With one, joins the gossip cluster, connects
+    /// to the coordination store (a store that is down does not stop the start: the node
+    /// serves and reconnects), adopts the current shared configuration, and spawns the
+    /// loops described in the module documentation on the current runtime.
+    ///
+    /// # Errors
+    /// A message when the gossip socket cannot be bound, a seed is malformed, or the
+    /// store settings are invalid.
+    pub async fn start(
+        node: Node,
+        config: Config,
+        admin: SocketAddr,
+    ) -> Result<ControlPlane, String> {
+        let cancel = CancellationToken::new();
+        let threads = node.threads();
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => Some(Self::join(c, &node, admin, cancel.clone()).await?),
+        };
+        let plane = ControlPlane {
+            inner: Arc::new(Inner {
+                node,
+                threads,
+                base: Mutex::new(config.clone()),
+                shared: Mutex::new(SharedConfig::default()),
+                discovered: Mutex::new(BTreeMap::new()),
+                applied: Mutex::new(Some(config.clone())),
+                write: tokio::sync::Mutex::new(()),
+                cluster,
+                views: Mutex::new(Vec::new()),
+                assignments: Mutex::new(BTreeMap::new()),
+                cancel,
+            }),
+        };
+        plane.spawn_discovery(&config);
+        if plane.inner.cluster.is_some() {
+            plane.startup_sync().await;
+            plane.spawn_cluster_loops();
+        }
+        Ok(plane)
+    }
+
+    async fn join(
+        c: &ClusterConfig,
+        node: &Node,
+        admin: SocketAddr,
+        cancel: CancellationToken,
+    ) -> Result<ClusterParts, String> {
+        let listeners: Vec<String> = node
+            .listener_status()
+            .iter()
+            .map(|l| l.listen.to_string())
+            .collect();
+        let settings = MembershipSettings {
+            node_id: c.node_id.clone(),
+            cluster_id: c.cluster_id.clone(),
+            listen: c.gossip.listen,
+            advertise: c.gossip.advertise.unwrap_or(c.gossip.listen),
+            seeds: c.gossip.seeds.clone(),
+            interval: c.gossip.interval,
+            phi_threshold: c.gossip.phi_threshold,
+            dead_grace: Duration::from_secs(3600),
+        };
+        let initial = vec![
+            (KEY_ADMIN.to_owned(), admin.to_string()),
+            (
+                KEY_LISTENERS.to_owned(),
+                serde_json::to_string(&listeners).unwrap_or_default(),
+            ),
+            (
+                KEY_TAGS.to_owned(),
+                serde_json::to_string(&c.tags).unwrap_or_default(),
+            ),
+            (KEY_CONFIG_VERSION.to_owned(), "0".to_owned()),
+            (KEY_STATUS.to_owned(), "alive".to_owned()),
+        ];
+        let membership = Membership::start(settings, initial)
+            .await
+            .map_err(|e| format!("cluster: gossip: {e}"))?;
+        let store_settings = match c.coordination.backend {
+            CoordinationBackend::None => None,
+            CoordinationBackend::Redis => Some(StoreSettings::Redis {
+                url: c.coordination.url.clone().unwrap_or_default(),
+                key_prefix: if c.coordination.prefix.is_empty() {
+                    "fulcrum:".to_owned()
+                } else {
+                    c.coordination.prefix.clone()
+                },
+            }),
+            CoordinationBackend::Etcd => Some(StoreSettings::Etcd {
+                endpoints: c.coordination.endpoints.clone(),
+                prefix: if c.coordination.prefix.is_empty() {
+                    "/fulcrum/".to_owned()
+                } else {
+                    c.coordination.prefix.clone()
+                },
+            }),
+        };
+        let store = match store_settings {
+            None => None,
+            Some(s) => Some(
+                Store::connect(&s)
+                    .await
+                    .map_err(|e| format!("cluster: coordination store: {e}"))?,
+            ),
+        };
+        let leader = match &store {
+            Some(store) => Elector::spawn(
+                store.clone(),
+                c.node_id.clone(),
+                c.coordination.lease_ttl,
+                cancel.child_token(),
+            ),
+            None => {
+                let (tx, rx) = watch::channel(LeaderState {
+                    is_leader: false,
+                    leader: None,
+                    token: None,
+                    store_available: true,
+                    changed_ms: unix_ms(),
+                });
+                let membership = membership.clone();
+                let me = c.node_id.clone();
+                let cancel = cancel.child_token();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(200));
+                    loop {
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            _ = tick.tick() => {}
+                        }
+                        let leader = membership.membership_leader().await;
+                        let is_leader = leader.as_deref() == Some(me.as_str());
+                        tx.send_if_modified(|s| {
+                            if s.leader == leader && s.is_leader == is_leader {
+                                return false;
+                            }
+                            s.leader.clone_from(&leader);
+                            s.is_leader = is_leader;
+                            s.changed_ms = unix_ms();
+                            true
+                        });
+                    }
+                });
+                rx
+            }
+        };
+        tracing::info!(
+            node_id = %c.node_id,
+            gossip = %membership.gossip_addr(),
+            coordination = ?c.coordination.backend,
+            "joined the cluster"
+        );
+        Ok(ClusterParts {
+            config: c.clone(),
+            membership,
+            store,
+            leader,
+            admin: admin.to_string(),
+            listeners,
+        })
+    }
+
+    /// The node.
+    pub fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    /// Whether the node is part of a cluster.
+    pub fn is_clustered(&self) -> bool {
+        self.inner.cluster.is_some()
+    }
+
+    /// This node's id in the cluster.
+    pub fn node_id(&self) -> Option<&str> {
+        self.inner.cluster.as_ref().map(|c| c.config.node_id.as_str())
+    }
+
+    /// The shared configuration applied here.
+    pub fn shared(&self) -> SharedConfig {
+        self.inner.shared.lock().clone()
+    }
+
+    /// Stops the loops and, in a cluster, leaves it gracefully (the others see
+    /// `node_left`, not `node_failed`) and releases the leader lease if held.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        if let Some(c) = &self.inner.cluster {
+            c.membership.leave().await;
+        }
+    }
+
+    // ---------------------------------------------------------------- composition --
+
+    /// Replaces the file layer (SIGHUP, `POST /api/reload`) and applies the composition.
+    ///
+    /// # Errors
+    /// The validator's or the node's message; nothing changed then.
+    pub fn set_base(&self, config: Config) -> Result<(), String> {
+        let shared = self.inner.shared.lock().clone();
+        let discovered = self.inner.discovered.lock().clone();
+        self.apply(&config, &shared, &discovered)?;
+        *self.inner.base.lock() = config;
+        Ok(())
+    }
+
+    /// Composes `base` + `shared` + `discovered`, validates it, reloads the node if the
+    /// composition changed, and sets the operator states the overlay gives.
+    fn apply(
+        &self,
+        base: &Config,
+        shared: &SharedConfig,
+        discovered: &BTreeMap<String, Vec<BackendConfig>>,
+    ) -> Result<(), String> {
+        let config = effective_config(base, shared, discovered);
+        let changed = self.inner.applied.lock().as_ref() != Some(&config);
+        if changed {
+            config.validate().map_err(|e| e.to_string())?;
+            let spec = node_spec(&config, Some(self.inner.threads)).map_err(|e| e.to_string())?;
+            self.inner.node.reload(&spec).map_err(|e| e.to_string())?;
+            *self.inner.applied.lock() = Some(config);
+        }
+        self.apply_admin_states(shared);
+        Ok(())
+    }
+
+    fn apply_admin_states(&self, shared: &SharedConfig) {
+        for pool in self.inner.node.pools() {
+            let state = pool.state();
+            for b in &state.backends {
+                let want = shared.admin_state(pool.name(), &b.address);
+                let flags = b.live.flags();
+                let (drain, disable) = match want {
+                    Some(AdminState::Draining) => (true, false),
+                    Some(AdminState::Disabled) => (false, true),
+                    None => (false, false),
+                };
+                if drain != flags.contains(BackendFlags::DRAINING) {
+                    if drain {
+                        pool.set_flag(&b.live, BackendFlags::DRAINING);
+                    } else {
+                        pool.clear_flag(&b.live, BackendFlags::DRAINING);
+                    }
+                }
+                if disable != flags.contains(BackendFlags::DISABLED) {
+                    if disable {
+                        pool.set_flag(&b.live, BackendFlags::DISABLED);
+                    } else {
+                        pool.clear_flag(&b.live, BackendFlags::DISABLED);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adopts `doc` if it is newer than the applied overlay.
+    fn adopt(&self, doc: SharedConfig) {
+        {
+            let current = self.inner.shared.lock();
+            let newer = (doc.version, &doc.written_by) > (current.version, &current.written_by);
+            if !newer {
+                return;
+            }
+        }
+        let base = self.inner.base.lock().clone();
+        let discovered = self.inner.discovered.lock().clone();
+        match self.apply(&base, &doc, &discovered) {
+            Ok(()) => {
+                tracing::info!(
+                    version = doc.version,
+                    written_by = %doc.written_by,
+                    "shared configuration applied"
+                );
+                self.set_applied_version(&doc);
+            }
+            Err(error) => {
+                // Keep the version so the node does not retry the same document forever;
+                // the operator sees the error in the log and the version lag in the API.
+                tracing::error!(version = doc.version, %error, "shared configuration refused here");
+            }
+        }
+    }
+
+    fn set_applied_version(&self, doc: &SharedConfig) {
+        *self.inner.shared.lock() = doc.clone();
+        self.inner
+            .node
+            .metrics()
+            .cluster
+            .config_version
+            .set(i64::try_from(doc.version).unwrap_or(i64::MAX));
+        if let Some(c) = &self.inner.cluster {
+            let membership = c.membership.clone();
+            let version = doc.version.to_string();
+            let gossip_doc = (c.store.is_none()).then(|| format!("{}\n{}", doc.version, doc.to_json()));
+            tokio::spawn(async move {
+                membership.set(KEY_CONFIG_VERSION, &version).await;
+                if let Some(doc) = gossip_doc {
+                    membership.set(KEY_CONFIG_DOC, &doc).await;
+                }
+            });
+        }
+    }
+
+    // -------------------------------------------------------------------- writes --
+
+    /// Applies a run-time change on every node: locally without a cluster; in a cluster,
+    /// written to the store (compare-and-set) or gossiped, applied here, then waited for
+    /// per `consistency` (up to `cluster.consistency_timeout`).
+    ///
+    /// # Errors
+    /// [`ControlError`]: an invalid change (nothing changed), the store unreachable
+    /// (nothing changed), write conflicts, or nodes lagging (applied, not confirmed).
+    pub async fn submit(
+        &self,
+        change: Change,
+        consistency: Consistency,
+    ) -> Result<WriteResult, ControlError> {
+        let _serial = self.inner.write.lock().await;
+        let base = self.inner.base.lock().clone();
+        let discovered = self.inner.discovered.lock().clone();
+        let me = self.node_id().unwrap_or("local").to_owned();
+        let doc = match self.inner.cluster.as_ref().and_then(|c| c.store.clone()) {
+            Some(store) => {
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    let current = match store.config().await {
+                        Ok(Some((_, text))) => SharedConfig::from_json(&text).unwrap_or_default(),
+                        Ok(None) => SharedConfig::default(),
+                        Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
+                    };
+                    let mut next = current.with_change(&base, &discovered, &change)?;
+                    next.version = current.version + 1;
+                    next.written_by.clone_from(&me);
+                    next.written_ms = unix_ms();
+                    match store.put_config(current.version, &next.to_json()).await {
+                        Ok(PutConfig::Written(_)) => break next,
+                        Ok(PutConfig::Conflict { .. }) if attempts < 5 => continue,
+                        Ok(PutConfig::Conflict { .. }) => {
+                            return Err(ControlError::Conflict(attempts));
+                        }
+                        Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
+                    }
+                }
+            }
+            None => {
+                let current = self.inner.shared.lock().clone();
+                let mut next = current.with_change(&base, &discovered, &change)?;
+                let seen = match &self.inner.cluster {
+                    Some(c) => highest_gossiped_version(&c.membership.members().await),
+                    None => 0,
+                };
+                next.version = current.version.max(seen) + 1;
+                next.written_by.clone_from(&me);
+                next.written_ms = unix_ms();
+                next
+            }
+        };
+        self.apply(&base, &doc, &discovered)
+            .map_err(ControlError::Apply)?;
+        self.set_applied_version(&doc);
+        tracing::info!(version = doc.version, ?change, "run-time change applied");
+        self.wait_for(doc.version, consistency).await
+    }
+
+    /// Waits until enough live nodes report shared configuration `version`.
+    async fn wait_for(
+        &self,
+        version: u64,
+        consistency: Consistency,
+    ) -> Result<WriteResult, ControlError> {
+        let name = match consistency {
+            Consistency::Async => "async",
+            Consistency::Quorum => "quorum",
+            Consistency::All => "all",
+        };
+        let Some(c) = &self.inner.cluster else {
+            return Ok(WriteResult {
+                version,
+                consistency: name,
+                acknowledged: vec!["local".to_owned()],
+            });
+        };
+        let timeout = c.config.consistency_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let members = c.membership.members().await;
+            let alive: Vec<&Member> = members
+                .iter()
+                .filter(|m| m.state == MemberState::Alive)
+                .collect();
+            let reported = |m: &Member| {
+                m.is_self
+                    || m.values
+                        .get(KEY_CONFIG_VERSION)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .is_some_and(|v| v >= version)
+            };
+            let acknowledged: Vec<String> = alive
+                .iter()
+                .filter(|m| reported(m))
+                .map(|m| m.node_id.clone())
+                .collect();
+            let needed = match consistency {
+                Consistency::Async => 1,
+                Consistency::Quorum => alive.len() / 2 + 1,
+                Consistency::All => alive.len(),
+            };
+            if acknowledged.len() >= needed {
+                return Ok(WriteResult {
+                    version,
+                    consistency: name,
+                    acknowledged,
+                });
+            }
+            if Instant::now() >= deadline {
+                let lagging = alive
+                    .iter()
+                    .filter(|m| !reported(m))
+                    .map(|m| {
+                        format!(
+                            "{} (at version {})",
+                            m.node_id,
+                            m.values.get(KEY_CONFIG_VERSION).map_or("?", String::as_str)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(ControlError::Lagging {
+                    version,
+                    missing: needed - acknowledged.len(),
+                    timeout_ms: timeout.as_millis() as u64,
+                    lagging,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Registers `backend` in pool `pool`'s registry with `ttl` (a pool with
+    /// `discovery.source: registry`); the registration must be refreshed before `ttl`
+    /// passes. Read back by every node within the pool's discovery interval.
+    ///
+    /// # Errors
+    /// [`ControlError::NoRegistry`] without a store; [`ControlError::StoreUnavailable`].
+    pub async fn register(
+        &self,
+        pool: &str,
+        backend: &BackendConfig,
+        ttl: Duration,
+    ) -> Result<(), ControlError> {
+        let store = self
+            .store()
+            .ok_or_else(|| ControlError::NoRegistry(pool.to_owned()))?;
+        store
+            .register_backend(
+                pool,
+                &RegisteredBackend {
+                    address: backend.address.clone(),
+                    weight: backend.weight,
+                    tags: backend.tags.clone(),
+                },
+                ttl,
+            )
+            .await
+            .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
+        self.refresh_registry(pool).await;
+        Ok(())
+    }
+
+    /// Removes a registration; `false` if there was none.
+    ///
+    /// # Errors
+    /// As [`ControlPlane::register`].
+    pub async fn deregister(&self, pool: &str, address: &str) -> Result<bool, ControlError> {
+        let store = self
+            .store()
+            .ok_or_else(|| ControlError::NoRegistry(pool.to_owned()))?;
+        let removed = store
+            .deregister_backend(pool, address)
+            .await
+            .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
+        self.refresh_registry(pool).await;
+        Ok(removed)
+    }
+
+    /// Whether pool `pool` takes its backends from the registry.
+    pub fn uses_registry(&self, pool: &str) -> bool {
+        self.inner
+            .base
+            .lock()
+            .pools
+            .get(pool)
+            .is_some_and(|p| p.discovery.source == DiscoverySource::Registry)
+    }
+
+    fn store(&self) -> Option<Store> {
+        self.inner.cluster.as_ref().and_then(|c| c.store.clone())
+    }
+
+    // ------------------------------------------------------------------ discovery --
+
+    fn set_discovered(&self, pool: &str, backends: Vec<BackendConfig>) {
+        {
+            let current = self.inner.discovered.lock();
+            if current.get(pool) == Some(&backends) {
+                return;
+            }
+        }
+        let base = self.inner.base.lock().clone();
+        let shared = self.inner.shared.lock().clone();
+        let mut next = self.inner.discovered.lock().clone();
+        let count = backends.len();
+        next.insert(pool.to_owned(), backends);
+        match self.apply(&base, &shared, &next) {
+            Ok(()) => {
+                tracing::info!(pool, backends = count, "discovered backends changed");
+                *self.inner.discovered.lock() = next;
+            }
+            Err(error) => tracing::error!(pool, %error, "discovered backends refused"),
+        }
+    }
+
+    async fn refresh_registry(&self, pool: &str) {
+        let Some(store) = self.store() else { return };
+        match store.registered_backends(pool).await {
+            Ok(list) => {
+                let mut backends: Vec<BackendConfig> = list
+                    .into_iter()
+                    .map(|r| BackendConfig {
+                        address: r.address,
+                        weight: r.weight.max(1),
+                        tags: r.tags,
+                    })
+                    .collect();
+                backends.sort_by(|a, b| a.address.cmp(&b.address));
+                self.set_discovered(pool, backends);
+            }
+            // Keep the last known registrations while the store is down.
+            Err(error) => tracing::debug!(pool, %error, "registry read failed; keeping the last list"),
+        }
+    }
+
+    fn spawn_discovery(&self, config: &Config) {
+        for (name, pool) in &config.pools {
+            let d = pool.discovery.clone();
+            if d.source == DiscoverySource::Static {
+                continue;
+            }
+            let plane = self.clone();
+            let name = name.clone();
+            let cancel = self.inner.cancel.child_token();
+            tokio::spawn(async move {
+                let dns = match d.source {
+                    DiscoverySource::Dns => match Dns::system() {
+                        Ok(dns) => Some(dns),
+                        Err(error) => {
+                            tracing::error!(pool = %name, %error, "dns discovery disabled");
+                            return;
+                        }
+                    },
+                    _ => None,
+                };
+                let mut tick = tokio::time::interval(d.interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    match (&dns, d.source) {
+                        (Some(dns), DiscoverySource::Dns) => {
+                            let name_to_resolve = d.name.clone().unwrap_or_default();
+                            match dns.resolve(&name_to_resolve, d.record).await {
+                                Ok(backends) => plane.set_discovered(&name, backends),
+                                Err(error) => tracing::warn!(pool = %name, %error, "dns discovery failed; keeping the last answer"),
+                            }
+                        }
+                        (_, DiscoverySource::Registry) => plane.refresh_registry(&name).await,
+                        _ => return,
+                    }
+                }
+            });
+        }
+    }
+
+    // ------------------------------------------------------------------- cluster --
+
+    /// Before serving as a member: adopt the shared configuration in the store (or
+    /// gossip) and prime endpoint classes from persisted statistics (warm start).
+    async fn startup_sync(&self) {
+        let Some(c) = &self.inner.cluster else { return };
+        if let Some(store) = &c.store {
+            match store.config().await {
+                Ok(Some((_, text))) => match SharedConfig::from_json(&text) {
+                    Ok(doc) => self.adopt(doc),
+                    Err(error) => tracing::error!(%error, "shared configuration in the store is unreadable"),
+                },
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "coordination store unavailable at start; serving the file configuration"),
+            }
+            match store.load_stats().await {
+                Ok(stats) => {
+                    let primed = self.prime_endpoints(&stats);
+                    if primed > 0 {
+                        tracing::info!(endpoints = primed, "endpoint classes primed from the cluster's statistics");
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "no persisted statistics"),
+            }
+        }
+    }
+
+    fn prime_endpoints(&self, stats: &[EndpointStatRecord]) -> usize {
+        let mut primed = 0;
+        for record in stats {
+            // Keys are `pool|METHOD /path` (see `persist`).
+            let Some((pool, endpoint)) = record.endpoint.split_once('|') else {
+                continue;
+            };
+            let Some((method, path)) = endpoint.split_once(' ') else {
+                continue;
+            };
+            let Some(pool) = self.inner.node.pool(pool) else {
+                continue;
+            };
+            let avg_ns = (record.avg_ms * 1e6) as u64;
+            if pool.state().endpoints.get(method, path).prime(avg_ns) {
+                primed += 1;
+            }
+        }
+        primed
+    }
+
+    fn spawn_cluster_loops(&self) {
+        let Some(c) = &self.inner.cluster else { return };
+        // Gossip publication and the health merge, every 100 ms.
+        {
+            let plane = self.clone();
+            let cancel = self.inner.cancel.child_token();
+            tokio::spawn(async move { plane.gossip_loop(cancel).await });
+        }
+        // Membership events into metrics.
+        {
+            let mut events = c.membership.subscribe();
+            let metrics = self.inner.node.metrics().clone();
+            let cancel = self.inner.cancel.child_token();
+            tokio::spawn(async move {
+                loop {
+                    let event = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        e = events.recv() => e,
+                    };
+                    match event {
+                        Ok(event) => {
+                            let kind = serde_json::to_value(event.kind)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            metrics
+                                .cluster
+                                .events
+                                .get_or_create(&fulcrum_proxy::metrics::KindLabels { kind })
+                                .inc();
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
+        }
+        // Leader changes into metrics and logs.
+        {
+            let mut leader = c.leader.clone();
+            let metrics = self.inner.node.metrics().clone();
+            let cancel = self.inner.cancel.child_token();
+            tokio::spawn(async move {
+                let mut last: Option<String> = None;
+                loop {
+                    let state = leader.borrow_and_update().clone();
+                    metrics.cluster.leader.set(i64::from(state.is_leader));
+                    if state.leader != last {
+                        if last.is_some() || state.leader.is_some() {
+                            metrics.cluster.leader_changes.inc();
+                        }
+                        tracing::info!(leader = ?state.leader, token = ?state.token, is_self = state.is_leader, "cluster leader");
+                        last.clone_from(&state.leader);
+                    }
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        r = leader.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+        }
+        if let Some(store) = &c.store {
+            // Shared configuration watch.
+            {
+                let plane = self.clone();
+                let mut rx = store.watch_config();
+                let cancel = self.inner.cancel.child_token();
+                tokio::spawn(async move {
+                    loop {
+                        let current = rx.borrow_and_update().clone();
+                        if let Some((_, text)) = current {
+                            match SharedConfig::from_json(&text) {
+                                Ok(doc) => plane.adopt(doc),
+                                Err(error) => tracing::error!(%error, "unreadable shared configuration in the store"),
+                            }
+                        }
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            r = rx.changed() => if r.is_err() { return },
+                        }
+                    }
+                });
+            }
+            // Registry heartbeat, statistics, node status, leader chores.
+            {
+                let plane = self.clone();
+                let cancel = self.inner.cancel.child_token();
+                tokio::spawn(async move { plane.store_loop(cancel).await });
+            }
+        }
+    }
+
+    async fn gossip_loop(&self, cancel: CancellationToken) {
+        let Some(c) = &self.inner.cluster else { return };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Last published (health, time) per key, and request/error counters for rates.
+        let mut published: HashMap<String, (BackendHealth, Instant)> = HashMap::new();
+        let mut counters: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut error_rates: HashMap<String, f64> = HashMap::new();
+        let mut last_load = Instant::now() - c.config.publish_interval;
+        let mut last_requests: u64 = 0;
+        let rule = merge_rule(c.config.health_merge);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let now_n = now_ns();
+            let full = now.duration_since(last_load) >= c.config.publish_interval;
+            // 1. Publish this node's view of its backends.
+            let mut keys = std::collections::HashSet::new();
+            let mut total_requests = 0u64;
+            let mut total_in_flight = 0u64;
+            for pool in self.inner.node.pools() {
+                let state = pool.state();
+                for b in &state.backends {
+                    let live = &b.live;
+                    let health = health_of(live.flags());
+                    let mut summary = BackendSummary {
+                        pool: pool.name().to_owned(),
+                        address: b.address.to_string(),
+                        health,
+                        ewma_ms: live.latency_estimate_ns(now_n) / 1e6,
+                        error_rate: 0.0,
+                        in_flight: live.in_flight(),
+                    };
+                    let key = summary.key();
+                    total_requests += live.requests();
+                    total_in_flight += live.in_flight();
+                    let counts = (live.requests(), live.failures());
+                    if full {
+                        let (r0, e0) = counters.insert(key.clone(), counts).unwrap_or((0, 0));
+                        let dr = counts.0.saturating_sub(r0);
+                        let de = counts.1.saturating_sub(e0);
+                        let rate = if dr == 0 { 0.0 } else { de as f64 / dr as f64 };
+                        error_rates.insert(key.clone(), rate);
+                    }
+                    summary.error_rate = error_rates.get(&key).copied().unwrap_or(0.0);
+                    let changed = published.get(&key).is_none_or(|(h, _)| *h != health);
+                    if changed || full {
+                        c.membership.set(&key, &summary.encode()).await;
+                        published.insert(key.clone(), (health, now));
+                    }
+                    keys.insert(key);
+                }
+            }
+            let stale: Vec<String> = published
+                .keys()
+                .filter(|k| !keys.contains(*k))
+                .cloned()
+                .collect();
+            for key in stale {
+                c.membership.delete(&key).await;
+                published.remove(&key);
+                counters.remove(&key);
+                error_rates.remove(&key);
+            }
+            if full {
+                let secs = now.duration_since(last_load).as_secs_f64().max(1e-3);
+                let load = NodeLoad {
+                    in_flight: total_in_flight,
+                    requests_per_sec: total_requests.saturating_sub(last_requests) as f64 / secs,
+                    cpu_hint: None,
+                };
+                c.membership.set(KEY_LOAD, &load.encode()).await;
+                last_requests = total_requests;
+                last_load = now;
+            }
+            // 2. Merge the cluster's views and flag backends down here.
+            let members = c.membership.members().await;
+            self.merge_health(rule, &members);
+            self.update_member_metrics(&members);
+            // 3. Without a store, the shared configuration spreads by gossip.
+            if c.store.is_none()
+                && let Some(doc) = newest_gossiped_doc(&members)
+            {
+                self.adopt(doc);
+            }
+        }
+    }
+
+    fn merge_health(&self, rule: HealthMerge, members: &[Member]) {
+        let mut remote: HashMap<(String, String), Vec<(String, BackendHealth)>> = HashMap::new();
+        for m in members
+            .iter()
+            .filter(|m| !m.is_self && m.state == MemberState::Alive)
+        {
+            for s in backends_of(m) {
+                remote
+                    .entry((s.pool, s.address))
+                    .or_default()
+                    .push((m.node_id.clone(), s.health));
+            }
+        }
+        let mut views = Vec::new();
+        let mut down = 0i64;
+        for pool in self.inner.node.pools() {
+            let state = pool.state();
+            for b in &state.backends {
+                let key = (pool.name().to_owned(), b.address.to_string());
+                let peers = remote.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                let local = health_of(b.live.flags());
+                let healths: Vec<BackendHealth> = peers.iter().map(|(_, h)| *h).collect();
+                let merged = health::merge(rule, local, &healths);
+                let has = b.live.flags().contains(BackendFlags::PEER_DOWN);
+                if merged.down && !has {
+                    pool.set_flag(&b.live, BackendFlags::PEER_DOWN);
+                    tracing::warn!(pool = %key.0, backend = %key.1, reason = merged.reason, "backend out of rotation by the cluster");
+                } else if !merged.down && has {
+                    pool.clear_flag(&b.live, BackendFlags::PEER_DOWN);
+                    tracing::info!(pool = %key.0, backend = %key.1, "backend back in rotation by the cluster");
+                }
+                if merged.down {
+                    down += 1;
+                }
+                views.push(BackendClusterView {
+                    pool: key.0,
+                    address: key.1,
+                    local: health_name(local),
+                    peers: peers
+                        .iter()
+                        .map(|(n, h)| (n.clone(), health_name(*h)))
+                        .collect(),
+                    cluster_down: merged.down,
+                    reason: merged.reason,
+                });
+            }
+        }
+        self.inner.node.metrics().cluster.peer_down.set(down);
+        *self.inner.views.lock() = views;
+    }
+
+    fn update_member_metrics(&self, members: &[Member]) {
+        let metrics = &self.inner.node.metrics().cluster;
+        for (state, name) in [
+            (MemberState::Alive, "alive"),
+            (MemberState::Failed, "failed"),
+            (MemberState::Left, "left"),
+        ] {
+            let n = members.iter().filter(|m| m.state == state).count();
+            metrics
+                .members
+                .get_or_create(&fulcrum_proxy::metrics::StateLabels {
+                    state: name.to_owned(),
+                })
+                .set(n as i64);
+        }
+    }
+
+    async fn store_loop(&self, cancel: CancellationToken) {
+        let Some(c) = &self.inner.cluster else { return };
+        let Some(store) = &c.store else { return };
+        let heartbeat_every = c.config.coordination.node_ttl / 3;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heartbeat: Option<Instant> = None;
+        let mut last_persist = Instant::now();
+        let mut last_chores = Instant::now();
+        let mut was_up = true;
+        let metrics = self.inner.node.metrics().clone();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let health = store.health();
+            metrics.cluster.store_up.set(i64::from(health.available));
+            if was_up && !health.available {
+                metrics.cluster.store_outages.inc();
+                tracing::warn!(error = ?health.last_error, "coordination store unreachable; serving with the last known state");
+            } else if !was_up && health.available {
+                tracing::info!("coordination store reachable again");
+            }
+            was_up = health.available;
+            let now = Instant::now();
+            if last_heartbeat.is_none_or(|t| now.duration_since(t) >= heartbeat_every) {
+                let record = NodeRecord {
+                    node_id: c.config.node_id.clone(),
+                    admin: c.admin.clone(),
+                    listeners: c.listeners.clone(),
+                    tags: c.config.tags.clone(),
+                    config_version: self.inner.shared.lock().version,
+                    updated_ms: unix_ms(),
+                };
+                match store.heartbeat(&record, c.config.coordination.node_ttl).await {
+                    Ok(()) => last_heartbeat = Some(now),
+                    Err(error) => tracing::debug!(%error, "registry heartbeat failed"),
+                }
+            }
+            if now.duration_since(last_persist) >= Duration::from_secs(5) {
+                last_persist = now;
+                self.persist(store, &c.config.node_id).await;
+            }
+            let leader = c.leader.borrow().clone();
+            if leader.is_leader && now.duration_since(last_chores) >= Duration::from_secs(5) {
+                last_chores = now;
+                if let Some(token) = leader.token {
+                    self.chores(store, token, c).await;
+                }
+            }
+        }
+    }
+
+    /// Persists endpoint statistics and this node's status (seed 000's `request:stats`,
+    /// `request:long_requests`, `node:status`).
+    async fn persist(&self, store: &Store, node_id: &str) {
+        let stats: Vec<EndpointStatRecord> = self
+            .inner
+            .node
+            .endpoints()
+            .into_iter()
+            .filter(|e| e.count > 0)
+            .map(|e| EndpointStatRecord {
+                endpoint: format!("{}|{}", e.pool, e.endpoint),
+                count: e.count,
+                errors: e.errors,
+                avg_ms: e.average_ms,
+                long: e.class == "long",
+            })
+            .collect();
+        if let Err(error) = store.save_stats(node_id, &stats).await {
+            tracing::debug!(%error, "saving statistics failed");
+            return;
+        }
+        let pools: Vec<serde_json::Value> = self
+            .inner
+            .node
+            .pools()
+            .iter()
+            .map(|p| serde_json::to_value(Node::pool_summary(p)).unwrap_or_default())
+            .collect();
+        let status = serde_json::json!({
+            "node_id": node_id,
+            "updated_ms": unix_ms(),
+            "config_version": self.inner.shared.lock().version,
+            "uptime_secs": self.inner.node.uptime().as_secs(),
+            "pools": pools,
+        });
+        if let Err(error) = store.set_node_status(node_id, &status.to_string()).await {
+            tracing::debug!(%error, "saving node status failed");
+        }
+    }
+
+    /// The leader's chores, fenced by `token`: garbage-collect stale nodes and their
+    /// statistics, and write `cluster:status`.
+    async fn chores(&self, store: &Store, token: u64, c: &ClusterParts) {
+        let max_age = c.config.coordination.node_ttl * 3;
+        match store.gc_stale(token, max_age).await {
+            Ok(report) if !report.applied => {
+                tracing::warn!(token, "cluster chores refused: a newer leader holds a larger fencing token");
+                return;
+            }
+            Ok(report) => {
+                if !report.nodes_removed.is_empty() || report.stats_removed > 0 {
+                    tracing::info!(token, nodes = ?report.nodes_removed, stats = report.stats_removed, "stale cluster state collected");
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cluster chores failed");
+                return;
+            }
+        }
+        let members = c.membership.members().await;
+        let alive = members.iter().filter(|m| m.state == MemberState::Alive).count();
+        let fields = vec![
+            ("leader".to_owned(), c.config.node_id.clone()),
+            ("token".to_owned(), token.to_string()),
+            ("alive_nodes".to_owned(), alive.to_string()),
+            ("config_version".to_owned(), self.inner.shared.lock().version.to_string()),
+            ("updated_ms".to_owned(), unix_ms().to_string()),
+        ];
+        if let Err(error) = store.set_cluster_status(token, &fields).await {
+            tracing::debug!(%error, "writing cluster status failed");
+        }
+    }
+
+    // ------------------------------------------------------------------------ API --
+
+    /// Every member as this node sees it, sorted by node id.
+    pub async fn nodes(&self) -> Vec<NodeView> {
+        let Some(c) = &self.inner.cluster else {
+            return Vec::new();
+        };
+        let leader = c.leader.borrow().leader.clone();
+        c.membership
+            .members()
+            .await
+            .into_iter()
+            .map(|m| node_view(m, leader.as_deref()))
+            .collect()
+    }
+
+    /// The leader as this node sees it.
+    pub fn leader(&self) -> Option<LeaderView> {
+        let c = self.inner.cluster.as_ref()?;
+        let state = c.leader.borrow().clone();
+        let (coordination, method) = match c.config.coordination.backend {
+            CoordinationBackend::None => (
+                "none",
+                "lowest live node id (gossip membership; not partition-safe)",
+            ),
+            CoordinationBackend::Redis => ("redis", "lease: SET NX PX, fencing token from INCR"),
+            CoordinationBackend::Etcd => (
+                "etcd",
+                "etcd election on a lease; fencing token = leader key revision",
+            ),
+        };
+        Some(LeaderView {
+            is_self: state.is_leader,
+            leader: state.leader,
+            token: state.token,
+            coordination,
+            method,
+        })
+    }
+
+    /// `GET /api/cluster/status`: this node, members by state, leader, store health,
+    /// config version, and the merged backend views.
+    pub async fn status(&self) -> serde_json::Value {
+        let Some(c) = &self.inner.cluster else {
+            return serde_json::json!({ "clustered": false });
+        };
+        let members = c.membership.members().await;
+        let count = |s: MemberState| members.iter().filter(|m| m.state == s).count();
+        let store = c.store.as_ref().map(|s| {
+            let h = s.health();
+            serde_json::json!({
+                "kind": s.kind(),
+                "available": h.available,
+                "last_error": h.last_error,
+                "outages": h.outages,
+                "unavailable_since_ms": h.unavailable_since_ms,
+            })
+        });
+        let events = c.membership.event_counts();
+        serde_json::json!({
+            "clustered": true,
+            "node_id": c.config.node_id,
+            "cluster_id": c.config.cluster_id,
+            "gossip_addr": c.membership.gossip_addr().to_string(),
+            "members": {
+                "alive": count(MemberState::Alive),
+                "failed": count(MemberState::Failed),
+                "left": count(MemberState::Left),
+            },
+            "events": { "joined": events.joined, "left": events.left, "failed": events.failed },
+            "leader": self.leader(),
+            "coordination": store.unwrap_or_else(|| serde_json::json!({ "kind": "none", "available": true })),
+            "health_merge": format!("{:?}", c.config.health_merge).to_lowercase(),
+            "config_version": self.inner.shared.lock().version,
+            "backends": *self.inner.views.lock(),
+        })
+    }
+
+    /// Recent membership events (oldest first) and a receiver for new ones.
+    pub fn events(&self) -> Option<(Vec<ClusterEvent>, broadcast::Receiver<ClusterEvent>)> {
+        let c = self.inner.cluster.as_ref()?;
+        let rx = c.membership.subscribe();
+        Some((c.membership.recent_events(), rx))
+    }
+
+    /// `POST /api/cluster/join`: contact `seed` to join (or merge with) its cluster.
+    ///
+    /// # Errors
+    /// A message when not clustered or the seed is unusable.
+    pub async fn join_seed(&self, seed: SocketAddr) -> Result<(), String> {
+        let c = self.inner.cluster.as_ref().ok_or("this node is not in a cluster")?;
+        c.membership.join(seed).await.map_err(|e| e.to_string())
+    }
+
+    /// `DELETE /api/cluster/nodes/{id}`: stop listing a failed or departed node, and
+    /// remove it from the store's registry. `false` if unknown or alive.
+    pub async fn forget(&self, node_id: &str) -> bool {
+        let Some(c) = &self.inner.cluster else {
+            return false;
+        };
+        let forgotten = c.membership.forget(node_id).await;
+        if forgotten && let Some(store) = &c.store {
+            let _ = store.remove_node(node_id).await;
+        }
+        forgotten
+    }
+
+    /// `GET /api/cluster/assignments`: items per node; items of nodes no longer alive
+    /// move (as few as they must) to live ones.
+    pub async fn assignments(&self) -> Option<assign::Assignment> {
+        self.compute_assignments().await
+    }
+
+    /// `POST /api/cluster/rebalance`: recompute with the bounded-load rule, moving only
+    /// what it must; reports what moved.
+    pub async fn rebalance(&self) -> Option<assign::Assignment> {
+        self.compute_assignments().await
+    }
+
+    async fn compute_assignments(&self) -> Option<assign::Assignment> {
+        let c = self.inner.cluster.as_ref()?;
+        let nodes: Vec<String> = c
+            .membership
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.node_id)
+            .collect();
+        let mut previous = self.inner.assignments.lock();
+        let result = assign::assign(
+            &c.config.assignments.items,
+            &nodes,
+            c.config.assignments.bounded_load,
+            &previous,
+        );
+        previous.clone_from(&result.nodes);
+        Some(result)
+    }
+
+    /// Seed 000's `GET /cluster/stats`: the merged endpoint statistics in the store
+    /// (`request:stats`) and the long-request set, or this node's own without a store.
+    pub async fn cluster_stats(&self) -> serde_json::Value {
+        if let Some(store) = self.store() {
+            let stats = store.load_stats().await;
+            let long = store.long_requests().await;
+            if let (Ok(stats), Ok(long)) = (stats, long) {
+                return serde_json::json!({ "source": store.kind(), "endpoints": stats, "long_requests": long });
+            }
+        }
+        let endpoints = self.inner.node.endpoints();
+        let long: Vec<String> = endpoints
+            .iter()
+            .filter(|e| e.class == "long")
+            .map(|e| format!("{}|{}", e.pool, e.endpoint))
+            .collect();
+        serde_json::json!({ "source": "local", "endpoints": endpoints, "long_requests": long })
+    }
+}
+
+fn node_view(m: Member, leader: Option<&str>) -> NodeView {
+    let backends = backends_of(&m);
+    let v = &m.values;
+    NodeView {
+        is_leader: leader == Some(m.node_id.as_str()),
+        admin: v.get(KEY_ADMIN).cloned(),
+        listeners: v
+            .get(KEY_LISTENERS)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+        tags: v
+            .get(KEY_TAGS)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+        config_version: v.get(KEY_CONFIG_VERSION).and_then(|s| s.parse().ok()),
+        load: v.get(KEY_LOAD).and_then(|s| NodeLoad::decode(s)),
+        gossip_addr: m.gossip_addr.to_string(),
+        state: m.state,
+        is_self: m.is_self,
+        node_id: m.node_id,
+        backends,
+    }
+}
+
+/// The highest shared-configuration version any member reports.
+fn highest_gossiped_version(members: &[Member]) -> u64 {
+    members
+        .iter()
+        .filter_map(|m| m.values.get(KEY_CONFIG_VERSION))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The newest shared configuration gossiped by a live member (`version\njson`).
+fn newest_gossiped_doc(members: &[Member]) -> Option<SharedConfig> {
+    members
+        .iter()
+        .filter(|m| !m.is_self && m.state == MemberState::Alive)
+        .filter_map(|m| m.values.get(KEY_CONFIG_DOC))
+        .filter_map(|v| v.split_once('\n'))
+        .filter_map(|(_, json)| SharedConfig::from_json(json).ok())
+        .max_by(|a, b| (a.version, &a.written_by).cmp(&(b.version, &b.written_by)))
+}
