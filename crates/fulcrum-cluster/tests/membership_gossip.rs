@@ -361,3 +361,30 @@ async fn start_reports_bad_settings() {
         Err(MembershipError::UnspecifiedAdvertise(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_can_run_on_a_spawned_task() {
+    // The admin API and the control plane call these from spawned tasks, which needs Send
+    // futures: no lock may be held across an await.
+    let a = start("send", "a", &[]).await;
+    let b = start("send", "b", &[&a]).await;
+    let seed = a.gossip_addr();
+    let task = tokio::spawn({
+        let b = b.clone();
+        async move {
+            b.set(KEY_TAGS, "{}").await;
+            b.try_set(KEY_TAGS, "{}").await.expect("small value");
+            b.delete(KEY_TAGS).await;
+            b.join(seed).await.expect("a answers");
+            let members = b.members().await;
+            let leader = b.membership_leader().await;
+            let forgot = b.forget("nobody").await;
+            b.leave().await;
+            (members.len(), leader, forgot)
+        }
+    });
+    let (members, leader, forgot) = task.await.expect("the task does not panic");
+    assert!(members >= 1);
+    assert!(leader.is_some());
+    assert!(!forgot);
+}

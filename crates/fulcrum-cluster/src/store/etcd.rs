@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backoff, CONFIG_POLL_INTERVAL, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord,
+    Backoff, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord,
     Lease, LeaseHolder, NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig, RegisteredBackend,
     StoreError, merge_endpoint, now_ms, publish_config,
 };

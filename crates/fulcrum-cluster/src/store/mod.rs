@@ -634,10 +634,6 @@ impl HealthTracker {
         self.state.lock().health.clone()
     }
 
-    pub(crate) fn is_available(&self) -> bool {
-        self.state.lock().health.available
-    }
-
     /// The store answered.
     pub(crate) fn record_answer(&self) {
         let mut state = self.state.lock();

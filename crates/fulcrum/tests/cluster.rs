@@ -1,0 +1,594 @@
+//! End-to-end tests of clustering: real `fulcrum run` nodes gossiping on 127.0.0.1, real
+//! `fulcrum backend` simulators, and real redis-server / etcd processes started by the
+//! test setup on free ports.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Backend, DEADLINE, Load, Node, assert_all_ok, backends_yaml, client, eventually};
+use fulcrum_cluster::testutil::{EtcdServer, RedisServer};
+use serde_json::{Value, json};
+
+/// A free UDP port on 127.0.0.1 (bound, then released for the node to take).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind an ephemeral UDP port")
+        .port()
+}
+
+/// How a test's nodes coordinate.
+#[derive(Clone)]
+enum Coordination {
+    None,
+    Redis(String),
+    Etcd(Vec<String>),
+}
+
+impl Coordination {
+    fn yaml(&self) -> String {
+        match self {
+            Coordination::None => "    backend: none\n".to_owned(),
+            Coordination::Redis(url) => {
+                format!("    backend: redis\n    url: {url}\n    lease_ttl: 2s\n    node_ttl: 3s\n")
+            }
+            Coordination::Etcd(endpoints) => format!(
+                "    backend: etcd\n    endpoints: [{}]\n    lease_ttl: 2s\n    node_ttl: 3s\n",
+                endpoints.join(", ")
+            ),
+        }
+    }
+}
+
+/// The configuration of cluster node `id` gossiping on `port` with `seeds`, serving pool
+/// `app` over `backends`; `pool_extra` (indented 4) is added to the pool.
+fn node_yaml(
+    id: &str,
+    port: u16,
+    seeds: &[u16],
+    coordination: &Coordination,
+    backends: &[&Backend],
+    pool_extra: &str,
+) -> String {
+    let seeds: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\n\
+         pools:\n  app:\n    strategy: round_robin\n    retry: {{ attempts: 2 }}\n    backends:\n{}{pool_extra}\
+         cluster:\n  node_id: {id}\n  gossip:\n    listen: 127.0.0.1:{port}\n    seeds: [{}]\n    interval: 100ms\n    phi_threshold: 6.0\n  publish_interval: 500ms\n  consistency_timeout: 10s\n  assignments:\n    items: [tenant-a, tenant-b, tenant-c, tenant-d, tenant-e, tenant-f]\n  coordination:\n{}",
+        backends_yaml(backends),
+        seeds.join(", "),
+        coordination.yaml()
+    )
+}
+
+struct Cluster {
+    nodes: Vec<Option<Node>>,
+    yamls: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (`node-1` …), all seeded with the first node's gossip port.
+    fn start(n: usize, coordination: &Coordination, backends: &[&Backend], extra: &[&str]) -> Cluster {
+        let ports: Vec<u16> = (0..n).map(|_| free_udp_port()).collect();
+        let mut nodes = Vec::new();
+        let mut yamls = Vec::new();
+        for i in 0..n {
+            let seeds: Vec<u16> = ports.iter().copied().filter(|&p| p != ports[i]).collect();
+            let yaml = node_yaml(
+                &format!("node-{}", i + 1),
+                ports[i],
+                &seeds,
+                coordination,
+                backends,
+                extra.get(i).copied().unwrap_or(""),
+            );
+            nodes.push(Some(Node::start(&yaml)));
+            yamls.push(yaml);
+        }
+        Cluster { nodes, yamls }
+    }
+
+    fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.signal("KILL");
+            drop(node);
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.nodes[i] = Some(Node::start(&self.yamls[i]));
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().flatten()
+    }
+}
+
+/// `(node_id, state)` of every member `node` lists.
+async fn members(node: &Node) -> Vec<(String, String)> {
+    let v = node.api("/api/cluster/nodes").await;
+    v["nodes"]
+        .as_array()
+        .expect("nodes array")
+        .iter()
+        .map(|n| {
+            (
+                n["node_id"].as_str().expect("node_id").to_owned(),
+                n["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn all_alive(cluster: &Cluster, n: usize) {
+    for node in cluster.running() {
+        eventually(DEADLINE, "every node lists every node alive", async || {
+            let m = members(node).await;
+            (m.iter().filter(|(_, s)| s == "alive").count() == n).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn leader(node: &Node) -> (Option<String>, Option<u64>) {
+    let v = node.api("/api/cluster/leader").await;
+    (
+        v["leader"].as_str().map(str::to_owned),
+        v["token"].as_u64(),
+    )
+}
+
+async fn strategy(node: &Node) -> String {
+    node.api("/api/pools/app").await["strategy"]
+        .as_str()
+        .expect("strategy")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_cluster_and_report_a_killed_node_failed() {
+    let b = Backend::start("b1", &[]);
+    let mut cluster = Cluster::start(3, &Coordination::None, &[&b], &[]);
+    all_alive(&cluster, 3).await;
+
+    // Every node lists all three, with their admin addresses and one view per backend.
+    let v = cluster.node(1).api("/api/cluster/nodes").await;
+    let nodes = v["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        assert!(n["admin"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{n}");
+        assert_eq!(n["config_version"], 0, "{n}");
+    }
+    let seed_view = cluster.node(0).api("/cluster/nodes").await;
+    assert_eq!(seed_view["nodes"].as_array().map(Vec::len), Some(3));
+    eventually(DEADLINE, "every node publishes its view of the backend", async || {
+        let v = cluster.node(0).api("/api/cluster/nodes").await;
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .all(|n| n["backends"].as_array().is_some_and(|b| b.len() == 1))
+            .then_some(())
+    })
+    .await;
+    // With `none`, the leader is the lowest live node id.
+    eventually(DEADLINE, "node-1 (lowest id) leads", async || {
+        (leader(cluster.node(2)).await.0.as_deref() == Some("node-1")).then_some(())
+    })
+    .await;
+
+    // kill -9 node-3: the others report it failed, log and count the event.
+    let killed_at = Instant::now();
+    cluster.kill(2);
+    for i in 0..2 {
+        eventually(DEADLINE, "node-3 reported failed", async || {
+            members(cluster.node(i))
+                .await
+                .contains(&("node-3".to_owned(), "failed".to_owned()))
+                .then_some(())
+        })
+        .await;
+    }
+    eprintln!("node-3 detected failed after {:?}", killed_at.elapsed());
+    let status = cluster.node(0).api("/api/cluster/status").await;
+    assert_eq!(status["members"]["alive"], 2, "{status}");
+    assert!(status["events"]["failed"].as_u64() >= Some(1), "{status}");
+    let metrics = cluster.node(0).metrics().await;
+    assert!(
+        metrics.contains("fulcrum_cluster_events_total{kind=\"node_failed\"} 1"),
+        "{metrics}"
+    );
+
+    // The event stream replays the events so far: node-3 joined, then failed.
+    let mut response = client()
+        .get(cluster.node(0).admin_url("/api/cluster/events"))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(
+        response.headers()["content-type"].to_str().ok(),
+        Some("text/event-stream")
+    );
+    let mut text = String::new();
+    let deadline = Instant::now() + DEADLINE;
+    while !text.contains("event: node_failed") && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+    }
+    assert!(text.contains("event: node_joined"), "{text}");
+    assert!(text.contains("event: node_failed"), "{text}");
+    assert!(text.contains("\"node_id\":\"node-3\""), "{text}");
+
+    // A failed node can be forgotten; a live one cannot.
+    let (status, body) = delete(cluster.node(0), "/api/cluster/nodes/node-2").await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = delete(cluster.node(0), "/api/cluster/nodes/node-3").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn delete(node: &Node, path: &str) -> (u16, Value) {
+    let response = client()
+        .delete(node.admin_url(path))
+        .send()
+        .await
+        .expect("delete");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_one_node_sees_failing_leaves_every_node_without_client_errors() {
+    let b1 = Backend::start("b1", &[]);
+    let mut b2 = Backend::start("b2", &[]);
+    // Only node-1 checks actively (200 ms); node-2 and node-3 check once an hour, so they
+    // can learn of the failure only through the cluster.
+    let fast = "    health_check: { path: /health, interval: 200ms, timeout: 150ms, rise: 1, fall: 2 }\n";
+    let slow = "    health_check: { path: /health, interval: 1h, timeout: 1s, rise: 1, fall: 2 }\n    outlier_detection: { consecutive_failures: 1000 }\n";
+    let cluster = Cluster::start(3, &Coordination::None, &[&b1, &b2], &[fast, slow, slow]);
+    all_alive(&cluster, 3).await;
+
+    let loads: Vec<Load> = cluster.running().map(|n| Load::start(&n.url("web"), 2)).collect();
+    for load in &loads {
+        load.wait_for_more(20).await;
+    }
+    let killed = Instant::now();
+    b2.kill();
+    let address = b2.address();
+    for node in cluster.running() {
+        eventually(DEADLINE, "every node takes b2 out of rotation", async || {
+            (node.backend_state("app", &address).await == "unhealthy").then_some(())
+        })
+        .await;
+    }
+    eprintln!("b2 out of rotation on all nodes after {:?}", killed.elapsed());
+    // node-3's own view still says healthy: the cluster took it out.
+    let v = cluster.node(2).api("/api/pools/app/backends").await;
+    let b = v["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["address"] == address.as_str())
+        .expect("b2 listed")
+        .clone();
+    assert_eq!(b["state"], "unhealthy", "{b}");
+    assert_ne!(b["local_state"], "unhealthy", "{b}");
+    let status = cluster.node(2).api("/api/cluster/status").await;
+    let view = status["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|v| v["address"] == address.as_str())
+        .expect("view of b2")
+        .clone();
+    assert_eq!(view["cluster_down"], true, "{view}");
+    assert_eq!(view["peers"]["node-1"], "unhealthy", "{view}");
+
+    // From now on, no node sends to b2.
+    let before: Vec<usize> = loads.iter().map(|l| l.count_from("b2")).collect();
+    for load in &loads {
+        load.wait_for_more(50).await;
+    }
+    for (load, n) in loads.iter().zip(before) {
+        assert_eq!(load.count_from("b2"), n, "a node still routes to b2");
+    }
+    for load in loads {
+        assert_all_ok(&load.stop().await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_only_changes_reach_every_node() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let cluster = Cluster::start(3, &Coordination::None, &[&b1, &b2], &[]);
+    all_alive(&cluster, 3).await;
+    let (status, body) = cluster
+        .node(1)
+        .api_post(
+            "/api/pools/app/strategy?consistency=all",
+            Some(json!({"strategy": "least_connections"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["write"]["acknowledged"].as_array().map(Vec::len), Some(3), "{body}");
+    for node in cluster.running() {
+        assert_eq!(strategy(node).await, "least_connections");
+    }
+    // A weight change and a drain, through node-3.
+    let path = format!("/api/pools/app/backends/{}/weight?consistency=all", b2.address());
+    let (status, body) = cluster.node(2).api_post(&path, Some(json!({"weight": 5}))).await;
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/api/pools/app/backends/{}/drain?consistency=all", b1.address());
+    let (status, body) = cluster.node(2).api_post(&path, None).await;
+    assert_eq!(status, 200, "{body}");
+    for node in cluster.running() {
+        let v = node.api("/api/pools/app/backends").await;
+        let backends = v["backends"].as_array().expect("backends");
+        let b1v = backends.iter().find(|b| b["address"] == b1.address().as_str()).expect("b1");
+        let b2v = backends.iter().find(|b| b["address"] == b2.address().as_str()).expect("b2");
+        assert_eq!(b1v["state"], "draining", "{v}");
+        assert_eq!(b2v["weight"], 5, "{v}");
+    }
+    // Invalid changes are refused whole, with the reason.
+    let (status, body) = cluster
+        .node(0)
+        .api_post("/api/pools/nope/strategy", Some(json!({"strategy": "p2c"})))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = cluster
+        .node(0)
+        .api_post(
+            "/api/pools/app/backends/127.0.0.1:1/weight",
+            Some(json!({"weight": 2})),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_backend");
+}
+
+/// The election, config and outage checks shared by the Redis and etcd tests.
+async fn store_backed_cluster(coordination: Coordination) {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let mut cluster = Cluster::start(3, &coordination, &[&b1, &b2], &[]);
+    all_alive(&cluster, 3).await;
+
+    // One leader, which every node agrees on, with a fencing token.
+    let (first, token) = eventually(DEADLINE, "a leader is elected", async || {
+        let (l, t) = leader(cluster.node(0)).await;
+        Some((l?, t?))
+    })
+    .await;
+    for node in cluster.running() {
+        eventually(DEADLINE, "every node agrees on the leader", async || {
+            (leader(node).await.0.as_deref() == Some(first.as_str())).then_some(())
+        })
+        .await;
+    }
+
+    // A strategy change on node-1 with ?consistency=all returns once all three report it.
+    let (status, body) = cluster
+        .node(0)
+        .api_post(
+            "/api/pools/app/strategy?consistency=all",
+            Some(json!({"strategy": "p2c"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let version = body["write"]["version"].as_u64().expect("version");
+    assert_eq!(body["write"]["acknowledged"].as_array().map(Vec::len), Some(3), "{body}");
+    for node in cluster.running() {
+        assert_eq!(strategy(node).await, "p2c");
+    }
+    // A node restarted afterwards comes up with it.
+    cluster.restart(2);
+    eventually(DEADLINE, "the restarted node applies the shared config", async || {
+        (strategy(cluster.node(2)).await == "p2c").then_some(())
+    })
+    .await;
+    let v = cluster.node(2).api("/api/cluster/status").await;
+    assert!(v["config_version"].as_u64() >= Some(version), "{v}");
+    all_alive(&cluster, 3).await;
+
+    // kill -9 the leader: a new one within lease TTL (2 s) + one renewal, larger token.
+    let leader_index: usize = first
+        .trim_start_matches("node-")
+        .parse::<usize>()
+        .expect("node-N")
+        - 1;
+    let killed = Instant::now();
+    cluster.kill(leader_index);
+    let other = (leader_index + 1) % 3;
+    let (next, next_token) = eventually(DEADLINE, "a new leader", async || {
+        let (l, t) = leader(cluster.node(other)).await;
+        let l = l?;
+        (l != first).then_some((l, t?))
+    })
+    .await;
+    let took = killed.elapsed();
+    eprintln!("new leader {next} (token {next_token}) after {took:?}");
+    assert!(next_token > token, "token {next_token} must exceed {token}");
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(700) + Duration::from_secs(3),
+        "failover took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_election_shared_config_and_restart() {
+    let redis = RedisServer::start();
+    store_backed_cluster(Coordination::Redis(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_election_shared_config_and_restart() {
+    let etcd = EtcdServer::start();
+    store_backed_cluster(Coordination::Etcd(etcd.endpoints())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_no_request_and_recovers() {
+    let mut redis = RedisServer::start();
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let cluster = Cluster::start(2, &Coordination::Redis(redis.url()), &[&b1, &b2], &[]);
+    all_alive(&cluster, 2).await;
+    eventually(DEADLINE, "a leader", async || leader(cluster.node(0)).await.1).await;
+
+    let loads: Vec<Load> = cluster.running().map(|n| Load::start(&n.url("web"), 4)).collect();
+    for load in &loads {
+        load.wait_for_more(50).await;
+    }
+    redis.kill();
+    for node in cluster.running() {
+        eventually(DEADLINE, "the outage is reported", async || {
+            let v = node.api("/api/cluster/status").await;
+            (v["coordination"]["available"] == false).then_some(())
+        })
+        .await;
+        eventually(DEADLINE, "the outage is in the metrics", async || {
+            let m = node.metrics().await;
+            (m.contains("fulcrum_cluster_store_up 0")
+                && m.contains("fulcrum_cluster_store_outages_total 1"))
+            .then_some(())
+        })
+        .await;
+    }
+    // Writes are refused clearly while the store is down; nothing half-applied.
+    let (status, body) = cluster
+        .node(0)
+        .api_post("/api/pools/app/strategy", Some(json!({"strategy": "p2c"})))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable");
+    assert_eq!(strategy(cluster.node(0)).await, "round_robin");
+    for load in &loads {
+        load.wait_for_more(100).await;
+    }
+    redis.restart();
+    for node in cluster.running() {
+        eventually(DEADLINE, "the store is back", async || {
+            let v = node.api("/api/cluster/status").await;
+            (v["coordination"]["available"] == true).then_some(())
+        })
+        .await;
+    }
+    let (l, t) = eventually(DEADLINE, "leadership recovers", async || {
+        let (l, t) = leader(cluster.node(1)).await;
+        Some((l?, t?))
+    })
+    .await;
+    eprintln!("leader after the outage: {l} token {t}");
+    // The registry recovers too: both nodes heartbeat again.
+    let (status, body) = cluster
+        .node(1)
+        .api_post("/api/pools/app/strategy?consistency=all", Some(json!({"strategy": "p2c"})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for load in loads {
+        assert_all_ok(&load.stop().await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_backends_join_and_leave_every_node() {
+    let redis = RedisServer::start();
+    let b1 = Backend::start("b1", &[]);
+    let registry = "    discovery: { source: registry, interval: 200ms }\n";
+    let cluster = Cluster::start(2, &Coordination::Redis(redis.url()), &[&b1], &[registry, registry]);
+    all_alive(&cluster, 2).await;
+
+    // `fulcrum backend --register` registers itself through node-1's admin API.
+    let admin = format!("http://{}", cluster.node(0).admin);
+    let registered = Backend::start(
+        "r1",
+        &["--register", &admin, "--pool", "app", "--tags", "zone=b", "--register-ttl", "2s"],
+    );
+    for node in cluster.running() {
+        eventually(DEADLINE, "the registered backend is in the pool", async || {
+            let v = node.api("/api/pools/app/backends").await;
+            v["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["address"] == registered.address().as_str())
+                .filter(|b| b["tags"]["zone"] == "b")
+                .map(|_| ())
+        })
+        .await;
+    }
+    let load = Load::start(&cluster.node(1).url("web"), 2);
+    eventually(DEADLINE, "traffic reaches the registered backend", async || {
+        (load.count_from("r1") > 0).then_some(())
+    })
+    .await;
+    assert_all_ok(&load.stop().await);
+
+    // Killed without deregistering: its registration expires after the TTL.
+    let address = registered.address();
+    drop(registered);
+    for node in cluster.running() {
+        eventually(DEADLINE, "the expired backend leaves the pool", async || {
+            let v = node.api("/api/pools/app/backends").await;
+            (!v["backends"]
+                .as_array()?
+                .iter()
+                .any(|b| b["address"] == address.as_str()))
+            .then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignments_are_bounded_and_move_only_what_they_must() {
+    let b = Backend::start("b1", &[]);
+    let mut cluster = Cluster::start(3, &Coordination::None, &[&b], &[]);
+    all_alive(&cluster, 3).await;
+    let v = cluster.node(0).api("/api/cluster/assignments").await;
+    let before = v["nodes"].as_object().expect("assignments").clone();
+    assert_eq!(before.len(), 6, "{v}");
+    let capacity = v["capacity"].as_u64().expect("capacity") as usize;
+    for node in ["node-1", "node-2", "node-3"] {
+        let n = before.values().filter(|x| *x == node).count();
+        assert!(n <= capacity, "{node} holds {n} > {capacity}: {v}");
+    }
+    cluster.kill(2);
+    eventually(DEADLINE, "node-3 failed", async || {
+        members(cluster.node(0))
+            .await
+            .contains(&("node-3".to_owned(), "failed".to_owned()))
+            .then_some(())
+    })
+    .await;
+    let (status, after) = cluster.node(0).api_post("/api/cluster/rebalance", None).await;
+    assert_eq!(status, 200, "{after}");
+    let moved = after["moved"].as_array().expect("moved");
+    let orphaned = before.values().filter(|x| *x == "node-3").count();
+    assert_eq!(moved.len(), orphaned, "only node-3's items move: {after}");
+    for m in moved {
+        assert_eq!(m["from"], "node-3", "{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_can_require_backend_tags() {
+    let gpu = Backend::start("gpu", &[]);
+    let cpu = Backend::start("cpu", &[]);
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - match: {{ path_prefix: /infer }}\n        pool: app\n        backend_tags: {{ gpu: \"true\" }}\n      - pool: app\npools:\n  app:\n    backends:\n      - {{ address: {}, tags: {{ gpu: \"true\" }} }}\n      - {{ address: {} }}\n",
+        gpu.address(),
+        cpu.address()
+    );
+    let node = Node::start(&yaml);
+    let tagged = common::spread(&format!("{}/infer", node.url("web")), 20).await;
+    assert_eq!(tagged.get("gpu"), Some(&20), "{tagged:?}");
+    let any = common::spread(&format!("{}/other", node.url("web")), 20).await;
+    assert_eq!(any.get("cpu"), Some(&10), "{any:?}");
+}
