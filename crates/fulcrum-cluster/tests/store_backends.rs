@@ -153,6 +153,7 @@ async fn one_leader_and_failover_after_a_crash(server: Server) {
     })
     .await;
     let took = crashed_at.elapsed();
+    eprintln!("DBG failover took {took:?} bound {bound:?} tokens {first_token}->{second_token}");
     assert!(took <= bound, "failover took {took:?}, more than {bound:?}");
     assert_ne!(second, first);
     assert!(
@@ -408,6 +409,7 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
         .expect("stepped down in time")
         .expect("elector alive");
     let stepped_down = killed_at.elapsed();
+    eprintln!("DBG call took {took:?}, stepped down after {stepped_down:?}");
     assert!(
         stepped_down < ttl,
         "stepped down {stepped_down:?} after the outage began, not before the lease could expire"
