@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Lease, LeaderRecord, Store, now_ms};
+use crate::store::{LeaderRecord, Lease, Store, now_ms};
 
 /// What a node knows about the leadership, published by [`Elector`].
 #[derive(Debug, Clone, PartialEq, Eq)]

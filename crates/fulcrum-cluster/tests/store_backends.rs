@@ -18,7 +18,11 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Polls `check` every 25 ms until it returns `Some`, or panics after `deadline`.
-async fn eventually<T>(deadline: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+async fn eventually<T>(
+    deadline: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(value) = check().await {
@@ -111,8 +115,12 @@ async fn one_leader_and_failover_after_a_crash(server: Server) {
     let mut candidates = Vec::new();
     for i in 0..3 {
         let name = format!("node-{i}");
-        let (state, task) =
-            Elector::spawn_with_handle(server.store().await, name.clone(), ttl, cancel.child_token());
+        let (state, task) = Elector::spawn_with_handle(
+            server.store().await,
+            name.clone(),
+            ttl,
+            cancel.child_token(),
+        );
         candidates.push(Candidate { name, state, task });
     }
 
@@ -153,7 +161,6 @@ async fn one_leader_and_failover_after_a_crash(server: Server) {
     })
     .await;
     let took = crashed_at.elapsed();
-    eprintln!("DBG failover took {took:?} bound {bound:?} tokens {first_token}->{second_token}");
     assert!(took <= bound, "failover took {took:?}, more than {bound:?}");
     assert_ne!(second, first);
     assert!(
@@ -176,15 +183,24 @@ async fn config_compare_and_set_and_watch(server: Server) {
 
     assert_eq!(writer.config().await.expect("config readable"), None);
     assert_eq!(
-        writer.put_config(0, r#"{"v":1}"#).await.expect("first write"),
+        writer
+            .put_config(0, r#"{"v":1}"#)
+            .await
+            .expect("first write"),
         PutConfig::Written(1)
     );
     assert_eq!(
-        writer.put_config(0, r#"{"v":"stale"}"#).await.expect("stale write answered"),
+        writer
+            .put_config(0, r#"{"v":"stale"}"#)
+            .await
+            .expect("stale write answered"),
         PutConfig::Conflict { current: 1 }
     );
     assert_eq!(
-        other.put_config(1, r#"{"v":2}"#).await.expect("second write"),
+        other
+            .put_config(1, r#"{"v":2}"#)
+            .await
+            .expect("second write"),
         PutConfig::Written(2)
     );
     assert_eq!(
@@ -200,13 +216,19 @@ async fn config_compare_and_set_and_watch(server: Server) {
     assert_eq!(&*seen.1, r#"{"v":2}"#);
     // So does the next one, while the watcher is running.
     assert_eq!(
-        other.put_config(2, r#"{"v":3}"#).await.expect("third write"),
+        other
+            .put_config(2, r#"{"v":3}"#)
+            .await
+            .expect("third write"),
         PutConfig::Written(3)
     );
-    tokio::time::timeout(DEADLINE, watched.wait_for(|c| c.as_ref().is_some_and(|(v, _)| *v == 3)))
-        .await
-        .expect("version 3 watched in time")
-        .expect("watch task alive");
+    tokio::time::timeout(
+        DEADLINE,
+        watched.wait_for(|c| c.as_ref().is_some_and(|(v, _)| *v == 3)),
+    )
+    .await
+    .expect("version 3 watched in time")
+    .expect("watch task alive");
 }
 
 async fn registry_entries_expire_after_their_ttl(server: Server) {
@@ -225,7 +247,10 @@ async fn registry_entries_expire_after_their_ttl(server: Server) {
         weight: 1,
         tags: Default::default(),
     };
-    store.register_backend("app", &short, ttl).await.expect("register");
+    store
+        .register_backend("app", &short, ttl)
+        .await
+        .expect("register");
     store
         .register_backend("app", &long, Duration::from_secs(60))
         .await
@@ -240,20 +265,43 @@ async fn registry_entries_expire_after_their_ttl(server: Server) {
     );
 
     let registered_at = Instant::now();
-    eventually(ttl * 4 + DEADLINE / 4, "the short-TTL entry expired", async || {
-        let listed = store.registered_backends("app").await.expect("list");
-        (listed == vec![long.clone()]).then_some(())
-    })
+    eventually(
+        ttl * 4 + DEADLINE / 4,
+        "the short-TTL entry expired",
+        async || {
+            let listed = store.registered_backends("app").await.expect("list");
+            (listed == vec![long.clone()]).then_some(())
+        },
+    )
     .await;
     assert!(
         registered_at.elapsed() >= ttl.saturating_sub(Duration::from_millis(50)),
         "expired before its TTL"
     );
 
-    assert!(store.deregister_backend("app", &long.address).await.expect("deregister"));
-    assert!(!store.deregister_backend("app", &long.address).await.expect("deregister"));
-    assert!(store.registered_backends("app").await.expect("list").is_empty());
-    assert_eq!(store.registered_backends("other").await.expect("list"), vec![short]);
+    assert!(
+        store
+            .deregister_backend("app", &long.address)
+            .await
+            .expect("deregister")
+    );
+    assert!(
+        !store
+            .deregister_backend("app", &long.address)
+            .await
+            .expect("deregister")
+    );
+    assert!(
+        store
+            .registered_backends("app")
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert_eq!(
+        store.registered_backends("other").await.expect("list"),
+        vec![short]
+    );
     assert!(matches!(
         store.registered_backends("a:b").await,
         Err(StoreError::Invalid(_))
@@ -265,10 +313,18 @@ async fn fenced_chores_refuse_smaller_tokens(server: Server) {
     let set = |token: u64, field: &str, value: &str| {
         let store = store.clone();
         let fields = vec![(field.to_owned(), value.to_owned())];
-        async move { store.set_cluster_status(token, &fields).await.expect("answered") }
+        async move {
+            store
+                .set_cluster_status(token, &fields)
+                .await
+                .expect("answered")
+        }
     };
     assert!(set(5, "leader", "node-a").await);
-    assert!(!set(4, "leader", "node-stale").await, "a smaller token is refused");
+    assert!(
+        !set(4, "leader", "node-stale").await,
+        "a smaller token is refused"
+    );
     assert!(set(5, "epoch", "5").await, "the same token is accepted");
     assert!(set(6, "leader", "node-b").await);
     assert!(!set(5, "leader", "node-a").await);
@@ -282,11 +338,24 @@ async fn fenced_chores_refuse_smaller_tokens(server: Server) {
         .await
         .expect("answered")
         .expect("no one else campaigns");
-    assert!(store.renew(&lease, server.lease_ttl()).await.expect("answered"));
-    let report = store.gc_stale(0, Duration::from_secs(3600)).await.expect("answered");
+    assert!(
+        store
+            .renew(&lease, server.lease_ttl())
+            .await
+            .expect("answered")
+    );
+    let report = store
+        .gc_stale(0, Duration::from_secs(3600))
+        .await
+        .expect("answered");
     assert!(!report.applied, "gc with token 0 is refused after token 6");
     store.release(&lease).await.expect("released");
-    assert!(!store.renew(&lease, server.lease_ttl()).await.expect("answered"));
+    assert!(
+        !store
+            .renew(&lease, server.lease_ttl())
+            .await
+            .expect("answered")
+    );
 }
 
 fn stat(endpoint: &str, count: u64, avg_ms: f64, long: bool) -> EndpointStatRecord {
@@ -312,13 +381,28 @@ async fn stats_merge_and_gc_of_stale_nodes(server: Server) {
     let store = server.store().await;
     let ttl = Duration::from_secs(60);
     store
-        .save_stats("node-b", &[stat("GET /b", 10, 100.0, false), stat("GET /shared", 10, 9000.0, true)])
+        .save_stats(
+            "node-b",
+            &[
+                stat("GET /b", 10, 100.0, false),
+                stat("GET /shared", 10, 9000.0, true),
+            ],
+        )
         .await
         .expect("saved");
-    store.set_node_status("node-b", r#"{"busy":true}"#).await.expect("saved");
+    store
+        .set_node_status("node-b", r#"{"busy":true}"#)
+        .await
+        .expect("saved");
     store.heartbeat(&node("node-b"), ttl).await.expect("saved");
     store
-        .save_stats("node-a", &[stat("GET /a", 5, 10.0, false), stat("GET /shared", 30, 1000.0, false)])
+        .save_stats(
+            "node-a",
+            &[
+                stat("GET /a", 5, 10.0, false),
+                stat("GET /shared", 30, 1000.0, false),
+            ],
+        )
         .await
         .expect("saved");
 
@@ -328,7 +412,11 @@ async fn stats_merge_and_gc_of_stale_nodes(server: Server) {
         .find(|s| s.endpoint == "GET /shared")
         .expect("merged endpoint");
     assert_eq!((shared.count, shared.errors), (40, 2));
-    assert!((shared.avg_ms - 3000.0).abs() < 1e-6, "count-weighted mean: {}", shared.avg_ms);
+    assert!(
+        (shared.avg_ms - 3000.0).abs() < 1e-6,
+        "count-weighted mean: {}",
+        shared.avg_ms
+    );
     assert!(!shared.long, "a quarter of the requests long is not long");
     assert_eq!(merged.len(), 3);
     assert!(store.long_requests().await.expect("readable").is_empty());
@@ -365,7 +453,10 @@ async fn stats_merge_and_gc_of_stale_nodes(server: Server) {
         .into_iter()
         .map(|s| s.endpoint)
         .collect();
-    assert_eq!(endpoints, vec!["GET /a".to_owned(), "GET /shared".to_owned()]);
+    assert_eq!(
+        endpoints,
+        vec!["GET /a".to_owned(), "GET /shared".to_owned()]
+    );
     let nodes: Vec<String> = store
         .nodes()
         .await
@@ -409,7 +500,6 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
         .expect("stepped down in time")
         .expect("elector alive");
     let stepped_down = killed_at.elapsed();
-    eprintln!("DBG call took {took:?}, stepped down after {stepped_down:?}");
     assert!(
         stepped_down < ttl,
         "stepped down {stepped_down:?} after the outage began, not before the lease could expire"
@@ -425,12 +515,20 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
         store.health().available.then_some(())
     })
     .await;
-    tokio::time::timeout(DEADLINE, state.wait_for(|s| s.is_leader && s.store_available))
-        .await
-        .expect("leader again in time")
-        .expect("elector alive");
+    tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| s.is_leader && s.store_available),
+    )
+    .await
+    .expect("leader again in time")
+    .expect("elector alive");
     assert!(matches!(
-        store.put_config(store.config().await.expect("readable").map_or(0, |c| c.0), "{}").await,
+        store
+            .put_config(
+                store.config().await.expect("readable").map_or(0, |c| c.0),
+                "{}"
+            )
+            .await,
         Ok(PutConfig::Written(_))
     ));
     cancel.cancel();
@@ -442,7 +540,10 @@ async fn connects_before_the_server_is_up(mut server: Server) {
         .await
         .expect("connect does not need the server");
     let started = Instant::now();
-    assert!(matches!(store.leader().await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(
+        store.leader().await,
+        Err(StoreError::Unavailable(_))
+    ));
     assert!(started.elapsed() <= OP_TIMEOUT + Duration::from_millis(500));
     assert!(!store.health().available);
 
@@ -507,7 +608,10 @@ mod redis {
             .save_stats("node-a", &[stat("GET /x", 3, 6000.0, true)])
             .await
             .expect("saved");
-        store.set_node_status("node-a", r#"{"working":false}"#).await.expect("saved");
+        store
+            .set_node_status("node-a", r#"{"working":false}"#)
+            .await
+            .expect("saved");
         let lease = store
             .try_acquire("node-a", Duration::from_secs(5))
             .await
@@ -531,7 +635,9 @@ mod redis {
             }
         };
         let merged: EndpointStatRecord = serde_json::from_str(
-            &hget("fulcrum:request:stats", "GET /x").await.expect("merged record"),
+            &hget("fulcrum:request:stats", "GET /x")
+                .await
+                .expect("merged record"),
         )
         .expect("JSON record");
         assert_eq!(merged, stat("GET /x", 3, 6000.0, true));

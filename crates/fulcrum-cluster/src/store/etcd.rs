@@ -35,17 +35,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, Error, EventType, GetOptions, KeyValue,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, Error, EventType, GetOptions, KeyValue, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backoff, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord,
-    Lease, LeaseHolder, NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig, RegisteredBackend,
-    StoreError, merge_endpoint, now_ms, publish_config,
+    Backoff, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord, Lease, LeaseHolder,
+    NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig, RegisteredBackend, StoreError,
+    merge_endpoint, now_ms, publish_config,
 };
 
 const KIND: &str = "etcd";
@@ -208,7 +208,10 @@ fn merge_all(nodes: &[NodeStats]) -> BTreeMap<String, EndpointStatRecord> {
     let mut by_endpoint: BTreeMap<&str, Vec<EndpointStatRecord>> = BTreeMap::new();
     for node in nodes {
         for (endpoint, record) in &node.endpoints {
-            by_endpoint.entry(endpoint).or_default().push(record.clone());
+            by_endpoint
+                .entry(endpoint)
+                .or_default()
+                .push(record.clone());
         }
     }
     by_endpoint
@@ -247,17 +250,21 @@ impl EtcdStore {
             .with_keep_alive_while_idle(true);
         // Building the client does not touch the network (the balanced channel connects
         // on first use), so this only fails for bad endpoints.
-        let client = match tokio::time::timeout(OP_TIMEOUT, Client::connect(endpoints, Some(options))).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                return Err(StoreError::Invalid(format!("{KIND} endpoints {endpoints:?}: {e}")));
-            }
-            Err(_) => {
-                return Err(StoreError::Unavailable(format!(
-                    "{KIND} connect: no client within {OP_TIMEOUT:?}"
-                )));
-            }
-        };
+        let client =
+            match tokio::time::timeout(OP_TIMEOUT, Client::connect(endpoints, Some(options))).await
+            {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    return Err(StoreError::Invalid(format!(
+                        "{KIND} endpoints {endpoints:?}: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "{KIND} connect: no client within {OP_TIMEOUT:?}"
+                    )));
+                }
+            };
         let store = EtcdStore {
             client,
             keys: Arc::new(Keys::new(prefix)),
@@ -279,7 +286,10 @@ impl EtcdStore {
             let read = self.health.run("probe", async {
                 self.client
                     .kv_client()
-                    .get(self.keys.fencing.as_str(), Some(GetOptions::new().with_count_only()))
+                    .get(
+                        self.keys.fencing.as_str(),
+                        Some(GetOptions::new().with_count_only()),
+                    )
                     .await
                     .during("probe")
             });
@@ -313,7 +323,10 @@ impl EtcdStore {
                 let election = self.keys.election.as_str();
                 // Most rounds find a leader: answer without creating a lease.
                 let candidates = kv
-                    .get(election, Some(GetOptions::new().with_prefix().with_count_only()))
+                    .get(
+                        election,
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
                     .await
                     .during(OP)?;
                 if candidates.count() > 0 {
@@ -355,7 +368,9 @@ impl EtcdStore {
     pub(crate) async fn renew(&self, lease: &Lease, _ttl: Duration) -> Result<bool, StoreError> {
         const OP: &str = "renew";
         let LeaseHolder::Etcd { lease_id, key } = &lease.holder else {
-            return Err(StoreError::Invalid(format!("{KIND} {OP}: not an etcd lease")));
+            return Err(StoreError::Invalid(format!(
+                "{KIND} {OP}: not an etcd lease"
+            )));
         };
         self.health
             .run(OP, async {
@@ -383,7 +398,9 @@ impl EtcdStore {
     pub(crate) async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         const OP: &str = "release";
         let LeaseHolder::Etcd { lease_id, .. } = &lease.holder else {
-            return Err(StoreError::Invalid(format!("{KIND} {OP}: not an etcd lease")));
+            return Err(StoreError::Invalid(format!(
+                "{KIND} {OP}: not an etcd lease"
+            )));
         };
         self.health
             .run(OP, async {
@@ -457,11 +474,17 @@ impl EtcdStore {
         Ok(response.take_kvs())
     }
 
-    pub(crate) async fn heartbeat(&self, node: &NodeRecord, ttl: Duration) -> Result<(), StoreError> {
+    pub(crate) async fn heartbeat(
+        &self,
+        node: &NodeRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         const OP: &str = "heartbeat";
         let json = to_json(OP, node)?;
         let key = format!("{}{}", self.keys.nodes, node.node_id);
-        self.health.run(OP, self.put_with_ttl(OP, key, json, ttl)).await
+        self.health
+            .run(OP, self.put_with_ttl(OP, key, json, ttl))
+            .await
     }
 
     pub(crate) async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
@@ -536,7 +559,14 @@ impl EtcdStore {
                 let txn = Txn::new()
                     .when([unchanged])
                     .and_then([TxnOp::put(key, value, None)]);
-                if self.client.kv_client().txn(txn).await.during(OP)?.succeeded() {
+                if self
+                    .client
+                    .kv_client()
+                    .txn(txn)
+                    .await
+                    .during(OP)?
+                    .succeeded()
+                {
                     return Ok(PutConfig::Written(version));
                 }
                 // Someone wrote in between: report what is there now.
@@ -643,7 +673,9 @@ impl EtcdStore {
         const OP: &str = "register_backend";
         let json = to_json(OP, backend)?;
         let key = format!("{}{}", self.keys.registry_pool(pool), backend.address);
-        self.health.run(OP, self.put_with_ttl(OP, key, json, ttl)).await
+        self.health
+            .run(OP, self.put_with_ttl(OP, key, json, ttl))
+            .await
     }
 
     pub(crate) async fn deregister_backend(
@@ -688,8 +720,13 @@ impl EtcdStore {
                     let response = kv.get(key.as_str(), None).await.during(OP)?;
                     let (mut doc, unchanged) = match response.kvs().first() {
                         Some(current) => (
-                            serde_json::from_slice::<NodeStats>(current.value()).unwrap_or_default(),
-                            Compare::mod_revision(key.as_str(), CompareOp::Equal, current.mod_revision()),
+                            serde_json::from_slice::<NodeStats>(current.value())
+                                .unwrap_or_default(),
+                            Compare::mod_revision(
+                                key.as_str(),
+                                CompareOp::Equal,
+                                current.mod_revision(),
+                            ),
                         ),
                         None => (
                             NodeStats::default(),
@@ -699,11 +736,14 @@ impl EtcdStore {
                     doc.node_id = node_id.to_owned();
                     doc.updated_ms = now_ms();
                     for record in stats {
-                        doc.endpoints.insert(record.endpoint.clone(), record.clone());
+                        doc.endpoints
+                            .insert(record.endpoint.clone(), record.clone());
                     }
-                    let txn = Txn::new()
-                        .when([unchanged])
-                        .and_then([TxnOp::put(key.as_str(), to_json(OP, &doc)?, None)]);
+                    let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
+                        key.as_str(),
+                        to_json(OP, &doc)?,
+                        None,
+                    )]);
                     if kv.txn(txn).await.during(OP)?.succeeded() {
                         return Ok(());
                     }
@@ -751,7 +791,11 @@ impl EtcdStore {
         let key = format!("{}{node_id}", self.keys.node_status);
         self.health
             .run(OP, async {
-                self.client.kv_client().put(key, value, None).await.during(OP)?;
+                self.client
+                    .kv_client()
+                    .put(key, value, None)
+                    .await
+                    .during(OP)?;
                 Ok(())
             })
             .await
@@ -759,7 +803,10 @@ impl EtcdStore {
 
     pub(crate) async fn node_statuses(&self) -> Result<BTreeMap<String, String>, StoreError> {
         const OP: &str = "node_statuses";
-        let kvs = self.health.run(OP, self.list(OP, &self.keys.node_status)).await?;
+        let kvs = self
+            .health
+            .run(OP, self.list(OP, &self.keys.node_status))
+            .await?;
         Ok(parse_all::<NodeStatus>(OP, &kvs)
             .into_iter()
             .map(|status| (status.node_id, status.status))
@@ -823,9 +870,15 @@ impl EtcdStore {
             .collect())
     }
 
-    pub(crate) async fn gc_stale(&self, token: u64, cutoff_ms: u64) -> Result<GcReport, StoreError> {
+    pub(crate) async fn gc_stale(
+        &self,
+        token: u64,
+        cutoff_ms: u64,
+    ) -> Result<GcReport, StoreError> {
         const OP: &str = "gc_stale";
-        self.health.run(OP, self.gc_stale_inner(token, cutoff_ms)).await
+        self.health
+            .run(OP, self.gc_stale_inner(token, cutoff_ms))
+            .await
     }
 
     async fn gc_stale_inner(&self, token: u64, cutoff_ms: u64) -> Result<GcReport, StoreError> {
@@ -882,7 +935,11 @@ impl EtcdStore {
             .map(|(_, key, mod_revision, _)| {
                 TxnOp::txn(
                     Txn::new()
-                        .when([Compare::mod_revision(key.clone(), CompareOp::Equal, *mod_revision)])
+                        .when([Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            *mod_revision,
+                        )])
                         .and_then([TxnOp::delete(key.clone(), None)]),
                 )
             })

@@ -298,12 +298,14 @@ impl Store {
     pub async fn connect(settings: &StoreSettings) -> Result<Store, StoreError> {
         let shutdown = CancellationToken::new();
         let backend = match settings {
-            StoreSettings::Redis { url, key_prefix } => {
-                Backend::Redis(RedisStore::connect(url, key_prefix, shutdown.child_token())?)
+            StoreSettings::Redis { url, key_prefix } => Backend::Redis(RedisStore::connect(
+                url,
+                key_prefix,
+                shutdown.child_token(),
+            )?),
+            StoreSettings::Etcd { endpoints, prefix } => {
+                Backend::Etcd(EtcdStore::connect(endpoints, prefix, shutdown.child_token()).await?)
             }
-            StoreSettings::Etcd { endpoints, prefix } => Backend::Etcd(
-                EtcdStore::connect(endpoints, prefix, shutdown.child_token()).await?,
-            ),
         };
         Ok(Store {
             inner: Arc::new(Inner {
@@ -342,7 +344,11 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the store does not answer.
-    pub async fn try_acquire(&self, node_id: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+    pub async fn try_acquire(
+        &self,
+        node_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
         dispatch!(self, b => b.try_acquire(node_id, ttl).await)
     }
 
@@ -428,7 +434,11 @@ impl Store {
     /// # Errors
     /// [`StoreError::Unavailable`]; [`StoreError::Protocol`] if the stored configuration
     /// is unreadable.
-    pub async fn put_config(&self, expected_version: u64, doc: &str) -> Result<PutConfig, StoreError> {
+    pub async fn put_config(
+        &self,
+        expected_version: u64,
+        doc: &str,
+    ) -> Result<PutConfig, StoreError> {
         dispatch!(self, b => b.put_config(expected_version, doc).await)
     }
 
@@ -476,7 +486,12 @@ impl Store {
     /// # Errors
     /// [`StoreError::Unavailable`]; [`StoreError::Invalid`] for a pool name that is empty
     /// or contains `:` or `/`, or an empty address.
-    pub async fn register_backend(&self, pool: &str, backend: &RegisteredBackend, ttl: Duration) -> Result<(), StoreError> {
+    pub async fn register_backend(
+        &self,
+        pool: &str,
+        backend: &RegisteredBackend,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         validate_pool(pool)?;
         if backend.address.is_empty() {
             return Err(StoreError::Invalid(format!(
@@ -500,7 +515,10 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; [`StoreError::Invalid`] for a bad pool name.
-    pub async fn registered_backends(&self, pool: &str) -> Result<Vec<RegisteredBackend>, StoreError> {
+    pub async fn registered_backends(
+        &self,
+        pool: &str,
+    ) -> Result<Vec<RegisteredBackend>, StoreError> {
         validate_pool(pool)?;
         let mut backends = dispatch!(self, b => b.registered_backends(pool).await)?;
         backends.sort_by(|a, b| a.address.cmp(&b.address));
@@ -523,7 +541,11 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; [`StoreError::Invalid`] for an empty node id.
-    pub async fn save_stats(&self, node_id: &str, stats: &[EndpointStatRecord]) -> Result<(), StoreError> {
+    pub async fn save_stats(
+        &self,
+        node_id: &str,
+        stats: &[EndpointStatRecord],
+    ) -> Result<(), StoreError> {
         validate_node_id(node_id)?;
         let stats: Vec<EndpointStatRecord> = stats.iter().map(sanitize_stat).collect();
         dispatch!(self, b => b.save_stats(node_id, &stats).await)
@@ -554,7 +576,11 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; [`StoreError::Invalid`] for an empty or reserved id.
-    pub async fn set_node_status(&self, node_id: &str, status_json: &str) -> Result<(), StoreError> {
+    pub async fn set_node_status(
+        &self,
+        node_id: &str,
+        status_json: &str,
+    ) -> Result<(), StoreError> {
         validate_node_id(node_id)?;
         dispatch!(self, b => b.set_node_status(node_id, status_json).await)
     }
@@ -575,7 +601,11 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`].
-    pub async fn set_cluster_status(&self, token: u64, fields: &[(String, String)]) -> Result<bool, StoreError> {
+    pub async fn set_cluster_status(
+        &self,
+        token: u64,
+        fields: &[(String, String)],
+    ) -> Result<bool, StoreError> {
         dispatch!(self, b => b.set_cluster_status(token, fields).await)
     }
 
@@ -700,7 +730,9 @@ impl Backoff {
     pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.next;
         self.next = (self.next * 2).min(RECONNECT_MAX);
-        ceiling.mul_f64(0.5 + fastrand::f64() * 0.5).max(RECONNECT_MIN)
+        ceiling
+            .mul_f64(0.5 + fastrand::f64() * 0.5)
+            .max(RECONNECT_MIN)
     }
 }
 
@@ -812,8 +844,11 @@ mod tests {
 
     #[test]
     fn merge_is_long_when_half_the_requests_are() {
-        let merged = merge_endpoint("GET /a", &[record(10, 10.0, false), record(10, 9000.0, true)])
-            .expect("two records merge");
+        let merged = merge_endpoint(
+            "GET /a",
+            &[record(10, 10.0, false), record(10, 9000.0, true)],
+        )
+        .expect("two records merge");
         assert!(merged.long);
     }
 

@@ -495,7 +495,9 @@ impl RedisStore {
     pub(crate) async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
         const OP: &str = "renew";
         let LeaseHolder::Redis { value } = &lease.holder else {
-            return Err(StoreError::Invalid(format!("{KIND} {OP}: not a Redis lease")));
+            return Err(StoreError::Invalid(format!(
+                "{KIND} {OP}: not a Redis lease"
+            )));
         };
         self.health
             .run(OP, async {
@@ -515,7 +517,9 @@ impl RedisStore {
     pub(crate) async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         const OP: &str = "release";
         let LeaseHolder::Redis { value } = &lease.holder else {
-            return Err(StoreError::Invalid(format!("{KIND} {OP}: not a Redis lease")));
+            return Err(StoreError::Invalid(format!(
+                "{KIND} {OP}: not a Redis lease"
+            )));
         };
         self.health
             .run(OP, async {
@@ -548,7 +552,10 @@ impl RedisStore {
                     .rsplit_once(':')
                     .and_then(|(node, token)| Some((node, token.parse::<u64>().ok()?)))
                     .ok_or_else(|| {
-                        protocol(OP, format!("leader key holds {value:?}, not <node_id>:<token>"))
+                        protocol(
+                            OP,
+                            format!("leader key holds {value:?}, not <node_id>:<token>"),
+                        )
                     })?;
                 Ok(Some(LeaderRecord {
                     node_id: node_id.to_owned(),
@@ -558,7 +565,11 @@ impl RedisStore {
             .await
     }
 
-    pub(crate) async fn heartbeat(&self, node: &NodeRecord, ttl: Duration) -> Result<(), StoreError> {
+    pub(crate) async fn heartbeat(
+        &self,
+        node: &NodeRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         const OP: &str = "heartbeat";
         let json = to_json(OP, node)?;
         self.health
@@ -757,7 +768,11 @@ impl RedisStore {
                 redis::pipe()
                     .atomic()
                     .cmd("SET")
-                    .arg(format!("{}{}", self.keys.registry_entries(pool), backend.address))
+                    .arg(format!(
+                        "{}{}",
+                        self.keys.registry_entries(pool),
+                        backend.address
+                    ))
                     .arg(json)
                     .arg("PX")
                     .arg(ttl_ms(ttl))
@@ -919,7 +934,11 @@ impl RedisStore {
             .await
     }
 
-    pub(crate) async fn gc_stale(&self, token: u64, cutoff_ms: u64) -> Result<GcReport, StoreError> {
+    pub(crate) async fn gc_stale(
+        &self,
+        token: u64,
+        cutoff_ms: u64,
+    ) -> Result<GcReport, StoreError> {
         const OP: &str = "gc_stale";
         self.health
             .run(OP, async {
