@@ -58,9 +58,9 @@ impl WriteQuery {
     pub(crate) fn consistency(&self) -> Result<Consistency, ApiError> {
         match &self.consistency {
             None => Ok(Consistency::Async),
-            Some(v) => v.parse().map_err(|e: String| {
-                ApiError::new(StatusCode::BAD_REQUEST, "bad_consistency", e)
-            }),
+            Some(v) => v
+                .parse()
+                .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_consistency", e)),
         }
     }
 }
@@ -283,7 +283,9 @@ pub(crate) async fn forget_node(
         Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_removable",
-            format!("`{id}` is unknown or still alive; only failed or departed nodes can be removed"),
+            format!(
+                "`{id}` is unknown or still alive; only failed or departed nodes can be removed"
+            ),
         ))
     }
 }
@@ -318,15 +320,14 @@ pub(crate) async fn join(
             format!("`{}` is not ip:port", body.seed),
         )
     })?;
-    plane.join_seed(seed).await.map_err(|e| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "join_failed", e)
-    })?;
+    plane
+        .join_seed(seed)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "join_failed", e))?;
     Ok(Json(json!({ "seed": seed.to_string(), "joining": true })))
 }
 
-pub(crate) async fn assignments(
-    State(state): State<AdminState>,
-) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn assignments(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
     let plane = cluster_only(&state)?;
     Ok(Json(json!(plane.assignments().await)))
 }
@@ -382,9 +383,7 @@ pub(crate) async fn seed_nodes(State(state): State<AdminState>) -> Result<Json<V
 }
 
 /// Seed 000's `GET /cluster/master`: the leader.
-pub(crate) async fn seed_master(
-    State(state): State<AdminState>,
-) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn seed_master(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
     let plane = cluster_only(&state)?;
     let leader = plane.leader();
     Ok(Json(json!({

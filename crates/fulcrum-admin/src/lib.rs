@@ -251,7 +251,10 @@ async fn pools(State(state): State<AdminState>) -> Json<Value> {
 }
 
 /// The pool named `name`, or 404 `unknown_pool`.
-pub(crate) fn pool_named(state: &AdminState, name: &str) -> Result<Arc<fulcrum_proxy::Pool>, ApiError> {
+pub(crate) fn pool_named(
+    state: &AdminState,
+    name: &str,
+) -> Result<Arc<fulcrum_proxy::Pool>, ApiError> {
     state
         .node
         .pool(name)

@@ -42,7 +42,11 @@ impl Dns {
     ///
     /// # Errors
     /// A message naming the name and the resolver's error; an answer without records.
-    pub async fn resolve(&self, name: &str, record: DnsRecord) -> Result<Vec<BackendConfig>, String> {
+    pub async fn resolve(
+        &self,
+        name: &str,
+        record: DnsRecord,
+    ) -> Result<Vec<BackendConfig>, String> {
         let mut out: BTreeMap<SocketAddr, u32> = BTreeMap::new();
         match record {
             DnsRecord::A => {
@@ -71,12 +75,9 @@ impl Dns {
                     .answers()
                     .iter()
                     .filter_map(|r| match &r.data {
-                        RData::SRV(srv) => Some((
-                            srv.priority,
-                            srv.weight,
-                            srv.port,
-                            srv.target.to_ascii(),
-                        )),
+                        RData::SRV(srv) => {
+                            Some((srv.priority, srv.weight, srv.port, srv.target.to_ascii()))
+                        }
                         _ => None,
                     })
                     .collect();

@@ -55,6 +55,29 @@ impl Elector {
     ///
     /// `ttl` should be well above the store's round trip and at least 1 s; etcd rounds it
     /// up to whole seconds and to its minimum lease TTL.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn example() -> Result<(), fulcrum_cluster::store::StoreError> {
+    /// use std::time::Duration;
+    ///
+    /// use fulcrum_cluster::election::Elector;
+    /// use fulcrum_cluster::store::{Store, StoreSettings};
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// let etcd = StoreSettings::etcd(vec!["http://127.0.0.1:2379".to_owned()]);
+    /// let store = Store::connect(&etcd).await?;
+    /// let cancel = CancellationToken::new();
+    /// let mut state = Elector::spawn(store, "node-1".to_owned(), Duration::from_secs(3), cancel);
+    /// while state.changed().await.is_ok() {
+    ///     let now = state.borrow().clone();
+    ///     if now.is_leader {
+    ///         println!("leading with fencing token {:?}", now.token);
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn spawn(
         store: Store,
         node_id: String,

@@ -439,7 +439,10 @@ impl ControlPlane {
 
     /// This node's id in the cluster.
     pub fn node_id(&self) -> Option<&str> {
-        self.inner.cluster.as_ref().map(|c| c.config.node_id.as_str())
+        self.inner
+            .cluster
+            .as_ref()
+            .map(|c| c.config.node_id.as_str())
     }
 
     /// The shared configuration applied here.
@@ -555,17 +558,8 @@ impl ControlPlane {
             .cluster
             .config_version
             .set(i64::try_from(doc.version).unwrap_or(i64::MAX));
-        if let Some(c) = &self.inner.cluster {
-            let membership = c.membership.clone();
-            let version = doc.version.to_string();
-            let gossip_doc = (c.store.is_none()).then(|| format!("{}\n{}", doc.version, doc.to_json()));
-            tokio::spawn(async move {
-                membership.set(KEY_CONFIG_VERSION, &version).await;
-                if let Some(doc) = gossip_doc {
-                    membership.set(KEY_CONFIG_DOC, &doc).await;
-                }
-            });
-        }
+        // The gossip loop publishes the version (and, without a store, the document) on
+        // its next tick, in order.
     }
 
     // -------------------------------------------------------------------- writes --
@@ -804,7 +798,9 @@ impl ControlPlane {
                 self.set_discovered(pool, backends);
             }
             // Keep the last known registrations while the store is down.
-            Err(error) => tracing::debug!(pool, %error, "registry read failed; keeping the last list"),
+            Err(error) => {
+                tracing::debug!(pool, %error, "registry read failed; keeping the last list")
+            }
         }
     }
 
@@ -840,7 +836,9 @@ impl ControlPlane {
                             let name_to_resolve = d.name.clone().unwrap_or_default();
                             match dns.resolve(&name_to_resolve, d.record).await {
                                 Ok(backends) => plane.set_discovered(&name, backends),
-                                Err(error) => tracing::warn!(pool = %name, %error, "dns discovery failed; keeping the last answer"),
+                                Err(error) => {
+                                    tracing::warn!(pool = %name, %error, "dns discovery failed; keeping the last answer")
+                                }
                             }
                         }
                         (_, DiscoverySource::Registry) => plane.refresh_registry(&name).await,
@@ -861,16 +859,23 @@ impl ControlPlane {
             match store.config().await {
                 Ok(Some((_, text))) => match SharedConfig::from_json(&text) {
                     Ok(doc) => self.adopt(doc),
-                    Err(error) => tracing::error!(%error, "shared configuration in the store is unreadable"),
+                    Err(error) => {
+                        tracing::error!(%error, "shared configuration in the store is unreadable")
+                    }
                 },
                 Ok(None) => {}
-                Err(error) => tracing::warn!(%error, "coordination store unavailable at start; serving the file configuration"),
+                Err(error) => {
+                    tracing::warn!(%error, "coordination store unavailable at start; serving the file configuration")
+                }
             }
             match store.load_stats().await {
                 Ok(stats) => {
                     let primed = self.prime_endpoints(&stats);
                     if primed > 0 {
-                        tracing::info!(endpoints = primed, "endpoint classes primed from the cluster's statistics");
+                        tracing::info!(
+                            endpoints = primed,
+                            "endpoint classes primed from the cluster's statistics"
+                        );
                     }
                 }
                 Err(error) => tracing::debug!(%error, "no persisted statistics"),
@@ -972,7 +977,9 @@ impl ControlPlane {
                         if let Some((_, text)) = current {
                             match SharedConfig::from_json(&text) {
                                 Ok(doc) => plane.adopt(doc),
-                                Err(error) => tracing::error!(%error, "unreadable shared configuration in the store"),
+                                Err(error) => {
+                                    tracing::error!(%error, "unreadable shared configuration in the store")
+                                }
                             }
                         }
                         tokio::select! {
@@ -1069,11 +1076,27 @@ impl ControlPlane {
                 last_requests = total_requests;
                 last_load = now;
             }
-            // 2. Merge the cluster's views and flag backends down here.
+            // 2. The shared configuration this node runs: its version, and without a store
+            // the document itself, which is how it spreads.
+            let (version, doc) = {
+                let shared = self.inner.shared.lock();
+                (
+                    shared.version,
+                    (c.store.is_none() && shared.version > 0)
+                        .then(|| format!("{}\n{}", shared.version, shared.to_json())),
+                )
+            };
+            c.membership
+                .set(KEY_CONFIG_VERSION, &version.to_string())
+                .await;
+            if let Some(doc) = doc {
+                c.membership.set(KEY_CONFIG_DOC, &doc).await;
+            }
+            // 3. Merge the cluster's views and flag backends down here.
             let members = c.membership.members().await;
             self.merge_health(rule, &members);
             self.update_member_metrics(&members);
-            // 3. Without a store, the shared configuration spreads by gossip.
+            // 4. Without a store, the shared configuration spreads by gossip.
             if c.store.is_none()
                 && let Some(doc) = newest_gossiped_doc(&members)
             {
@@ -1185,7 +1208,10 @@ impl ControlPlane {
                     config_version: self.inner.shared.lock().version,
                     updated_ms: unix_ms(),
                 };
-                match store.heartbeat(&record, c.config.coordination.node_ttl).await {
+                match store
+                    .heartbeat(&record, c.config.coordination.node_ttl)
+                    .await
+                {
                     Ok(()) => last_heartbeat = Some(now),
                     Err(error) => tracing::debug!(%error, "registry heartbeat failed"),
                 }
@@ -1250,7 +1276,10 @@ impl ControlPlane {
         let max_age = c.config.coordination.node_ttl * 3;
         match store.gc_stale(token, max_age).await {
             Ok(report) if !report.applied => {
-                tracing::warn!(token, "cluster chores refused: a newer leader holds a larger fencing token");
+                tracing::warn!(
+                    token,
+                    "cluster chores refused: a newer leader holds a larger fencing token"
+                );
                 return;
             }
             Ok(report) => {
@@ -1264,12 +1293,18 @@ impl ControlPlane {
             }
         }
         let members = c.membership.members().await;
-        let alive = members.iter().filter(|m| m.state == MemberState::Alive).count();
+        let alive = members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .count();
         let fields = vec![
             ("leader".to_owned(), c.config.node_id.clone()),
             ("token".to_owned(), token.to_string()),
             ("alive_nodes".to_owned(), alive.to_string()),
-            ("config_version".to_owned(), self.inner.shared.lock().version.to_string()),
+            (
+                "config_version".to_owned(),
+                self.inner.shared.lock().version.to_string(),
+            ),
             ("updated_ms".to_owned(), unix_ms().to_string()),
         ];
         if let Err(error) = store.set_cluster_status(token, &fields).await {
@@ -1367,7 +1402,11 @@ impl ControlPlane {
     /// # Errors
     /// A message when not clustered or the seed is unusable.
     pub async fn join_seed(&self, seed: SocketAddr) -> Result<(), String> {
-        let c = self.inner.cluster.as_ref().ok_or("this node is not in a cluster")?;
+        let c = self
+            .inner
+            .cluster
+            .as_ref()
+            .ok_or("this node is not in a cluster")?;
         c.membership.join(seed).await.map_err(|e| e.to_string())
     }
 

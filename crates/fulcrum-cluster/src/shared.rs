@@ -493,7 +493,9 @@ mod tests {
             },
         );
         match empty {
-            Err(ChangeError::Invalid(message)) => assert!(message.contains("no backends"), "{message}"),
+            Err(ChangeError::Invalid(message)) => {
+                assert!(message.contains("no backends"), "{message}")
+            }
             other => panic!("expected Invalid, got {other:?}"),
         }
     }

@@ -476,6 +476,11 @@ async fn stats_merge_and_gc_of_stale_nodes(server: Server) {
 async fn outage_steps_down_and_recovers(mut server: Server) {
     let ttl = server.lease_ttl();
     let store = server.store().await;
+    let mut watched = store.watch_config();
+    assert_eq!(
+        store.put_config(0, "before").await.expect("written"),
+        PutConfig::Written(1)
+    );
     let cancel = CancellationToken::new();
     let (mut state, _task) =
         Elector::spawn_with_handle(store.clone(), "node-0".to_owned(), ttl, cancel.clone());
@@ -522,15 +527,22 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
     .await
     .expect("leader again in time")
     .expect("elector alive");
-    assert!(matches!(
-        store
-            .put_config(
-                store.config().await.expect("readable").map_or(0, |c| c.0),
-                "{}"
-            )
-            .await,
-        Ok(PutConfig::Written(_))
-    ));
+    // The configuration watch resumes too (Redis lost its data, etcd kept it).
+    let current = store.config().await.expect("readable").map_or(0, |c| c.0);
+    let PutConfig::Written(version) = store.put_config(current, "after").await.expect("answered")
+    else {
+        panic!("no concurrent writer");
+    };
+    tokio::time::timeout(
+        DEADLINE,
+        watched.wait_for(|c| {
+            c.as_ref()
+                .is_some_and(|(v, doc)| *v == version && &**doc == "after")
+        }),
+    )
+    .await
+    .expect("the watch saw the write made after the outage")
+    .expect("watch task alive");
     cancel.cancel();
 }
 
@@ -663,6 +675,29 @@ mod redis {
             .await
             .expect("GET answered");
         assert_eq!(fencing, lease.token);
+    }
+
+    /// A lost token counter (evicted, deleted) cannot hand out tokens the chore fence
+    /// would refuse.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_exceed_the_chore_fence() {
+        let server = RedisServer::start();
+        let store = Store::connect(&StoreSettings::redis(server.url()))
+            .await
+            .expect("valid settings");
+        assert!(store.set_cluster_status(41, &[]).await.expect("answered"));
+        let lease = store
+            .try_acquire("node-a", Duration::from_secs(5))
+            .await
+            .expect("answered")
+            .expect("acquired");
+        assert_eq!(lease.token, 42);
+        assert!(
+            store
+                .set_cluster_status(lease.token, &[("leader".to_owned(), "node-a".to_owned())])
+                .await
+                .expect("answered")
+        );
     }
 }
 

@@ -53,9 +53,10 @@ pub use error::{ConfigError, Diagnostic};
 pub use model::{
     AdminConfig, AnalysisConfig, AssignmentsConfig, BackendConfig, ClusterConfig, Config,
     CoordinationBackend, CoordinationConfig, DiscoveryConfig, DiscoverySource, DnsRecord,
-    DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HealthMergeRule, HashConfig, HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind,
-    HedgeConfig, ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig,
-    PoolConfig, Protocol, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch, RuntimeConfig,
+    DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HashConfig,
+    HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind, HealthMergeRule, HedgeConfig,
+    ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig, PoolConfig,
+    Protocol, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch, RuntimeConfig,
     SlowStartConfig, StatsConfig, TailAwareConfig, UpstreamTimeouts,
 };
 pub use scalar::{HedgeDelay, RetryOn, StatusRange};

@@ -60,6 +60,7 @@ fn minimal_config_gets_every_default() {
             routes: vec![RouteConfig {
                 r#match: None,
                 pool: "app".into(),
+                backend_tags: BTreeMap::new(),
             }],
             ..ListenerConfig::default()
         }],
@@ -221,6 +222,7 @@ fn full_config_has_every_value() {
                     }),
                 }),
                 pool: "api".into(),
+                backend_tags: BTreeMap::new(),
             },
             RouteConfig {
                 r#match: Some(RouteMatch {
@@ -231,10 +233,12 @@ fn full_config_has_every_value() {
                     ..RouteMatch::default()
                 }),
                 pool: "api".into(),
+                backend_tags: BTreeMap::new(),
             },
             RouteConfig {
                 r#match: None,
-                pool: "app".into()
+                pool: "app".into(),
+                backend_tags: BTreeMap::new()
             },
         ]
     );
@@ -1089,4 +1093,75 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_cluster_block_parses_with_defaults() {
+    let c = parse_ok(&format!(
+        "{MINIMAL}cluster:\n  node_id: n1\n  gossip: {{ seeds: [127.0.0.1:7947] }}\n  coordination: {{ backend: redis, url: \"redis://127.0.0.1:6379\" }}\n"
+    ));
+    let cluster = c.cluster.expect("cluster block");
+    assert_eq!(cluster.node_id, "n1");
+    assert_eq!(cluster.gossip.interval, Duration::from_millis(200));
+    assert_eq!(cluster.gossip.seeds, ["127.0.0.1:7947"]);
+    assert_eq!(
+        cluster.coordination.backend,
+        crate::CoordinationBackend::Redis
+    );
+    assert_eq!(cluster.coordination.lease_ttl, secs(3));
+    assert_eq!(cluster.health_merge, crate::HealthMergeRule::Any);
+}
+
+#[test]
+fn cluster_and_discovery_mistakes_name_their_field() {
+    let cases: [(&str, &str, &str); 7] = [
+        (
+            "cluster:\n  node_id: n1\n  coordination: { backend: redis }\n",
+            "cluster.coordination",
+            "needs a `url`",
+        ),
+        (
+            "cluster:\n  node_id: n1\n  coordination: { backend: etcd }\n",
+            "cluster.coordination",
+            "needs `endpoints`",
+        ),
+        (
+            "cluster:\n  node_id: n1\n  gossip: { listen: 0.0.0.0:7946 }\n",
+            "cluster.gossip.listen",
+            "cluster.gossip.advertise",
+        ),
+        (
+            "cluster:\n  node_id: n1\n  coordination: { backend: none, lease_ttl: 500ms }\n",
+            "cluster.coordination.lease_ttl",
+            "1s..=60s",
+        ),
+        ("cluster:\n  node_id: \"bad id\"\n", "cluster.node_id", ""),
+        (
+            "cluster:\n  node_id: n1\n  gossip: { seeds: [nohost] }\n",
+            "cluster.gossip.seeds[0]",
+            "",
+        ),
+        (
+            "cluster:\n  node_id: n1\n  assignments: { bounded_load: 0.5 }\n",
+            "cluster.assignments.bounded_load",
+            "1.0..=10.0",
+        ),
+    ];
+    for (extra, path, words) in cases {
+        let d = diags(&format!("{MINIMAL}{extra}"));
+        assert_eq!(d.len(), 1, "{extra}: {d:?}");
+        assert_eq!(d[0].2, path, "{extra}: {d:?}");
+        assert!(d[0].3.contains(words), "{extra}: {d:?}");
+    }
+    // `registry` discovery needs a store; `dns` needs a name.
+    let d = diags(&with_pool_keys("    discovery: { source: registry }\n"));
+    assert_eq!(d[0].2, "pools.app.discovery.source", "{d:?}");
+    assert!(d[0].3.contains("coordination store"), "{d:?}");
+    let d = diags(&with_pool_keys("    discovery: { source: dns }\n"));
+    assert_eq!(d[0].2, "pools.app.discovery", "{d:?}");
+    // A pool may list no backends when it discovers them.
+    let c = parse_ok(
+        "listeners:\n  - name: web\n    listen: 127.0.0.1:8080\n    routes: [{ pool: app }]\npools:\n  app:\n    backends: []\n    discovery: { source: dns, name: \"localhost:80\" }\n",
+    );
+    assert!(c.pools["app"].backends.is_empty());
 }

@@ -379,7 +379,10 @@ impl Checker<'_> {
                 (None, _) => {}
             }
             for (k, v) in &route.backend_tags {
-                if k.is_empty() || k.chars().any(|c| c.is_control()) || v.chars().any(|c| c.is_control()) {
+                if k.is_empty()
+                    || k.chars().any(|c| c.is_control())
+                    || v.chars().any(|c| c.is_control())
+                {
                     self.report(
                         &format!("{rp}.backend_tags"),
                         Anchor::Key,
@@ -873,13 +876,26 @@ impl Checker<'_> {
             |v| v.is_finite() && v > 0.0,
             "a finite number > 0",
         );
+        if g.advertise.is_none() && g.listen.ip().is_unspecified() {
+            self.report(
+                "cluster.gossip.listen",
+                Anchor::Value,
+                format!(
+                    "{} cannot be advertised to other nodes; set `cluster.gossip.advertise` \
+                     to the address they reach this node at",
+                    g.listen
+                ),
+            );
+        }
         if let Some(a) = g.advertise
-            && a.port() == 0
+            && (a.port() == 0 || a.ip().is_unspecified())
         {
             self.report(
                 "cluster.gossip.advertise",
                 Anchor::Value,
-                "port 0 cannot be advertised; give the port other nodes reach".to_owned(),
+                "an unspecified address or port 0 cannot be advertised; give the address and \
+                 port other nodes reach"
+                    .to_owned(),
             );
         }
         for (i, seed) in g.seeds.iter().enumerate() {
@@ -888,7 +904,10 @@ impl Checker<'_> {
             }
         }
         for (k, v) in &c.tags {
-            if k.is_empty() || k.chars().any(|ch| ch.is_control()) || v.chars().any(|ch| ch.is_control()) {
+            if k.is_empty()
+                || k.chars().any(|ch| ch.is_control())
+                || v.chars().any(|ch| ch.is_control())
+            {
                 self.report(
                     "cluster.tags",
                     Anchor::Key,

@@ -171,6 +171,7 @@ mod tests {
                 path_prefix: Some("/v2".into()),
                 header: None,
                 pool: pool("api-v2"),
+                backend_tags: None,
             },
             Route {
                 host: None,
@@ -180,18 +181,21 @@ mod tests {
                     Some(HeaderValue::from_static("1")),
                 )),
                 pool: pool("canary"),
+                backend_tags: None,
             },
             Route {
                 host: Some(HostMatch::parse("*.example.com")),
                 path_prefix: None,
                 header: None,
                 pool: pool("wild"),
+                backend_tags: None,
             },
             Route {
                 host: None,
                 path_prefix: Some("/static/".into()),
                 header: None,
                 pool: pool("static"),
+                backend_tags: None,
             },
         ])
     }

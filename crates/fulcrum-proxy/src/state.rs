@@ -307,9 +307,9 @@ impl PoolState {
     pub fn tag_mask(&self, required: &BTreeMap<String, String>) -> std::borrow::Cow<'_, [bool]> {
         match self.settings.tag_filters.iter().position(|f| f == required) {
             Some(i) => std::borrow::Cow::Borrowed(&self.tag_masks[i]),
-            None => std::borrow::Cow::Owned(
-                self.tags.iter().map(|t| has_tags(t, required)).collect(),
-            ),
+            None => {
+                std::borrow::Cow::Owned(self.tags.iter().map(|t| has_tags(t, required)).collect())
+            }
         }
     }
 

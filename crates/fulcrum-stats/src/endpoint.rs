@@ -199,7 +199,10 @@ impl EndpointStats {
     /// values are overwritten by the first N real records. Returns whether it primed.
     pub fn prime(&self, average_ns: u64) -> bool {
         if self.count.load(Ordering::Relaxed) != 0
-            || self.ring.iter().any(|slot| slot.load(Ordering::Relaxed) != EMPTY)
+            || self
+                .ring
+                .iter()
+                .any(|slot| slot.load(Ordering::Relaxed) != EMPTY)
         {
             return false;
         }

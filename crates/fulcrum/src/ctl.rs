@@ -72,7 +72,10 @@ pub fn run(args: CtlArgs) -> ExitCode {
             }
         };
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&body).unwrap_or_default()
+            );
             return ExitCode::SUCCESS;
         }
         let text = match what {
@@ -155,7 +158,12 @@ fn nodes_table(body: &Value) -> String {
             vec![
                 id,
                 s(&n["state"]),
-                if n["is_leader"].as_bool() == Some(true) { "yes" } else { "" }.to_owned(),
+                if n["is_leader"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    ""
+                }
+                .to_owned(),
                 s(&n["admin"]),
                 s(&n["gossip_addr"]),
                 s(&n["config_version"]),
@@ -169,7 +177,14 @@ fn nodes_table(body: &Value) -> String {
         .collect();
     table(
         &[
-            "NODE", "STATE", "LEADER", "ADMIN", "GOSSIP", "CONFIG", "IN_FLIGHT", "REQ/S",
+            "NODE",
+            "STATE",
+            "LEADER",
+            "ADMIN",
+            "GOSSIP",
+            "CONFIG",
+            "IN_FLIGHT",
+            "REQ/S",
             "BACKENDS",
         ],
         &rows,
@@ -235,37 +250,68 @@ fn status_table(body: &Value) -> String {
         .unwrap_or(&[])
         .iter()
         .map(|b| {
-            let peers: BTreeMap<String, Value> = serde_json::from_value(b["peers"].clone()).unwrap_or_default();
-            let peers: Vec<String> = peers.iter().map(|(n, st)| format!("{n}={}", s(st))).collect();
+            let peers: BTreeMap<String, Value> =
+                serde_json::from_value(b["peers"].clone()).unwrap_or_default();
+            let peers: Vec<String> = peers
+                .iter()
+                .map(|(n, st)| format!("{n}={}", s(st)))
+                .collect();
             vec![
                 s(&b["pool"]),
                 s(&b["address"]),
                 s(&b["local"]),
                 peers.join(" "),
-                if b["cluster_down"].as_bool() == Some(true) { "DOWN" } else { "up" }.to_owned(),
+                if b["cluster_down"].as_bool() == Some(true) {
+                    "DOWN"
+                } else {
+                    "up"
+                }
+                .to_owned(),
             ]
         })
         .collect();
     if !rows.is_empty() {
         out.push('\n');
-        out.push_str(&table(&["POOL", "BACKEND", "LOCAL", "PEERS", "CLUSTER"], &rows));
+        out.push_str(&table(
+            &["POOL", "BACKEND", "LOCAL", "PEERS", "CLUSTER"],
+            &rows,
+        ));
     }
     out
 }
 
-/// `fulcrum backend --register`: keeps this backend registered in pool `pool` of the
-/// node at `admin` (`POST /api/pools/{pool}/backends` with `ttl_secs`), refreshing every
-/// third of `ttl`, until `stop` fires; then deregisters it.
-pub async fn keep_registered(
-    admin: String,
-    pool: String,
-    address: String,
-    tags: BTreeMap<String, String>,
-    weight: u32,
-    ttl: Duration,
-    token: Option<String>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+/// What `fulcrum backend --register` registers, and where.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// Base URL of the node's admin API.
+    pub admin: String,
+    /// Pool to register in.
+    pub pool: String,
+    /// This backend's `host:port`.
+    pub address: String,
+    /// Tags of the registration.
+    pub tags: BTreeMap<String, String>,
+    /// Weight, 1..=65535.
+    pub weight: u32,
+    /// Time-to-live; refreshed every third of it.
+    pub ttl: Duration,
+    /// Bearer token of the admin API, if it needs one.
+    pub token: Option<String>,
+}
+
+/// Keeps the backend registered (`POST /api/pools/{pool}/backends` with `ttl_secs`),
+/// refreshing every third of the TTL, until `stop` fires; then deregisters it
+/// (`DELETE`). Failures are logged and retried; they never stop the backend.
+pub async fn keep_registered(r: Registration, stop: tokio_util::sync::CancellationToken) {
+    let Registration {
+        admin,
+        pool,
+        address,
+        tags,
+        weight,
+        ttl,
+        token,
+    } = r;
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()

@@ -249,13 +249,15 @@ pub fn backend(cli: BackendCli) -> ExitCode {
         let stop = tokio_util::sync::CancellationToken::new();
         let registration = cli.register.clone().map(|admin| {
             tokio::spawn(crate::ctl::keep_registered(
-                admin,
-                cli.pool.clone().unwrap_or_default(),
-                handle.local_addr.to_string(),
-                cli.tags.iter().cloned().collect(),
-                cli.weight,
-                cli.register_ttl,
-                cli.admin_token.clone(),
+                crate::ctl::Registration {
+                    admin,
+                    pool: cli.pool.clone().unwrap_or_default(),
+                    address: handle.local_addr.to_string(),
+                    tags: cli.tags.iter().cloned().collect(),
+                    weight: cli.weight,
+                    ttl: cli.register_ttl,
+                    token: cli.admin_token.clone(),
+                },
                 stop.clone(),
             ))
         });

@@ -69,7 +69,12 @@ struct Cluster {
 
 impl Cluster {
     /// Starts `n` nodes (`node-1` …), all seeded with the first node's gossip port.
-    fn start(n: usize, coordination: &Coordination, backends: &[&Backend], extra: &[&str]) -> Cluster {
+    fn start(
+        n: usize,
+        coordination: &Coordination,
+        backends: &[&Backend],
+        extra: &[&str],
+    ) -> Cluster {
         let ports: Vec<u16> = (0..n).map(|_| free_udp_port()).collect();
         let mut nodes = Vec::new();
         let mut yamls = Vec::new();
@@ -138,10 +143,7 @@ async fn all_alive(cluster: &Cluster, n: usize) {
 
 async fn leader(node: &Node) -> (Option<String>, Option<u64>) {
     let v = node.api("/api/cluster/leader").await;
-    (
-        v["leader"].as_str().map(str::to_owned),
-        v["token"].as_u64(),
-    )
+    (v["leader"].as_str().map(str::to_owned), v["token"].as_u64())
 }
 
 async fn strategy(node: &Node) -> String {
@@ -162,19 +164,28 @@ async fn three_nodes_form_a_cluster_and_report_a_killed_node_failed() {
     let nodes = v["nodes"].as_array().expect("nodes");
     assert_eq!(nodes.len(), 3);
     for n in nodes {
-        assert!(n["admin"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{n}");
+        assert!(
+            n["admin"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{n}"
+        );
         assert_eq!(n["config_version"], 0, "{n}");
     }
     let seed_view = cluster.node(0).api("/cluster/nodes").await;
     assert_eq!(seed_view["nodes"].as_array().map(Vec::len), Some(3));
-    eventually(DEADLINE, "every node publishes its view of the backend", async || {
-        let v = cluster.node(0).api("/api/cluster/nodes").await;
-        v["nodes"]
-            .as_array()?
-            .iter()
-            .all(|n| n["backends"].as_array().is_some_and(|b| b.len() == 1))
-            .then_some(())
-    })
+    eventually(
+        DEADLINE,
+        "every node publishes its view of the backend",
+        async || {
+            let v = cluster.node(0).api("/api/cluster/nodes").await;
+            v["nodes"]
+                .as_array()?
+                .iter()
+                .all(|n| n["backends"].as_array().is_some_and(|b| b.len() == 1))
+                .then_some(())
+        },
+    )
     .await;
     // With `none`, the leader is the lowest live node id.
     eventually(DEADLINE, "node-1 (lowest id) leads", async || {
@@ -249,12 +260,16 @@ async fn a_backend_one_node_sees_failing_leaves_every_node_without_client_errors
     let mut b2 = Backend::start("b2", &[]);
     // Only node-1 checks actively (200 ms); node-2 and node-3 check once an hour, so they
     // can learn of the failure only through the cluster.
-    let fast = "    health_check: { path: /health, interval: 200ms, timeout: 150ms, rise: 1, fall: 2 }\n";
+    let fast =
+        "    health_check: { path: /health, interval: 200ms, timeout: 150ms, rise: 1, fall: 2 }\n";
     let slow = "    health_check: { path: /health, interval: 1h, timeout: 1s, rise: 1, fall: 2 }\n    outlier_detection: { consecutive_failures: 1000 }\n";
     let cluster = Cluster::start(3, &Coordination::None, &[&b1, &b2], &[fast, slow, slow]);
     all_alive(&cluster, 3).await;
 
-    let loads: Vec<Load> = cluster.running().map(|n| Load::start(&n.url("web"), 2)).collect();
+    let loads: Vec<Load> = cluster
+        .running()
+        .map(|n| Load::start(&n.url("web"), 2))
+        .collect();
     for load in &loads {
         load.wait_for_more(20).await;
     }
@@ -262,12 +277,17 @@ async fn a_backend_one_node_sees_failing_leaves_every_node_without_client_errors
     b2.kill();
     let address = b2.address();
     for node in cluster.running() {
-        eventually(DEADLINE, "every node takes b2 out of rotation", async || {
-            (node.backend_state("app", &address).await == "unhealthy").then_some(())
-        })
+        eventually(
+            DEADLINE,
+            "every node takes b2 out of rotation",
+            async || (node.backend_state("app", &address).await == "unhealthy").then_some(()),
+        )
         .await;
     }
-    eprintln!("b2 out of rotation on all nodes after {:?}", killed.elapsed());
+    eprintln!(
+        "b2 out of rotation on all nodes after {:?}",
+        killed.elapsed()
+    );
     // node-3's own view still says healthy: the cluster took it out.
     let v = cluster.node(2).api("/api/pools/app/backends").await;
     let b = v["backends"]
@@ -317,22 +337,41 @@ async fn gossip_only_changes_reach_every_node() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["write"]["acknowledged"].as_array().map(Vec::len), Some(3), "{body}");
+    assert_eq!(
+        body["write"]["acknowledged"].as_array().map(Vec::len),
+        Some(3),
+        "{body}"
+    );
     for node in cluster.running() {
         assert_eq!(strategy(node).await, "least_connections");
     }
     // A weight change and a drain, through node-3.
-    let path = format!("/api/pools/app/backends/{}/weight?consistency=all", b2.address());
-    let (status, body) = cluster.node(2).api_post(&path, Some(json!({"weight": 5}))).await;
+    let path = format!(
+        "/api/pools/app/backends/{}/weight?consistency=all",
+        b2.address()
+    );
+    let (status, body) = cluster
+        .node(2)
+        .api_post(&path, Some(json!({"weight": 5})))
+        .await;
     assert_eq!(status, 200, "{body}");
-    let path = format!("/api/pools/app/backends/{}/drain?consistency=all", b1.address());
+    let path = format!(
+        "/api/pools/app/backends/{}/drain?consistency=all",
+        b1.address()
+    );
     let (status, body) = cluster.node(2).api_post(&path, None).await;
     assert_eq!(status, 200, "{body}");
     for node in cluster.running() {
         let v = node.api("/api/pools/app/backends").await;
         let backends = v["backends"].as_array().expect("backends");
-        let b1v = backends.iter().find(|b| b["address"] == b1.address().as_str()).expect("b1");
-        let b2v = backends.iter().find(|b| b["address"] == b2.address().as_str()).expect("b2");
+        let b1v = backends
+            .iter()
+            .find(|b| b["address"] == b1.address().as_str())
+            .expect("b1");
+        let b2v = backends
+            .iter()
+            .find(|b| b["address"] == b2.address().as_str())
+            .expect("b2");
         assert_eq!(b1v["state"], "draining", "{v}");
         assert_eq!(b2v["weight"], 5, "{v}");
     }
@@ -383,15 +422,21 @@ async fn store_backed_cluster(coordination: Coordination) {
         .await;
     assert_eq!(status, 200, "{body}");
     let version = body["write"]["version"].as_u64().expect("version");
-    assert_eq!(body["write"]["acknowledged"].as_array().map(Vec::len), Some(3), "{body}");
+    assert_eq!(
+        body["write"]["acknowledged"].as_array().map(Vec::len),
+        Some(3),
+        "{body}"
+    );
     for node in cluster.running() {
         assert_eq!(strategy(node).await, "p2c");
     }
     // A node restarted afterwards comes up with it.
     cluster.restart(2);
-    eventually(DEADLINE, "the restarted node applies the shared config", async || {
-        (strategy(cluster.node(2)).await == "p2c").then_some(())
-    })
+    eventually(
+        DEADLINE,
+        "the restarted node applies the shared config",
+        async || (strategy(cluster.node(2)).await == "p2c").then_some(()),
+    )
     .await;
     let v = cluster.node(2).api("/api/cluster/status").await;
     assert!(v["config_version"].as_u64() >= Some(version), "{v}");
@@ -440,9 +485,15 @@ async fn redis_outage_fails_no_request_and_recovers() {
     let b2 = Backend::start("b2", &[]);
     let cluster = Cluster::start(2, &Coordination::Redis(redis.url()), &[&b1, &b2], &[]);
     all_alive(&cluster, 2).await;
-    eventually(DEADLINE, "a leader", async || leader(cluster.node(0)).await.1).await;
+    eventually(DEADLINE, "a leader", async || {
+        leader(cluster.node(0)).await.1
+    })
+    .await;
 
-    let loads: Vec<Load> = cluster.running().map(|n| Load::start(&n.url("web"), 4)).collect();
+    let loads: Vec<Load> = cluster
+        .running()
+        .map(|n| Load::start(&n.url("web"), 4))
+        .collect();
     for load in &loads {
         load.wait_for_more(50).await;
     }
@@ -489,7 +540,10 @@ async fn redis_outage_fails_no_request_and_recovers() {
     // The registry recovers too: both nodes heartbeat again.
     let (status, body) = cluster
         .node(1)
-        .api_post("/api/pools/app/strategy?consistency=all", Some(json!({"strategy": "p2c"})))
+        .api_post(
+            "/api/pools/app/strategy?consistency=all",
+            Some(json!({"strategy": "p2c"})),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     for load in loads {
@@ -502,31 +556,51 @@ async fn registered_backends_join_and_leave_every_node() {
     let redis = RedisServer::start();
     let b1 = Backend::start("b1", &[]);
     let registry = "    discovery: { source: registry, interval: 200ms }\n";
-    let cluster = Cluster::start(2, &Coordination::Redis(redis.url()), &[&b1], &[registry, registry]);
+    let cluster = Cluster::start(
+        2,
+        &Coordination::Redis(redis.url()),
+        &[&b1],
+        &[registry, registry],
+    );
     all_alive(&cluster, 2).await;
 
     // `fulcrum backend --register` registers itself through node-1's admin API.
     let admin = format!("http://{}", cluster.node(0).admin);
     let registered = Backend::start(
         "r1",
-        &["--register", &admin, "--pool", "app", "--tags", "zone=b", "--register-ttl", "2s"],
+        &[
+            "--register",
+            &admin,
+            "--pool",
+            "app",
+            "--tags",
+            "zone=b",
+            "--register-ttl",
+            "2s",
+        ],
     );
     for node in cluster.running() {
-        eventually(DEADLINE, "the registered backend is in the pool", async || {
-            let v = node.api("/api/pools/app/backends").await;
-            v["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["address"] == registered.address().as_str())
-                .filter(|b| b["tags"]["zone"] == "b")
-                .map(|_| ())
-        })
+        eventually(
+            DEADLINE,
+            "the registered backend is in the pool",
+            async || {
+                let v = node.api("/api/pools/app/backends").await;
+                v["backends"]
+                    .as_array()?
+                    .iter()
+                    .find(|b| b["address"] == registered.address().as_str())
+                    .filter(|b| b["tags"]["zone"] == "b")
+                    .map(|_| ())
+            },
+        )
         .await;
     }
     let load = Load::start(&cluster.node(1).url("web"), 2);
-    eventually(DEADLINE, "traffic reaches the registered backend", async || {
-        (load.count_from("r1") > 0).then_some(())
-    })
+    eventually(
+        DEADLINE,
+        "traffic reaches the registered backend",
+        async || (load.count_from("r1") > 0).then_some(()),
+    )
     .await;
     assert_all_ok(&load.stop().await);
 
@@ -534,14 +608,18 @@ async fn registered_backends_join_and_leave_every_node() {
     let address = registered.address();
     drop(registered);
     for node in cluster.running() {
-        eventually(DEADLINE, "the expired backend leaves the pool", async || {
-            let v = node.api("/api/pools/app/backends").await;
-            (!v["backends"]
-                .as_array()?
-                .iter()
-                .any(|b| b["address"] == address.as_str()))
-            .then_some(())
-        })
+        eventually(
+            DEADLINE,
+            "the expired backend leaves the pool",
+            async || {
+                let v = node.api("/api/pools/app/backends").await;
+                (!v["backends"]
+                    .as_array()?
+                    .iter()
+                    .any(|b| b["address"] == address.as_str()))
+                .then_some(())
+            },
+        )
         .await;
     }
 }
@@ -567,7 +645,10 @@ async fn assignments_are_bounded_and_move_only_what_they_must() {
             .then_some(())
     })
     .await;
-    let (status, after) = cluster.node(0).api_post("/api/cluster/rebalance", None).await;
+    let (status, after) = cluster
+        .node(0)
+        .api_post("/api/cluster/rebalance", None)
+        .await;
     assert_eq!(status, 200, "{after}");
     let moved = after["moved"].as_array().expect("moved");
     let orphaned = before.values().filter(|x| *x == "node-3").count();
@@ -591,4 +672,117 @@ async fn routes_can_require_backend_tags() {
     assert_eq!(tagged.get("gpu"), Some(&20), "{tagged:?}");
     let any = common::spread(&format!("{}/other", node.url("web")), 20).await;
     assert_eq!(any.get("cpu"), Some(&10), "{any:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_prints_the_cluster_as_tables() {
+    let b = Backend::start("b1", &[]);
+    let cluster = Cluster::start(2, &Coordination::None, &[&b], &[]);
+    all_alive(&cluster, 2).await;
+    eventually(DEADLINE, "a leader", async || {
+        leader(cluster.node(0)).await.0
+    })
+    .await;
+    let admin = format!("http://{}", cluster.node(0).admin);
+    let run = |what: &str| {
+        let out = std::process::Command::new(common::fulcrum_bin())
+            .args(["ctl", "--admin", &admin, "cluster", what])
+            .output()
+            .expect("run fulcrum ctl");
+        assert!(
+            out.status.success(),
+            "ctl {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let nodes = run("nodes");
+    assert!(nodes.starts_with("NODE"), "{nodes}");
+    assert!(
+        nodes.contains("node-1 (self)") && nodes.contains("node-2"),
+        "{nodes}"
+    );
+    assert_eq!(
+        nodes.lines().filter(|l| l.contains("alive")).count(),
+        2,
+        "{nodes}"
+    );
+    let leader_table = run("leader");
+    assert!(
+        leader_table.contains("node-1") && leader_table.contains("none"),
+        "{leader_table}"
+    );
+    let status = run("status");
+    assert!(status.contains("2 alive, 0 failed, 0 left"), "{status}");
+    assert!(status.contains(&b.address()), "{status}");
+    // An unreachable node is a clear error and exit 1.
+    let out = std::process::Command::new(common::fulcrum_bin())
+        .args(["ctl", "--admin", "http://127.0.0.1:1", "cluster", "nodes"])
+        .output()
+        .expect("run fulcrum ctl");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_adds_resolved_backends() {
+    let b = Backend::start("dns", &[]);
+    // `localhost` resolves through /etc/hosts; the pool lists no backend of its own.
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    backends: []\n    discovery: {{ source: dns, name: \"localhost:{}\", interval: 200ms }}\n",
+        b.addr.port()
+    );
+    let node = Node::start(&yaml);
+    eventually(DEADLINE, "the resolved backend serves", async || {
+        let r = client()
+            .get(format!("{}/x", node.url("web")))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200 && common::served_by(&r) == "dns").then_some(())
+    })
+    .await;
+    let v = node.api("/api/pools/app/backends").await;
+    assert!(
+        v["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .any(|x| x["address"] == format!("127.0.0.1:{}", b.addr.port()).as_str()),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_starts_warm_from_persisted_statistics() {
+    let redis = RedisServer::start();
+    let b = Backend::start("b1", &[]);
+    let stats = "    stats: { long_request_threshold: 50ms }\n";
+    let mut cluster = Cluster::start(1, &Coordination::Redis(redis.url()), &[&b], &[stats]);
+    let url = format!("{}/report/42?delay_ms=80", cluster.node(0).url("web"));
+    for _ in 0..5 {
+        let r = client().get(&url).send().await.expect("request");
+        assert_eq!(r.status(), 200);
+    }
+    // Persisted within 5 s: seed 000's long-request set names the endpoint.
+    eventually(DEADLINE, "the long endpoint is persisted", async || {
+        let v = cluster.node(0).api("/cluster/stats").await;
+        v["long_requests"]
+            .as_array()?
+            .iter()
+            .any(|e| e == "app|GET /report/{id}")
+            .then_some(())
+    })
+    .await;
+    cluster.restart(0);
+    let v = cluster.node(0).api("/api/endpoints").await;
+    let e = v["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["endpoint"] == "GET /report/{id}")
+        .cloned()
+        .unwrap_or_else(|| panic!("the endpoint is known before any request: {v}"));
+    assert_eq!(e["class"], "long", "{e}");
+    assert_eq!(e["count"], 0, "{e}");
 }

@@ -195,7 +195,9 @@ impl<'a> PoolView<'a> {
     #[inline]
     pub fn is_eligible(&self, i: usize) -> bool {
         self.backends[i].live.is_routable(self.panic)
-            && self.allowed.is_none_or(|a| a.get(i).copied().unwrap_or(false))
+            && self
+                .allowed
+                .is_none_or(|a| a.get(i).copied().unwrap_or(false))
             && !self.excluded.contains(&BackendId(i))
     }
 

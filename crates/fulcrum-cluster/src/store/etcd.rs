@@ -35,16 +35,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, Error, EventType, GetOptions, KeyValue, PutOptions,
-    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, Error, Event, EventType, GetOptions, KeyValue,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backoff, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord, Lease, LeaseHolder,
-    NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig, RegisteredBackend, StoreError,
+    Backoff, ConfigSnapshot, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord, Lease,
+    LeaseHolder, NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig, RegisteredBackend, StoreError,
     merge_endpoint, now_ms, publish_config,
 };
 
@@ -201,6 +201,20 @@ fn fencing_value(token: u64) -> String {
 /// The part of `key` after `dir`, as text.
 fn suffix(key: &[u8], dir: &str) -> String {
     String::from_utf8_lossy(key.strip_prefix(dir.as_bytes()).unwrap_or(key)).into_owned()
+}
+
+/// Publishes the configuration carried by watch events.
+fn publish_events(tx: &watch::Sender<ConfigSnapshot>, events: &[Event]) {
+    for event in events {
+        match (event.event_type(), event.kv()) {
+            (EventType::Put, Some(kv)) => match serde_json::from_slice::<ConfigDoc>(kv.value()) {
+                Ok(doc) => publish_config(tx, Some((doc.version, doc.doc))),
+                Err(error) => tracing::warn!(store = KIND, %error, "unreadable configuration"),
+            },
+            (EventType::Delete, _) => publish_config(tx, None),
+            _ => {}
+        }
+    }
 }
 
 /// Merges every node's records into one per endpoint.
@@ -588,7 +602,7 @@ impl EtcdStore {
     /// read and watch again after a backoff.
     pub(crate) async fn watch_config(
         self,
-        tx: watch::Sender<Option<(u64, Arc<str>)>>,
+        tx: watch::Sender<ConfigSnapshot>,
         cancel: CancellationToken,
     ) {
         let mut backoff = Backoff::new();
@@ -610,7 +624,7 @@ impl EtcdStore {
     /// Reads the configuration and follows its changes until the watch breaks.
     async fn follow_config(
         &self,
-        tx: &watch::Sender<Option<(u64, Arc<str>)>>,
+        tx: &watch::Sender<ConfigSnapshot>,
         backoff: &mut Backoff,
     ) -> Result<(), StoreError> {
         const OP: &str = "watch_config";
@@ -635,26 +649,15 @@ impl EtcdStore {
             tokio::select! {
                 message = stream.message() => {
                     let Some(response) = message.during(OP)? else {
-                        return Err(StoreError::Unavailable(format!("{KIND} {OP}: watch stream ended")));
+                        let ended = format!("{KIND} {OP}: watch stream ended");
+                        return Err(StoreError::Unavailable(ended));
                     };
                     if response.canceled() {
-                        return Err(StoreError::Unavailable(format!(
-                            "{KIND} {OP}: watch canceled: {}",
-                            response.cancel_reason()
-                        )));
+                        let reason = response.cancel_reason();
+                        let canceled = format!("{KIND} {OP}: watch canceled: {reason}");
+                        return Err(StoreError::Unavailable(canceled));
                     }
-                    for event in response.events() {
-                        match (event.event_type(), event.kv()) {
-                            (EventType::Put, Some(kv)) => {
-                                match serde_json::from_slice::<ConfigDoc>(kv.value()) {
-                                    Ok(d) => publish_config(tx, Some((d.version, d.doc))),
-                                    Err(error) => tracing::warn!(store = KIND, %error, "unreadable configuration"),
-                                }
-                            }
-                            (EventType::Delete, _) => publish_config(tx, None),
-                            _ => {}
-                        }
-                    }
+                    publish_events(tx, response.events());
                 }
                 _ = reread.tick() => {
                     let (doc, _, _) = self.health.run(OP, self.read_config(OP)).await?;

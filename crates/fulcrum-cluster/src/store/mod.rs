@@ -1,8 +1,9 @@
 //! The coordination store: what must survive a node, kept in Redis or etcd.
 //!
-//! A [`Store`] is a cheap, cloneable handle over one backend ([`redis`] after seed 000's
-//! Redis coordination centre, [`etcd`] after seed 004's etcd election, configuration and
-//! service registry). It holds:
+//! A [`Store`] is a cheap, cloneable handle over one backend: Redis (`store/redis.rs`,
+//! after seed 000's Redis coordination centre) or etcd (`store/etcd.rs`, after seed 004's
+//! etcd election, configuration and service registry). Each backend file documents its
+//! key layout. The store holds:
 //!
 //! - the **leader lease** with a **fencing token** (Kleppmann, "How to do distributed
 //!   locking", 2016): every lease carries a number that only grows, and the store refuses
@@ -63,6 +64,10 @@ pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Period of the configuration poll that backs up change notifications (Redis pub/sub
 /// messages are lost while a subscriber is disconnected).
 pub(crate) const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The shared configuration as last seen by [`Store::watch_config`]: its version and
+/// document, `None` until one has been read.
+pub type ConfigSnapshot = Option<(u64, Arc<str>)>;
 
 /// Where the coordination store is and under which prefix Fulcrum keeps its keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +256,7 @@ pub struct Store {
 
 struct Inner {
     backend: Backend,
-    config_watch: OnceLock<watch::Sender<Option<(u64, Arc<str>)>>>,
+    config_watch: OnceLock<watch::Sender<ConfigSnapshot>>,
     shutdown: CancellationToken,
 }
 
@@ -263,7 +268,8 @@ impl Drop for Inner {
 
 enum Backend {
     Redis(RedisStore),
-    Etcd(EtcdStore),
+    // The etcd client is large (kilobytes of gRPC stubs); the handle is shared anyway.
+    Etcd(Box<EtcdStore>),
 }
 
 /// Runs `$body` with `$b` bound to the backend, whichever it is.
@@ -294,7 +300,21 @@ impl Store {
     /// called within a Tokio runtime, which runs the background tasks.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] for an unparseable URL, an empty endpoint list or prefix.
+    /// [`StoreError::Invalid`] for an unparseable Redis URL, or an empty etcd endpoint
+    /// list or prefix.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn example() -> Result<(), fulcrum_cluster::store::StoreError> {
+    /// use fulcrum_cluster::store::{PutConfig, Store, StoreSettings};
+    ///
+    /// let store = Store::connect(&StoreSettings::redis("redis://127.0.0.1:6379")).await?;
+    /// if let PutConfig::Conflict { current } = store.put_config(0, "{}").await? {
+    ///     println!("the shared configuration is already at version {current}");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn connect(settings: &StoreSettings) -> Result<Store, StoreError> {
         let shutdown = CancellationToken::new();
         let backend = match settings {
@@ -304,7 +324,8 @@ impl Store {
                 shutdown.child_token(),
             )?),
             StoreSettings::Etcd { endpoints, prefix } => {
-                Backend::Etcd(EtcdStore::connect(endpoints, prefix, shutdown.child_token()).await?)
+                let etcd = EtcdStore::connect(endpoints, prefix, shutdown.child_token()).await?;
+                Backend::Etcd(Box::new(etcd))
             }
         };
         Ok(Store {
@@ -389,9 +410,10 @@ impl Store {
     /// Writes this node's registry record, expiring after `ttl` unless written again.
     /// `updated_ms` is set to the current time.
     ///
-    /// Redis: `SET {prefix}node:{id} <json> PX ttl` and `SADD {prefix}nodes {id}`; node
-    /// ids `status` and `status:*` are refused (they would collide with seed 000's
-    /// `node:status`). etcd: `{prefix}nodes/{id}` on a lease of `ttl`.
+    /// Redis: `SET {prefix}node:{id} <json> PX ttl` and `SADD {prefix}nodes {id}`. etcd:
+    /// `{prefix}nodes/{id}` on a lease of `ttl`. Node ids `status` and `status:*` are
+    /// refused by both backends (in Redis they would collide with seed 000's
+    /// `node:status`; refusing them everywhere keeps a cluster free to switch stores).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; [`StoreError::Invalid`] for an empty or reserved id.
@@ -459,7 +481,7 @@ impl Store {
     /// subscription to `{prefix}config:changed` plus a poll every second, because
     /// pub/sub messages sent while the subscriber is disconnected are lost. Both resume by
     /// themselves after an outage.
-    pub fn watch_config(&self) -> watch::Receiver<Option<(u64, Arc<str>)>> {
+    pub fn watch_config(&self) -> watch::Receiver<ConfigSnapshot> {
         self.inner
             .config_watch
             .get_or_init(|| {
@@ -736,14 +758,16 @@ impl Backoff {
     }
 }
 
-/// Publishes `value` if its version differs from the one held.
-pub(crate) fn publish_config(
-    tx: &watch::Sender<Option<(u64, Arc<str>)>>,
-    value: Option<(u64, String)>,
-) {
+/// Publishes `value` if it differs from the one held. The document is compared too: a
+/// store that lost its data (Redis without persistence) can reuse a version number.
+pub(crate) fn publish_config(tx: &watch::Sender<ConfigSnapshot>, value: Option<(u64, String)>) {
     tx.send_if_modified(|held| {
-        let new_version = value.as_ref().map(|(version, _)| *version);
-        if held.as_ref().map(|(version, _)| *version) == new_version {
+        let same = match (&*held, &value) {
+            (None, None) => true,
+            (Some((v1, d1)), Some((v2, d2))) => v1 == v2 && **d1 == **d2,
+            _ => false,
+        };
+        if same {
             return false;
         }
         *held = value.map(|(version, doc)| (version, Arc::from(doc)));
@@ -809,7 +833,7 @@ fn validate_pool(pool: &str) -> Result<(), StoreError> {
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| duration_ms(d))
+        .map(duration_ms)
         .unwrap_or(0)
 }
 

@@ -41,15 +41,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backoff, CONFIG_POLL_INTERVAL, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord,
-    Lease, LeaseHolder, NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig, RECONNECT_MAX,
-    RECONNECT_MIN, RegisteredBackend, StoreError, duration_ms, now_ms, publish_config,
+    Backoff, CONFIG_POLL_INTERVAL, ConfigSnapshot, EndpointStatRecord, GcReport, HealthTracker,
+    LeaderRecord, Lease, LeaseHolder, NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig,
+    RECONNECT_MAX, RECONNECT_MIN, RegisteredBackend, StoreError, duration_ms, now_ms,
+    publish_config,
 };
 
 const KIND: &str = "redis";
 
 /// Acquires the lease: a new fencing token, then the leader key, only if no one holds it.
-/// KEYS: leader, leader:fencing. ARGV: node id, ttl (ms). Returns the token or nil.
+/// The token also exceeds the highest chore token, should the counter have been lost
+/// (evicted, deleted) while the chore fence survived.
+/// KEYS: leader, leader:fencing, chores:fencing. ARGV: node id, ttl (ms).
+/// Returns the token or nil.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -57,6 +61,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return false
 end
 local token = redis.call('INCR', KEYS[2])
+local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
+if token <= fence then
+  token = fence + 1
+  redis.call('SET', KEYS[2], string.format('%d', token))
+end
 if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'NX', 'PX', ARGV[2]) then
   return token
 end
@@ -292,6 +301,7 @@ struct Keys {
     prefix: String,
     leader: String,
     leader_fencing: String,
+    chores_fencing: String,
     nodes: String,
     node: String,
     config: String,
@@ -310,6 +320,7 @@ impl Keys {
             prefix: prefix.to_owned(),
             leader: key("leader"),
             leader_fencing: key("leader:fencing"),
+            chores_fencing: key("chores:fencing"),
             nodes: key("nodes"),
             node: key("node:"),
             config: key("config"),
@@ -476,6 +487,7 @@ impl RedisStore {
                 let token: Option<u64> = ACQUIRE
                     .key(&self.keys.leader)
                     .key(&self.keys.leader_fencing)
+                    .key(&self.keys.chores_fencing)
                     .arg(node_id)
                     .arg(ttl_ms(ttl))
                     .invoke_async(&mut conn)
@@ -703,7 +715,7 @@ impl RedisStore {
     /// backoff) and a poll every [`CONFIG_POLL_INTERVAL`].
     pub(crate) async fn watch_config(
         self,
-        tx: watch::Sender<Option<(u64, Arc<str>)>>,
+        tx: watch::Sender<ConfigSnapshot>,
         cancel: CancellationToken,
     ) {
         let mut subscription: Option<PubSubStream> = None;
@@ -747,7 +759,7 @@ impl RedisStore {
         Ok(pubsub.into_on_message())
     }
 
-    async fn refresh_config(&self, tx: &watch::Sender<Option<(u64, Arc<str>)>>) {
+    async fn refresh_config(&self, tx: &watch::Sender<ConfigSnapshot>) {
         match self.config().await {
             Ok(config) => publish_config(tx, config),
             Err(error) => tracing::debug!(store = KIND, %error, "configuration not read"),
