@@ -435,7 +435,7 @@ fn code_built_config_validates_without_positions() {
         err.to_string(),
         "config: listeners[0].routes[0].pool: route names pool `nope`, which is not defined \
          (defined pools: app)\nconfig: pools.app.backends: pool `app` has no backends; add at \
-         least one"
+         least one, or discover them (`discovery.source: dns | registry`)"
     );
     assert_eq!(
         Config::default().validate().unwrap_err().diagnostics.len(),

@@ -786,3 +786,46 @@ async fn a_restarted_node_starts_warm_from_persisted_statistics() {
     assert_eq!(e["class"], "long", "{e}");
     assert_eq!(e["count"], 0, "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_seeds_joins_through_the_api() {
+    let b = Backend::start("b1", &[]);
+    let lonely_port = free_udp_port();
+    let cluster = Cluster::start(2, &Coordination::None, &[&b], &[]);
+    all_alive(&cluster, 2).await;
+    let lonely = Node::start(&node_yaml(
+        "node-9",
+        lonely_port,
+        &[],
+        &Coordination::None,
+        &[&b],
+        "",
+    ));
+    assert_eq!(members(&lonely).await.len(), 1);
+    let seed = cluster.node(0).api("/api/cluster/status").await["gossip_addr"]
+        .as_str()
+        .expect("gossip_addr")
+        .to_owned();
+    let (status, body) = lonely
+        .api_post("/api/cluster/join", Some(json!({ "seed": seed })))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(DEADLINE, "the joined node sees all three", async || {
+        (members(&lonely)
+            .await
+            .iter()
+            .filter(|(_, s)| s == "alive")
+            .count()
+            == 3)
+            .then_some(())
+    })
+    .await;
+    let (status, body) = lonely
+        .api_post(
+            "/api/cluster/join",
+            Some(json!({ "seed": "not-an-address" })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_seed");
+}
