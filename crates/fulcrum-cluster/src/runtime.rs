@@ -489,7 +489,12 @@ impl ControlPlane {
             self.inner.node.reload(&spec).map_err(|e| e.to_string())?;
             *self.inner.applied.lock() = Some(config);
         }
-        self.apply_admin_states(shared);
+        // In a cluster every operator state goes through the overlay, which is then the
+        // whole truth; on a single node drain/disable act on the node directly and the
+        // overlay never holds them, so it must not clear them.
+        if self.inner.cluster.is_some() {
+            self.apply_admin_states(shared);
+        }
         Ok(())
     }
 

@@ -829,3 +829,70 @@ async fn a_node_without_seeds_joins_through_the_api() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid_seed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_changes_weights_and_backends_at_run_time() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let b3 = Backend::start("b3", &[]);
+    let node = Node::start(&common::simple_config(
+        "weighted_round_robin",
+        &[&b1, &b2],
+        "",
+    ));
+    let (status, body) = node
+        .api_post(
+            &format!("/api/pools/app/backends/{}/drain", b1.address()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = node
+        .api_post(
+            &format!("/api/pools/app/backends/{}/weight", b2.address()),
+            Some(json!({"weight": 3})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The weight change reloaded the pool; the drain made directly stays.
+    assert_eq!(node.backend_state("app", &b1.address()).await, "draining");
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/backends",
+            Some(json!({"address": b3.address(), "tags": {"zone": "c"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let spread = common::spread(&node.url("web"), 40).await;
+    assert_eq!(spread.get("b1"), None, "{spread:?}");
+    assert_eq!(spread.get("b2"), Some(&30), "{spread:?}");
+    assert_eq!(spread.get("b3"), Some(&10), "{spread:?}");
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/backends",
+            Some(json!({"address": b3.address()})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "duplicate_backend");
+    let (status, body) = node
+        .api_post(
+            &format!("/api/pools/app/backends/{}/weight", b2.address()),
+            Some(json!({"weight": 0})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = delete(&node, &format!("/api/pools/app/backends/{}", b3.address())).await;
+    assert_eq!(status, 200, "{body}");
+    let spread = common::spread(&node.url("web"), 9).await;
+    assert_eq!(spread.get("b3"), None, "{spread:?}");
+    // Cluster-only paths say so on a single node.
+    let response = client()
+        .get(node.admin_url("/api/cluster/nodes"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "not_clustered");
+}
