@@ -53,6 +53,33 @@ use crate::store::{
     EndpointStatRecord, NodeRecord, PutConfig, RegisteredBackend, Store, StoreSettings,
 };
 
+/// A peer's backend views count in the health merge once it has been alive for at least
+/// this many `publish_interval`s (see [`rejoin_grace`]).
+pub const REJOIN_GRACE_INTERVALS: u32 = 3;
+
+/// Upper bound of the grace, in `publish_interval`s (10 s by default).
+pub const REJOIN_GRACE_MAX_INTERVALS: u32 = 10;
+
+/// How long a peer must have been alive before its backend views count in the health
+/// merge: long enough for a node back from a partition to run its health checks again
+/// (`rise` passes after up to one interval's wait, each bounded by the timeout) and
+/// republish, so the views it formed while cut off do not take reachable backends out on
+/// every node: `max(3 × publish_interval, max over pools of ((rise + 1) × interval +
+/// timeout) + publish_interval)`, capped at 10 × publish_interval. The same delay applies
+/// to a node that joins for the first time.
+pub fn rejoin_grace(config: &Config, publish_interval: Duration) -> Duration {
+    let checks = config
+        .pools
+        .values()
+        .filter_map(|p| p.health_check.as_ref())
+        .map(|h| h.interval * (h.rise + 1) + h.timeout + publish_interval)
+        .max()
+        .unwrap_or_default();
+    // Capped so that a pool with very slow checks cannot keep peers from voting for long.
+    let cap = publish_interval * REJOIN_GRACE_MAX_INTERVALS;
+    (publish_interval * REJOIN_GRACE_INTERVALS).max(checks.min(cap))
+}
+
 /// How long a write waits for other nodes to report its version.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Consistency {
@@ -1014,6 +1041,11 @@ impl ControlPlane {
         let mut last_load = Instant::now() - c.config.publish_interval;
         let mut last_requests: u64 = 0;
         let rule = merge_rule(c.config.health_merge);
+        // A peer's backend views count only once it has been alive for this long: a node
+        // coming back from a partition still gossips the views it formed while cut off
+        // (backends it could not reach) until its checks run again and it republishes.
+        let rejoin_grace = rejoin_grace(&self.inner.base.lock(), c.config.publish_interval);
+        let mut alive_since: HashMap<String, Instant> = HashMap::new();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -1099,7 +1131,20 @@ impl ControlPlane {
             }
             // 3. Merge the cluster's views and flag backends down here.
             let members = c.membership.members().await;
-            self.merge_health(rule, &members);
+            for m in &members {
+                if m.state == MemberState::Alive {
+                    alive_since.entry(m.node_id.clone()).or_insert(now);
+                } else {
+                    alive_since.remove(&m.node_id);
+                }
+            }
+            alive_since.retain(|id, _| members.iter().any(|m| &m.node_id == id));
+            let settled: std::collections::HashSet<&str> = alive_since
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= rejoin_grace)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            self.merge_health(rule, &members, &settled);
             self.update_member_metrics(&members);
             // 4. Without a store, the shared configuration spreads by gossip.
             if c.store.is_none()
@@ -1110,12 +1155,18 @@ impl ControlPlane {
         }
     }
 
-    fn merge_health(&self, rule: HealthMerge, members: &[Member]) {
+    /// Merges the views of the `settled` live peers (alive for the rejoin grace) with this
+    /// node's and sets or clears [`BackendFlags::PEER_DOWN`].
+    fn merge_health(
+        &self,
+        rule: HealthMerge,
+        members: &[Member],
+        settled: &std::collections::HashSet<&str>,
+    ) {
         let mut remote: HashMap<(String, String), Vec<(String, BackendHealth)>> = HashMap::new();
-        for m in members
-            .iter()
-            .filter(|m| !m.is_self && m.state == MemberState::Alive)
-        {
+        for m in members.iter().filter(|m| {
+            !m.is_self && m.state == MemberState::Alive && settled.contains(m.node_id.as_str())
+        }) {
             for s in backends_of(m) {
                 remote
                     .entry((s.pool, s.address))
@@ -1524,4 +1575,35 @@ fn newest_gossiped_doc(members: &[Member]) -> Option<SharedConfig> {
         .filter_map(|v| v.split_once('\n'))
         .filter_map(|(_, json)| SharedConfig::from_json(json).ok())
         .max_by(|a, b| (a.version, &a.written_by).cmp(&(b.version, &b.written_by)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejoin_grace_covers_a_recheck_within_bounds() {
+        let mut config = fulcrum_config::parse(
+            "listeners: [{name: web, listen: 127.0.0.1:0, routes: [{pool: app}]}]\n\
+             pools:\n  app:\n    backends: [{address: 127.0.0.1:9001}]\n",
+            "t.yaml",
+        )
+        .expect("valid");
+        let publish = Duration::from_secs(1);
+        // No health checks: three publish intervals.
+        assert_eq!(rejoin_grace(&config, publish), Duration::from_secs(3));
+        // interval 1 s, rise 2, timeout 500 ms: (2 + 1) × 1 s + 0.5 s + 1 s.
+        config.pools["app"].health_check = Some(fulcrum_config::HealthCheckConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            ..fulcrum_config::HealthCheckConfig::default()
+        });
+        assert_eq!(rejoin_grace(&config, publish), Duration::from_millis(4500));
+        // Very slow checks are capped at ten publish intervals.
+        if let Some(h) = config.pools["app"].health_check.as_mut() {
+            h.interval = Duration::from_secs(3600);
+        }
+        assert_eq!(rejoin_grace(&config, publish), Duration::from_secs(10));
+    }
 }
