@@ -100,10 +100,11 @@
 //! holding fewer long requests frees its slots sooner, so short requests avoid long work
 //! in flight whenever a backend at least as lightly loaded has less of it; and since long
 //! requests keep to the reserved backends, the unreserved ones are mostly free of it. A
-//! strict preference for backends without long work, whatever their queue, fails in
-//! larger pools: when most backends hold a long request, every short request piles onto
-//! the few that do not. Drawing one pair in each set keeps both sets in every comparison:
-//! a P2C pair drawn from the whole pool would often hold only reserved backends.
+//! strict preference for backends without long work, whatever their queue, fails once
+//! long requests spill: when most backends hold one, every short request piles onto the
+//! few that do not. Drawing one pair in each set keeps both sets in every comparison; a
+//! pair drawn from the whole pool would, with most of it reserved, often hold only
+//! reserved backends.
 //!
 //! ```text
 //! nothing reserved yet                 → P2C over every eligible backend (long: on in_flight,
@@ -878,8 +879,10 @@ mod tests {
     fn adaptive_shorts_prefer_unreserved_backends_and_less_long_work() {
         let (b, s) = two_backends_reserving_1();
         let view = PoolView::new(&b, &[], false);
-        let cases: [((usize, usize), (usize, usize), usize); 6] = [
-            // ((unreserved short, long), (reserved short, long), expected backend)
+        // (short, long) requests in flight on each backend.
+        type Held = (usize, usize);
+        let cases: [(Held, Held, usize); 6] = [
+            // (unreserved, reserved, expected backend)
             ((0, 0), (0, 0), 0),
             ((1, 0), (0, 1), 0),
             ((0, 1), (0, 1), 0),

@@ -54,9 +54,9 @@ const RUN: Duration = Duration::from_secs(30);
 /// (name, share of short requests, utilisation: offered load as a share of the pool's
 /// capacity, where round robin's mean is [`ROUND_ROBIN_OVER_FLOOR`] × the floor).
 const LOADS: [(&str, f64, f64); 3] = [
-    ("mixed", 0.80, 0.805),
+    ("mixed", 0.80, 0.81),
     ("short-dominant", 0.95, 0.775),
-    ("long-dominant", 0.30, 0.92),
+    ("long-dominant", 0.30, 0.925),
 ];
 const STRATEGIES: [&str; 3] = ["round_robin", "duration_class", "least_connections"];
 
@@ -83,11 +83,14 @@ struct Output {
 struct LoadResult {
     load: &'static str,
     short_share: f64,
-    /// Mean service time: the mean response time without any queueing.
+    /// Mean service time of the mix: the mean response time without any queueing.
     floor_ms: f64,
+    /// The same for the requests this run sent (every strategy gets the same arrivals),
+    /// which the multiples of the floor are relative to; `None` if nothing was measured.
+    run_floor_ms: Option<f64>,
     utilisation: f64,
     rate: f64,
-    /// Round robin's measured mean over the floor (the regime is set for
+    /// Round robin's measured mean over the run's floor (the regime is set for
     /// [`ROUND_ROBIN_OVER_FLOOR`]).
     round_robin_over_floor: Option<f64>,
     results: Vec<Row>,
@@ -213,6 +216,14 @@ impl Row {
             None => self.strategy.clone(),
         }
     }
+
+    /// Mean service time of the requests this row sent, ms.
+    fn floor_ms(&self) -> Option<f64> {
+        let (short, long) = (self.short.as_ref()?, self.long.as_ref()?);
+        let requests = short.requests + long.requests;
+        (requests > 0)
+            .then(|| (short.requests * SHORT_MS + long.requests * LONG_MS) as f64 / requests as f64)
+    }
 }
 
 /// Mean service time of a mix with `short_share` short requests, ms: the load's floor.
@@ -289,7 +300,7 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
             bed.stop().await;
             rows.push(Row::measured(contender, &report));
         }
-        let floor = floor_ms(short_share);
+        let run_floor = rows.iter().find_map(Row::floor_ms);
         let baseline = rows
             .iter()
             .find(|r| r.strategy == "round_robin" && r.unavailable.is_none())
@@ -304,10 +315,13 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
         loads.push(LoadResult {
             load,
             short_share,
-            floor_ms: floor,
+            floor_ms: floor_ms(short_share),
+            run_floor_ms: run_floor,
             utilisation,
             rate,
-            round_robin_over_floor: baseline.map(|b| (b / floor * 100.0).round() / 100.0),
+            round_robin_over_floor: baseline
+                .zip(run_floor)
+                .map(|(b, floor)| (b / floor * 100.0).round() / 100.0),
             results: rows,
         });
     }
@@ -349,6 +363,7 @@ fn render(output: &Output) -> String {
             "load",
             "short",
             "floor ms",
+            "run floor ms",
             "utilisation",
             "rate/s",
             "round_robin / floor",
@@ -360,6 +375,7 @@ fn render(output: &Output) -> String {
             load.load.to_owned(),
             format!("{:.0}%", load.short_share * 100.0),
             format!("{:.0}", load.floor_ms),
+            load.run_floor_ms.map_or("-".into(), ms),
             format!("{:.3}", load.utilisation),
             format!("{:.1}", load.rate),
             load.round_robin_over_floor
@@ -405,7 +421,8 @@ fn render(output: &Output) -> String {
                 row.requests.to_string(),
                 row.errors.to_string(),
                 ms(row.mean_ms),
-                format!("{:.2}", row.mean_ms / load.floor_ms),
+                load.run_floor_ms
+                    .map_or("-".into(), |floor| format!("{:.2}", row.mean_ms / floor)),
                 ms(row.p50_ms),
                 ms(row.p99_ms),
                 class(&row.short, |c| c.mean_ms),
@@ -421,7 +438,8 @@ fn render(output: &Output) -> String {
     }
     text.push_str(&table.render());
     text.push_str(
-        "\nfloor: mean service time (no queueing). mean vs round_robin: (round_robin mean - \
+        "\nfloor: mean service time (no queueing) of the mix; run floor: of the requests this \
+         run sent, which x floor divides by. mean vs round_robin: (round_robin mean - \
          mean) / round_robin mean; positive = faster. Seed 000 claims 43.75% (mixed), 40% \
          (short-dominant), 35.8% (long-dominant).\n",
     );
@@ -450,16 +468,16 @@ mod tests {
     /// Round robin's mean response time over the floor in a discrete-event model of the
     /// bed: Poisson arrivals for one run of `run_ms`, alternately to 2 backends that serve
     /// 4 requests at once, first come first served (each request takes the backend's
-    /// earliest free slot, no sooner than its arrival), fixed service times; the mean of
-    /// `runs` runs' means, as the scenario reports one run's mean.
+    /// earliest free slot, no sooner than its arrival), fixed service times; each run's
+    /// mean over its own floor, as the scenario reports it, averaged over `runs` runs.
     fn modelled_round_robin_over_floor(
         short_share: f64,
         utilisation: f64,
         run_ms: f64,
         runs: u64,
     ) -> f64 {
-        let floor = floor_ms(short_share);
-        let rate_per_ms = utilisation * (BACKENDS as f64) * f64::from(CAPACITY) / floor;
+        let rate_per_ms =
+            utilisation * (BACKENDS as f64) * f64::from(CAPACITY) / floor_ms(short_share);
         let mut sum = 0.0;
         for run in 0..runs {
             // splitmix64: a seeded uniform source, so the check is deterministic.
@@ -472,7 +490,7 @@ mod tests {
                 ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
             };
             let mut free_at = [[0.0f64; CAPACITY as usize]; BACKENDS];
-            let (mut t, mut total, mut count) = (0.0, 0.0, 0u64);
+            let (mut t, mut total, mut service_total, mut count) = (0.0, 0.0, 0.0, 0u64);
             loop {
                 t += -(1.0 - uniform()).ln() / rate_per_ms;
                 if t >= run_ms {
@@ -490,9 +508,10 @@ mod tests {
                 let start = slots[slot].max(t);
                 slots[slot] = start + service;
                 total += start + service - t;
+                service_total += service;
                 count += 1;
             }
-            sum += total / count as f64 / floor;
+            sum += total / service_total;
         }
         sum / runs as f64
     }
