@@ -187,3 +187,43 @@ fn straggler_scenario_reports_one_row_per_strategy() {
         assert!(row.get("unavailable").is_none(), "{row}");
     }
 }
+
+#[test]
+fn duration_class_scenario_runs_both_modes_on_every_load() {
+    let report = bench_json(&[
+        "--scenario",
+        "duration-class",
+        "--quick",
+        "--strategies",
+        "duration_class",
+    ]);
+    assert_eq!(report["scenario"], "duration-class");
+    let loads = report["loads"].as_array().expect("loads");
+    let names: Vec<&str> = loads
+        .iter()
+        .map(|l| l["load"].as_str().expect("load name"))
+        .collect();
+    assert_eq!(names, ["mixed", "short-dominant", "long-dominant"]);
+    for load in loads {
+        assert!(load["floor_ms"].as_f64().is_some_and(|f| f > 0.0), "{load}");
+        let rows = load["results"].as_array().expect("results");
+        let modes: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["strategy"].as_str().expect("strategy"),
+                    r["mode"].as_str().expect("mode"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            modes,
+            [("duration_class", "static"), ("duration_class", "adaptive")]
+        );
+        for row in rows {
+            assert!(count(&row["requests"]) > 0, "{row}");
+            assert!(row["mean_ms"].as_f64().is_some_and(|m| m > 0.0), "{row}");
+            assert!(row.get("unavailable").is_none(), "{row}");
+        }
+    }
+}

@@ -522,8 +522,8 @@ impl Strategy for DurationClass {
 
     /// `long_share` (0..=1), `reserved_long_backends` (count), `picks_short`,
     /// `picks_long`, `picks_unknown`, `degraded_picks`, `long_spills` (counters since the
-    /// strategy was built; `long_spills` stays 0 in static mode), and per backend `long_in_flight` and `reserved_long` (1 if dedicated to
-    /// long requests, else 0).
+    /// strategy was built; `long_spills` stays 0 in static mode), and per backend
+    /// `long_in_flight` and `reserved_long` (1 if dedicated to long requests, else 0).
     fn figures(&self, pool: &PoolView<'_>, _now_ns: u64) -> Vec<Figure> {
         let long = self.long_backends();
         let counter = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
@@ -1030,7 +1030,10 @@ mod tests {
         /// exact and the pick is exactly the rule's.
         #[test]
         fn adaptive_picks_follow_the_spill_and_cross_over_rules(
-            cases in prop::collection::vec((prop::bool::weighted(0.8), 0usize..4, 0usize..3), 2..10),
+            cases in prop::collection::vec(
+                (prop::bool::weighted(0.8), 0usize..4, 0usize..3),
+                2..10,
+            ),
             tick_long in prop::collection::vec(0usize..3, 2..10),
             long in any::<bool>(),
         ) {

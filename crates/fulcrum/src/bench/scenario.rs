@@ -10,7 +10,7 @@
 //!
 //! | scenario | compares | question |
 //! | --- | --- | --- |
-//! | `duration-class` | `round_robin`, `duration_class` | do short requests stop queueing behind long ones (seed 000)? |
+//! | `duration-class` | `round_robin`, `duration_class` (static and adaptive), `least_connections` | do short requests stop queueing behind long ones, and what does it cost long ones (seed 000)? |
 //! | `straggler` | every strategy of this build | who routes around a backend slowed 20× mid-run (seed 002)? |
 //! | `affinity` | `rendezvous`, `ring_hash`, `maglev`, `round_robin`, `least_connections` | cache hit rate and balance under Zipf keys |
 
@@ -32,7 +32,8 @@ pub(crate) use testbed::{Table, TestBed};
 /// The built-in scenarios.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ScenarioName {
-    /// Short requests queued behind long ones: round_robin vs duration_class.
+    /// Short requests queued behind long ones: round_robin vs duration_class (static and
+    /// adaptive) vs least_connections.
     DurationClass,
     /// One backend slowed 20× mid-run: every strategy, sorted by p99.
     Straggler,
@@ -142,8 +143,10 @@ fn list() -> String {
         (
             "duration-class",
             "2 backends of capacity 4 (FIFO queue beyond), /short 20 ms and /long 320 ms \
-             requests in three mixes; round_robin vs duration_class, mean/p50/p99 and the \
-             mean's improvement (seed 000's benchmark, scaled 1/25). About 1 minute.",
+             requests in three mixes, each at the load where round robin's mean is twice \
+             the floor; round_robin vs duration_class (static, adaptive) vs \
+             least_connections, mean/p50/p99 and the mean's improvement (seed 000's \
+             benchmark, scaled 1/25). About 6.5 minutes (30 s per run).",
         ),
         (
             "straggler",
