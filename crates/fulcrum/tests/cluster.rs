@@ -75,6 +75,17 @@ impl Cluster {
         backends: &[&Backend],
         extra: &[&str],
     ) -> Cluster {
+        Self::start_edited(n, coordination, backends, extra, |yaml| yaml)
+    }
+
+    /// Like [`Cluster::start`], with each node's configuration passed through `edit`.
+    fn start_edited(
+        n: usize,
+        coordination: &Coordination,
+        backends: &[&Backend],
+        extra: &[&str],
+        edit: impl Fn(String) -> String,
+    ) -> Cluster {
         let ports: Vec<u16> = (0..n).map(|_| free_udp_port()).collect();
         let mut nodes = Vec::new();
         let mut yamls = Vec::new();
@@ -88,6 +99,7 @@ impl Cluster {
                 backends,
                 extra.get(i).copied().unwrap_or(""),
             );
+            let yaml = edit(yaml);
             nodes.push(Some(Node::start(&yaml)));
             yamls.push(yaml);
         }
@@ -537,7 +549,19 @@ async fn redis_outage_fails_no_request_and_recovers() {
     })
     .await;
     eprintln!("leader after the outage: {l} token {t}");
-    // The registry recovers too: both nodes heartbeat again.
+    // The node registry recovers too: the restarted Redis (empty, no persistence) holds
+    // both nodes' heartbeats again.
+    let port = redis.port().to_string();
+    eventually(DEADLINE, "both nodes are registered again", async || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port, "--raw", "SMEMBERS", "fulcrum:nodes"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (text.contains("node-1") && text.contains("node-2")).then_some(())
+    })
+    .await;
+    // And writes go through again.
     let (status, body) = cluster
         .node(1)
         .api_post(
@@ -895,4 +919,43 @@ async fn a_single_node_changes_weights_and_backends_at_run_time() {
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"]["code"], "not_clustered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_names_the_nodes_that_lag_behind_its_consistency() {
+    let b = Backend::start("b1", &[]);
+    // A frozen node stays "alive" for a long time with this phi threshold; writes wait 1 s.
+    let cluster = Cluster::start_edited(3, &Coordination::None, &[&b], &[], |yaml| {
+        yaml.replace("phi_threshold: 6.0", "phi_threshold: 1000.0")
+            .replace("consistency_timeout: 10s", "consistency_timeout: 1s")
+    });
+    all_alive(&cluster, 3).await;
+    cluster.node(2).signal("STOP");
+    let (status, body) = cluster
+        .node(0)
+        .api_post(
+            "/api/pools/app/strategy?consistency=all",
+            Some(json!({"strategy": "p2c"})),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "consistency_timeout");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("node-3 (at version 0)"), "{message}");
+    // Applied here all the same, and a quorum (2 of 3) is met.
+    assert_eq!(strategy(cluster.node(0)).await, "p2c");
+    let (status, body) = cluster
+        .node(0)
+        .api_post(
+            "/api/pools/app/strategy?consistency=quorum",
+            Some(json!({"strategy": "least_connections"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The frozen node catches up once it runs again.
+    cluster.node(2).signal("CONT");
+    eventually(DEADLINE, "node-3 catches up", async || {
+        (strategy(cluster.node(2)).await == "least_connections").then_some(())
+    })
+    .await;
 }
