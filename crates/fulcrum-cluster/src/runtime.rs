@@ -53,20 +53,25 @@ use crate::store::{
     EndpointStatRecord, NodeRecord, PutConfig, RegisteredBackend, Store, StoreSettings,
 };
 
-/// A peer's backend views count in the health merge once it has been alive for at least
-/// this many `publish_interval`s (see [`rejoin_grace`]).
+/// Gossip key under which a node publishes its [`rejoin_grace`], in milliseconds.
+pub const KEY_HEALTH_GRACE: &str = "health_grace_ms";
+
+/// A peer back from a failure counts in the health merge once it has been alive for at
+/// least this many `publish_interval`s (see [`rejoin_grace`]).
 pub const REJOIN_GRACE_INTERVALS: u32 = 3;
 
 /// Upper bound of the grace, in `publish_interval`s (10 s by default).
 pub const REJOIN_GRACE_MAX_INTERVALS: u32 = 10;
 
-/// How long a peer must have been alive before its backend views count in the health
-/// merge: long enough for a node back from a partition to run its health checks again
+/// How long a node back from a failure (a partition, a pause) must have been alive
+/// before the others count its backend views in the health merge — each node computes its
+/// own from its configuration and publishes it ([`KEY_HEALTH_GRACE`]): long enough for it
+/// to run its health checks again
 /// (`rise` passes after up to one interval's wait, each bounded by the timeout) and
 /// republish, so the views it formed while cut off do not take reachable backends out on
 /// every node: `max(3 × publish_interval, max over pools of ((rise + 1) × interval +
-/// timeout) + publish_interval)`, capped at 10 × publish_interval. The same delay applies
-/// to a node that joins for the first time.
+/// timeout) + publish_interval)`, capped at 10 × publish_interval. A node seen for the
+/// first time votes at once.
 pub fn rejoin_grace(config: &Config, publish_interval: Duration) -> Duration {
     let checks = config
         .pools
@@ -308,7 +313,7 @@ impl ControlPlane {
         let threads = node.threads();
         let cluster = match &config.cluster {
             None => None,
-            Some(c) => Some(Self::join(c, &node, admin, cancel.clone()).await?),
+            Some(c) => Some(Self::join(c, &config, &node, admin, cancel.clone()).await?),
         };
         let plane = ControlPlane {
             inner: Arc::new(Inner {
@@ -335,6 +340,7 @@ impl ControlPlane {
 
     async fn join(
         c: &ClusterConfig,
+        config: &Config,
         node: &Node,
         admin: SocketAddr,
         cancel: CancellationToken,
@@ -366,6 +372,12 @@ impl ControlPlane {
             ),
             (KEY_CONFIG_VERSION.to_owned(), "0".to_owned()),
             (KEY_STATUS.to_owned(), "alive".to_owned()),
+            (
+                KEY_HEALTH_GRACE.to_owned(),
+                rejoin_grace(config, c.publish_interval)
+                    .as_millis()
+                    .to_string(),
+            ),
         ];
         let membership = Membership::start(settings, initial)
             .await
@@ -1044,8 +1056,10 @@ impl ControlPlane {
         // A peer's backend views count only once it has been alive for this long: a node
         // coming back from a partition still gossips the views it formed while cut off
         // (backends it could not reach) until its checks run again and it republishes.
-        let rejoin_grace = rejoin_grace(&self.inner.base.lock(), c.config.publish_interval);
+        let default_grace = c.config.publish_interval * REJOIN_GRACE_INTERVALS;
         let mut alive_since: HashMap<String, Instant> = HashMap::new();
+        // Peers seen failed or gone at least once.
+        let mut returned: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -1136,13 +1150,27 @@ impl ControlPlane {
                     alive_since.entry(m.node_id.clone()).or_insert(now);
                 } else {
                     alive_since.remove(&m.node_id);
+                    returned.insert(m.node_id.clone());
                 }
             }
             alive_since.retain(|id, _| members.iter().any(|m| &m.node_id == id));
-            let settled: std::collections::HashSet<&str> = alive_since
+            // A peer seen failed or gone and now back votes once its own grace (which it
+            // publishes, sized from its health checks) has passed; a first join at once.
+            let settled: std::collections::HashSet<&str> = members
                 .iter()
-                .filter(|(_, since)| now.duration_since(**since) >= rejoin_grace)
-                .map(|(id, _)| id.as_str())
+                .filter(|m| m.state == MemberState::Alive)
+                .filter(|m| {
+                    !returned.contains(&m.node_id)
+                        || alive_since.get(&m.node_id).is_some_and(|since| {
+                            let grace = m
+                                .values
+                                .get(KEY_HEALTH_GRACE)
+                                .and_then(|v| v.parse::<u64>().ok())
+                                .map_or(default_grace, Duration::from_millis);
+                            now.duration_since(*since) >= grace
+                        })
+                })
+                .map(|m| m.node_id.as_str())
                 .collect();
             self.merge_health(rule, &members, &settled);
             self.update_member_metrics(&members);
