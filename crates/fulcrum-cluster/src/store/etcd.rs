@@ -44,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Backoff, ConfigSnapshot, EndpointStatRecord, GcReport, HealthTracker, LeaderRecord, Lease,
-    LeaseHolder, NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig, RegisteredBackend, StoreError,
-    merge_endpoint, now_ms, publish_config,
+    LeaseHolder, NodeRecord, OP_TIMEOUT, PutConfig, RegisteredBackend, StoreError, merge_endpoint,
+    now_ms, probe_loop, publish_config,
 };
 
 const KIND: &str = "etcd";
@@ -295,33 +295,22 @@ impl EtcdStore {
     /// A linearizable read once a second while etcd answers (it needs a quorum), with
     /// backoff while it does not; keeps [`HealthTracker`] current.
     async fn probe(self, cancel: CancellationToken) {
-        let mut backoff = Backoff::new();
-        loop {
-            let read = self.health.run("probe", async {
-                self.client
-                    .kv_client()
-                    .get(
-                        self.keys.fencing.as_str(),
-                        Some(GetOptions::new().with_count_only()),
-                    )
-                    .await
-                    .during("probe")
-            });
-            let answered = tokio::select! {
-                _ = cancel.cancelled() => return,
-                result = read => result.is_ok(),
-            };
-            let delay = if answered {
-                backoff.reset();
-                PROBE_INTERVAL
-            } else {
-                backoff.next_delay()
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
+        probe_loop(cancel, || async {
+            self.health
+                .run("probe", async {
+                    self.client
+                        .kv_client()
+                        .get(
+                            self.keys.fencing.as_str(),
+                            Some(GetOptions::new().with_count_only()),
+                        )
+                        .await
+                        .during("probe")
+                })
+                .await
+                .is_ok()
+        })
+        .await;
     }
 
     /// Non-blocking campaign; see the module documentation.

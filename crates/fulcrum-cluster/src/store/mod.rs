@@ -758,6 +758,33 @@ impl Backoff {
     }
 }
 
+/// The availability probe both backends run: `probe` (one cheap operation through the
+/// [`HealthTracker`], `true` if the store answered) every [`PROBE_INTERVAL`] while the
+/// store answers, with [`Backoff`] while it does not, until `cancel` fires.
+pub(crate) async fn probe_loop<F, Fut>(cancel: CancellationToken, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        let answered = tokio::select! {
+            _ = cancel.cancelled() => return,
+            answered = probe() => answered,
+        };
+        let delay = if answered {
+            backoff.reset();
+            PROBE_INTERVAL
+        } else {
+            backoff.next_delay()
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// Publishes `value` if it differs from the one held. The document is compared too: a
 /// store that lost its data (Redis without persistence) can reuse a version number.
 pub(crate) fn publish_config(tx: &watch::Sender<ConfigSnapshot>, value: Option<(u64, String)>) {

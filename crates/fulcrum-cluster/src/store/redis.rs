@@ -42,9 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Backoff, CONFIG_POLL_INTERVAL, ConfigSnapshot, EndpointStatRecord, GcReport, HealthTracker,
-    LeaderRecord, Lease, LeaseHolder, NodeRecord, OP_TIMEOUT, PROBE_INTERVAL, PutConfig,
-    RECONNECT_MAX, RECONNECT_MIN, RegisteredBackend, StoreError, duration_ms, now_ms,
-    publish_config,
+    LeaderRecord, Lease, LeaseHolder, NodeRecord, OP_TIMEOUT, PutConfig, RECONNECT_MAX,
+    RECONNECT_MIN, RegisteredBackend, StoreError, duration_ms, now_ms, probe_loop, publish_config,
 };
 
 const KIND: &str = "redis";
@@ -449,30 +448,19 @@ impl RedisStore {
     /// Pings once a second while Redis answers, with backoff while it does not; keeps
     /// [`HealthTracker`] current and the connection manager reconnecting when idle.
     async fn probe(self, cancel: CancellationToken) {
-        let mut backoff = Backoff::new();
-        loop {
-            let ping = self.health.run("ping", async {
-                let mut conn = self.conn.clone();
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .during("ping")
-            });
-            let answered = tokio::select! {
-                _ = cancel.cancelled() => return,
-                result = ping => result.is_ok(),
-            };
-            let delay = if answered {
-                backoff.reset();
-                PROBE_INTERVAL
-            } else {
-                backoff.next_delay()
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
+        probe_loop(cancel, || async {
+            self.health
+                .run("ping", async {
+                    let mut conn = self.conn.clone();
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .during("ping")
+                })
+                .await
+                .is_ok()
+        })
+        .await;
     }
 
     pub(crate) async fn try_acquire(
