@@ -301,14 +301,7 @@ async fn a_backend_one_node_sees_failing_leaves_every_node_without_client_errors
         killed.elapsed()
     );
     // node-3's own view still says healthy: the cluster took it out.
-    let v = cluster.node(2).api("/api/pools/app/backends").await;
-    let b = v["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .find(|b| b["address"] == address.as_str())
-        .expect("b2 listed")
-        .clone();
+    let b = cluster.node(2).backend("app", &address).await;
     assert_eq!(b["state"], "unhealthy", "{b}");
     assert_ne!(b["local_state"], "unhealthy", "{b}");
     let status = cluster.node(2).api("/api/cluster/status").await;
@@ -374,18 +367,10 @@ async fn gossip_only_changes_reach_every_node() {
     let (status, body) = cluster.node(2).api_post(&path, None).await;
     assert_eq!(status, 200, "{body}");
     for node in cluster.running() {
-        let v = node.api("/api/pools/app/backends").await;
-        let backends = v["backends"].as_array().expect("backends");
-        let b1v = backends
-            .iter()
-            .find(|b| b["address"] == b1.address().as_str())
-            .expect("b1");
-        let b2v = backends
-            .iter()
-            .find(|b| b["address"] == b2.address().as_str())
-            .expect("b2");
-        assert_eq!(b1v["state"], "draining", "{v}");
-        assert_eq!(b2v["weight"], 5, "{v}");
+        let b1v = node.backend("app", &b1.address()).await;
+        let b2v = node.backend("app", &b2.address()).await;
+        assert_eq!(b1v["state"], "draining", "{b1v}");
+        assert_eq!(b2v["weight"], 5, "{b2v}");
     }
     // Invalid changes are refused whole, with the reason.
     let (status, body) = cluster

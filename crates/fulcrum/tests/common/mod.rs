@@ -311,16 +311,23 @@ impl Node {
             .expect("metrics text")
     }
 
-    /// The state of backend `address` of `pool`, from the admin API.
-    pub async fn backend_state(&self, pool: &str, address: &str) -> String {
+    /// Backend `address` of `pool` as `GET /api/pools/{pool}/backends` lists it; panics
+    /// if it is not listed.
+    pub async fn backend(&self, pool: &str, address: &str) -> Value {
         let v = self.api(&format!("/api/pools/{pool}/backends")).await;
         v["backends"]
             .as_array()
             .expect("backends array")
             .iter()
             .find(|b| b["address"] == address)
-            .map(|b| b["state"].as_str().expect("state").to_owned())
-            .unwrap_or_else(|| panic!("backend {address} not in pool {pool}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("backend {address} not in pool {pool}: {v}"))
+    }
+
+    /// The state of backend `address` of `pool`, from the admin API.
+    pub async fn backend_state(&self, pool: &str, address: &str) -> String {
+        let b = self.backend(pool, address).await;
+        b["state"].as_str().expect("state").to_owned()
     }
 
     /// Sends a signal (`TERM`, `HUP`, …) with `kill`.
