@@ -635,9 +635,7 @@ impl ControlPlane {
                         Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
                     };
                     let mut next = current.with_change(&base, &discovered, &change)?;
-                    next.version = current.version + 1;
-                    next.written_by.clone_from(&me);
-                    next.written_ms = unix_ms();
+                    next.stamp(current.version + 1, &me);
                     match store.put_config(current.version, &next.to_json()).await {
                         Ok(PutConfig::Written(_)) => break next,
                         Ok(PutConfig::Conflict { .. }) if attempts < 5 => continue,
@@ -655,9 +653,7 @@ impl ControlPlane {
                     Some(c) => highest_gossiped_version(&c.membership.members().await),
                     None => 0,
                 };
-                next.version = current.version.max(seen) + 1;
-                next.written_by.clone_from(&me);
-                next.written_ms = unix_ms();
+                next.stamp(current.version.max(seen) + 1, &me);
                 next
             }
         };
@@ -1176,7 +1172,7 @@ impl ControlPlane {
             self.update_member_metrics(&members);
             // 4. Without a store, the shared configuration spreads by gossip.
             if c.store.is_none()
-                && let Some(doc) = newest_gossiped_doc(&members)
+                && let Some(doc) = newest_gossiped_doc(&members, version)
             {
                 self.adopt(doc);
             }
@@ -1594,13 +1590,16 @@ fn highest_gossiped_version(members: &[Member]) -> u64 {
         .unwrap_or(0)
 }
 
-/// The newest shared configuration gossiped by a live member (`version\njson`).
-fn newest_gossiped_doc(members: &[Member]) -> Option<SharedConfig> {
+/// The newest shared configuration gossiped by a live member (`version\njson`), among
+/// those at version `at_least` or later; documents of older versions are not parsed (this
+/// runs every 100 ms).
+fn newest_gossiped_doc(members: &[Member], at_least: u64) -> Option<SharedConfig> {
     members
         .iter()
         .filter(|m| !m.is_self && m.state == MemberState::Alive)
         .filter_map(|m| m.values.get(KEY_CONFIG_DOC))
         .filter_map(|v| v.split_once('\n'))
+        .filter(|(version, _)| version.parse::<u64>().is_ok_and(|v| v >= at_least))
         .filter_map(|(_, json)| SharedConfig::from_json(json).ok())
         .max_by(|a, b| (a.version, &a.written_by).cmp(&(b.version, &b.written_by)))
 }

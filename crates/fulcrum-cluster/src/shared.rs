@@ -166,6 +166,15 @@ impl SharedConfig {
         serde_json::from_str(text)
     }
 
+    /// Marks this document as version `version`, written by node `by` now.
+    pub fn stamp(&mut self, version: u64, by: &str) {
+        self.version = version;
+        by.clone_into(&mut self.written_by);
+        self.written_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+    }
+
     /// The document as compact JSON.
     pub fn to_json(&self) -> String {
         // Maps with string keys and plain fields always serialise.
