@@ -44,7 +44,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chitchat::transport::{Socket, Transport, UdpSocket};
@@ -57,6 +57,8 @@ use tokio::sync::{Mutex as AsyncMutex, broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
+
+use crate::store::now_ms as unix_ms;
 
 /// Key: the node's admin API address (`host:port`).
 pub const KEY_ADMIN: &str = "admin";
@@ -998,14 +1000,6 @@ fn next_generation() -> u64 {
         })
         .unwrap_or_else(|last| last);
     now.max(previous + 1)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 /// A backend's health as one node sees it. Serialized lowercase (the admin API's backend

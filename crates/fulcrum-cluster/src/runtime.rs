@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fulcrum_balance::BackendFlags;
 use fulcrum_config::{
@@ -51,6 +51,7 @@ use crate::membership::{
 use crate::shared::{AdminState, Change, ChangeError, SharedConfig, effective_config};
 use crate::store::{
     EndpointStatRecord, NodeRecord, PutConfig, RegisteredBackend, Store, StoreSettings,
+    now_ms as unix_ms,
 };
 
 /// Gossip key under which a node publishes its [`rejoin_grace`], in milliseconds.
@@ -253,12 +254,6 @@ impl std::fmt::Debug for ControlPlane {
             .field("clustered", &self.inner.cluster.is_some())
             .finish_non_exhaustive()
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn health_of(flags: BackendFlags) -> BackendHealth {

@@ -170,9 +170,7 @@ impl SharedConfig {
     pub fn stamp(&mut self, version: u64, by: &str) {
         self.version = version;
         by.clone_into(&mut self.written_by);
-        self.written_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        self.written_ms = crate::store::now_ms();
     }
 
     /// The document as compact JSON.
