@@ -101,6 +101,19 @@ pub(crate) async fn submit(
     Ok(json!(result))
 }
 
+/// 422 `invalid_weight` unless `weight` is within 1..=65535, as in the configuration.
+fn check_weight(weight: u32) -> Result<(), ApiError> {
+    if (1..=65535).contains(&weight) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_weight",
+            format!("weight {weight} is out of range 1..=65535"),
+        ))
+    }
+}
+
 /// Body of `POST /api/pools/{pool}/backends/{address}/weight`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,13 +129,7 @@ pub(crate) async fn set_weight(
     query: &WriteQuery,
 ) -> Result<Json<Value>, ApiError> {
     let Json(body) = body.map_err(bad_body)?;
-    if !(1..=65535).contains(&body.weight) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_weight",
-            format!("weight {} is out of range 1..=65535", body.weight),
-        ));
-    }
+    check_weight(body.weight)?;
     let plane = control(state)?;
     let write = submit(
         plane,
@@ -166,13 +173,7 @@ pub(crate) async fn add_backend(
     let Json(body) = body.map_err(bad_body)?;
     crate::pool_named(&state, &pool)?;
     let plane = control(&state)?;
-    if !(1..=65535).contains(&body.weight) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_weight",
-            format!("weight {} is out of range 1..=65535", body.weight),
-        ));
-    }
+    check_weight(body.weight)?;
     if body.address.parse::<SocketAddr>().is_err() && !body.address.contains(':') {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
