@@ -185,6 +185,7 @@ pub(crate) async fn add_backend(
         address: body.address.clone(),
         weight: body.weight,
         tags: body.tags,
+        max_requests: 0,
     };
     if plane.uses_registry(&pool) {
         let ttl = Duration::from_secs(body.ttl_secs.unwrap_or(30).clamp(1, 86_400));

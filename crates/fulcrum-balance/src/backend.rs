@@ -12,8 +12,8 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fulcrum_stats::clock::duration_ns;
@@ -175,6 +175,20 @@ pub struct LiveBackend {
     histogram: WindowedHistogram,
     ejection: Mutex<Ejection>,
     ejections_total: AtomicU64,
+    /// Most requests in flight at once (HAProxy's server `maxconn`, Envoy's
+    /// `max_requests`); 0 = unlimited. Enforced by [`LiveBackend::try_begin_classified`].
+    max_requests: AtomicU32,
+    /// Told whenever an attempt on a limited backend ends, so a request waiting for
+    /// capacity can take the freed slot (the proxy's pool queue).
+    on_release: OnceLock<Arc<dyn ReleaseListener>>,
+}
+
+/// Told when a slot of a backend with a request limit frees up (see
+/// [`LiveBackend::set_release_listener`]). Called from [`InFlightGuard`]'s `Drop`, on
+/// whatever thread drops it: implementations must be quick and must not block.
+pub trait ReleaseListener: Send + Sync {
+    /// One attempt on a limited backend ended: a slot may be free.
+    fn slot_freed(&self);
 }
 
 /// Ejection bookkeeping; touched only when a backend crosses the failure threshold or an
@@ -215,7 +229,37 @@ impl LiveBackend {
             histogram: WindowedHistogram::new(config.latency_window, LATENCY_SLOTS),
             ejection: Mutex::new(Ejection::default()),
             ejections_total: AtomicU64::new(0),
+            max_requests: AtomicU32::new(0),
+            on_release: OnceLock::new(),
         }
+    }
+
+    /// Most requests this backend may have in flight at once; 0 = unlimited.
+    #[inline]
+    pub fn max_requests(&self) -> u32 {
+        self.max_requests.load(Ordering::Relaxed)
+    }
+
+    /// Sets the request limit (0 = unlimited). Attempts already in flight are kept; a
+    /// lowered limit only stops new ones.
+    pub fn set_max_requests(&self, max: u32) {
+        self.max_requests.store(max, Ordering::Relaxed);
+    }
+
+    /// Whether another attempt may start now: unlimited, or fewer than
+    /// [`LiveBackend::max_requests`] in flight. A hint for picking; the limit itself is
+    /// enforced by [`LiveBackend::try_begin_classified`].
+    #[inline]
+    pub fn has_capacity(&self) -> bool {
+        let max = self.max_requests();
+        max == 0 || self.in_flight() < u64::from(max)
+    }
+
+    /// Installs the listener told when an attempt on this backend ends while it has a
+    /// request limit. Only the first call takes effect (a backend belongs to one pool for
+    /// its whole life); returns whether this call did.
+    pub fn set_release_listener(&self, listener: Arc<dyn ReleaseListener>) -> bool {
+        self.on_release.set(listener).is_ok()
     }
 
     /// Requests currently in flight to this backend (sent, response not yet finished).
@@ -351,6 +395,33 @@ impl LiveBackend {
     /// the head-of-line age, until the returned guard is dropped.
     pub fn begin_classified(self: &Arc<Self>, now_ns: u64, long: bool) -> InFlightGuard {
         let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started_guard(before, now_ns, long)
+    }
+
+    /// Like [`LiveBackend::begin_classified`], but only if the backend is below its
+    /// request limit ([`LiveBackend::max_requests`]); `None` when it is full. The check
+    /// and the count are one atomic step, so concurrent callers never exceed the limit.
+    pub fn try_begin_classified(
+        self: &Arc<Self>,
+        now_ns: u64,
+        long: bool,
+    ) -> Option<InFlightGuard> {
+        let max = u64::from(self.max_requests());
+        if max == 0 {
+            return Some(self.begin_classified(now_ns, long));
+        }
+        let before = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(self.started_guard(before, now_ns, long))
+    }
+
+    /// The rest of starting an attempt once it is counted in flight (`before` = the count
+    /// before it): the long count and a start-time slot.
+    fn started_guard(self: &Arc<Self>, before: u64, now_ns: u64, long: bool) -> InFlightGuard {
         if long {
             self.long_in_flight.fetch_add(1, Ordering::Relaxed);
         }
@@ -513,7 +584,12 @@ impl Drop for InFlightGuard {
         if self.long {
             b.long_in_flight.fetch_sub(1, Ordering::Relaxed);
         }
-        b.in_flight.fetch_sub(1, Ordering::Relaxed);
+        b.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if b.max_requests() != 0
+            && let Some(listener) = b.on_release.get()
+        {
+            listener.slot_freed();
+        }
     }
 }
 
@@ -525,6 +601,55 @@ mod tests {
 
     fn live() -> Arc<LiveBackend> {
         Arc::new(LiveBackend::new(LiveBackendConfig::default(), 0))
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl ReleaseListener for Count {
+        fn slot_freed(&self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn request_limit_is_never_exceeded_and_releases_are_told() {
+        let b = live();
+        // Unlimited: always starts, and nobody is told.
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        assert!(b.set_release_listener(count.clone()));
+        assert!(!b.set_release_listener(count.clone()), "only the first one");
+        drop(b.try_begin_classified(0, false).unwrap());
+        assert_eq!(count.0.load(Ordering::Relaxed), 0);
+
+        b.set_max_requests(3);
+        // 8 threads race for 3 slots, many times: never more than 3 in flight.
+        let peak = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                let (b, peak) = (Arc::clone(&b), Arc::clone(&peak));
+                scope.spawn(move || {
+                    for _ in 0..2000 {
+                        if let Some(guard) = b.try_begin_classified(0, true) {
+                            peak.fetch_max(b.in_flight(), Ordering::Relaxed);
+                            assert!(b.long_in_flight() <= 3);
+                            drop(guard);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(peak.load(Ordering::Relaxed) <= 3);
+        assert_eq!((b.in_flight(), b.long_in_flight()), (0, 0));
+        let told = count.0.load(Ordering::Relaxed);
+        assert!(told > 0, "every release of a limited backend is told");
+
+        let guards: Vec<_> = (0..3).map(|_| b.try_begin_classified(0, false)).collect();
+        assert!(guards.iter().all(Option::is_some));
+        assert!(!b.has_capacity());
+        assert!(b.try_begin_classified(0, false).is_none());
+        drop(guards);
+        assert!(b.has_capacity());
+        assert_eq!(count.0.load(Ordering::Relaxed), told + 3);
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub mod outlier;
 pub mod slow_start;
 pub mod strategy;
 
-pub use backend::{Backend, BackendFlags, InFlightGuard, LiveBackend, LiveBackendConfig};
+pub use backend::{
+    Backend, BackendFlags, InFlightGuard, LiveBackend, LiveBackendConfig, ReleaseListener,
+};
 pub use outlier::OutlierPolicy;
 pub use slow_start::SlowStart;
 pub use strategy::{

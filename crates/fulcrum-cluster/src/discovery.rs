@@ -107,6 +107,7 @@ impl Dns {
                 address: addr.to_string(),
                 weight,
                 tags: BTreeMap::new(),
+                max_requests: 0,
             })
             .collect())
     }

@@ -827,6 +827,7 @@ impl ControlPlane {
                         address: r.address,
                         weight: r.weight.max(1),
                         tags: r.tags,
+                        max_requests: 0,
                     })
                     .collect();
                 backends.sort_by(|a, b| a.address.cmp(&b.address));

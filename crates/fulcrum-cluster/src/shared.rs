@@ -342,6 +342,7 @@ pub fn effective_backends(
                     address: address.clone(),
                     weight: c.weight.unwrap_or(1),
                     tags: tags.clone(),
+                    max_requests: 0,
                 });
             }
         }

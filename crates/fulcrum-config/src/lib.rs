@@ -56,8 +56,8 @@ pub use model::{
     DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HashConfig,
     HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind, HealthMergeRule, HedgeConfig,
     ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig, PoolConfig,
-    Protocol, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch, RuntimeConfig,
-    SlowStartConfig, StatsConfig, TailAwareConfig, UpstreamTimeouts,
+    Protocol, QueueConfig, QueuePriority, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
+    RuntimeConfig, SlowStartConfig, StatsConfig, TailAwareConfig, UpstreamTimeouts,
 };
 pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 

@@ -265,6 +265,12 @@ pub struct PoolConfig {
     pub timeouts: UpstreamTimeouts,
     /// Retries of failed requests on other backends.
     pub retry: RetryConfig,
+    /// `max_requests` of the backends that set none (0), including discovered,
+    /// registered and API-added ones (HAProxy's `default-server maxconn`); 0 (default) =
+    /// unlimited. Validated: ≤ 1000000.
+    pub default_max_requests: u32,
+    /// Where requests wait when every backend is at its `max_requests`.
+    pub queue: QueueConfig,
     /// Active health checks; `None` (default) = none, backends count as healthy until
     /// outlier detection says otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -307,6 +313,8 @@ impl Default for PoolConfig {
             backends: Vec::new(),
             timeouts: UpstreamTimeouts::default(),
             retry: RetryConfig::default(),
+            default_max_requests: 0,
+            queue: QueueConfig::default(),
             health_check: None,
             outlier_detection: OutlierDetectionConfig::default(),
             panic_threshold: 50,
@@ -338,6 +346,18 @@ pub struct BackendConfig {
     /// Free-form labels (`zone: a`), shown in the API and usable by strategies.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Most requests in flight to this backend at once (HAProxy's server `maxconn`,
+    /// Envoy's `max_requests`); 0 (default) = the pool's `default_max_requests`, itself 0
+    /// (unlimited) by default. When every eligible backend is
+    /// at its limit, requests wait in the pool's `queue`. Set it to the number of
+    /// requests the backend serves at once, so requests queue in Fulcrum, where their
+    /// order can be chosen, rather than in the backend. Validated: ≤ 1000000.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_requests: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 fn default_weight() -> u32 {
@@ -351,6 +371,7 @@ impl Default for BackendConfig {
             address: String::new(),
             weight: default_weight(),
             tags: BTreeMap::new(),
+            max_requests: 0,
         }
     }
 }
@@ -389,6 +410,47 @@ impl Default for UpstreamTimeouts {
             idle: Duration::from_secs(60),
         }
     }
+}
+
+/// `pools.*.queue`: the pool queue, where a request waits while every backend it may go
+/// to is at its `max_requests` (HAProxy's backend queue with `timeout queue`). Unused
+/// unless some backend of the pool has `max_requests`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Most requests waiting at once; a request beyond gets `503 queue_full`. Default
+    /// 1024. Validated: 1..=1000000.
+    pub max_size: u32,
+    /// Longest wait for a backend; then `503 queue_timeout`. Default 5 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub timeout: Duration,
+    /// Which waiting request gets a freed slot first. Default `class`.
+    pub priority: QueuePriority,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_size: 1024,
+            timeout: Duration::from_secs(5),
+            priority: QueuePriority::Class,
+        }
+    }
+}
+
+/// `pools.*.queue.priority`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueuePriority {
+    /// `fifo`: in arrival order.
+    Fifo,
+    /// `class` (default): short requests before long ones (the endpoint's class, see
+    /// `stats.long_request_threshold`), as if each long request had arrived
+    /// `long_request_threshold` later than it did (HAProxy's `set-priority-offset`): a
+    /// long request waits at most that much longer than a short one that arrived with
+    /// it, so long requests are never starved.
+    #[default]
+    Class,
 }
 
 /// `pools.*.retry`: retries on another backend.

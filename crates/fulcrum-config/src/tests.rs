@@ -106,6 +106,12 @@ fn minimal_config_gets_every_default() {
     assert_eq!(p.outlier_detection.max_ejection_time, secs(300));
     assert_eq!(p.outlier_detection.max_ejection_percent, 10);
     assert_eq!(p.panic_threshold, 50);
+    assert_eq!(p.default_max_requests, 0);
+    assert_eq!(p.backends[0].max_requests, 0);
+    assert_eq!(
+        (p.queue.max_size, p.queue.timeout, p.queue.priority),
+        (1024, secs(5), QueuePriority::Class)
+    );
     assert_eq!(p.stats.ewma_decay, secs(10));
     assert_eq!(p.stats.latency_window, secs(60));
     assert_eq!(p.stats.stats_window, 5);
@@ -249,6 +255,15 @@ fn full_config_has_every_value() {
     assert_eq!(c.pools.keys().collect::<Vec<_>>(), ["app", "api", "db"]);
     let app = &c.pools["app"];
     assert_eq!(app.strategy, StrategyKind::PeakEwma);
+    assert_eq!(app.default_max_requests, 32);
+    assert_eq!(
+        app.queue,
+        QueueConfig {
+            max_size: 500,
+            timeout: secs(2),
+            priority: QueuePriority::Fifo,
+        }
+    );
     assert_eq!(
         app.backends,
         [
@@ -256,6 +271,7 @@ fn full_config_has_every_value() {
                 address: "127.0.0.1:8081".into(),
                 weight: 3,
                 tags: BTreeMap::from([("rack".into(), "7".into()), ("zone".into(), "a".into())]),
+                max_requests: 64,
             },
             BackendConfig::new("[::1]:8082"),
             BackendConfig {
@@ -849,6 +865,21 @@ fn semantic_checks_of_pool_fields() {
             "    hedge: { max_body_bytes: 16777217 }\n",
             "pools.app.hedge.max_body_bytes",
             "16777217 is out of range; must be 0..=16777216 (16 MiB)",
+        ),
+        (
+            "    default_max_requests: 1000001\n",
+            "pools.app.default_max_requests",
+            "1000001 is out of range; must be 0..=1000000",
+        ),
+        (
+            "    queue: { max_size: 0 }\n",
+            "pools.app.queue.max_size",
+            "0 is out of range; must be 1..=1000000",
+        ),
+        (
+            "    queue: { timeout: 0s }\n",
+            "pools.app.queue.timeout",
+            "must be greater than 0",
         ),
     ];
     for (extra, path, message) in cases {

@@ -501,7 +501,23 @@ impl Checker<'_> {
                     format!("weight {} is out of range; must be 1..=65535", b.weight),
                 );
             }
+            self.int_range(
+                &format!("{bp}.max_requests"),
+                b.max_requests.into(),
+                0..=1_000_000,
+            );
         }
+        self.int_range(
+            &format!("{p}.default_max_requests"),
+            pool.default_max_requests.into(),
+            0..=1_000_000,
+        );
+        self.int_range(
+            &format!("{p}.queue.max_size"),
+            pool.queue.max_size.into(),
+            1..=1_000_000,
+        );
+        self.positive(&format!("{p}.queue.timeout"), pool.queue.timeout);
         let t = &pool.timeouts;
         self.positive(&format!("{p}.timeouts.connect"), t.connect);
         self.positive(&format!("{p}.timeouts.response_header"), t.response_header);

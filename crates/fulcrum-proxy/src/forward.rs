@@ -15,6 +15,11 @@
 //! only if it has no body and is idempotent (RFC 9110 §9.2.2) or the pool allows
 //! non-idempotent retries. When every attempt fails the client gets a JSON `502` (`504`
 //! when the last attempt timed out); when no backend is eligible, `503`.
+//!
+//! In a pool whose backends have request limits (`max_requests`), an attempt starts only
+//! on a backend below its limit; when every eligible backend is full the request waits in
+//! the pool queue ([`crate::queue`]), and gets a `503` if the queue is full or its timeout
+//! passes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -209,12 +214,16 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     if let ProxyBody::Local(_) = response.body()
         && response.status() != StatusCode::SWITCHING_PROTOCOLS
     {
-        let now = now_ns();
-        endpoint.record(
-            now.saturating_sub(started),
-            response.status().is_server_error(),
-            now,
-        );
+        if response.extensions().get::<QueueRefused>().is_some() {
+            endpoint.record_refused();
+        } else {
+            let now = now_ns();
+            endpoint.record(
+                now.saturating_sub(started),
+                response.status().is_server_error(),
+                now,
+            );
+        }
     }
     response
 }
@@ -359,15 +368,137 @@ impl Request0<'_> {
         self.info.class == RequestClass::Long
     }
 
-    /// Picks a backend not in `tried`; `None` if none is eligible.
+    /// Picks a backend not in `tried`; `None` if none is eligible. In a pool with
+    /// request limits only backends with room are eligible.
     fn pick(&self, now: u64, tried: &[BackendId]) -> Option<BackendId> {
+        self.pick_in(now, tried, self.state.limited)
+    }
+
+    /// Picks a backend not in `tried`, among those with room if `with_room`.
+    fn pick_in(&self, now: u64, tried: &[BackendId], with_room: bool) -> Option<BackendId> {
         let panic = self.pool.is_panic(self.state);
         let mut info = self.info;
         info.now_ns = now;
         let view = PoolView::new(&self.state.backends, tried, panic)
             .with_total_in_flight(self.pool.active_requests())
-            .with_allowed(self.allowed);
+            .with_allowed(self.allowed)
+            .with_capacity_only(with_room);
         self.state.strategy.pick(&info, &view)
+    }
+
+    /// Picks a backend for the next attempt and starts it, without waiting: one not in
+    /// `tried`, else (a retry after every eligible backend was tried) any. In a pool with
+    /// request limits the attempt starts only on a backend with room; `Ok(None)` when
+    /// every eligible backend is full and the request must wait in the pool queue
+    /// ([`Request0::wait_for_room`]). Synchronous, so that the common case adds nothing
+    /// to the forwarder's future.
+    fn admit_now(
+        &self,
+        tried: &[BackendId],
+    ) -> Result<Option<(BackendId, InFlightGuard)>, Refusal> {
+        let now = now_ns();
+        if !self.state.limited {
+            let id = self
+                .pick(now, tried)
+                .or_else(|| {
+                    if tried.is_empty() {
+                        None
+                    } else {
+                        self.pick(now, &[])
+                    }
+                })
+                .ok_or(Refusal::NoBackend)?;
+            let guard = self.state.runtimes[id.0]
+                .live
+                .begin_classified(now, self.long());
+            return Ok(Some((id, guard)));
+        }
+        if self.pool.queue().is_empty()
+            && let Some(taken) = self.take_room(now, tried)
+        {
+            return Ok(Some(taken));
+        }
+        // Queue only for a backend that exists: with every backend unhealthy or tried,
+        // waiting cannot help.
+        if self.pick_in(now, tried, false).is_none()
+            && (tried.is_empty() || self.pick_in(now, &[], false).is_none())
+        {
+            return Err(Refusal::NoBackend);
+        }
+        Ok(None)
+    }
+
+    /// Waits in the pool queue (see [`crate::queue`]) until a backend this request may
+    /// use has room, then starts the attempt there; refused when the queue is full or
+    /// `queue.timeout` has passed since the request arrived.
+    async fn wait_for_room(
+        &self,
+        tried: &[BackendId],
+    ) -> Result<(BackendId, InFlightGuard), Refusal> {
+        let queue = self.pool.queue();
+        let settings = &self.state.settings.queue;
+        let metrics = self.pool.metrics();
+        let key = settings.key(self.info.now_ns, self.long());
+        let Some(mut ticket) = queue.join(key, settings.max_size) else {
+            metrics.queue_full.inc();
+            return Err(Refusal::QueueFull);
+        };
+        metrics.queued.inc();
+        let _waiting = Waiting::new(&metrics.queue_length);
+        // A slot may have freed between the look in `admit_now` and joining: hand it to
+        // the first waiter (this request or one before it).
+        let panic = self.pool.is_panic(self.state);
+        if self.state.has_room(panic) {
+            queue.wake_first();
+        }
+        let waited = Duration::from_nanos(now_ns().saturating_sub(self.info.now_ns));
+        let deadline = tokio::time::Instant::now() + settings.timeout.saturating_sub(waited);
+        loop {
+            if tokio::time::timeout_at(deadline, ticket.woken())
+                .await
+                .is_err()
+            {
+                metrics.queue_timeouts.inc();
+                return Err(Refusal::QueueTimeout(settings.timeout));
+            }
+            if let Some(taken) = self.take_room(now_ns(), tried) {
+                ticket.done();
+                return Ok(taken);
+            }
+            ticket.requeue();
+            // A slot freed while this request was out of the queue woke nobody: look
+            // again, and pass room this request cannot use to the next waiter.
+            let panic = self.pool.is_panic(self.state);
+            if self.state.has_room(panic) {
+                if let Some(taken) = self.take_room(now_ns(), tried) {
+                    ticket.done();
+                    return Ok(taken);
+                }
+                ticket.pass_on();
+            }
+        }
+    }
+
+    /// Starts an attempt on a backend with room now, if there is one: picks among the
+    /// backends with room (not in `tried`, else any) and claims a slot, picking again if
+    /// another request claimed the last slot first.
+    fn take_room(&self, now: u64, tried: &[BackendId]) -> Option<(BackendId, InFlightGuard)> {
+        for _ in 0..3 {
+            let id = self.pick(now, tried).or_else(|| {
+                if tried.is_empty() {
+                    None
+                } else {
+                    self.pick(now, &[])
+                }
+            })?;
+            if let Some(guard) = self.state.runtimes[id.0]
+                .live
+                .try_begin_classified(now, self.long())
+            {
+                return Some((id, guard));
+            }
+        }
+        None
     }
 
     fn set_host(&self, request: &mut Request<UpstreamBody>, backend: &BackendRuntime) {
@@ -376,6 +507,76 @@ impl Request0<'_> {
         {
             request.headers_mut().insert(http::header::HOST, host);
         }
+    }
+}
+
+/// Why no attempt could start.
+#[derive(Debug)]
+enum Refusal {
+    /// No backend is eligible (all unhealthy, drained, excluded by the route's tags, or
+    /// already tried).
+    NoBackend,
+    /// Every backend was at its request limit and the pool queue was full.
+    QueueFull,
+    /// Every backend stayed at its request limit for the queue timeout (given).
+    QueueTimeout(Duration),
+}
+
+impl Refusal {
+    /// The client's `503` for this refusal.
+    fn reply(self, ctx: &ConnContext, pool: &Pool) -> Response<ProxyBody> {
+        let (code, message) = match self {
+            Refusal::NoBackend => (
+                "no_backend",
+                format!("pool `{}` has no eligible backend", pool.name()),
+            ),
+            Refusal::QueueFull => (
+                "queue_full",
+                format!(
+                    "pool `{}`: every backend is at its max_requests and the queue is full \
+                     ({} waiting)",
+                    pool.name(),
+                    pool.queue().len()
+                ),
+            ),
+            Refusal::QueueTimeout(timeout) => (
+                "queue_timeout",
+                format!(
+                    "pool `{}`: no backend had room within the queue timeout of {} ms",
+                    pool.name(),
+                    timeout.as_millis()
+                ),
+            ),
+        };
+        let queued = !matches!(self, Refusal::NoBackend);
+        let mut response = ctx
+            .listener
+            .reply(StatusCode::SERVICE_UNAVAILABLE, code, &message);
+        if queued {
+            response.extensions_mut().insert(QueueRefused);
+        }
+        response
+    }
+}
+
+/// Marks (as a response extension, never sent) a `503` from the pool queue, so that the
+/// endpoint's statistics count it without a duration.
+#[derive(Clone, Copy, Debug)]
+struct QueueRefused;
+
+/// Counts a request in the pool's queue-length gauge while it waits.
+struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -419,13 +620,16 @@ async fn hedged(
     let Some(second) = second else {
         return (first, first_guard, primary.await);
     };
+    let runtime = &state.runtimes[second.0];
+    // In a pool with request limits a hedge needs a free slot; it never queues.
+    let Some(second_guard) = runtime.live.try_begin_classified(now, r.long()) else {
+        return (first, first_guard, primary.await);
+    };
     tried[*n_tried] = second;
     *n_tried += 1;
     r.pool.metrics().hedges.inc();
     state.strategy.note_hedge(false);
-    let runtime = &state.runtimes[second.0];
     tracing::debug!(pool = %r.pool.name(), backend = %runtime.address, delay_ms = delay.as_secs_f64() * 1e3, "hedging");
-    let second_guard = runtime.live.begin_classified(now, r.long());
     let mut copy = template.rebuild();
     r.set_host(&mut copy, runtime);
     let secondary = attempt(runtime, settings, now, copy);
@@ -586,6 +790,9 @@ async fn forward_attempts(
     let mut last_status: Option<StatusCode> = None;
     let mut claimed: Option<ActiveRetry> = None;
     let mut on_upgrade = on_upgrade;
+    // When the first attempt started: endpoint durations run from here, so time spent
+    // in the pool queue does not make an endpoint look long.
+    let mut first_started: Option<u64> = None;
 
     for attempt_no in 0..max_attempts {
         let _retry = if attempt_no == 0 {
@@ -603,21 +810,20 @@ async fn forward_attempts(
             }
         };
 
-        let now = now_ns();
-        let id = match r.pick(now, &tried[..n_tried]) {
-            Some(id) => id,
-            // Every eligible backend was tried: a retry may go back to one of them.
-            None if n_tried > 0 => match r.pick(now, &[]) {
-                Some(id) => id,
-                None => break,
-            },
-            None => {
-                let message = format!("pool `{}` has no eligible backend", pool.name());
-                return ctx
-                    .listener
-                    .reply(StatusCode::SERVICE_UNAVAILABLE, "no_backend", &message);
-            }
+        let admitted = match r.admit_now(&tried[..n_tried]) {
+            Ok(Some(taken)) => Ok(taken),
+            // Boxed: the queue's state (ticket, timer) stays out of this future unless a
+            // request waits.
+            Ok(None) => Box::pin(r.wait_for_room(&tried[..n_tried])).await,
+            Err(refusal) => Err(refusal),
         };
+        let (id, guard) = match admitted {
+            Ok(taken) => taken,
+            Err(Refusal::NoBackend) if n_tried > 0 => break,
+            Err(refusal) => return refusal.reply(ctx, pool),
+        };
+        let now = guard.started_ns();
+        let first_started = *first_started.get_or_insert(now);
         if n_tried >= tried.len() {
             break;
         }
@@ -633,7 +839,6 @@ async fn forward_attempts(
             in_flight = backend.live.in_flight(),
             "picked backend"
         );
-        let guard = backend.live.begin_classified(now, r.long());
         let mut request = match pending.take() {
             Some(request) => request,
             None => match &template {
@@ -685,7 +890,7 @@ async fn forward_attempts(
                 }
                 let record = EndpointRecord {
                     stats: Arc::clone(r.endpoint),
-                    started_ns: r.info.now_ns,
+                    started_ns: first_started,
                     server_error: status.is_server_error(),
                 };
                 return respond(

@@ -19,6 +19,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod queue;
 pub mod router;
 pub mod spec;
 pub mod state;

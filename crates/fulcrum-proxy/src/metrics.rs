@@ -64,6 +64,15 @@ pub struct AnomalyLabels {
     pub kind: &'static str,
 }
 
+/// Labels of requests the pool queue refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueRejectionLabels {
+    /// Pool name.
+    pub pool: String,
+    /// `full` or `timeout`.
+    pub reason: &'static str,
+}
+
 /// Labels of responses Fulcrum generated itself.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LocalReplyLabels {
@@ -172,6 +181,9 @@ pub struct Metrics {
     retries: Family<PoolLabels, Counter>,
     hedges: Family<PoolLabels, Counter>,
     hedges_won: Family<PoolLabels, Counter>,
+    queued: Family<PoolLabels, Counter>,
+    queue_rejections: Family<QueueRejectionLabels, Counter>,
+    queue_length: Family<PoolLabels, Gauge>,
     anomalies: Family<AnomalyLabels, Counter>,
     rate: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     rate_forecast: Family<PoolLabels, Gauge<f64, AtomicU64>>,
@@ -275,6 +287,24 @@ impl Metrics {
             "fulcrum_hedges_won",
             "Hedged attempts whose response arrived first and was used",
             hedges_won.clone(),
+        );
+        let queued = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "fulcrum_queued_requests",
+            "Requests that waited in the pool queue because every backend was at its max_requests",
+            queued.clone(),
+        );
+        let queue_rejections = Family::<QueueRejectionLabels, Counter>::default();
+        registry.register(
+            "fulcrum_queue_rejections",
+            "Requests refused by the pool queue: reason=\"full\" (queue.max_size reached) or \"timeout\" (queue.timeout passed)",
+            queue_rejections.clone(),
+        );
+        let queue_length = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "fulcrum_pool_queue_length",
+            "Requests waiting in the pool queue now",
+            queue_length.clone(),
         );
         let anomalies = Family::<AnomalyLabels, Counter>::default();
         registry.register(
@@ -392,6 +422,9 @@ impl Metrics {
             retries,
             hedges,
             hedges_won,
+            queued,
+            queue_rejections,
+            queue_length,
             anomalies,
             rate,
             rate_forecast,
@@ -492,6 +525,20 @@ impl Metrics {
             retries: self.retries.get_or_create_owned(&labels),
             hedges: self.hedges.get_or_create_owned(&labels),
             hedges_won: self.hedges_won.get_or_create_owned(&labels),
+            queued: self.queued.get_or_create_owned(&labels),
+            queue_full: self
+                .queue_rejections
+                .get_or_create_owned(&QueueRejectionLabels {
+                    pool: pool.to_owned(),
+                    reason: "full",
+                }),
+            queue_timeouts: self
+                .queue_rejections
+                .get_or_create_owned(&QueueRejectionLabels {
+                    pool: pool.to_owned(),
+                    reason: "timeout",
+                }),
+            queue_length: self.queue_length.get_or_create_owned(&labels),
             spikes: anomaly("spike"),
             drops: anomaly("drop"),
             rate: self.rate.get_or_create_owned(&labels),
@@ -525,6 +572,14 @@ pub struct PoolMetrics {
     pub hedges: Counter,
     /// Hedged attempts that won.
     pub hedges_won: Counter,
+    /// Requests that waited in the pool queue.
+    pub queued: Counter,
+    /// Requests refused because the pool queue was full.
+    pub queue_full: Counter,
+    /// Requests refused after waiting `queue.timeout`.
+    pub queue_timeouts: Counter,
+    /// Requests waiting in the pool queue now.
+    pub queue_length: Gauge,
     /// Rate spikes detected.
     pub spikes: Counter,
     /// Rate drops detected.

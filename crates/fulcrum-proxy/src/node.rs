@@ -178,6 +178,8 @@ pub struct BackendStatus {
     pub in_rotation: bool,
     /// Requests in flight.
     pub in_flight: u64,
+    /// Most requests in flight at once (`max_requests`); 0 = unlimited.
+    pub max_requests: u32,
     /// Attempts completed (success or failure).
     pub requests: u64,
     /// Failed attempts.
@@ -345,8 +347,10 @@ pub struct PoolSummary {
     pub backends: BackendCounts,
     /// Whether the pool is in panic mode (routing to all backends).
     pub panic: bool,
-    /// Requests being handled.
+    /// Requests being handled (including those waiting in the queue).
     pub active_requests: u64,
+    /// Requests waiting in the pool queue for a backend below its `max_requests`.
+    pub queued_requests: usize,
     /// Whether active health checks run.
     pub health_checks: bool,
 }
@@ -713,6 +717,7 @@ impl Node {
             backends: counts,
             panic: pool.is_panic(&state),
             active_requests: pool.active_requests(),
+            queued_requests: pool.queue().len(),
             health_checks: state.settings.health_check.is_some(),
         }
     }
@@ -738,6 +743,7 @@ impl Node {
                     local_state: live.flags().local().state_name(),
                     in_rotation: live.is_routable(panic),
                     in_flight: live.in_flight(),
+                    max_requests: live.max_requests(),
                     requests: live.requests(),
                     errors: live.failures(),
                     consecutive_failures: live.consecutive_failures(),
@@ -980,6 +986,7 @@ fn build_state(
                 metrics: metrics.backend(&spec.name, &b.address),
             }),
         };
+        runtime.live.set_max_requests(b.max_requests);
         backends.push(Backend {
             address: Arc::clone(&runtime.address),
             addr: b.addr,

@@ -14,6 +14,7 @@ use fulcrum_stats::{AnalysisConfig, Classifier, DynamicWeightConfig, EndpointCon
 
 use crate::listener::{ClientTimeouts, ListenerProtocol};
 use crate::node::{ListenerSpec, NodeSpec, PoolSpec, RouteSpec};
+use crate::queue::{QueuePriority, QueueSettings};
 use crate::state::{
     BackendSpec, HashKeySource, HealthCheckSettings, HealthProbe, HedgeDelay, HedgePolicy,
     PoolSettings, RetryPolicy,
@@ -99,6 +100,11 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                 addr,
                 weight: b.weight,
                 tags: b.tags.clone(),
+                max_requests: if b.max_requests > 0 {
+                    b.max_requests
+                } else {
+                    p.default_max_requests
+                },
             });
         }
         let mut retry = RetryPolicy {
@@ -146,6 +152,16 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                     idle_timeout: p.timeouts.idle,
                 },
                 retry,
+                queue: QueueSettings {
+                    max_size: p.queue.max_size as usize,
+                    timeout: p.queue.timeout,
+                    priority: match p.queue.priority {
+                        fulcrum_config::QueuePriority::Fifo => QueuePriority::Fifo,
+                        fulcrum_config::QueuePriority::Class => QueuePriority::Class {
+                            long_offset: p.stats.long_request_threshold,
+                        },
+                    },
+                },
                 outlier: (&p.outlier_detection).into(),
                 panic_threshold: p.panic_threshold,
                 health_check,

@@ -31,6 +31,7 @@ use fulcrum_stats::{
 use parking_lot::Mutex;
 
 use crate::metrics::{BackendMetrics, PoolMetrics};
+use crate::queue::{PoolQueue, QueueSettings};
 use crate::upstream::{ConnPool, ConnSettings};
 
 /// Which failures of an attempt may be retried on another backend.
@@ -163,6 +164,8 @@ pub struct PoolSettings {
     pub conn: ConnSettings,
     /// Retry policy.
     pub retry: RetryPolicy,
+    /// The pool queue (used when backends have request limits).
+    pub queue: QueueSettings,
     /// Passive outlier detection.
     pub outlier: OutlierPolicy,
     /// Below this percentage of healthy backends, route to all of them (0 disables).
@@ -200,6 +203,7 @@ impl Default for PoolSettings {
                 idle_timeout: Duration::from_secs(60),
             },
             retry: RetryPolicy::default(),
+            queue: QueueSettings::default(),
             outlier: OutlierPolicy::default(),
             panic_threshold: 50,
             health_check: None,
@@ -227,6 +231,8 @@ pub struct BackendSpec {
     pub weight: u32,
     /// Free-form tags.
     pub tags: BTreeMap<String, String>,
+    /// Most requests in flight at once; 0 = unlimited.
+    pub max_requests: u32,
 }
 
 /// Runtime state of one backend of one pool, shared across pool-state swaps.
@@ -262,6 +268,9 @@ pub struct PoolState {
     pub endpoints: Arc<EndpointTable>,
     /// Per entry of `settings.tag_filters`: which backends carry every tag of it.
     tag_masks: Vec<Box<[bool]>>,
+    /// Whether some backend has a request limit: picks then consider only backends with
+    /// room, and requests wait in the pool queue when none has.
+    pub limited: bool,
 }
 
 /// Whether a backend with `tags` carries every tag of `required` with the same value.
@@ -289,6 +298,7 @@ impl PoolState {
             .iter()
             .map(|required| tags.iter().map(|t| has_tags(t, required)).collect())
             .collect();
+        let limited = backends.iter().any(|b| b.live.max_requests() > 0);
         Self {
             kind,
             strategy,
@@ -298,7 +308,16 @@ impl PoolState {
             settings,
             endpoints,
             tag_masks,
+            limited,
         }
+    }
+
+    /// Whether some backend could take a request now: routable (panic mode as given)
+    /// and below its request limit. O(n); used only on the queueing path.
+    pub fn has_room(&self, panic: bool) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.live.is_routable(panic) && b.live.has_capacity())
     }
 
     /// Which backends carry every tag of `required` (one flag per backend): precomputed
@@ -323,6 +342,9 @@ impl PoolState {
 pub struct Pool {
     name: Arc<str>,
     state: ArcSwap<PoolState>,
+    /// Requests waiting for a backend below its request limit; every backend of every
+    /// state of the pool tells it when a slot frees.
+    queue: Arc<PoolQueue>,
     /// Bumped after every flag change or state swap.
     health_generation: AtomicU64,
     /// `(generation << 1) | panic` as last computed.
@@ -374,8 +396,11 @@ impl Pool {
     /// A pool named `name` in `state`, counting into `metrics`.
     pub fn new(name: &str, state: PoolState, metrics: PoolMetrics) -> Self {
         let rate_config = state.settings.analysis.clone();
+        let queue = Arc::new(PoolQueue::new());
+        listen_for_release(&state, &queue);
         Self {
             name: name.into(),
+            queue,
             analysis: Mutex::new(Analysis {
                 rate: RateAnalyzer::new(rate_config.clone()),
                 rate_config,
@@ -442,8 +467,18 @@ impl Pool {
         self.state.load_full()
     }
 
+    /// The pool queue.
+    pub fn queue(&self) -> &Arc<PoolQueue> {
+        &self.queue
+    }
+
     /// Replaces the state; requests in flight keep the one they loaded.
     pub fn swap_state(&self, state: PoolState) -> Arc<PoolState> {
+        listen_for_release(&state, &self.queue);
+        // Limits may have been raised or lifted: let waiters look again.
+        if state.has_room(false) {
+            self.queue.wake_first();
+        }
         let old = self.state.swap(Arc::new(state));
         self.health_generation.fetch_add(1, Ordering::AcqRel);
         old
@@ -614,6 +649,14 @@ impl Pool {
     /// Requests currently in the pool (received, response head not yet sent).
     pub fn active_requests(&self) -> u64 {
         self.active_requests.load(Ordering::Relaxed)
+    }
+}
+
+/// Makes `queue` the release listener of `state`'s backends (new ones; a backend keeps
+/// the listener it got first, which is this pool's queue).
+fn listen_for_release(state: &PoolState, queue: &Arc<PoolQueue>) {
+    for backend in &state.backends {
+        backend.live.set_release_listener(Arc::clone(queue) as _);
     }
 }
 

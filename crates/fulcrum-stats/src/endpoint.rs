@@ -192,6 +192,15 @@ impl EndpointStats {
         }
     }
 
+    /// Records a request refused before any backend saw it (the pool queue was full or
+    /// timed out): counted, and counted as an error, but with no duration, since the time
+    /// it waited says nothing of how long the endpoint takes. The last-N average and the
+    /// class keep the durations already recorded.
+    pub fn record_refused(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Warm start: when nothing has been recorded here yet, fills the last-N ring with
     /// `average_ns` (an average persisted by the cluster, seed 000's `request:stats`) and
     /// classifies the endpoint from it, so a restarted node knows its long endpoints

@@ -111,6 +111,7 @@ pub struct PoolView<'a> {
     panic: bool,
     total_in_flight: Option<u64>,
     allowed: Option<&'a [bool]>,
+    capacity: bool,
 }
 
 impl<'a> PoolView<'a> {
@@ -122,7 +123,16 @@ impl<'a> PoolView<'a> {
             panic,
             total_in_flight: None,
             allowed: None,
+            capacity: false,
         }
+    }
+
+    /// The same view restricted, if `only_with_capacity`, to the backends below their
+    /// request limit ([`crate::LiveBackend::has_capacity`]): a pool with limits picks among
+    /// the backends that can take the request now, and queues it when none can.
+    pub fn with_capacity_only(mut self, only_with_capacity: bool) -> Self {
+        self.capacity = only_with_capacity;
+        self
     }
 
     /// The same view restricted to the backends `i` with `allowed[i]` (a route's
@@ -191,10 +201,12 @@ impl<'a> PoolView<'a> {
     }
 
     /// Whether backend `i` may receive this request: routable (see
-    /// [`crate::LiveBackend::is_routable`]) and not already tried by it.
+    /// [`crate::LiveBackend::is_routable`]), allowed by the route, below its request limit
+    /// when the view asks for capacity, and not already tried by it.
     #[inline]
     pub fn is_eligible(&self, i: usize) -> bool {
         self.backends[i].live.is_routable(self.panic)
+            && (!self.capacity || self.backends[i].live.has_capacity())
             && self
                 .allowed
                 .is_none_or(|a| a.get(i).copied().unwrap_or(false))
@@ -577,6 +589,36 @@ mod tests {
                 kind.name()
             );
         }
+    }
+
+    /// Every strategy, asked for a backend with room, never returns a full one, and
+    /// returns one whenever some eligible backend has room.
+    #[test]
+    fn every_strategy_respects_request_limits() {
+        let pool = testing::backends(&[1, 2, 3, 1]);
+        let full = [0usize, 2];
+        for backend in &pool {
+            backend.live.set_max_requests(1);
+        }
+        let guards: Vec<_> = full
+            .iter()
+            .map(|&i| pool[i].live.try_begin_classified(0, false).unwrap())
+            .collect();
+        for &kind in StrategyKind::ALL {
+            let strategy = build_strategy(kind, &pool, &StrategyParams::default());
+            for k in 0..50u64 {
+                let info = RequestInfo::new(k).with_hash_key(k.wrapping_mul(0x9E37_79B9));
+                let view = PoolView::new(&pool, &[], false).with_capacity_only(true);
+                let picked = strategy.pick(&info, &view);
+                let id = picked.unwrap_or_else(|| panic!("{kind:?}: none picked"));
+                assert!(
+                    !full.contains(&id.0),
+                    "{kind:?} picked full backend {}",
+                    id.0
+                );
+            }
+        }
+        drop(guards);
     }
 
     /// One backend of a random pool: weight, health flag (none, unhealthy or draining),
