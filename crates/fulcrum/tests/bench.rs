@@ -189,7 +189,7 @@ fn straggler_scenario_reports_one_row_per_strategy() {
 }
 
 #[test]
-fn duration_class_scenario_runs_both_modes_on_every_load() {
+fn duration_class_scenario_runs_both_modes_and_the_class_queue_on_every_load() {
     let report = bench_json(&[
         "--scenario",
         "duration-class",
@@ -203,22 +203,30 @@ fn duration_class_scenario_runs_both_modes_on_every_load() {
         .iter()
         .map(|l| l["load"].as_str().expect("load name"))
         .collect();
-    assert_eq!(names, ["mixed", "short-dominant", "long-dominant"]);
+    assert_eq!(
+        names,
+        ["mixed", "short-dominant", "long-dominant", "mixed, heavy"]
+    );
     for load in loads {
         assert!(load["floor_ms"].as_f64().is_some_and(|f| f > 0.0), "{load}");
         let rows = load["results"].as_array().expect("results");
-        let modes: Vec<(&str, &str)> = rows
+        let modes: Vec<(&str, &str, &str)> = rows
             .iter()
             .map(|r| {
                 (
                     r["strategy"].as_str().expect("strategy"),
                     r["mode"].as_str().expect("mode"),
+                    r["queueing"].as_str().expect("queueing"),
                 )
             })
             .collect();
         assert_eq!(
             modes,
-            [("duration_class", "static"), ("duration_class", "adaptive")]
+            [
+                ("duration_class", "static", "backend"),
+                ("duration_class", "adaptive", "backend"),
+                ("duration_class", "adaptive", "proxy_class"),
+            ]
         );
         for row in rows {
             assert!(count(&row["requests"]) > 0, "{row}");
