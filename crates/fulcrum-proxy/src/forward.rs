@@ -374,6 +374,23 @@ impl Request0<'_> {
         self.pick_in(now, tried, self.state.limited)
     }
 
+    /// Picks a backend not in `tried`, else (a retry after every eligible backend was
+    /// tried) any; among those with room if `with_room`.
+    fn pick_untried_first(
+        &self,
+        now: u64,
+        tried: &[BackendId],
+        with_room: bool,
+    ) -> Option<BackendId> {
+        self.pick_in(now, tried, with_room).or_else(|| {
+            if tried.is_empty() {
+                None
+            } else {
+                self.pick_in(now, &[], with_room)
+            }
+        })
+    }
+
     /// Picks a backend not in `tried`, among those with room if `with_room`.
     fn pick_in(&self, now: u64, tried: &[BackendId], with_room: bool) -> Option<BackendId> {
         let panic = self.pool.is_panic(self.state);
@@ -399,14 +416,7 @@ impl Request0<'_> {
         let now = now_ns();
         if !self.state.limited {
             let id = self
-                .pick(now, tried)
-                .or_else(|| {
-                    if tried.is_empty() {
-                        None
-                    } else {
-                        self.pick(now, &[])
-                    }
-                })
+                .pick_untried_first(now, tried, false)
                 .ok_or(Refusal::NoBackend)?;
             let guard = self.state.runtimes[id.0]
                 .live
@@ -420,9 +430,7 @@ impl Request0<'_> {
         }
         // Queue only for a backend that exists: with every backend unhealthy or tried,
         // waiting cannot help.
-        if self.pick_in(now, tried, false).is_none()
-            && (tried.is_empty() || self.pick_in(now, &[], false).is_none())
-        {
+        if self.pick_untried_first(now, tried, false).is_none() {
             return Err(Refusal::NoBackend);
         }
         Ok(None)
@@ -484,13 +492,7 @@ impl Request0<'_> {
     /// another request claimed the last slot first.
     fn take_room(&self, now: u64, tried: &[BackendId]) -> Option<(BackendId, InFlightGuard)> {
         for _ in 0..3 {
-            let id = self.pick(now, tried).or_else(|| {
-                if tried.is_empty() {
-                    None
-                } else {
-                    self.pick(now, &[])
-                }
-            })?;
+            let id = self.pick_untried_first(now, tried, true)?;
             if let Some(guard) = self.state.runtimes[id.0]
                 .live
                 .try_begin_classified(now, self.long())

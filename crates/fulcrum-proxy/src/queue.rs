@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::time::Duration;
 
 use fulcrum_balance::ReleaseListener;
+use fulcrum_stats::clock::duration_ns;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -75,7 +76,7 @@ impl QueueSettings {
     pub fn key(&self, arrived_ns: u64, long: bool) -> u64 {
         match self.priority {
             QueuePriority::Class { long_offset } if long => {
-                arrived_ns.saturating_add(u64::try_from(long_offset.as_nanos()).unwrap_or(u64::MAX))
+                arrived_ns.saturating_add(duration_ns(long_offset))
             }
             _ => arrived_ns,
         }

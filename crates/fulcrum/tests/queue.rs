@@ -6,16 +6,12 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Backend, DEADLINE, Node, client, eventually, simple_config};
+use common::{Backend, DEADLINE, Node, client, eventually, metric_value, simple_config};
 use serde_json::Value;
 
 /// The value of the first series of `name` whose line contains `labels`, 0 if absent.
 fn metric(metrics: &str, name: &str, labels: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
+    metric_value(metrics, name, labels).unwrap_or(0.0)
 }
 
 /// Sends a GET to `url` in the background; resolves to (status, JSON body or Null, when

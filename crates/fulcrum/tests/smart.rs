@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, DEADLINE, Load, Node, client, eventually, served_by, simple_config};
+use common::{
+    Backend, DEADLINE, Load, Node, client, eventually, metric_value, served_by, simple_config,
+};
 use serde_json::Value;
 
 /// GETs `url` and returns which backend served it (asserting a 200).
@@ -97,11 +99,7 @@ async fn hedged_get_completes_from_the_fast_backend() {
     }
     let metrics = node.metrics().await;
     let value = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l.contains("pool=\"app\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
+        metric_value(&metrics, name, "pool=\"app\"")
             .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
     };
     assert!(value("fulcrum_hedges_total") >= 3.0, "{metrics}");

@@ -503,6 +503,15 @@ pub fn weighted_config(strategy: &str, backends: &[(&Backend, u32)]) -> String {
     )
 }
 
+/// The value of the first series of metric `name` whose line in the Prometheus text
+/// `metrics` contains `labels` (e.g. `pool="app"`); `None` if there is none.
+pub fn metric_value(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
 /// A one-listener, one-pool configuration (`web` → pool `app`) with ephemeral ports; `pool_extra`
 /// is YAML indented by 4 spaces inserted in the pool.
 pub fn simple_config(strategy: &str, backends: &[&Backend], pool_extra: &str) -> String {
