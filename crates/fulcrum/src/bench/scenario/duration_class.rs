@@ -44,10 +44,10 @@
 //!   first with a central queue: −37 %), because long requests are 80 % of the work and
 //!   cannot be preempted; the seed's figure needs round robin further above the floor.
 //!   Its utilisation, like the others, comes from round robin alone;
-//! - 30 s per run (3 s with `--quick`): in the model, the standard deviation of one run's
-//!   improvement over round robin on the mixed load is about 24 percentage points at
-//!   10 s and 13 at 30 s; each strategy gets fresh backends and node and the same seeded
-//!   arrivals.
+//! - 30 s per run (3 s with `--quick`): in the model (`--runs 100 --seconds 30`), the
+//!   standard deviation of one run's improvement over round robin on the mixed load is
+//!   about 9 percentage points at 10 s and 6–8 at 30 s; each strategy gets fresh backends
+//!   and node and the same seeded arrivals.
 
 use std::time::Duration;
 
