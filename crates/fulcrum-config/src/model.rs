@@ -871,8 +871,8 @@ pub struct HedgeConfig {
     /// Floor of the `p95` delay (unused with a fixed delay). Default 5 ms.
     #[serde(with = "scalar::duration")]
     pub min_delay: Duration,
-    /// Hedges are at most this percent of the pool's requests. Default 10.
-    /// Validated: 1..=100.
+    /// Hedges sent in the last 10 s are at most this percent of the pool's requests in
+    /// the same 10 s. Default 10. Validated: 1..=100.
     pub budget_percent: u8,
     /// Requests with a body of at most this many bytes are buffered and may be hedged;
     /// 0 = only requests without a body. Default 65536 (64 KiB). Validated: ≤ 16777216

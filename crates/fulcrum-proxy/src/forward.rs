@@ -186,7 +186,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
         info = info.with_hash_key(key);
     }
     let hedge_delay = state.settings.hedge.as_ref().and_then(|policy| {
-        pool.count_hedgeable();
+        pool.count_hedgeable(started);
         match policy.delay {
             HedgeDelay::Fixed(delay) => Some(delay),
             HedgeDelay::P95 => endpoint
@@ -613,20 +613,23 @@ async fn hedged(
     let second = if *n_tried < tried.len()
         && state.strategy.hedge_allowed(now)
         && let Some(policy) = &settings.hedge
-        && r.pool.try_hedge(policy)
+        && let Some(second) = r.pick(now, &tried[..*n_tried])
+        // In a pool with request limits a hedge needs a free slot; it never queues.
+        && let Some(second_guard) = state.runtimes[second.0]
+            .live
+            .try_begin_classified(now, r.long())
+        // Charged last, so the budget counts only hedges that are sent (a refused claim
+        // drops the unused guard).
+        && r.pool.try_hedge(policy, now)
     {
-        r.pick(now, &tried[..*n_tried])
+        Some((second, second_guard))
     } else {
         None
     };
-    let Some(second) = second else {
+    let Some((second, second_guard)) = second else {
         return (first, first_guard, primary.await);
     };
     let runtime = &state.runtimes[second.0];
-    // In a pool with request limits a hedge needs a free slot; it never queues.
-    let Some(second_guard) = runtime.live.try_begin_classified(now, r.long()) else {
-        return (first, first_guard, primary.await);
-    };
     tried[*n_tried] = second;
     *n_tried += 1;
     r.pool.metrics().hedges.inc();

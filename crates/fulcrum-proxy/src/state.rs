@@ -137,7 +137,8 @@ pub struct HedgePolicy {
     pub delay: HedgeDelay,
     /// Floor of the p95 delay.
     pub min_delay: Duration,
-    /// Hedges sent stay at most this percentage (1..=100) of the pool's requests.
+    /// Hedges sent in the last [`HEDGE_BUDGET_WINDOW_SECS`] seconds stay at most this
+    /// percentage (1..=100) of the pool's requests in the same seconds.
     pub budget_percent: u32,
     /// Request bodies up to this many bytes (declared `Content-Length`) are buffered so
     /// the request can be hedged; larger or chunked bodies are never hedged.
@@ -356,10 +357,20 @@ pub struct Pool {
     rate: RateCounter,
     /// Rate analysis and dynamic weights, driven by the pool's background task.
     analysis: Mutex<Analysis>,
-    /// Requests seen while a hedge policy was set, and hedges sent (hedge budget).
-    hedge_requests: AtomicU64,
-    hedges: AtomicU64,
+    /// Hedge budget: requests per second seen while a hedge policy was set, and hedges
+    /// sent per second, over the last [`HEDGE_BUDGET_WINDOW_SECS`].
+    hedge_requests: RateCounter,
+    hedges_sent: RateCounter,
+    /// Serialises hedge claims, so that concurrent claims cannot overshoot the budget
+    /// (taken only when a hedge delay has passed, never by ordinary requests).
+    hedge_claim: Mutex<()>,
 }
+
+/// The hedge budget's window: hedges sent in the last this many seconds (and the second
+/// in progress) are compared with the requests of the same seconds. Finagle's
+/// `RetryBudget` lets deposits expire after the same 10 s (its default `ttl`), so a quiet
+/// hour does not bank a burst of hedges for the next incident.
+pub const HEDGE_BUDGET_WINDOW_SECS: u64 = 10;
 
 /// Longest rate history any configuration may ask for (`analysis.horizon` ≤ 3600 s).
 const MAX_RATE_HORIZON: Duration = Duration::from_secs(3600);
@@ -418,8 +429,9 @@ impl Pool {
             active_retries: AtomicU64::new(0),
             metrics,
             rate: RateCounter::new(MAX_RATE_HORIZON),
-            hedge_requests: AtomicU64::new(0),
-            hedges: AtomicU64::new(0),
+            hedge_requests: RateCounter::new(Duration::from_secs(HEDGE_BUDGET_WINDOW_SECS)),
+            hedges_sent: RateCounter::new(Duration::from_secs(HEDGE_BUDGET_WINDOW_SECS)),
+            hedge_claim: Mutex::new(()),
         }
     }
 
@@ -438,22 +450,32 @@ impl Pool {
         &self.analysis
     }
 
-    /// Counts a request toward the hedge budget (only while a hedge policy is set).
+    /// Counts a request arriving at `now_ns` (clock ns) toward the hedge budget (only
+    /// while a hedge policy is set). Lock-free: one atomic add in the common case.
     #[inline]
-    pub fn count_hedgeable(&self) {
-        self.hedge_requests.fetch_add(1, Ordering::Relaxed);
+    pub fn count_hedgeable(&self, now_ns: u64) {
+        self.hedge_requests.record(now_ns);
     }
 
-    /// Claims a hedge if `policy`'s budget allows: hedges sent stay at most
-    /// `budget_percent` % of the requests counted by [`Pool::count_hedgeable`].
-    pub fn try_hedge(&self, policy: &HedgePolicy) -> bool {
-        let requests = self.hedge_requests.load(Ordering::Relaxed);
+    /// Claims a hedge at `now_ns` if `policy`'s budget allows: the hedges sent in the
+    /// last [`HEDGE_BUDGET_WINDOW_SECS`] seconds (and the second in progress) stay at
+    /// most `budget_percent` % of the requests counted by [`Pool::count_hedgeable`] in
+    /// the same seconds. A sliding window rather than totals since start, so the budget
+    /// follows the current traffic.
+    pub fn try_hedge(&self, policy: &HedgePolicy, now_ns: u64) -> bool {
+        let _claim = self.hedge_claim.lock();
+        let requests = self
+            .hedge_requests
+            .recent_total(HEDGE_BUDGET_WINDOW_SECS, now_ns);
         let budget = requests * u64::from(policy.budget_percent) / 100;
-        self.hedges
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                (h < budget).then_some(h + 1)
-            })
-            .is_ok()
+        let sent = self
+            .hedges_sent
+            .recent_total(HEDGE_BUDGET_WINDOW_SECS, now_ns);
+        if sent >= budget {
+            return false;
+        }
+        self.hedges_sent.record(now_ns);
+        true
     }
 
     /// The pool's name.
@@ -701,5 +723,79 @@ pub struct ActiveRetry {
 impl Drop for ActiveRetry {
     fn drop(&mut self) {
         self.pool.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn pool() -> Pool {
+        let state = PoolState::new(
+            StrategyKind::RoundRobin,
+            vec![],
+            vec![],
+            vec![],
+            PoolSettings::default(),
+            None,
+        );
+        Pool::new("app", state, Metrics::new().pool("app"))
+    }
+
+    fn policy(budget_percent: u32) -> HedgePolicy {
+        HedgePolicy {
+            delay: HedgeDelay::Fixed(Duration::from_millis(10)),
+            min_delay: Duration::from_millis(5),
+            budget_percent,
+            max_body_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn hedge_budget_is_a_share_of_recent_requests() {
+        let pool = pool();
+        let policy = policy(10);
+        // Clock seconds far from 0, as on a running node.
+        let t0 = 1_000 * SEC;
+        for _ in 0..100 {
+            pool.count_hedgeable(t0);
+        }
+        let granted = (0..20).filter(|_| pool.try_hedge(&policy, t0)).count();
+        assert_eq!(granted, 10, "10 % of 100 requests");
+        // Later in the window: still spent.
+        assert!(!pool.try_hedge(&policy, t0 + 5 * SEC));
+        // After a quiet spell the old requests no longer fund hedges: no burst is banked.
+        let later = t0 + 2 * HEDGE_BUDGET_WINDOW_SECS * SEC;
+        assert!(!pool.try_hedge(&policy, later));
+        for _ in 0..20 {
+            pool.count_hedgeable(later);
+        }
+        let granted = (0..20).filter(|_| pool.try_hedge(&policy, later)).count();
+        assert_eq!(granted, 2, "10 % of the 20 requests in the window");
+    }
+
+    #[test]
+    fn concurrent_hedge_claims_never_overshoot_the_budget() {
+        let pool = Arc::new(pool());
+        let now = 1_000 * SEC;
+        for _ in 0..1_000 {
+            pool.count_hedgeable(now);
+        }
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                std::thread::spawn(move || {
+                    (0..200).filter(|_| pool.try_hedge(&policy(5), now)).count()
+                })
+            })
+            .collect();
+        let granted: usize = threads
+            .into_iter()
+            .map(|t| t.join().expect("claim thread panicked"))
+            .sum();
+        assert_eq!(granted, 50, "5 % of 1000 requests, across 4 threads");
     }
 }

@@ -86,16 +86,27 @@ impl RateCounter {
             .saturating_add(1)
             .max(current.saturating_sub(self.horizon_secs));
         (first..current)
-            .map(|second| {
-                let word = self.bucket(second).load(Ordering::Relaxed);
-                let count = if stamp_of_word(word) == stamp_of(second) {
-                    word & COUNT_MASK
-                } else {
-                    0
-                };
-                (second, count)
-            })
+            .map(|second| (second, self.count_of(second)))
             .collect()
+    }
+
+    /// Events in the second containing `now_ns` plus the `seconds` complete seconds
+    /// before it (at most the horizon): a sliding-window total, without allocating.
+    pub fn recent_total(&self, seconds: u64, now_ns: u64) -> u64 {
+        let current = now_ns / NS_PER_SEC;
+        let first = current.saturating_sub(seconds.min(self.horizon_secs));
+        (first..=current).map(|second| self.count_of(second)).sum()
+    }
+
+    /// The count of `second`, 0 if its bucket holds another second.
+    #[inline]
+    fn count_of(&self, second: u64) -> u64 {
+        let word = self.bucket(second).load(Ordering::Relaxed);
+        if stamp_of_word(word) == stamp_of(second) {
+            word & COUNT_MASK
+        } else {
+            0
+        }
     }
 
     #[inline]
@@ -143,6 +154,22 @@ mod tests {
         );
         assert_eq!(c.completed_seconds(7, 8 * SEC + SEC / 2), []);
         assert_eq!(c.completed_seconds(7, 9 * SEC), [(8, 1)]);
+    }
+
+    #[test]
+    fn recent_total_sums_the_current_and_the_last_seconds() {
+        let c = RateCounter::new(Duration::from_secs(10));
+        c.record(2 * SEC); // outside a 3-s window at 6.5 s
+        for _ in 0..3 {
+            c.record(4 * SEC);
+        }
+        c.record(6 * SEC + 1); // the second in progress
+        assert_eq!(c.recent_total(3, 6 * SEC + SEC / 2), 4);
+        assert_eq!(c.recent_total(4, 6 * SEC + SEC / 2), 5);
+        assert_eq!(c.recent_total(0, 6 * SEC + SEC / 2), 1);
+        // Beyond the horizon is capped, and stale buckets count 0.
+        assert_eq!(c.recent_total(100, 6 * SEC), 5);
+        assert_eq!(c.recent_total(10, 40 * SEC), 0);
     }
 
     #[test]
