@@ -146,6 +146,9 @@ pub(crate) async fn set_weight(
     ))
 }
 
+/// Largest `max_requests`, as in the configuration (`backends[].max_requests`).
+const MAX_REQUESTS_LIMIT: u32 = 1_000_000;
+
 /// Body of `POST /api/pools/{pool}/backends`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,6 +158,9 @@ pub(crate) struct AddBackendBody {
     weight: u32,
     #[serde(default)]
     tags: std::collections::BTreeMap<String, String>,
+    /// Most requests in flight at once; 0 (default) = the pool's `default_max_requests`.
+    #[serde(default)]
+    max_requests: u32,
     /// Registry pools: seconds the registration lives unless refreshed (default 30).
     #[serde(default)]
     ttl_secs: Option<u64>,
@@ -174,6 +180,16 @@ pub(crate) async fn add_backend(
     crate::pool_named(&state, &pool)?;
     let plane = control(&state)?;
     check_weight(body.weight)?;
+    if body.max_requests > MAX_REQUESTS_LIMIT {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_max_requests",
+            format!(
+                "max_requests {} is out of range 0..={MAX_REQUESTS_LIMIT}",
+                body.max_requests
+            ),
+        ));
+    }
     if body.address.parse::<SocketAddr>().is_err() && !body.address.contains(':') {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -185,7 +201,7 @@ pub(crate) async fn add_backend(
         address: body.address.clone(),
         weight: body.weight,
         tags: body.tags,
-        max_requests: 0,
+        max_requests: body.max_requests,
     };
     if plane.uses_registry(&pool) {
         let ttl = Duration::from_secs(body.ttl_secs.unwrap_or(30).clamp(1, 86_400));

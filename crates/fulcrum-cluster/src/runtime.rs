@@ -755,6 +755,7 @@ impl ControlPlane {
                     address: backend.address.clone(),
                     weight: backend.weight,
                     tags: backend.tags.clone(),
+                    max_requests: backend.max_requests,
                 },
                 ttl,
             )
@@ -827,7 +828,7 @@ impl ControlPlane {
                         address: r.address,
                         weight: r.weight.max(1),
                         tags: r.tags,
-                        max_requests: 0,
+                        max_requests: r.max_requests,
                     })
                     .collect();
                 backends.sort_by(|a, b| a.address.cmp(&b.address));

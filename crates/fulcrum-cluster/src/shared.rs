@@ -58,6 +58,10 @@ pub struct BackendOverlay {
     /// Set when the backend was added at run time (not in the file): its tags.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub added: Option<BTreeMap<String, String>>,
+    /// For a backend added at run time: its `max_requests` (0 = the pool's
+    /// `default_max_requests`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_requests: u32,
     /// The backend was removed at run time.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
@@ -246,6 +250,7 @@ impl SharedConfig {
                 entry.removed = false;
                 entry.added = Some(backend.tags.clone());
                 entry.weight = Some(backend.weight);
+                entry.max_requests = backend.max_requests;
             }
             Change::RemoveBackend { address, .. } => {
                 if !self.has_backend(base, discovered, pool, address) {
@@ -300,6 +305,10 @@ impl SharedConfig {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 fn change_address(change: &Change) -> Option<&str> {
     match change {
         Change::Admin { address, .. }
@@ -342,7 +351,7 @@ pub fn effective_backends(
                     address: address.clone(),
                     weight: c.weight.unwrap_or(1),
                     tags: tags.clone(),
-                    max_requests: 0,
+                    max_requests: c.max_requests,
                 });
             }
         }

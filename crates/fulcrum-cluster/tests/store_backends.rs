@@ -241,11 +241,13 @@ async fn registry_entries_expire_after_their_ttl(server: Server) {
         address: "10.0.0.1:80".to_owned(),
         weight: 2,
         tags: [("zone".to_owned(), "a".to_owned())].into(),
+        max_requests: 16,
     };
     let long = RegisteredBackend {
         address: "10.0.0.2:80".to_owned(),
         weight: 1,
         tags: Default::default(),
+        max_requests: 0,
     };
     store
         .register_backend("app", &short, ttl)

@@ -868,10 +868,27 @@ async fn a_single_node_changes_weights_and_backends_at_run_time() {
     let (status, body) = node
         .api_post(
             "/api/pools/app/backends",
-            Some(json!({"address": b3.address(), "tags": {"zone": "c"}})),
+            Some(json!({"address": b3.address(), "max_requests": 1_000_001})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_max_requests");
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/backends",
+            Some(json!({"address": b3.address(), "tags": {"zone": "c"}, "max_requests": 7})),
         )
         .await;
     assert_eq!(status, 201, "{body}");
+    let listed = node.api("/api/pools/app/backends").await;
+    let limit_of = |address: String| {
+        listed["backends"]
+            .as_array()
+            .and_then(|all| all.iter().find(|b| b["address"] == address.as_str()))
+            .map(|b| b["max_requests"].clone())
+    };
+    assert_eq!(limit_of(b3.address()), Some(json!(7)), "{listed}");
+    assert_eq!(limit_of(b2.address()), Some(json!(0)), "{listed}");
     let spread = common::spread(&node.url("web"), 40).await;
     assert_eq!(spread.get("b1"), None, "{spread:?}");
     assert_eq!(spread.get("b2"), Some(&30), "{spread:?}");

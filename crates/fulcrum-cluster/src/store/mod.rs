@@ -190,6 +190,9 @@ pub struct RegisteredBackend {
     pub weight: u32,
     /// Free-form tags.
     pub tags: BTreeMap<String, String>,
+    /// Most requests in flight at once (0 = the pool's `default_max_requests`); absent in
+    /// records written before it existed.
+    pub max_requests: u32,
 }
 
 /// Statistics of one endpoint (`GET /v1/users/{id}`), as persisted in seed 000's
