@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 
 use fulcrum_config::{BackendConfig, DnsRecord};
 use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 
 /// A DNS resolver using the system configuration (`/etc/resolv.conf`).
@@ -23,6 +25,35 @@ impl std::fmt::Debug for Dns {
 }
 
 impl Dns {
+    /// A resolver asking `nameservers` in order (over UDP, then TCP for truncated
+    /// answers), or the system's name servers when it is empty.
+    ///
+    /// # Errors
+    /// The resolver's message when the system configuration cannot be read or the
+    /// resolver cannot be built.
+    pub fn new(nameservers: &[SocketAddr]) -> Result<Dns, String> {
+        if nameservers.is_empty() {
+            return Self::system();
+        }
+        let servers = nameservers
+            .iter()
+            .map(|server| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = server.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = server.port();
+                NameServerConfig::new(server.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        let resolver = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            TokioRuntimeProvider::default(),
+        )
+        .build()
+        .map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
+        Ok(Dns { resolver })
+    }
+
     /// A resolver from the system configuration.
     ///
     /// # Errors
@@ -142,5 +173,37 @@ mod tests {
             "{local:?}"
         );
         assert!(dns.resolve("no-port", DnsRecord::A).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn srv_records_from_a_configured_name_server() {
+        use crate::testutil::DnsServer;
+        let server = DnsServer::start(&[
+            "srv-host=_http._tcp.app.test,b1.app.test,8081,0,3",
+            "srv-host=_http._tcp.app.test,b2.app.test,8082,0,1",
+            // A higher priority value: a fallback, not used while priority 0 answers.
+            "srv-host=_http._tcp.app.test,b3.app.test,8083,1,5",
+            "host-record=b1.app.test,127.0.0.1",
+            "host-record=b2.app.test,127.0.0.2",
+            "host-record=b3.app.test,127.0.0.3",
+            "host-record=web.app.test,127.0.0.9",
+        ]);
+        let dns = Dns::new(&[server.address()]).expect("resolver");
+        let srv = dns
+            .resolve("_http._tcp.app.test", DnsRecord::Srv)
+            .await
+            .expect("SRV answer");
+        let got: Vec<(&str, u32)> = srv.iter().map(|b| (b.address.as_str(), b.weight)).collect();
+        assert_eq!(got, [("127.0.0.1:8081", 3), ("127.0.0.2:8082", 1)]);
+        let a = dns
+            .resolve("web.app.test:9000", DnsRecord::A)
+            .await
+            .expect("A answer");
+        assert_eq!(a[0].address, "127.0.0.9:9000");
+        let missing = dns
+            .resolve("_http._tcp.none.test", DnsRecord::Srv)
+            .await
+            .expect_err("no such name");
+        assert!(missing.contains("_http._tcp.none.test"), "{missing}");
     }
 }

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use fulcrum_balance::BackendFlags;
 use fulcrum_config::{
-    BackendConfig, ClusterConfig, Config, CoordinationBackend, DiscoverySource, HealthMergeRule,
+    BackendConfig, ClusterConfig, Config, CoordinationBackend, DiscoveryConfig, DiscoverySource,
+    HealthMergeRule,
 };
 use fulcrum_proxy::Node;
 use fulcrum_proxy::spec::node_spec;
@@ -239,6 +240,9 @@ struct Inner {
     cluster: Option<ClusterParts>,
     views: Mutex<Vec<BackendClusterView>>,
     assignments: Mutex<BTreeMap<String, String>>,
+    /// The discovery settings of the pools that discover backends, and the token of the
+    /// tasks running them (replaced when a reload changes the settings).
+    discovery: Mutex<(BTreeMap<String, DiscoveryConfig>, CancellationToken)>,
     cancel: CancellationToken,
 }
 
@@ -322,6 +326,7 @@ impl ControlPlane {
                 cluster,
                 views: Mutex::new(Vec::new()),
                 assignments: Mutex::new(BTreeMap::new()),
+                discovery: Mutex::new((BTreeMap::new(), cancel.child_token())),
                 cancel,
             }),
         };
@@ -501,8 +506,17 @@ impl ControlPlane {
     /// The validator's or the node's message; nothing changed then.
     pub fn set_base(&self, config: Config) -> Result<(), String> {
         let shared = self.inner.shared.lock().clone();
-        let discovered = self.inner.discovered.lock().clone();
+        // Backends found for a pool that no longer discovers any leave with the reload.
+        let mut discovered = self.inner.discovered.lock().clone();
+        discovered.retain(|pool, _| {
+            config
+                .pools
+                .get(pool)
+                .is_some_and(|p| p.discovery.source != DiscoverySource::Static)
+        });
         self.apply(&config, &shared, &discovered)?;
+        *self.inner.discovered.lock() = discovered;
+        self.spawn_discovery(&config);
         *self.inner.base.lock() = config;
         Ok(())
     }
@@ -798,6 +812,10 @@ impl ControlPlane {
     // ------------------------------------------------------------------ discovery --
 
     fn set_discovered(&self, pool: &str, backends: Vec<BackendConfig>) {
+        // A resolution that finished after a reload stopped this pool's discovery.
+        if !self.inner.discovery.lock().0.contains_key(pool) {
+            return;
+        }
         {
             let current = self.inner.discovered.lock();
             if current.get(pool) == Some(&backends) {
@@ -841,18 +859,36 @@ impl ControlPlane {
         }
     }
 
+    /// Starts a task per pool that discovers backends (DNS or the registry), replacing
+    /// the running ones if `config`'s discovery settings differ from theirs.
     fn spawn_discovery(&self, config: &Config) {
-        for (name, pool) in &config.pools {
-            let d = pool.discovery.clone();
-            if d.source == DiscoverySource::Static {
-                continue;
+        let wanted: BTreeMap<String, DiscoveryConfig> = config
+            .pools
+            .iter()
+            .filter(|(_, p)| p.discovery.source != DiscoverySource::Static)
+            .map(|(name, p)| (name.clone(), p.discovery.clone()))
+            .collect();
+        let tasks = {
+            let mut running = self.inner.discovery.lock();
+            if running.0 == wanted {
+                return;
             }
+            running.1.cancel();
+            *running = (wanted.clone(), self.inner.cancel.child_token());
+            running.1.clone()
+        };
+        for (name, d) in wanted {
             let plane = self.clone();
-            let name = name.clone();
-            let cancel = self.inner.cancel.child_token();
+            let cancel = tasks.child_token();
             tokio::spawn(async move {
                 let dns = match d.source {
-                    DiscoverySource::Dns => match Dns::system() {
+                    DiscoverySource::Dns => match Dns::new(
+                        // Validated: every entry parses.
+                        &d.nameservers
+                            .iter()
+                            .filter_map(|s| fulcrum_config::parse_nameserver(s))
+                            .collect::<Vec<_>>(),
+                    ) {
                         Ok(dns) => Some(dns),
                         Err(error) => {
                             tracing::error!(pool = %name, %error, "dns discovery disabled");
@@ -872,6 +908,8 @@ impl ControlPlane {
                         (Some(dns), DiscoverySource::Dns) => {
                             let name_to_resolve = d.name.clone().unwrap_or_default();
                             match dns.resolve(&name_to_resolve, d.record).await {
+                                // Not after a reload replaced these settings.
+                                Ok(_) if cancel.is_cancelled() => return,
                                 Ok(backends) => plane.set_discovered(&name, backends),
                                 Err(error) => {
                                     tracing::warn!(pool = %name, %error, "dns discovery failed; keeping the last answer")

@@ -1,9 +1,11 @@
-//! Real coordination servers for tests: a `redis-server` or a single-member `etcd` on
-//! free 127.0.0.1 ports with a throw-away data directory, killed (SIGKILL) when dropped.
+//! Real servers for tests: a `redis-server` or a single-member `etcd` on free 127.0.0.1
+//! ports with a throw-away data directory, and a `dnsmasq` answering fixed records; each
+//! killed (SIGKILL) when dropped.
 //!
-//! Used by this crate's store tests and by the binary's end-to-end tests. The servers
-//! must be installed (`redis-server`, `etcd` 3.4+ on `PATH`); constructors panic with a
-//! message saying what is missing, since a test cannot proceed without them.
+//! Used by this crate's store and discovery tests and by the binary's end-to-end tests.
+//! The servers must be installed (`redis-server`, `etcd` 3.4+, `dnsmasq` on `PATH`);
+//! constructors panic with a message saying what is missing, since a test cannot proceed
+//! without them.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -160,6 +162,70 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A `dnsmasq` on a free 127.0.0.1 port (UDP and TCP) answering only the records it was
+/// started with (no upstream, no `/etc/hosts`), killed when dropped.
+pub struct DnsServer {
+    child: Option<Child>,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl DnsServer {
+    /// Starts `dnsmasq` with `records`, each one of its record options without the leading
+    /// dashes: `srv-host=_http._tcp.app.test,b1.app.test,8081,0,3` (name, target, port,
+    /// priority, weight) or `host-record=b1.app.test,127.0.0.1`; waits until it accepts
+    /// TCP connections.
+    ///
+    /// # Panics
+    /// If `dnsmasq` cannot be started or does not listen within 20 s.
+    pub fn start(records: &[&str]) -> DnsServer {
+        let port = free_port();
+        let dir = TempDir::new("dns");
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args(["--keep-in-foreground", "--conf-file=/dev/null"])
+            .args(["--no-resolv", "--no-hosts", "--no-poll"])
+            .args(["--listen-address=127.0.0.1", "--bind-interfaces"])
+            .arg(format!("--port={port}"))
+            // Stay the invoking user (dnsmasq started as root would switch to `nobody`).
+            .arg(format!("--user={}", current_user()))
+            .arg("--pid-file=")
+            .arg("--log-queries")
+            .args(records.iter().map(|r| format!("--{r}")));
+        let mut child = spawn_logged(cmd, &dir.path().join("dnsmasq.log"), "dnsmasq");
+        wait_ready("dnsmasq", Some(&mut child), || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        });
+        DnsServer {
+            child: Some(child),
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `127.0.0.1:<port>`, for `discovery.nameservers`.
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// The user running the tests (`$USER`, else `root`), for dnsmasq's `--user`.
+fn current_user() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".to_owned())
 }
 
 /// A directory under the system temporary directory, removed when dropped.

@@ -58,6 +58,7 @@ pub use model::{
     ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig, PoolConfig,
     Protocol, QueueConfig, QueuePriority, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
     RuntimeConfig, SlowStartConfig, StatsConfig, TailAwareConfig, UpstreamTimeouts,
+    parse_nameserver,
 };
 pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 

@@ -914,6 +914,22 @@ pub struct DiscoveryConfig {
     /// registry. Default 5 s. Validated: ≥ 100 ms.
     #[serde(with = "scalar::duration")]
     pub interval: Duration,
+    /// `dns`: the name servers to ask, as `ip:port` or `ip` (port 53), in order (HAProxy's
+    /// `resolvers` `nameserver` lines, Envoy's `dns_resolvers`), for example a Consul
+    /// agent's DNS interface at `127.0.0.1:8600`. Empty (default) = the system's
+    /// (`/etc/resolv.conf`). Validated: each parses; only with `source: dns`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+}
+
+/// A name server of `discovery.nameservers`: `ip:port`, or `ip` with port 53; `None` when
+/// `text` is neither.
+pub fn parse_nameserver(text: &str) -> Option<std::net::SocketAddr> {
+    text.parse::<std::net::SocketAddr>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| std::net::SocketAddr::new(ip, 53))
+    })
 }
 
 impl Default for DiscoveryConfig {
@@ -923,6 +939,7 @@ impl Default for DiscoveryConfig {
             name: None,
             record: DnsRecord::A,
             interval: Duration::from_secs(5),
+            nameservers: Vec::new(),
         }
     }
 }

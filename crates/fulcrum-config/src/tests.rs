@@ -1190,9 +1190,34 @@ fn cluster_and_discovery_mistakes_name_their_field() {
     assert!(d[0].3.contains("coordination store"), "{d:?}");
     let d = diags(&with_pool_keys("    discovery: { source: dns }\n"));
     assert_eq!(d[0].2, "pools.app.discovery", "{d:?}");
+    // Name servers: each `ip:port` or `ip`, and only for `dns`.
+    let d = diags(&with_pool_keys(
+        "    discovery: { source: dns, name: \"localhost:80\", nameservers: [\"127.0.0.1:8600\", \"dns.local\"] }\n",
+    ));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].2, "pools.app.discovery.nameservers[1]", "{d:?}");
+    assert!(d[0].3.contains("\"dns.local\" is not `ip:port`"), "{d:?}");
+    let d = diags(&with_pool_keys(
+        "    discovery: { source: static, nameservers: [\"10.0.0.2\"] }\n",
+    ));
+    assert_eq!(d[0].2, "pools.app.discovery.nameservers", "{d:?}");
+    assert!(d[0].3.contains("only used with `source: dns`"), "{d:?}");
     // A pool may list no backends when it discovers them.
     let c = parse_ok(
-        "listeners:\n  - name: web\n    listen: 127.0.0.1:8080\n    routes: [{ pool: app }]\npools:\n  app:\n    backends: []\n    discovery: { source: dns, name: \"localhost:80\" }\n",
+        "listeners:\n  - name: web\n    listen: 127.0.0.1:8080\n    routes: [{ pool: app }]\npools:\n  app:\n    backends: []\n    discovery: { source: dns, name: \"localhost:80\", nameservers: [\"127.0.0.1:8600\", \"10.0.0.2\"] }\n",
     );
     assert!(c.pools["app"].backends.is_empty());
+    let servers: Vec<_> = c.pools["app"]
+        .discovery
+        .nameservers
+        .iter()
+        .filter_map(|s| crate::parse_nameserver(s))
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            "127.0.0.1:8600".parse().expect("literal"),
+            "10.0.0.2:53".parse().expect("literal")
+        ]
+    );
 }

@@ -804,6 +804,23 @@ impl Checker<'_> {
                 format!("{d:?} is below the minimum of 100ms", d = d.interval),
             );
         }
+        if d.source == DiscoverySource::Dns {
+            for (i, server) in d.nameservers.iter().enumerate() {
+                if crate::model::parse_nameserver(server).is_none() {
+                    self.report(
+                        &format!("{p}.nameservers[{i}]"),
+                        Anchor::Value,
+                        format!("name server \"{server}\" is not `ip:port` or `ip`"),
+                    );
+                }
+            }
+        } else if !d.nameservers.is_empty() {
+            self.report(
+                &format!("{p}.nameservers"),
+                Anchor::Key,
+                "`nameservers` is only used with `source: dns`".to_owned(),
+            );
+        }
         match d.source {
             DiscoverySource::Static => {
                 if d.name.is_some() {

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Backend, DEADLINE, Load, Node, assert_all_ok, backends_yaml, client, eventually};
-use fulcrum_cluster::testutil::{EtcdServer, RedisServer};
+use fulcrum_cluster::testutil::{DnsServer, EtcdServer, RedisServer};
 use serde_json::{Value, json};
 
 /// A free UDP port on 127.0.0.1 (bound, then released for the node to take).
@@ -760,6 +760,73 @@ async fn dns_discovery_adds_resolved_backends() {
             .any(|x| x["address"] == format!("127.0.0.1:{}", b.addr.port()).as_str()),
         "{v}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_discovery_follows_weights_and_priority_and_stops_on_reload() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let b3 = Backend::start("b3", &[]);
+    let srv = |b: &Backend, priority: u16, weight: u16| {
+        format!(
+            "srv-host=_http._tcp.app.test,{}.app.test,{},{priority},{weight}",
+            b.name,
+            b.addr.port()
+        )
+    };
+    let records = [
+        srv(&b1, 0, 3),
+        srv(&b2, 0, 1),
+        // Priority 1: a fallback, unused while priority 0 has targets (RFC 2782).
+        srv(&b3, 1, 1),
+        "host-record=b1.app.test,127.0.0.1".to_owned(),
+        "host-record=b2.app.test,127.0.0.1".to_owned(),
+        "host-record=b3.app.test,127.0.0.1".to_owned(),
+    ];
+    let dns = DnsServer::start(&records.iter().map(String::as_str).collect::<Vec<_>>());
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    strategy: weighted_round_robin\n    backends: []\n    discovery: {{ source: dns, record: srv, name: _http._tcp.app.test, nameservers: [\"{}\"], interval: 200ms }}\n",
+        dns.address()
+    );
+    let node = Node::start(&yaml);
+    eventually(DEADLINE, "both SRV targets are in the pool", async || {
+        let v = node.api("/api/pools/app/backends").await;
+        (v["backends"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
+    let url = format!("{}/x", node.url("web"));
+    let spread = common::spread(&url, 40).await;
+    assert_eq!(spread.get("b1"), Some(&30), "SRV weight 3: {spread:?}");
+    assert_eq!(spread.get("b2"), Some(&10), "SRV weight 1: {spread:?}");
+    assert_eq!(
+        spread.get("b3"),
+        None,
+        "priority 1 is a fallback: {spread:?}"
+    );
+
+    // A reload to a static list stops discovery and drops what it had found.
+    let (admin, web) = (node.admin, node.listeners["web"]);
+    let next = common::simple_config("round_robin", &[&b3], "")
+        .replacen("listen: 127.0.0.1:0", &format!("listen: {admin}"), 1)
+        .replacen("listen: 127.0.0.1:0", &format!("listen: {web}"), 1);
+    std::fs::write(node.config.path(), &next).expect("rewrite config");
+    let (status, body) = node.api_post("/api/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let v = node.api("/api/pools/app/backends").await;
+    let listed: Vec<&str> = v["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter_map(|b| b["address"].as_str())
+        .collect();
+    assert_eq!(listed, [b3.address().as_str()], "{v}");
+    // Three discovery intervals later, the stopped task has not brought them back (a
+    // check that something does not happen: there is no event to poll for).
+    let spread = common::spread(&url, 20).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = common::spread(&url, 20).await;
+    assert_eq!(spread.get("b3"), Some(&20), "{spread:?}");
+    assert_eq!(later.get("b3"), Some(&20), "{later:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
