@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fulcrum_balance::{BackendId, InFlightGuard, PoolView, RequestClass, RequestInfo};
+use fulcrum_balance::{BackendId, InFlightGuard, RequestInfo};
 use fulcrum_stats::EndpointStats;
 use fulcrum_stats::clock::now_ns;
 use http::header::{CONNECTION, HeaderValue, UPGRADE};
@@ -41,6 +41,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::admission::{Admission, Refusal};
 use crate::body::{ClientBody, EndpointRecord, ProxyBody, UpstreamBody as ResponseBody};
 use crate::h1_guard::FramingVerdicts;
 use crate::headers;
@@ -364,143 +365,14 @@ struct Request0<'a> {
 }
 
 impl Request0<'_> {
-    fn long(&self) -> bool {
-        self.info.class == RequestClass::Long
-    }
-
-    /// Picks a backend not in `tried`; `None` if none is eligible. In a pool with
-    /// request limits only backends with room are eligible.
-    fn pick(&self, now: u64, tried: &[BackendId]) -> Option<BackendId> {
-        self.pick_in(now, tried, self.state.limited)
-    }
-
-    /// Picks a backend not in `tried`, else (a retry after every eligible backend was
-    /// tried) any; among those with room if `with_room`.
-    fn pick_untried_first(
-        &self,
-        now: u64,
-        tried: &[BackendId],
-        with_room: bool,
-    ) -> Option<BackendId> {
-        self.pick_in(now, tried, with_room).or_else(|| {
-            if tried.is_empty() {
-                None
-            } else {
-                self.pick_in(now, &[], with_room)
-            }
-        })
-    }
-
-    /// Picks a backend not in `tried`, among those with room if `with_room`.
-    fn pick_in(&self, now: u64, tried: &[BackendId], with_room: bool) -> Option<BackendId> {
-        let panic = self.pool.is_panic(self.state);
-        let mut info = self.info;
-        info.now_ns = now;
-        let view = PoolView::new(&self.state.backends, tried, panic)
-            .with_total_in_flight(self.pool.active_requests())
-            .with_allowed(self.allowed)
-            .with_capacity_only(with_room);
-        self.state.strategy.pick(&info, &view)
-    }
-
-    /// Picks a backend for the next attempt and starts it, without waiting: one not in
-    /// `tried`, else (a retry after every eligible backend was tried) any. In a pool with
-    /// request limits the attempt starts only on a backend with room; `Ok(None)` when
-    /// every eligible backend is full and the request must wait in the pool queue
-    /// ([`Request0::wait_for_room`]). Synchronous, so that the common case adds nothing
-    /// to the forwarder's future.
-    fn admit_now(
-        &self,
-        tried: &[BackendId],
-    ) -> Result<Option<(BackendId, InFlightGuard)>, Refusal> {
-        let now = now_ns();
-        if !self.state.limited {
-            let id = self
-                .pick_untried_first(now, tried, false)
-                .ok_or(Refusal::NoBackend)?;
-            let guard = self.state.runtimes[id.0]
-                .live
-                .begin_classified(now, self.long());
-            return Ok(Some((id, guard)));
+    /// What admission needs of this request (see [`crate::admission`]).
+    fn admission(&self) -> Admission<'_> {
+        Admission {
+            pool: self.pool,
+            state: self.state,
+            allowed: self.allowed,
+            info: self.info,
         }
-        if self.pool.queue().is_empty()
-            && let Some(taken) = self.take_room(now, tried)
-        {
-            return Ok(Some(taken));
-        }
-        // Queue only for a backend that exists: with every backend unhealthy or tried,
-        // waiting cannot help.
-        if self.pick_untried_first(now, tried, false).is_none() {
-            return Err(Refusal::NoBackend);
-        }
-        Ok(None)
-    }
-
-    /// Waits in the pool queue (see [`crate::queue`]) until a backend this request may
-    /// use has room, then starts the attempt there; refused when the queue is full or
-    /// `queue.timeout` has passed since the request arrived.
-    async fn wait_for_room(
-        &self,
-        tried: &[BackendId],
-    ) -> Result<(BackendId, InFlightGuard), Refusal> {
-        let queue = self.pool.queue();
-        let settings = &self.state.settings.queue;
-        let metrics = self.pool.metrics();
-        let key = settings.key(self.info.now_ns, self.long());
-        let Some(mut ticket) = queue.join(key, settings.max_size) else {
-            metrics.queue_full.inc();
-            return Err(Refusal::QueueFull);
-        };
-        metrics.queued.inc();
-        let _waiting = Waiting::new(&metrics.queue_length);
-        // A slot may have freed between the look in `admit_now` and joining: hand it to
-        // the first waiter (this request or one before it).
-        let panic = self.pool.is_panic(self.state);
-        if self.state.has_room(panic) {
-            queue.wake_first();
-        }
-        let waited = Duration::from_nanos(now_ns().saturating_sub(self.info.now_ns));
-        let deadline = tokio::time::Instant::now() + settings.timeout.saturating_sub(waited);
-        loop {
-            if tokio::time::timeout_at(deadline, ticket.woken())
-                .await
-                .is_err()
-            {
-                metrics.queue_timeouts.inc();
-                return Err(Refusal::QueueTimeout(settings.timeout));
-            }
-            if let Some(taken) = self.take_room(now_ns(), tried) {
-                ticket.done();
-                return Ok(taken);
-            }
-            ticket.requeue();
-            // A slot freed while this request was out of the queue woke nobody: look
-            // again, and pass room this request cannot use to the next waiter.
-            let panic = self.pool.is_panic(self.state);
-            if self.state.has_room(panic) {
-                if let Some(taken) = self.take_room(now_ns(), tried) {
-                    ticket.done();
-                    return Ok(taken);
-                }
-                ticket.pass_on();
-            }
-        }
-    }
-
-    /// Starts an attempt on a backend with room now, if there is one: picks among the
-    /// backends with room (not in `tried`, else any) and claims a slot, picking again if
-    /// another request claimed the last slot first.
-    fn take_room(&self, now: u64, tried: &[BackendId]) -> Option<(BackendId, InFlightGuard)> {
-        for _ in 0..3 {
-            let id = self.pick_untried_first(now, tried, true)?;
-            if let Some(guard) = self.state.runtimes[id.0]
-                .live
-                .try_begin_classified(now, self.long())
-            {
-                return Some((id, guard));
-            }
-        }
-        None
     }
 
     fn set_host(&self, request: &mut Request<UpstreamBody>, backend: &BackendRuntime) {
@@ -510,18 +382,6 @@ impl Request0<'_> {
             request.headers_mut().insert(http::header::HOST, host);
         }
     }
-}
-
-/// Why no attempt could start.
-#[derive(Debug)]
-enum Refusal {
-    /// No backend is eligible (all unhealthy, drained, excluded by the route's tags, or
-    /// already tried).
-    NoBackend,
-    /// Every backend was at its request limit and the pool queue was full.
-    QueueFull,
-    /// Every backend stayed at its request limit for the queue timeout (given).
-    QueueTimeout(Duration),
 }
 
 impl Refusal {
@@ -566,22 +426,6 @@ impl Refusal {
 #[derive(Clone, Copy, Debug)]
 struct QueueRefused;
 
-/// Counts a request in the pool's queue-length gauge while it waits.
-struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> Waiting<'a> {
-    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// The first attempt of a hedge-eligible request (Dean & Barroso, "The Tail at Scale",
 /// CACM 2013): if no response head arrives within `delay`, a second copy goes to another
 /// backend — when the hedge budget and the strategy (SLO-aware strategies veto hedges
@@ -613,11 +457,11 @@ async fn hedged(
     let second = if *n_tried < tried.len()
         && state.strategy.hedge_allowed(now)
         && let Some(policy) = &settings.hedge
-        && let Some(second) = r.pick(now, &tried[..*n_tried])
+        && let Some(second) = r.admission().pick(now, &tried[..*n_tried])
         // In a pool with request limits a hedge needs a free slot; it never queues.
         && let Some(second_guard) = state.runtimes[second.0]
             .live
-            .try_begin_classified(now, r.long())
+            .try_begin_classified(now, r.admission().long())
         // Charged last, so the budget counts only hedges that are sent (a refused claim
         // drops the unused guard).
         && r.pool.try_hedge(policy, now)
@@ -815,11 +659,12 @@ async fn forward_attempts(
             }
         };
 
-        let admitted = match r.admit_now(&tried[..n_tried]) {
+        let admission = r.admission();
+        let admitted = match admission.admit_now(&tried[..n_tried]) {
             Ok(Some(taken)) => Ok(taken),
             // Boxed: the queue's state (ticket, timer) stays out of this future unless a
             // request waits.
-            Ok(None) => Box::pin(r.wait_for_room(&tried[..n_tried])).await,
+            Ok(None) => Box::pin(admission.wait_for_room(&tried[..n_tried])).await,
             Err(refusal) => Err(refusal),
         };
         let (id, guard) = match admitted {

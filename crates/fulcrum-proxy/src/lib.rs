@@ -10,6 +10,7 @@
 //!
 //! Request flow and threading are described in `docs/ARCHITECTURE.md`.
 
+mod admission;
 pub mod analysis;
 pub mod body;
 pub mod forward;

@@ -5,15 +5,19 @@
 //! on another one within the pool's retry policy (`connect_failure`). Once connected, bytes
 //! are copied both ways until either side closes; the backend counts one request in flight
 //! for the connection's lifetime, so `least_connections` balances open connections as
-//! HAProxy's `leastconn` does in TCP mode.
+//! HAProxy's `leastconn` does in TCP mode, and a backend's `max_requests` caps its open
+//! connections (HAProxy's server `maxconn` in TCP mode): a connection that finds every
+//! backend full waits in the pool queue, in arrival order, and is closed if the queue is
+//! full or its timeout passes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fulcrum_balance::{BackendId, PoolView, RequestInfo};
+use fulcrum_balance::{BackendId, RequestInfo};
 use fulcrum_stats::clock::now_ns;
 use tokio::net::TcpStream;
 
+use crate::admission::{Admission, Refusal};
 use crate::forward::MAX_ATTEMPTS;
 use crate::listener::ListenerRuntime;
 
@@ -35,6 +39,12 @@ pub async fn serve(listener: Arc<ListenerRuntime>, mut client: TcpStream, peer: 
     let settings = &state.settings;
     let max_attempts = (1 + settings.retry.attempts as usize).min(MAX_ATTEMPTS);
     let mut tried = [BackendId(0); MAX_ATTEMPTS];
+    let admission = Admission {
+        pool: &pool,
+        state: &state,
+        allowed: allowed.as_deref(),
+        info: RequestInfo::new(now_ns()),
+    };
     for attempt in 0..max_attempts {
         let _retry = if attempt == 0 {
             None
@@ -44,19 +54,22 @@ pub async fn serve(listener: Arc<ListenerRuntime>, mut client: TcpStream, peer: 
                 None => break,
             }
         };
-        let now = now_ns();
-        let panic = pool.is_panic(&state);
-        let Some(id) = state.strategy.pick(
-            &RequestInfo::new(now),
-            &PoolView::new(&state.backends, &tried[..attempt], panic)
-                .with_allowed(allowed.as_deref()),
-        ) else {
-            break;
+        let admitted = match admission.admit_now(&tried[..attempt]) {
+            Ok(Some(taken)) => Ok(taken),
+            Ok(None) => admission.wait_for_room(&tried[..attempt]).await,
+            Err(refusal) => Err(refusal),
+        };
+        let (id, guard) = match admitted {
+            Ok(taken) => taken,
+            Err(Refusal::NoBackend) => break,
+            Err(refusal) => {
+                tracing::warn!(listener = %listener.name, %peer, pool = %pool.name(), ?refusal, "every backend is at its max_requests; closing client connection");
+                return;
+            }
         };
         tried[attempt] = id;
         let backend = &state.runtimes[id.0];
         let addr = state.backends[id.0].addr;
-        let guard = backend.live.begin(now);
         match tokio::time::timeout(settings.conn.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(mut upstream)) => {
                 guard.success(now_ns());

@@ -195,3 +195,69 @@ async fn a_full_or_timed_out_queue_answers_503_naming_the_pool() {
     let (status, _, _) = spawn_get(format!("{web}/after")).await.expect("after");
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_caps_open_connections_and_queues_the_next() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let b1 = Backend::start("b1", &[]);
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: tcp\n    listen: 127.0.0.1:0\n    protocol: tcp\n    routes:\n      - pool: app\n\
+         pools:\n  app:\n    default_max_requests: 1\n    queue: {{ max_size: 1, timeout: 30s }}\n    backends:\n      - address: {}\n",
+        b1.addr
+    );
+    let node = Node::start(&yaml);
+    let addr = node.listeners["tcp"];
+    // A holds b1's only slot for as long as it stays open, even without sending a byte.
+    let first = TcpStream::connect(addr).await.expect("connect A");
+    eventually(DEADLINE, "A holds b1's slot", async || {
+        let v = node.api("/api/pools/app/backends").await;
+        (v["backends"][0]["in_flight"] == 1).then_some(())
+    })
+    .await;
+    // B waits in the queue; its request waits in the socket meanwhile.
+    let mut second = TcpStream::connect(addr).await.expect("connect B");
+    until_queued(&node, 1.0).await;
+    second
+        .write_all(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write B");
+    // C finds the queue full: closed without a byte.
+    let mut third = TcpStream::connect(addr).await.expect("connect C");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, third.read_to_end(&mut buf))
+        .await
+        .expect("C is closed");
+    assert!(
+        read.is_err() || buf.is_empty(),
+        "C got {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "fulcrum_queue_rejections_total",
+            "reason=\"full\""
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // A leaves: B gets the slot and its request through.
+    drop(first);
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, second.read_to_end(&mut answer))
+        .await
+        .expect("B answered before the deadline")
+        .expect("read B");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-backend: b1"), "{answer}");
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric(&metrics, "fulcrum_queued_requests_total", "pool=\"app\""),
+        1.0,
+        "{metrics}"
+    );
+}
