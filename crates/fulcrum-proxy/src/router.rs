@@ -136,21 +136,10 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::state::{PoolSettings, PoolState};
-    use fulcrum_balance::StrategyKind;
     use http::Request;
 
     fn pool(name: &str) -> Arc<Pool> {
-        let state = PoolState::new(
-            StrategyKind::RoundRobin,
-            vec![],
-            vec![],
-            vec![],
-            PoolSettings::default(),
-            None,
-        );
-        Arc::new(Pool::new(name, state, Metrics::new().pool(name)))
+        Arc::new(crate::state::tests::empty_pool(name))
     }
 
     fn parts(uri: &str, host: Option<&str>, header: Option<(&str, &str)>) -> Parts {

@@ -727,13 +727,14 @@ impl Drop for ActiveRetry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::metrics::Metrics;
 
     const SEC: u64 = 1_000_000_000;
 
-    fn pool() -> Pool {
+    /// A round-robin pool named `name` without backends, with default settings.
+    pub(crate) fn empty_pool(name: &str) -> Pool {
         let state = PoolState::new(
             StrategyKind::RoundRobin,
             vec![],
@@ -742,7 +743,11 @@ mod tests {
             PoolSettings::default(),
             None,
         );
-        Pool::new("app", state, Metrics::new().pool("app"))
+        Pool::new(name, state, Metrics::new().pool(name))
+    }
+
+    fn pool() -> Pool {
+        empty_pool("app")
     }
 
     fn policy(budget_percent: u32) -> HedgePolicy {

@@ -805,12 +805,8 @@ async fn srv_discovery_follows_weights_and_priority_and_stops_on_reload() {
     );
 
     // A reload to a static list stops discovery and drops what it had found.
-    let (admin, web) = (node.admin, node.listeners["web"]);
-    let next = common::simple_config("round_robin", &[&b3], "")
-        .replacen("listen: 127.0.0.1:0", &format!("listen: {admin}"), 1)
-        .replacen("listen: 127.0.0.1:0", &format!("listen: {web}"), 1);
-    std::fs::write(node.config.path(), &next).expect("rewrite config");
-    let (status, body) = node.api_post("/api/reload", None).await;
+    let next = node.pin_addresses(&common::simple_config("round_robin", &[&b3], ""));
+    let (status, body) = node.reload(&next).await;
     assert_eq!(status, 200, "{body}");
     let v = node.api("/api/pools/app/backends").await;
     let listed: Vec<&str> = v["backends"]

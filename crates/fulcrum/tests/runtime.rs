@@ -235,13 +235,8 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     assert_eq!(before.get("b1"), Some(&10));
 
     // Same listener (port now known), second backend, new strategy.
-    let web = node.listeners["web"];
-    let admin = node.admin;
-    let next = simple_config("p2c", &[&b1, &b2], "")
-        .replacen("listen: 127.0.0.1:0", &format!("listen: {admin}"), 1)
-        .replacen("listen: 127.0.0.1:0", &format!("listen: {web}"), 1);
-    std::fs::write(node.config.path(), &next).expect("rewrite config");
-    let (status, body) = node.api_post("/api/reload", None).await;
+    let next = node.pin_addresses(&simple_config("p2c", &[&b1, &b2], ""));
+    let (status, body) = node.reload(&next).await;
     assert_eq!(status, 200, "{body}");
     let pools = node.api("/api/pools").await;
     assert_eq!(pools["pools"][0]["strategy"], "p2c");
@@ -259,12 +254,9 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     assert!(after.contains_key("b2"), "{after:?}");
 
     // An invalid file is refused whole; the running configuration stays.
-    std::fs::write(
-        node.config.path(),
-        next.replace("strategy: p2c", "strategy: fastest"),
-    )
-    .expect("rewrite config");
-    let (status, body) = node.api_post("/api/reload", None).await;
+    let (status, body) = node
+        .reload(&next.replace("strategy: p2c", "strategy: fastest"))
+        .await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]["message"]

@@ -288,6 +288,25 @@ impl Node {
         response.json().await.expect("admin json")
     }
 
+    /// `yaml` (a file like [`simple_config`]'s, whose admin and first listener listen on
+    /// `127.0.0.1:0`) with this node's bound admin and `web` addresses in their place, so
+    /// that a reload keeps them.
+    pub fn pin_addresses(&self, yaml: &str) -> String {
+        yaml.replacen("listen: 127.0.0.1:0", &format!("listen: {}", self.admin), 1)
+            .replacen(
+                "listen: 127.0.0.1:0",
+                &format!("listen: {}", self.listeners["web"]),
+                1,
+            )
+    }
+
+    /// Writes `yaml` to the node's configuration file and reloads it (`POST
+    /// /api/reload`); returns the reload's status and JSON body.
+    pub async fn reload(&self, yaml: &str) -> (u16, Value) {
+        std::fs::write(self.config.path(), yaml).expect("rewrite config");
+        self.api_post("/api/reload", None).await
+    }
+
     /// `POST` an admin path with a JSON body; returns status and JSON body.
     pub async fn api_post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut request = client().post(self.admin_url(path));
