@@ -8,7 +8,10 @@
 //! that depend on the request class or on what a tick computed.
 //! `rendezvous/keyed`, `ring_hash/keyed`, `maglev/keyed` (and `…/keyed_unbounded`) bench
 //! the hashing strategies on requests that carry an affinity key (without one they only
-//! round-robin).
+//! round-robin). `contended/…` runs the strategies that read a shared table or
+//! reservation on every pick from two threads at once (100 backends): the time is wall
+//! time per pick, so perfect scaling is half the single-thread figure and shared-cache-line
+//! writes (a lock's reader count) show up as more.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -177,5 +180,57 @@ fn pick_keyed(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, pick, pick_after_tick, pick_keyed);
+/// Two threads picking at once from one strategy (see the module doc).
+fn pick_contended(c: &mut Criterion) {
+    const THREADS: u64 = 2;
+    let (backends, _guards) = pool(100);
+    let total = backends.iter().map(|b| b.live.in_flight()).sum();
+    let unbounded = StrategyParams {
+        bounded_load: None,
+        ..StrategyParams::default()
+    };
+    let adaptive = StrategyParams {
+        duration_class_mode: DurationClassMode::Adaptive,
+        ..StrategyParams::default()
+    };
+    let cases = [
+        ("ring_hash", StrategyKind::RingHash, unbounded.clone()),
+        ("maglev", StrategyKind::Maglev, unbounded),
+        (
+            "duration_class_adaptive",
+            StrategyKind::DurationClass,
+            adaptive,
+        ),
+    ];
+    let mut group = c.benchmark_group("contended");
+    for (name, kind, params) in cases {
+        let strategy = build_strategy(kind, &backends, &params);
+        let view = PoolView::new(&backends, &[], false).with_total_in_flight(total);
+        strategy.tick(&view, NOW_NS);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let per_thread = iters.div_ceil(THREADS);
+                let start = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for t in 0..THREADS {
+                        let (strategy, view) = (&strategy, &view);
+                        scope.spawn(move || {
+                            for i in 0..per_thread {
+                                let key = (i ^ (t << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                                let req = RequestInfo::new(NOW_NS)
+                                    .with_hash_key(key)
+                                    .with_class(RequestClass::Long);
+                                black_box(strategy.pick(black_box(&req), view));
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pick, pick_after_tick, pick_keyed, pick_contended);
 criterion_main!(benches);

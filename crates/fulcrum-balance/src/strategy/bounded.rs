@@ -38,7 +38,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use arc_swap::{ArcSwap, Guard};
 
 use super::{BackendId, Figure, PoolView};
 use crate::backend::Backend;
@@ -319,11 +319,12 @@ pub(super) fn weights_changed(built: &[f64], pool: &PoolView<'_>) -> bool {
 /// A table built from the backends' effective weights (a hash ring, a Maglev lookup
 /// table), read by every pick and replaced on tick when the weights changed materially.
 ///
-/// Picks hold the read lock for the length of one lookup; a rebuild happens outside the
-/// lock, which it then takes only to swap one pointer.
+/// Picks load the current table through `arc-swap` (no lock, and no write to a shared
+/// reader count: a lock's reader count is one cache line every picking thread writes);
+/// a rebuild happens beside the readers and swaps one pointer.
 #[derive(Debug)]
 pub(super) struct SwappableTable<T> {
-    current: RwLock<Arc<T>>,
+    current: ArcSwap<T>,
     /// When the table was last rebuilt, clock ns (0 = built at construction).
     last_rebuild_ns: AtomicU64,
 }
@@ -332,15 +333,16 @@ impl<T> SwappableTable<T> {
     /// A cell holding `table`.
     pub(super) fn new(table: T) -> Self {
         Self {
-            current: RwLock::new(Arc::new(table)),
+            current: ArcSwap::from_pointee(table),
             last_rebuild_ns: AtomicU64::new(0),
         }
     }
 
-    /// The current table, read-locked until the guard is dropped.
+    /// The current table (kept alive until the guard is dropped; a swap meanwhile does
+    /// not free it).
     #[inline]
-    pub(super) fn read(&self) -> RwLockReadGuard<'_, Arc<T>> {
-        self.current.read()
+    pub(super) fn read(&self) -> Guard<Arc<T>> {
+        self.current.load()
     }
 
     /// On tick at `now_ns`: if [`MIN_REBUILD_INTERVAL_NS`] has passed since the last
@@ -358,12 +360,12 @@ impl<T> SwappableTable<T> {
         if now_ns.saturating_sub(last) < MIN_REBUILD_INTERVAL_NS {
             return false;
         }
-        let current = Arc::clone(&self.current.read());
+        let current = self.current.load_full();
         if !weights_changed(built_with(&current), pool) {
             return false;
         }
         let table = Arc::new(build(effective_weights(pool)));
-        *self.current.write() = table;
+        self.current.store(table);
         self.last_rebuild_ns.store(now_ns, Ordering::Relaxed);
         true
     }

@@ -118,15 +118,17 @@
 //!
 //! **Cost.** Picks are O(1) while the backends a rule needs are eligible: one rotation
 //! counter, or up to two P2C pair draws (up to `MAX_PAIR_DRAWS` pairs each) and, in
-//! adaptive mode, a read lock held for the pick to see the reservation. The fallbacks
+//! adaptive mode, one lock-free load (`arc-swap`) of the reservation. The fallbacks
 //! scan: a rotation skips ineligible members (O(members)), P2C scans its members after
 //! `MAX_PAIR_DRAWS` pairs with no eligible backend. Ticks are O(n), O(n log n) when the
 //! reservation changes.
 
 use std::cmp::Reverse;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 use super::p2c::{MAX_PAIR_DRAWS, distinct_pair, power_of_two_choices};
 use super::{
@@ -171,7 +173,7 @@ pub struct DurationClass {
     /// Round robin over every eligible backend: unknown class and degradation.
     any: RoundRobin,
     /// Adaptive mode: the backends reserved for long requests.
-    reservation: RwLock<Reservation>,
+    reservation: ArcSwap<Reservation>,
     /// Smoothed long-work share (0..=1), `None` before the first sample; ticks only.
     share: Mutex<Option<f64>>,
     picks_short: AtomicU64,
@@ -246,7 +248,7 @@ impl DurationClass {
             short_next: AtomicUsize::new(0),
             long_next: AtomicUsize::new(0),
             any: RoundRobin::new(),
-            reservation: RwLock::new(Reservation::from_flags(vec![false; n])),
+            reservation: ArcSwap::from_pointee(Reservation::from_flags(vec![false; n])),
             share: Mutex::new(None),
             picks_short: AtomicU64::new(0),
             picks_long: AtomicU64::new(0),
@@ -267,7 +269,7 @@ impl DurationClass {
     pub fn long_backends(&self) -> Vec<usize> {
         match self.mode {
             DurationClassMode::Static => self.long.to_vec(),
-            DurationClassMode::Adaptive => self.reservation.read().long.clone(),
+            DurationClassMode::Adaptive => self.reservation.load().long.clone(),
         }
     }
 
@@ -284,7 +286,7 @@ impl DurationClass {
     fn adaptive_short(&self, pool: &PoolView<'_>) -> Route {
         let live = |i: usize| &pool.backends()[i].live;
         let load = |i: usize| (live(i).in_flight(), live(i).long_in_flight());
-        let reservation = self.reservation.read();
+        let reservation = self.reservation.load();
         if reservation.long.is_empty() {
             return power_of_two_choices(pool, load).map_or(Route::Anywhere, Route::Chosen);
         }
@@ -303,7 +305,7 @@ impl DurationClass {
     /// loaded of a P2C pair of its set).
     fn adaptive_long(&self, pool: &PoolView<'_>) -> Route {
         let load = |i: usize| pool.backends()[i].live.in_flight();
-        let reservation = self.reservation.read();
+        let reservation = self.reservation.load();
         if reservation.long.is_empty() {
             return power_of_two_choices(pool, load).map_or(Route::Anywhere, Route::Chosen);
         }
@@ -333,9 +335,10 @@ impl DurationClass {
             })
             .collect();
         let k = reserve_count(share, loads.len());
-        let next = reserve(&self.reservation.read().reserved, &loads, k);
-        if next != self.reservation.read().reserved {
-            *self.reservation.write() = Reservation::from_flags(next);
+        let next = reserve(&self.reservation.load().reserved, &loads, k);
+        if next != self.reservation.load().reserved {
+            self.reservation
+                .store(Arc::new(Reservation::from_flags(next)));
         }
     }
 }

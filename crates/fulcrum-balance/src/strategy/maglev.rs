@@ -61,8 +61,8 @@ const OFFSET_SEED: u64 = 0x3c6e_f372_fe94_f82b;
 /// Seed of `h2`, the permutation skip.
 const SKIP_SEED: u64 = 0xa54f_f53a_5f1d_36f1;
 
-/// Maglev hashing with bounded load. A pick read-locks the table for one lookup (a few
-/// more when probing) and writes one counter.
+/// Maglev hashing with bounded load. A pick loads the table without a lock (`arc-swap`)
+/// for one lookup (a few more when probing) and writes one counter.
 #[derive(Debug)]
 pub struct Maglev {
     addr_hashes: Box<[u64]>,

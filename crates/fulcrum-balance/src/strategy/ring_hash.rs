@@ -54,8 +54,8 @@ const MAX_WALK: usize = 128;
 /// Seed of point indices.
 const POINT_SEED: u64 = 0xbb67_ae85_84ca_a73b;
 
-/// Ketama ring hashing with bounded load. A pick read-locks the ring for one binary search
-/// and a short walk, and writes one counter.
+/// Ketama ring hashing with bounded load. A pick loads the ring without a lock
+/// (`arc-swap`) for one binary search and a short walk, and writes one counter.
 #[derive(Debug)]
 pub struct RingHash {
     addr_hashes: Box<[u64]>,
