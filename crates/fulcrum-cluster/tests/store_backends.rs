@@ -687,18 +687,58 @@ mod redis {
         let store = Store::connect(&StoreSettings::redis(server.url()))
             .await
             .expect("valid settings");
-        assert!(store.set_cluster_status(41, &[]).await.expect("answered"));
+        // A fence beyond the counter's clock seed (year 2096 in ms).
+        let fence = 4_000_000_000_000;
+        assert!(
+            store
+                .set_cluster_status(fence, &[])
+                .await
+                .expect("answered")
+        );
         let lease = store
             .try_acquire("node-a", Duration::from_secs(5))
             .await
             .expect("answered")
             .expect("acquired");
-        assert_eq!(lease.token, 42);
+        assert_eq!(lease.token, fence + 1);
         assert!(
             store
                 .set_cluster_status(lease.token, &[("leader".to_owned(), "node-a".to_owned())])
                 .await
                 .expect("answered")
+        );
+    }
+
+    /// Redis restarted without persistence loses every key, the token counter with them; the
+    /// counter is seeded from the server's clock, so the next leader's token is still above
+    /// every token handed out before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tokens_stay_monotonic_across_a_restart_without_persistence() {
+        let mut server = RedisServer::start();
+        let store = Store::connect(&StoreSettings::redis(server.url()))
+            .await
+            .expect("valid settings");
+        let ttl = Duration::from_secs(5);
+        let mut before = 0;
+        for _ in 0..3 {
+            let lease = store
+                .try_acquire("node-a", ttl)
+                .await
+                .expect("answered")
+                .expect("acquired");
+            assert!(lease.token > before, "{} after {before}", lease.token);
+            before = lease.token;
+            store.release(&lease).await.expect("released");
+        }
+        server.restart();
+        let after = eventually(DEADLINE, "a lease after the restart", async || {
+            store.try_acquire("node-b", ttl).await.ok().flatten()
+        })
+        .await;
+        assert!(
+            after.token > before,
+            "token {} after the restart is not above {before}",
+            after.token
         );
     }
 }

@@ -5,7 +5,7 @@
 //! | key | type | holds |
 //! | --- | --- | --- |
 //! | `leader` | string, `PX` ttl | `<node_id>:<token>` of the lease holder |
-//! | `leader:fencing` | counter | last fencing token handed out (`INCR`) |
+//! | `leader:fencing` | counter | last fencing token handed out (`INCR`; seeded with the server's clock in ms) |
 //! | `chores:fencing` | string | highest token accepted for a leader chore |
 //! | `node:{id}` | string, `PX` ttl | the node's registry record (JSON) |
 //! | `nodes` | set | ids with a registry record (index; expired ones pruned on read) |
@@ -51,6 +51,14 @@ const KIND: &str = "redis";
 /// Acquires the lease: a new fencing token, then the leader key, only if no one holds it.
 /// The token also exceeds the highest chore token, should the counter have been lost
 /// (evicted, deleted) while the chore fence survived.
+///
+/// A missing counter (first election, or a Redis restarted without persistence) is
+/// seeded with the Redis server's clock in milliseconds (`TIME`), so tokens stay
+/// monotonic across a restart that lost every key: the tokens handed out before it were
+/// at most the seed of that time plus one per election, below the clock's value at the
+/// restart unless elections came faster than one per millisecond or the server's clock
+/// went back. (The same idea as a hybrid logical clock's physical component: Kulkarni et
+/// al., "Logical Physical Clocks", OPODIS 2014.)
 /// KEYS: leader, leader:fencing, chores:fencing. ARGV: node id, ttl (ms).
 /// Returns the token or nil.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
@@ -58,6 +66,11 @@ static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
         r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return false
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('SET', KEYS[2], string.format('%d', ms))
 end
 local token = redis.call('INCR', KEYS[2])
 local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
