@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use fulcrum_cluster::runtime::{Consistency, ControlError, ControlPlane};
 use fulcrum_cluster::shared::{Change, ChangeError};
-use fulcrum_config::BackendConfig;
+use fulcrum_config::{BackendConfig, MAX_REQUESTS_LIMIT};
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -145,9 +145,6 @@ pub(crate) async fn set_weight(
         json!({ "pool": pool, "backend": address, "weight": body.weight, "write": write }),
     ))
 }
-
-/// Largest `max_requests`, as in the configuration (`backends[].max_requests`).
-const MAX_REQUESTS_LIMIT: u32 = 1_000_000;
 
 /// Body of `POST /api/pools/{pool}/backends`.
 #[derive(Debug, Deserialize)]

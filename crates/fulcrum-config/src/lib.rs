@@ -55,10 +55,10 @@ pub use model::{
     CoordinationBackend, CoordinationConfig, DiscoveryConfig, DiscoverySource, DnsRecord,
     DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HashConfig,
     HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind, HealthMergeRule, HedgeConfig,
-    ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, OutlierDetectionConfig, PoolConfig,
-    Protocol, QueueConfig, QueuePriority, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
-    RuntimeConfig, SlowStartConfig, StatsConfig, TailAwareConfig, UpstreamTimeouts,
-    parse_nameserver,
+    ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, MAX_REQUESTS_LIMIT,
+    OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, ResponseTimeConfig,
+    RetryConfig, RouteConfig, RouteMatch, RuntimeConfig, SlowStartConfig, StatsConfig,
+    TailAwareConfig, UpstreamTimeouts, parse_nameserver,
 };
 pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 

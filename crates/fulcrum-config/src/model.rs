@@ -922,6 +922,10 @@ pub struct DiscoveryConfig {
     pub nameservers: Vec<String>,
 }
 
+/// Largest `max_requests` and `default_max_requests` a configuration (or the admin API's
+/// add-backend call) may set.
+pub const MAX_REQUESTS_LIMIT: u32 = 1_000_000;
+
 /// A name server of `discovery.nameservers`: `ip:port`, or `ip` with port 53; `None` when
 /// `text` is neither.
 pub fn parse_nameserver(text: &str) -> Option<std::net::SocketAddr> {

@@ -13,7 +13,7 @@ use crate::locate::{Anchor, Pos, SourceIndex};
 use crate::model::{
     ClusterConfig, Config, CoordinationBackend, DiscoveryConfig, DiscoverySource, DnsRecord,
     HashConfig, HashKey, HealthCheckConfig, HealthCheckKind, HedgeConfig, ListenerConfig,
-    PoolConfig, Protocol, RouteMatch,
+    MAX_REQUESTS_LIMIT, PoolConfig, Protocol, RouteMatch,
 };
 use crate::scalar::{HedgeDelay, check_backend_addr, check_dns_name};
 
@@ -504,13 +504,13 @@ impl Checker<'_> {
             self.int_range(
                 &format!("{bp}.max_requests"),
                 b.max_requests.into(),
-                0..=1_000_000,
+                0..=MAX_REQUESTS_LIMIT.into(),
             );
         }
         self.int_range(
             &format!("{p}.default_max_requests"),
             pool.default_max_requests.into(),
-            0..=1_000_000,
+            0..=MAX_REQUESTS_LIMIT.into(),
         );
         self.int_range(
             &format!("{p}.queue.max_size"),

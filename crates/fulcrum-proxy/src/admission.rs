@@ -70,9 +70,9 @@ impl Admission<'_> {
     /// `tried`, else (a retry after every eligible backend was tried) any. In a pool with
     /// request limits the attempt starts only on a backend with room; `Ok(None)` when
     /// every eligible backend is full and the request must wait in the pool queue
-    /// ([`Admission::wait_for_room`]). Synchronous, so that the common case adds nothing
-    /// to the forwarder's future.
-    pub(crate) fn admit_now(
+    /// ([`Admission::wait_for_room`]). Synchronous, so that the common case holds no
+    /// queue state across an await.
+    fn admit_now(
         &self,
         tried: &[BackendId],
     ) -> Result<Option<(BackendId, InFlightGuard)>, Refusal> {
@@ -99,10 +99,24 @@ impl Admission<'_> {
         Ok(None)
     }
 
+    /// Picks a backend for the next attempt and starts it ([`Admission::admit_now`]),
+    /// waiting in the pool queue when every backend it may use is full
+    /// ([`Admission::wait_for_room`]). The waiting future is boxed, so that a caller's
+    /// future does not carry the queue's state (ticket, timer) unless a request waits.
+    pub(crate) async fn admit(
+        &self,
+        tried: &[BackendId],
+    ) -> Result<(BackendId, InFlightGuard), Refusal> {
+        match self.admit_now(tried)? {
+            Some(taken) => Ok(taken),
+            None => Box::pin(self.wait_for_room(tried)).await,
+        }
+    }
+
     /// Waits in the pool queue (see [`crate::queue`]) until a backend this request may
     /// use has room, then starts the attempt there; refused when the queue is full or
     /// `queue.timeout` has passed since the request arrived.
-    pub(crate) async fn wait_for_room(
+    async fn wait_for_room(
         &self,
         tried: &[BackendId],
     ) -> Result<(BackendId, InFlightGuard), Refusal> {
@@ -118,8 +132,7 @@ impl Admission<'_> {
         let _waiting = Waiting::new(&metrics.queue_length);
         // A slot may have freed between the look in `admit_now` and joining: hand it to
         // the first waiter (this request or one before it).
-        let panic = self.pool.is_panic(self.state);
-        if self.state.has_room(panic) {
+        if self.pool_has_room() {
             queue.wake_first();
         }
         let waited = Duration::from_nanos(now_ns().saturating_sub(self.info.now_ns));
@@ -139,8 +152,7 @@ impl Admission<'_> {
             ticket.requeue();
             // A slot freed while this request was out of the queue woke nobody: look
             // again, and pass room this request cannot use to the next waiter.
-            let panic = self.pool.is_panic(self.state);
-            if self.state.has_room(panic) {
+            if self.pool_has_room() {
                 if let Some(taken) = self.take_room(now_ns(), tried) {
                     ticket.done();
                     return Ok(taken);
@@ -148,6 +160,12 @@ impl Admission<'_> {
                 ticket.pass_on();
             }
         }
+    }
+
+    /// Whether some backend of the pool (not only those this request may use) has room
+    /// now, in the pool's current panic mode.
+    fn pool_has_room(&self) -> bool {
+        self.state.has_room(self.pool.is_panic(self.state))
     }
 
     /// Starts an attempt on a backend with room now, if there is one: picks among the

@@ -454,14 +454,15 @@ async fn hedged(
         () = tokio::time::sleep(delay) => {}
     }
     let now = now_ns();
+    let admission = r.admission();
     let second = if *n_tried < tried.len()
         && state.strategy.hedge_allowed(now)
         && let Some(policy) = &settings.hedge
-        && let Some(second) = r.admission().pick(now, &tried[..*n_tried])
+        && let Some(second) = admission.pick(now, &tried[..*n_tried])
         // In a pool with request limits a hedge needs a free slot; it never queues.
         && let Some(second_guard) = state.runtimes[second.0]
             .live
-            .try_begin_classified(now, r.admission().long())
+            .try_begin_classified(now, admission.long())
         // Charged last, so the budget counts only hedges that are sent (a refused claim
         // drops the unused guard).
         && r.pool.try_hedge(policy, now)
@@ -659,15 +660,7 @@ async fn forward_attempts(
             }
         };
 
-        let admission = r.admission();
-        let admitted = match admission.admit_now(&tried[..n_tried]) {
-            Ok(Some(taken)) => Ok(taken),
-            // Boxed: the queue's state (ticket, timer) stays out of this future unless a
-            // request waits.
-            Ok(None) => Box::pin(admission.wait_for_room(&tried[..n_tried])).await,
-            Err(refusal) => Err(refusal),
-        };
-        let (id, guard) = match admitted {
+        let (id, guard) = match r.admission().admit(&tried[..n_tried]).await {
             Ok(taken) => taken,
             Err(Refusal::NoBackend) if n_tried > 0 => break,
             Err(refusal) => return refusal.reply(ctx, pool),

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use fulcrum_balance::{
-    Backend, BackendFlags, LiveBackend, LiveBackendConfig, OutlierPolicy, Strategy, StrategyKind,
-    StrategyParams, build_strategy,
+    Backend, BackendFlags, LiveBackend, LiveBackendConfig, OutlierPolicy, PoolView, Strategy,
+    StrategyKind, StrategyParams, build_strategy,
 };
 use fulcrum_stats::clock::now_ns;
 use fulcrum_stats::{
@@ -313,12 +313,14 @@ impl PoolState {
         }
     }
 
-    /// Whether some backend could take a request now: routable (panic mode as given)
-    /// and below its request limit. O(n); used only on the queueing path.
+    /// Whether some backend could take a request now: eligible (panic mode as given)
+    /// in a view of the whole pool restricted to backends below their request limit.
+    /// O(n); used only on the queueing path.
     pub fn has_room(&self, panic: bool) -> bool {
-        self.backends
-            .iter()
-            .any(|b| b.live.is_routable(panic) && b.live.has_capacity())
+        PoolView::new(&self.backends, &[], panic)
+            .with_capacity_only(true)
+            .next_eligible_from(0)
+            .is_some()
     }
 
     /// Which backends carry every tag of `required` (one flag per backend): precomputed

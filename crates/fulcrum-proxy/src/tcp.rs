@@ -54,12 +54,7 @@ pub async fn serve(listener: Arc<ListenerRuntime>, mut client: TcpStream, peer: 
                 None => break,
             }
         };
-        let admitted = match admission.admit_now(&tried[..attempt]) {
-            Ok(Some(taken)) => Ok(taken),
-            Ok(None) => admission.wait_for_room(&tried[..attempt]).await,
-            Err(refusal) => Err(refusal),
-        };
-        let (id, guard) = match admitted {
+        let (id, guard) = match admission.admit(&tried[..attempt]).await {
             Ok(taken) => taken,
             Err(Refusal::NoBackend) => break,
             Err(refusal) => {
