@@ -237,6 +237,13 @@ struct Inner {
     applied: Mutex<Option<Config>>,
     /// Serialises writes (compose + reload) on this node.
     write: tokio::sync::Mutex<()>,
+    /// Held by every path that composes `base` + `shared` + `discovered` and applies the
+    /// result (a reload, an adopted or submitted overlay, a discovery answer), from reading
+    /// the layers to storing the new one, so that each applies on top of the latest of the
+    /// others. Without it two such paths could interleave and the later `apply` run a
+    /// composition missing the other's layer, while the stored layers claimed it applied.
+    /// Never held across an await.
+    compose: Mutex<()>,
     cluster: Option<ClusterParts>,
     views: Mutex<Vec<BackendClusterView>>,
     assignments: Mutex<BTreeMap<String, String>>,
@@ -323,6 +330,7 @@ impl ControlPlane {
                 discovered: Mutex::new(BTreeMap::new()),
                 applied: Mutex::new(Some(config.clone())),
                 write: tokio::sync::Mutex::new(()),
+                compose: Mutex::new(()),
                 cluster,
                 views: Mutex::new(Vec::new()),
                 assignments: Mutex::new(BTreeMap::new()),
@@ -505,6 +513,7 @@ impl ControlPlane {
     /// # Errors
     /// The validator's or the node's message; nothing changed then.
     pub fn set_base(&self, config: Config) -> Result<(), String> {
+        let _compose = self.inner.compose.lock();
         let shared = self.inner.shared.lock().clone();
         // Backends found for a pool that no longer discovers any leave with the reload.
         let mut discovered = self.inner.discovered.lock().clone();
@@ -577,6 +586,7 @@ impl ControlPlane {
 
     /// Adopts `doc` if it is newer than the applied overlay.
     fn adopt(&self, doc: SharedConfig) {
+        let _compose = self.inner.compose.lock();
         {
             let current = self.inner.shared.lock();
             let newer = (doc.version, &doc.written_by) > (current.version, &current.written_by);
@@ -666,9 +676,20 @@ impl ControlPlane {
                 next
             }
         };
-        self.apply(&base, &doc, &discovered)
-            .map_err(ControlError::Apply)?;
-        self.set_applied_version(&doc);
+        {
+            // On the layers as they are now: a reload or discovery answer may have landed
+            // during the store round trips above, and the store's watch may already have
+            // made this node adopt `doc` or a newer document.
+            let _compose = self.inner.compose.lock();
+            let current = self.inner.shared.lock().clone();
+            if (doc.version, &doc.written_by) > (current.version, &current.written_by) {
+                let base = self.inner.base.lock().clone();
+                let discovered = self.inner.discovered.lock().clone();
+                self.apply(&base, &doc, &discovered)
+                    .map_err(ControlError::Apply)?;
+                self.set_applied_version(&doc);
+            }
+        }
         tracing::info!(version = doc.version, ?change, "run-time change applied");
         self.wait_for(doc.version, consistency).await
     }
@@ -775,7 +796,7 @@ impl ControlPlane {
             )
             .await
             .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
-        self.refresh_registry(pool).await;
+        self.refresh_registry(pool, &self.discovery_task()).await;
         Ok(())
     }
 
@@ -791,7 +812,7 @@ impl ControlPlane {
             .deregister_backend(pool, address)
             .await
             .map_err(|e| ControlError::StoreUnavailable(e.to_string()))?;
-        self.refresh_registry(pool).await;
+        self.refresh_registry(pool, &self.discovery_task()).await;
         Ok(removed)
     }
 
@@ -811,9 +832,20 @@ impl ControlPlane {
 
     // ------------------------------------------------------------------ discovery --
 
-    fn set_discovered(&self, pool: &str, backends: Vec<BackendConfig>) {
-        // A resolution that finished after a reload stopped this pool's discovery.
-        if !self.inner.discovery.lock().0.contains_key(pool) {
+    /// The token of the running discovery tasks, taken before a look-up so that a reload
+    /// during it makes [`Self::set_discovered`] drop the answer.
+    fn discovery_task(&self) -> CancellationToken {
+        self.inner.discovery.lock().1.clone()
+    }
+
+    /// Applies `backends` as `pool`'s discovered backends, unless the pool no longer
+    /// discovers backends or `task` (the discovery tasks' token when the look-up began)
+    /// was cancelled: a reload replaced or stopped this pool's discovery while the answer
+    /// was on its way. Checked under the compose lock, which a reload holds while it
+    /// cancels the tasks, so a stale answer can never land after it.
+    fn set_discovered(&self, pool: &str, backends: Vec<BackendConfig>, task: &CancellationToken) {
+        let _compose = self.inner.compose.lock();
+        if task.is_cancelled() || !self.inner.discovery.lock().0.contains_key(pool) {
             return;
         }
         {
@@ -836,7 +868,7 @@ impl ControlPlane {
         }
     }
 
-    async fn refresh_registry(&self, pool: &str) {
+    async fn refresh_registry(&self, pool: &str, task: &CancellationToken) {
         let Some(store) = self.store() else { return };
         match store.registered_backends(pool).await {
             Ok(list) => {
@@ -850,7 +882,7 @@ impl ControlPlane {
                     })
                     .collect();
                 backends.sort_by(|a, b| a.address.cmp(&b.address));
-                self.set_discovered(pool, backends);
+                self.set_discovered(pool, backends, task);
             }
             // Keep the last known registrations while the store is down.
             Err(error) => {
@@ -908,15 +940,15 @@ impl ControlPlane {
                         (Some(dns), DiscoverySource::Dns) => {
                             let name_to_resolve = d.name.clone().unwrap_or_default();
                             match dns.resolve(&name_to_resolve, d.record).await {
-                                // Not after a reload replaced these settings.
-                                Ok(_) if cancel.is_cancelled() => return,
-                                Ok(backends) => plane.set_discovered(&name, backends),
+                                Ok(backends) => plane.set_discovered(&name, backends, &cancel),
                                 Err(error) => {
                                     tracing::warn!(pool = %name, %error, "dns discovery failed; keeping the last answer")
                                 }
                             }
                         }
-                        (_, DiscoverySource::Registry) => plane.refresh_registry(&name).await,
+                        (_, DiscoverySource::Registry) => {
+                            plane.refresh_registry(&name, &cancel).await
+                        }
                         _ => return,
                     }
                 }
@@ -1667,5 +1699,75 @@ mod tests {
             h.interval = Duration::from_secs(3600);
         }
         assert_eq!(rejoin_grace(&config, publish), Duration::from_secs(10));
+    }
+
+    /// The addresses pool `pool` runs with on the node.
+    fn running(plane: &ControlPlane, pool: &str) -> Vec<String> {
+        let pool = plane
+            .inner
+            .node
+            .pools()
+            .into_iter()
+            .find(|p| p.name() == pool)
+            .expect("the pool exists");
+        pool.state()
+            .backends
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect()
+    }
+
+    /// Discovery answers for two pools and reloads, racing on three threads, must leave
+    /// the node running the composition of the layers it stores: each pool ends with its
+    /// last answer. (Before the compose lock, one pool's answer could apply a composition
+    /// without the other's, and its stored layer then kept it from ever being re-applied.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_discovery_answers_and_reloads_all_land() {
+        let config = fulcrum_config::parse(
+            "admin: {listen: 127.0.0.1:0}\n\
+             listeners:\n  - {name: web, listen: 127.0.0.1:0, routes: [{match: {path_prefix: /b}, pool: b}, {pool: a}]}\n\
+             pools:\n  a: {discovery: {source: dns, name: a.test:80, nameservers: [127.0.0.1:9], interval: 1h}}\n  \
+             b: {discovery: {source: dns, name: b.test:80, nameservers: [127.0.0.1:9], interval: 1h}}\n",
+            "t.yaml",
+        )
+        .expect("valid");
+        let spec = node_spec(&config, Some(1)).expect("valid spec");
+        let node = Node::start(&spec).expect("node starts");
+        let admin = "127.0.0.1:9".parse().expect("an address");
+        let plane = ControlPlane::start(node.clone(), config.clone(), admin)
+            .await
+            .expect("control plane starts");
+        let task = plane.discovery_task();
+        const ROUNDS: u16 = 300;
+        let answer = |i: u16| {
+            vec![BackendConfig {
+                address: format!("127.0.0.1:{}", 10_000 + i),
+                weight: 1,
+                tags: BTreeMap::new(),
+                max_requests: 0,
+            }]
+        };
+        let threads: Vec<_> = [Some("a"), Some("b"), None]
+            .into_iter()
+            .map(|pool| {
+                let (plane, task, config) = (plane.clone(), task.clone(), config.clone());
+                tokio::task::spawn_blocking(move || {
+                    for i in 0..ROUNDS {
+                        match pool {
+                            Some(pool) => plane.set_discovered(pool, answer(i), &task),
+                            None => plane.set_base(config.clone()).expect("the reload applies"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.await.expect("no thread panicked");
+        }
+        let last = vec![format!("127.0.0.1:{}", 10_000 + ROUNDS - 1)];
+        assert_eq!(running(&plane, "a"), last);
+        assert_eq!(running(&plane, "b"), last);
+        plane.shutdown().await;
+        node.shutdown().await;
     }
 }

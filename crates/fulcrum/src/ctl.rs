@@ -293,6 +293,9 @@ pub struct Registration {
     pub tags: BTreeMap<String, String>,
     /// Weight, 1..=65535.
     pub weight: u32,
+    /// Most requests in flight at once (the backend's `max_requests`); 0 = the pool's
+    /// `default_max_requests`.
+    pub max_requests: u32,
     /// Time-to-live; refreshed every third of it.
     pub ttl: Duration,
     /// Bearer token of the admin API, if it needs one.
@@ -309,6 +312,7 @@ pub async fn keep_registered(r: Registration, stop: tokio_util::sync::Cancellati
         address,
         tags,
         weight,
+        max_requests,
         ttl,
         token,
     } = r;
@@ -325,7 +329,8 @@ pub async fn keep_registered(r: Registration, stop: tokio_util::sync::Cancellati
     let base = admin.trim_end_matches('/').to_owned();
     let url = format!("{base}/api/pools/{pool}/backends");
     let body = serde_json::json!({
-        "address": address, "weight": weight, "tags": tags, "ttl_secs": ttl.as_secs().max(1),
+        "address": address, "weight": weight, "tags": tags, "max_requests": max_requests,
+        "ttl_secs": ttl.as_secs().max(1),
     });
     let every = (ttl / 3).max(Duration::from_millis(200));
     let mut registered = false;

@@ -203,6 +203,11 @@ pub struct BackendCli {
     /// Weight of the registration, 1..=65535.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub weight: u32,
+    /// Most requests in flight at once that the node sends this backend (its
+    /// `max_requests`, 0..=1000000); 0 = the pool's `default_max_requests`. Set it to what
+    /// the backend serves at once (e.g. its `--concurrency`).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests: u32,
     /// Time-to-live of the registration.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub register_ttl: std::time::Duration,
@@ -255,6 +260,7 @@ pub fn backend(cli: BackendCli) -> ExitCode {
                     address: handle.local_addr.to_string(),
                     tags: cli.tags.iter().cloned().collect(),
                     weight: cli.weight,
+                    max_requests: cli.max_requests,
                     ttl: cli.register_ttl,
                     token: cli.admin_token.clone(),
                 },

@@ -584,6 +584,8 @@ async fn registered_backends_join_and_leave_every_node() {
             "app",
             "--tags",
             "zone=b",
+            "--max-requests",
+            "3",
             "--register-ttl",
             "2s",
         ],
@@ -598,7 +600,7 @@ async fn registered_backends_join_and_leave_every_node() {
                     .as_array()?
                     .iter()
                     .find(|b| b["address"] == registered.address().as_str())
-                    .filter(|b| b["tags"]["zone"] == "b")
+                    .filter(|b| b["tags"]["zone"] == "b" && b["max_requests"] == 3)
                     .map(|_| ())
             },
         )
