@@ -307,7 +307,7 @@ pub(crate) async fn forget_node(
 
 pub(crate) async fn leader(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
     let plane = cluster_only(&state)?;
-    Ok(Json(json!(plane.leader())))
+    Ok(Json(json!(plane.leader().await)))
 }
 
 pub(crate) async fn status(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
@@ -400,7 +400,7 @@ pub(crate) async fn seed_nodes(State(state): State<AdminState>) -> Result<Json<V
 /// Seed 000's `GET /cluster/master`: the leader.
 pub(crate) async fn seed_master(State(state): State<AdminState>) -> Result<Json<Value>, ApiError> {
     let plane = cluster_only(&state)?;
-    let leader = plane.leader();
+    let leader = plane.leader().await;
     Ok(Json(json!({
         "master": leader.as_ref().and_then(|l| l.leader.clone()),
         "is_master": leader.as_ref().is_some_and(|l| l.is_self),

@@ -208,6 +208,12 @@ pub struct NodeView {
 pub struct LeaderView {
     /// Leader node id, if one is known.
     pub leader: Option<String>,
+    /// The leader's membership state as this node's gossip sees it (`alive`, `failed`,
+    /// `left`; `null` without a leader or for a node gossip does not know). With a store,
+    /// a leader that died keeps its lease until the lease expires (`lease_ttl`): it is
+    /// still `leader` then, with `leader_state: failed`, and no other node can lead
+    /// before the lease is gone.
+    pub leader_state: Option<MemberState>,
     /// Fencing token of the current lease (`null` with `coordination: none`).
     pub token: Option<u64>,
     /// Whether this node leads.
@@ -1476,9 +1482,19 @@ impl ControlPlane {
     }
 
     /// The leader as this node sees it.
-    pub fn leader(&self) -> Option<LeaderView> {
+    pub async fn leader(&self) -> Option<LeaderView> {
         let c = self.inner.cluster.as_ref()?;
         let state = c.leader.borrow().clone();
+        let leader_state = match &state.leader {
+            Some(id) => c
+                .membership
+                .members()
+                .await
+                .into_iter()
+                .find(|m| &m.node_id == id)
+                .map(|m| m.state),
+            None => None,
+        };
         let (coordination, method) = match c.config.coordination.backend {
             CoordinationBackend::None => (
                 "none",
@@ -1493,6 +1509,7 @@ impl ControlPlane {
         Some(LeaderView {
             is_self: state.is_leader,
             leader: state.leader,
+            leader_state,
             token: state.token,
             coordination,
             method,
@@ -1529,7 +1546,7 @@ impl ControlPlane {
                 "left": count(MemberState::Left),
             },
             "events": { "joined": events.joined, "left": events.left, "failed": events.failed },
-            "leader": self.leader(),
+            "leader": self.leader().await,
             "coordination": store.unwrap_or_else(|| serde_json::json!({ "kind": "none", "available": true })),
             "health_merge": format!("{:?}", c.config.health_merge).to_lowercase(),
             "config_version": self.inner.shared.lock().version,

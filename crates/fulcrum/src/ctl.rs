@@ -193,9 +193,10 @@ fn nodes_table(body: &Value) -> String {
 
 fn leader_table(body: &Value) -> String {
     table(
-        &["LEADER", "TOKEN", "SELF", "COORDINATION", "METHOD"],
+        &["LEADER", "STATE", "TOKEN", "SELF", "COORDINATION", "METHOD"],
         &[vec![
             s(&body["leader"]),
+            s(&body["leader_state"]),
             s(&body["token"]),
             s(&body["is_self"]),
             s(&body["coordination"]),
@@ -221,8 +222,9 @@ fn status_table(body: &Value) -> String {
         (
             "leader",
             format!(
-                "{} (token {})",
+                "{} ({}, token {})",
                 s(&body["leader"]["leader"]),
+                s(&body["leader"]["leader_state"]),
                 s(&body["leader"]["token"])
             ),
         ),

@@ -469,6 +469,39 @@ async fn redis_election_shared_config_and_restart() {
     store_backed_cluster(Coordination::Redis(redis.url())).await;
 }
 
+/// A leader killed with a long lease keeps the lease, and the API says so: it is still
+/// `leader`, with the `leader_state` gossip reports (`failed`), and nobody else leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leader_holding_its_lease_is_reported_failed() {
+    let redis = RedisServer::start();
+    let b1 = Backend::start("b1", &[]);
+    let mut cluster =
+        Cluster::start_edited(2, &Coordination::Redis(redis.url()), &[&b1], &[], |yaml| {
+            yaml.replace("lease_ttl: 2s", "lease_ttl: 60s")
+        });
+    all_alive(&cluster, 2).await;
+    let first = eventually(DEADLINE, "a leader is elected", async || {
+        let v = cluster.node(0).api("/api/cluster/leader").await;
+        (v["leader_state"] == "alive").then_some(v["leader"].as_str()?.to_owned())
+    })
+    .await;
+    let (dead, survivor) = if first == "node-1" { (0, 1) } else { (1, 0) };
+    cluster.kill(dead);
+    let v = eventually(
+        DEADLINE,
+        "the survivor reports the leader failed",
+        async || {
+            let v = cluster.node(survivor).api("/api/cluster/leader").await;
+            (v["leader_state"] == "failed").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(v["leader"], first.as_str(), "{v}");
+    assert_eq!(v["is_self"], false, "the lease is not expired: {v}");
+    let status = cluster.node(survivor).api("/api/cluster/status").await;
+    assert_eq!(status["leader"]["leader_state"], "failed", "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_election_shared_config_and_restart() {
     let etcd = EtcdServer::start();
