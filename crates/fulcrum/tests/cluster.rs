@@ -439,7 +439,8 @@ async fn store_backed_cluster(coordination: Coordination) {
     assert!(v["config_version"].as_u64() >= Some(version), "{v}");
     all_alive(&cluster, 3).await;
 
-    // kill -9 the leader: a new one within lease TTL (2 s) + one renewal, larger token.
+    // kill -9 the leader: a new one with a larger token (how soon — lease TTL plus one
+    // renewal — is the store tests' deadline, store_backends.rs).
     let leader_index: usize = first
         .trim_start_matches("node-")
         .parse::<usize>()
@@ -457,10 +458,6 @@ async fn store_backed_cluster(coordination: Coordination) {
     let took = killed.elapsed();
     eprintln!("new leader {next} (token {next_token}) after {took:?}");
     assert!(next_token > token, "token {next_token} must exceed {token}");
-    assert!(
-        took < Duration::from_secs(2) + Duration::from_millis(700) + Duration::from_secs(3),
-        "failover took {took:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
