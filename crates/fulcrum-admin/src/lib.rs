@@ -1,6 +1,6 @@
 //! The admin API: node status, pools and backends with live figures, run-time changes
-//! (strategy switch, drain/enable/disable), configuration reload, and `GET /metrics` in the
-//! Prometheus text format.
+//! (strategy switch, drain/enable/disable), configuration reload, `GET /metrics` in the
+//! Prometheus text format, and the live web dashboard (`GET /dashboard`) built on them.
 //!
 //! It runs on its own listener (`admin.listen`, 127.0.0.1 by default), apart from client
 //! traffic, on the node's control runtime. Everything is JSON; errors are
@@ -20,7 +20,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use fulcrum_balance::StrategyKind;
@@ -119,6 +119,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/cluster/rebalance", post(cluster::rebalance))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/", get(|| async { Redirect::to("/dashboard") }))
+        .route("/dashboard", get(dashboard))
         .route("/api/status", get(status))
         .route("/api/pools", get(pools))
         .route("/api/pools/{pool}", get(pool))
@@ -151,6 +153,36 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+/// The dashboard page (`dashboard.html`) with the strategy names filled in.
+static DASHBOARD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let names = serde_json::to_string(StrategyKind::NAMES)
+        .expect("a list of string literals always serialises");
+    include_str!("dashboard.html").replacen("/*STRATEGIES*/[]", &names, 1)
+});
+
+/// `GET /dashboard`: the live web dashboard, one self-contained page (no external
+/// resources) that polls the read endpoints of this API once a second and makes changes
+/// through it (strategy switch, drain/enable/disable, with the bearer token typed into
+/// the page when `admin.token` is set).
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Only this page's own inline code and same-origin API calls.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+                 frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        DASHBOARD.as_str(),
+    )
+        .into_response()
 }
 
 async fn require_token(

@@ -155,6 +155,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             "\nFulcrum demo is running ({strategy} over three simulated backends).\n"
         );
         let _ = writeln!(out, "  proxy        http://{proxy}/");
+        let _ = writeln!(out, "  dashboard    http://{admin}/dashboard");
         let _ = writeln!(out, "  admin API    http://{admin}/api/status");
         let _ = writeln!(out, "  metrics      http://{admin}/metrics");
         for (name, addr, latency) in &backends {

@@ -497,6 +497,13 @@ async fn a_dead_leader_holding_its_lease_is_reported_failed() {
     assert_eq!(v["is_self"], false, "the lease is not expired: {v}");
     let status = cluster.node(survivor).api("/api/cluster/status").await;
     assert_eq!(status["leader"]["leader_state"], "failed", "{status}");
+    // The dashboard's cluster panel shows it too.
+    let (dom, console) = common::render_page(&cluster.node(survivor).admin_url("/dashboard")).await;
+    assert!(!console.contains("Uncaught"), "script errors: {console}");
+    let panel = common::element(&dom, r#"id="cluster""#, "section").expect("cluster panel");
+    assert!(!panel.contains("hidden"), "{panel}");
+    assert!(panel.contains(r#"<b class="failed">failed</b>"#), "{panel}");
+    assert!(panel.contains(&format!("<b>{first}</b>")), "{panel}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

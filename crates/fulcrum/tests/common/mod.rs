@@ -539,3 +539,74 @@ pub fn simple_config(strategy: &str, backends: &[&Backend], pool_extra: &str) ->
         backends_yaml(backends)
     )
 }
+
+/// A headless Chromium: `$FULCRUM_CHROMIUM`, else the first of `chromium-headless-shell`,
+/// `chromium`, `chromium-browser`, `google-chrome` on `PATH` (CI installs Debian's
+/// `chromium-headless-shell`).
+pub fn chromium() -> PathBuf {
+    if let Some(path) = std::env::var_os("FULCRUM_CHROMIUM") {
+        return PathBuf::from(path);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in [
+        "chromium-headless-shell",
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+    ] {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "no headless Chromium found: install chromium-headless-shell (apt-get install \
+         chromium-headless-shell) or set FULCRUM_CHROMIUM"
+    );
+}
+
+/// What a headless Chromium shows for `url` once the page's scripts have run for up to 3 s
+/// of virtual time: the DOM (`--dump-dom`) and the browser's console lines (stderr).
+pub async fn render_page(url: &str) -> (String, String) {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let profile = tempfile::tempdir().expect("a temporary browser profile");
+        let output = Command::new(chromium())
+            .arg("--headless")
+            .arg("--no-sandbox")
+            .arg("--disable-gpu")
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("--virtual-time-budget=3000")
+            .arg("--dump-dom")
+            .arg(&url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run headless Chromium");
+        assert!(
+            output.status.success(),
+            "Chromium failed on {url}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let console = String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .filter(|l| l.contains(":CONSOLE"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            console,
+        )
+    })
+    .await
+    .expect("the browser task did not panic")
+}
+
+/// The HTML of the element of `dom` that carries attribute `attr` (e.g.
+/// `data-backend="127.0.0.1:9001"`), up to the first `</{tag}>` after it.
+pub fn element<'a>(dom: &'a str, attr: &str, tag: &str) -> Option<&'a str> {
+    let start = dom.find(attr)?;
+    let end = dom[start..].find(&format!("</{tag}>"))?;
+    Some(&dom[start..start + end])
+}
