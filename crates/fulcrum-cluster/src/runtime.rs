@@ -515,6 +515,8 @@ impl ControlPlane {
     // ---------------------------------------------------------------- composition --
 
     /// Replaces the file layer (SIGHUP, `POST /api/reload`) and applies the composition.
+    /// TLS certificate and key files are re-read even when the composition is unchanged,
+    /// so a renewed certificate takes effect on reload.
     ///
     /// # Errors
     /// The validator's or the node's message; nothing changed then.
@@ -529,7 +531,13 @@ impl ControlPlane {
                 .get(pool)
                 .is_some_and(|p| p.discovery.source != DiscoverySource::Static)
         });
-        self.apply(&config, &shared, &discovered)?;
+        if !self.apply(&config, &shared, &discovered)? {
+            // `Node::reload` re-reads them when the composition changed.
+            self.inner
+                .node
+                .reload_certificates()
+                .map_err(|e| e.to_string())?;
+        }
         *self.inner.discovered.lock() = discovered;
         self.spawn_discovery(&config);
         *self.inner.base.lock() = config;
@@ -537,13 +545,14 @@ impl ControlPlane {
     }
 
     /// Composes `base` + `shared` + `discovered`, validates it, reloads the node if the
-    /// composition changed, and sets the operator states the overlay gives.
+    /// composition changed, and sets the operator states the overlay gives. Returns
+    /// whether the composition changed (and the node was reloaded).
     fn apply(
         &self,
         base: &Config,
         shared: &SharedConfig,
         discovered: &BTreeMap<String, Vec<BackendConfig>>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let config = effective_config(base, shared, discovered);
         let changed = self.inner.applied.lock().as_ref() != Some(&config);
         if changed {
@@ -558,7 +567,7 @@ impl ControlPlane {
         if self.inner.cluster.is_some() {
             self.apply_admin_states(shared);
         }
-        Ok(())
+        Ok(changed)
     }
 
     fn apply_admin_states(&self, shared: &SharedConfig) {
@@ -603,7 +612,7 @@ impl ControlPlane {
         let base = self.inner.base.lock().clone();
         let discovered = self.inner.discovered.lock().clone();
         match self.apply(&base, &doc, &discovered) {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(
                     version = doc.version,
                     written_by = %doc.written_by,
@@ -866,7 +875,7 @@ impl ControlPlane {
         let count = backends.len();
         next.insert(pool.to_owned(), backends);
         match self.apply(&base, &shared, &next) {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(pool, backends = count, "discovered backends changed");
                 *self.inner.discovered.lock() = next;
             }

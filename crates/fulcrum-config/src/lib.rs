@@ -45,6 +45,7 @@ mod error;
 mod locate;
 mod model;
 mod scalar;
+pub mod tls;
 mod validate;
 
 use std::path::Path;
@@ -58,7 +59,7 @@ pub use model::{
     ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, MAX_REQUESTS_LIMIT,
     OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, ResponseTimeConfig,
     RetryConfig, RouteConfig, RouteMatch, RuntimeConfig, SlowStartConfig, StatsConfig,
-    TailAwareConfig, UpstreamTimeouts, parse_nameserver,
+    TailAwareConfig, TlsConfig, TlsVersion, UpstreamTimeouts, parse_nameserver,
 };
 pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fulcrum_balance::{OutlierPolicy, StrategyKind};
@@ -149,6 +150,87 @@ pub struct ListenerConfig {
     /// one; each names a pool; a `tcp` listener has exactly one route, without `match`.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// TLS termination; absent = plain text. Validated: `http` listeners only; both
+    /// files readable PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `listeners[].tls`: TLS termination with rustls (HAProxy's `bind … ssl crt`, Envoy's
+/// `DownstreamTlsContext`). The listener then speaks HTTPS: HTTP/2 or HTTP/1.1 chosen by
+/// ALPN (RFC 7301), `X-Forwarded-Proto: https` to backends. The files are read at start
+/// and again on every reload (SIGHUP, `POST /api/reload`), so a renewed certificate is
+/// picked up without a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first (e.g. Let's Encrypt's
+    /// `fullchain.pem`). Required. A relative path is relative to the working directory.
+    pub certificate: PathBuf,
+    /// PEM file with the leaf's private key: PKCS#8 (`BEGIN PRIVATE KEY`), PKCS#1
+    /// (`BEGIN RSA PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`). Required.
+    pub private_key: PathBuf,
+    /// Lowest protocol version accepted: `1.2` (default) or `1.3`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// `listeners[].tls.min_version`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TlsVersion {
+    /// TLS 1.2 (RFC 5246) and 1.3.
+    #[default]
+    V1_2,
+    /// TLS 1.3 (RFC 8446) only.
+    V1_3,
+}
+
+impl TlsVersion {
+    /// `1.2` or `1.3`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsVersion::V1_2 => "1.2",
+            TlsVersion::V1_3 => "1.3",
+        }
+    }
+}
+
+impl Serialize for TlsVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsVersion {
+    /// `"1.2"`/`"1.3"`, also written unquoted (YAML reads `1.2` as a number).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = TlsVersion;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TLS version: 1.2 or 1.3")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TlsVersion, E> {
+                match v {
+                    "1.2" => Ok(TlsVersion::V1_2),
+                    "1.3" => Ok(TlsVersion::V1_3),
+                    _ => Err(E::custom(format!(
+                        "unsupported TLS version `{v}`: expected 1.2 or 1.3"
+                    ))),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<TlsVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TlsVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TlsVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl Default for ListenerConfig {
@@ -161,6 +243,7 @@ impl Default for ListenerConfig {
             protocol: Protocol::Http,
             timeouts: ListenerTimeouts::default(),
             routes: Vec::new(),
+            tls: None,
         }
     }
 }

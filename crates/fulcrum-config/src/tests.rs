@@ -1221,3 +1221,79 @@ fn cluster_and_discovery_mistakes_name_their_field() {
         ]
     );
 }
+
+/// A directory with PEM-shaped `cert.pem` and `key.pem` (the validator checks the PEM
+/// framing and block types; the data plane's rustls checks the contents).
+fn tls_files() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("cert.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write cert");
+    std::fs::write(
+        dir.path().join("key.pem"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write key");
+    dir
+}
+
+fn tls_listener(protocol: &str, dir: &std::path::Path, key: &str, extra: &str) -> String {
+    format!(
+        "listeners:\n  - name: web\n    listen: 127.0.0.1:8443\n    protocol: {protocol}\n    tls:\n      certificate: {}\n      private_key: {}\n{extra}    routes:\n      - pool: app\npools:\n  app:\n    backends:\n      - address: 127.0.0.1:8081\n",
+        dir.join("cert.pem").display(),
+        dir.join(key).display(),
+    )
+}
+
+#[test]
+fn tls_settings_parse_with_an_unquoted_version() {
+    let dir = tls_files();
+    let config = parse_ok(&tls_listener(
+        "http",
+        dir.path(),
+        "key.pem",
+        "      min_version: 1.3\n",
+    ));
+    let tls = config.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.min_version, TlsVersion::V1_3);
+    assert_eq!(tls.certificate, dir.path().join("cert.pem"));
+    assert!(parse_ok(MINIMAL).listeners[0].tls.is_none());
+}
+
+#[test]
+fn tls_errors_name_the_field_and_the_file() {
+    let dir = tls_files();
+    // Not on a tcp listener.
+    let d = diags(&tls_listener("tcp", dir.path(), "key.pem", ""));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!((d[0].0, d[0].2.as_str()), (5, "listeners[0].tls"));
+    assert!(
+        d[0].3.contains("supported on `http` listeners only"),
+        "{d:?}"
+    );
+    // A key file with no key in it (here: the certificate).
+    let d = diags(&tls_listener("http", dir.path(), "cert.pem", ""));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(
+        (d[0].0, d[0].2.as_str()),
+        (7, "listeners[0].tls.private_key")
+    );
+    assert!(d[0].3.contains("holds no private key"), "{d:?}");
+    // A missing file.
+    let d = diags(&tls_listener("http", dir.path(), "absent.pem", ""));
+    assert_eq!(d[0].2, "listeners[0].tls.private_key");
+    assert!(
+        d[0].3.contains("cannot read") && d[0].3.contains("absent.pem"),
+        "{d:?}"
+    );
+    // An unsupported version.
+    let d = diags(&tls_listener(
+        "http",
+        dir.path(),
+        "key.pem",
+        "      min_version: 1.1\n",
+    ));
+    assert!(d[0].3.contains("unsupported TLS version `1.1`"), "{d:?}");
+}

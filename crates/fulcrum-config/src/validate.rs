@@ -320,7 +320,31 @@ impl Checker<'_> {
                 l.timeouts.request_header,
             );
             self.positive(&format!("{p}.timeouts.idle"), l.timeouts.idle);
+            self.tls(l, &p);
             self.routes(config, l, &p);
+        }
+    }
+
+    /// `tls` only on `http` listeners, with both files readable PEM (read here, so that
+    /// `fulcrum check` and a reload name a bad file at its line).
+    fn tls(&mut self, l: &ListenerConfig, p: &str) {
+        let Some(tls) = &l.tls else { return };
+        if l.protocol == Protocol::Tcp {
+            self.report(
+                &format!("{p}.tls"),
+                Anchor::Key,
+                format!(
+                    "listener `{}` is `tcp`: TLS termination is supported on `http` listeners \
+                     only (a `tcp` listener passes the client's TLS through unchanged)",
+                    l.name
+                ),
+            );
+        } else if let Err(e) = crate::tls::read_pem(tls) {
+            self.report(
+                &format!("{p}.tls.{}", e.file.key()),
+                Anchor::Value,
+                e.message,
+            );
         }
     }
 

@@ -170,7 +170,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
             }
         }
     };
-    let prepared = headers::prepare_request(&mut parts, &ctx.client_ip, "http");
+    let prepared = headers::prepare_request(&mut parts, &ctx.client_ip, ctx.listener.scheme());
     let on_upgrade = if prepared.upgrading { on_upgrade } else { None };
 
     let _active = pool.enter();

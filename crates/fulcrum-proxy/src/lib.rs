@@ -25,6 +25,7 @@ pub mod router;
 pub mod spec;
 pub mod state;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use node::{

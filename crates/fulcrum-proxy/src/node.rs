@@ -55,6 +55,8 @@ pub struct ListenerSpec {
     pub timeouts: ClientTimeouts,
     /// Routes, first match wins.
     pub routes: Vec<RouteSpec>,
+    /// TLS termination settings; `None` = plain text.
+    pub tls: Option<fulcrum_config::TlsConfig>,
 }
 
 /// A pool as declared.
@@ -119,6 +121,33 @@ pub enum NodeError {
     /// A reload changed listeners, which needs a restart.
     #[error("listener changes need a restart: {0}")]
     ListenersChanged(String),
+    /// A listener's TLS certificate or key cannot be used.
+    #[error("listener `{listener}`: TLS: {message}")]
+    Tls {
+        /// Listener name.
+        listener: String,
+        /// What is wrong, naming the file.
+        message: String,
+    },
+}
+
+/// Builds the TLS state of each listener of `spec` (`None` for plain-text ones), reading
+/// the certificate and key files.
+fn build_tls(spec: &NodeSpec) -> Result<Vec<Option<crate::tls::TlsState>>, NodeError> {
+    spec.listeners
+        .iter()
+        .map(|l| {
+            l.tls
+                .as_ref()
+                .map(|settings| {
+                    crate::tls::build(settings).map_err(|message| NodeError::Tls {
+                        listener: l.name.clone(),
+                        message,
+                    })
+                })
+                .transpose()
+        })
+        .collect()
 }
 
 /// What an operator does to a backend through the admin API.
@@ -403,10 +432,12 @@ impl Node {
     /// # Errors
     /// [`NodeError::Bind`] if a listener cannot be bound; [`NodeError::UnknownPool`] or
     /// [`NodeError::InvalidHeader`] for routes the configuration validator should have
-    /// caught; [`NodeError::Workers`] if threads cannot be spawned.
+    /// caught; [`NodeError::Tls`] if a listener's certificate or key cannot be used;
+    /// [`NodeError::Workers`] if threads cannot be spawned.
     pub fn start(spec: &NodeSpec) -> Result<Node, NodeError> {
         let threads = spec.threads.max(1);
         let metrics = Arc::new(Metrics::new());
+        let tls = build_tls(spec)?;
 
         let mut bound = Vec::with_capacity(spec.listeners.len());
         for l in &spec.listeners {
@@ -434,10 +465,10 @@ impl Node {
         let mut listeners = Vec::with_capacity(spec.listeners.len());
         let mut per_worker: Vec<Vec<std::net::TcpListener>> =
             (0..threads).map(|_| Vec::new()).collect();
-        for (l, (sockets, local)) in spec.listeners.iter().zip(bound) {
+        for ((l, (sockets, local)), tls) in spec.listeners.iter().zip(bound).zip(tls) {
             let router = build_router(l, &pools)?;
             listeners.push(Arc::new(ListenerRuntime::new(
-                &l.name, l.protocol, local, router, l.timeouts, &metrics,
+                &l.name, l.protocol, local, router, l.timeouts, tls, &metrics,
             )));
             for (worker, socket) in sockets.into_iter().enumerate() {
                 per_worker[worker].push(socket);
@@ -500,13 +531,15 @@ impl Node {
         }
     }
 
-    /// Applies a new configuration: routes, pools, backends, strategies and policies.
-    /// Listeners must be unchanged (names, addresses, protocols, timeouts); changing them
-    /// needs a restart. Backends kept at the same address keep their live statistics,
-    /// health and connections. On error nothing is changed.
+    /// Applies a new configuration: routes, pools, backends, strategies and policies, and
+    /// re-reads TLS certificates and keys (their paths and `min_version` may change too).
+    /// Listeners must otherwise be unchanged (names, addresses, protocols, timeouts, TLS
+    /// on or off); changing them needs a restart. Backends kept at the same address keep
+    /// their live statistics, health and connections. On error nothing is changed.
     pub fn reload(&self, spec: &NodeSpec) -> Result<(), NodeError> {
         let _serial = self.inner.reload.lock();
         self.check_listeners_unchanged(spec)?;
+        let tls = build_tls(spec)?;
 
         let current = self.inner.pools.load_full();
         let mut reuse: HashMap<(String, String), (SocketAddr, Arc<BackendRuntime>)> =
@@ -564,8 +597,11 @@ impl Node {
             pool.swap_state(state);
         }
         self.inner.pools.store(Arc::new(next_pools));
-        for (listener, router) in self.inner.listeners.iter().zip(routers) {
+        for ((listener, router), tls) in self.inner.listeners.iter().zip(routers).zip(tls) {
             listener.router.store(Arc::new(router));
+            if let (Some(current), Some(next)) = (&listener.tls, tls) {
+                current.store(Arc::new(next));
+            }
         }
         for (pool, address) in reuse.keys() {
             if !kept.contains(&(pool.clone(), address.clone())) {
@@ -593,6 +629,7 @@ impl Node {
                 || !same_addr
                 || r.protocol != s.protocol
                 || r.timeouts != s.timeouts
+                || r.tls.is_some() != s.tls.is_some()
             {
                 return Err(NodeError::ListenersChanged(format!(
                     "listener `{}` changed",
@@ -601,6 +638,34 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Re-reads the certificate and key files of every TLS listener, with their current
+    /// settings, and swaps the new configurations in (a renewed certificate without a
+    /// configuration change). New handshakes use them; open connections are unaffected.
+    /// Returns how many listeners were reloaded.
+    ///
+    /// # Errors
+    /// [`NodeError::Tls`] for the first listener whose files cannot be used; then no
+    /// listener changed.
+    pub fn reload_certificates(&self) -> Result<usize, NodeError> {
+        let _serial = self.inner.reload.lock();
+        let mut next = Vec::new();
+        for listener in self.inner.listeners.iter() {
+            if let Some(tls) = &listener.tls {
+                let state =
+                    crate::tls::build(&tls.load().settings).map_err(|message| NodeError::Tls {
+                        listener: listener.name.to_string(),
+                        message,
+                    })?;
+                next.push((tls, state));
+            }
+        }
+        let count = next.len();
+        for (tls, state) in next {
+            tls.store(Arc::new(state));
+        }
+        Ok(count)
     }
 
     /// The pools, in declaration order.

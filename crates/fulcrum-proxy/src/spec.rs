@@ -69,6 +69,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                 request_header: l.timeouts.request_header,
                 idle: l.timeouts.idle,
             },
+            tls: l.tls.clone(),
             routes: l
                 .routes
                 .iter()

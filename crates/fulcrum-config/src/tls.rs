@@ -1,0 +1,90 @@
+//! Reading a listener's TLS certificate chain and private key (PEM), shared by the
+//! validator (so `fulcrum check` and reloads report a bad file at its config line) and the
+//! data plane (which builds the rustls server configuration from the result).
+
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::model::TlsConfig;
+
+/// A listener's certificate chain (leaf first) and private key, parsed from PEM.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    /// DER certificates in file order (leaf first); never empty.
+    pub certificates: Vec<CertificateDer<'static>>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PrivateKeyDer<'static>,
+}
+
+/// Which file of `listeners[].tls` a [`TlsFileError`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFile {
+    /// `certificate`.
+    Certificate,
+    /// `private_key`.
+    PrivateKey,
+}
+
+impl TlsFile {
+    /// The config key: `certificate` or `private_key`.
+    pub fn key(self) -> &'static str {
+        match self {
+            TlsFile::Certificate => "certificate",
+            TlsFile::PrivateKey => "private_key",
+        }
+    }
+}
+
+/// A TLS file that cannot be used, and why (the message names the path).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TlsFileError {
+    /// The file at fault.
+    pub file: TlsFile,
+    /// What is wrong, naming the path.
+    pub message: String,
+}
+
+/// Reads and parses both files of `tls`.
+///
+/// # Errors
+/// [`TlsFileError`] naming the first file that is unreadable, is not PEM, holds no
+/// certificate (`certificate`) or no private key (`private_key`).
+pub fn read_pem(tls: &TlsConfig) -> Result<TlsMaterial, TlsFileError> {
+    let cert_error = |message: String| TlsFileError {
+        file: TlsFile::Certificate,
+        message,
+    };
+    let path = tls.certificate.display();
+    let certificates = CertificateDer::pem_file_iter(&tls.certificate)
+        .map_err(|e| cert_error(format!("cannot read `{path}`: {}", describe(&e))))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(format!("`{path}` is not valid PEM: {}", describe(&e))))?;
+    if certificates.is_empty() {
+        return Err(cert_error(format!(
+            "`{path}` holds no certificate (expected `-----BEGIN CERTIFICATE-----` blocks, leaf first)"
+        )));
+    }
+    let path = tls.private_key.display();
+    let private_key = PrivateKeyDer::from_pem_file(&tls.private_key).map_err(|e| TlsFileError {
+        file: TlsFile::PrivateKey,
+        message: match e {
+            pem::Error::NoItemsFound => format!(
+                "`{path}` holds no private key (expected a PKCS#8, PKCS#1 or SEC1 PEM block)"
+            ),
+            pem::Error::Io(_) => format!("cannot read `{path}`: {}", describe(&e)),
+            _ => format!("`{path}` is not valid PEM: {}", describe(&e)),
+        },
+    })?;
+    Ok(TlsMaterial {
+        certificates,
+        private_key,
+    })
+}
+
+fn describe(e: &pem::Error) -> String {
+    match e {
+        pem::Error::Io(io) => io.to_string(),
+        other => format!("{other:?}"),
+    }
+}
