@@ -14,10 +14,13 @@
 #   WARMUP=2          seconds of discarded wrk load before every measured run
 #   FLOOR_DURATION=5  seconds of each one-connection latency-floor run
 #   KEEP_TMP=1        keep the temp dir (configs, logs) instead of deleting it
+#   TLS=1             clients speak HTTPS to the proxies (TLS termination with one
+#                     self-signed ECDSA P-256 certificate made by openssl per run; the
+#                     upstreams stay plain HTTP); keep-alive, so handshakes are amortised
 #
 # Output: a markdown table on stdout, the section between `<!-- compare:begin -->` and
-# `<!-- compare:end -->` of BENCHMARKS.md rewritten, and the raw per-run wrk output in
-# bench/results/compare-<timestamp>.txt (git-ignored).
+# `<!-- compare:end -->` (with TLS=1: `compare-tls:begin/end`) of BENCHMARKS.md rewritten,
+# and the raw per-run wrk output in bench/results/compare-<timestamp>.txt (git-ignored).
 #
 # The functions can be sourced (bench/profile.sh does) without running anything.
 
@@ -30,6 +33,9 @@ THREADS_WRK=${THREADS_WRK:-1}
 WARMUP=${WARMUP:-2}
 FLOOR_DURATION=${FLOOR_DURATION:-5}
 KEEP_TMP=${KEEP_TMP:-0}
+TLS=${TLS:-0}
+SCHEME=http
+[[ "$TLS" == 1 ]] && SCHEME=https
 
 # Fixed ports: the brief names them, and fixed ports make the commands in BENCHMARKS.md
 # reproducible. Busy ports are detected and reported before anything starts.
@@ -60,7 +66,9 @@ die() {
 ensure_tools() {
 	# Install only what is missing, and refresh the package index only when installing.
 	local missing=() tool pkg
-	for tool in wrk:wrk nginx:nginx haproxy:haproxy taskset:util-linux; do
+	local tools=(wrk:wrk nginx:nginx haproxy:haproxy taskset:util-linux)
+	[[ "$TLS" == 1 ]] && tools+=(openssl:openssl curl:curl)
+	for tool in "${tools[@]}"; do
 		pkg=${tool#*:}
 		tool=${tool%%:*}
 		command -v "$tool" >/dev/null 2>&1 || missing+=("$pkg")
@@ -95,7 +103,19 @@ build_fulcrum() {
 
 setup_tmp() {
 	TMP=$(mktemp -d "${TMPDIR:-/tmp}/fulcrum-compare.XXXXXX")
-	mkdir -p "$TMP"/{upstream,nginx,haproxy,fulcrum}
+	mkdir -p "$TMP"/{upstream,nginx,haproxy,fulcrum,tls}
+	[[ "$TLS" == 1 ]] && make_certificate
+	return 0
+}
+
+# make_certificate: one self-signed ECDSA P-256 certificate for 127.0.0.1, used by the
+# three proxies ($TMP/tls/cert.pem + key.pem; HAProxy wants both in one file).
+make_certificate() {
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+		-subj /CN=bench.local -addext subjectAltName=IP:127.0.0.1 \
+		-keyout "$TMP/tls/key.pem" -out "$TMP/tls/cert.pem" 2>"$TMP/tls/openssl.log" ||
+		die "openssl could not make a certificate: $(cat "$TMP/tls/openssl.log")"
+	cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/combined.pem"
 }
 
 # Stops every process we started: TERM, then KILL after 5 s. Runs on every exit path
@@ -185,6 +205,12 @@ wait_port() {
 # http_get PORT: prints "STATUS BODY" of one GET / on a fresh connection, with bash only.
 http_get() {
 	local port=$1 status body line
+	if [[ "$TLS" == 1 ]]; then
+		# Certificate not verified: it is the run's own self-signed one.
+		body=$(curl -sk --max-time 5 -H 'Host: bench.local' -w '\n%{http_code}' "https://127.0.0.1:$port/") || body=$'\nnone'
+		printf '%s %s\n' "${body##*$'\n'}" "$(printf '%s' "${body%$'\n'*}" | tr -d '\r\n')"
+		return
+	fi
 	exec 3<>"/dev/tcp/127.0.0.1/$port"
 	printf 'GET / HTTP/1.1\r\nHost: bench.local\r\nConnection: close\r\n\r\n' >&3
 	IFS=' ' read -r -t 5 _ status _ <&3 || status=none
@@ -253,6 +279,7 @@ admin: { listen: "127.0.0.1:0" }
 listeners:
   - name: bench
     listen: 127.0.0.1:${PROXY_PORT[fulcrum]}
+$([[ "$TLS" == 1 ]] && printf '    tls: { certificate: %s, private_key: %s }' "$TMP/tls/cert.pem" "$TMP/tls/key.pem")
     routes:
       - pool: upstreams
 pools:
@@ -300,7 +327,8 @@ EOF
         keepalive_timeout 60s;
     }
     server {
-        listen 127.0.0.1:${PROXY_PORT[nginx]};
+        listen 127.0.0.1:${PROXY_PORT[nginx]}$([[ "$TLS" == 1 ]] && echo " ssl");
+$([[ "$TLS" == 1 ]] && printf '        ssl_certificate %s;\n        ssl_certificate_key %s;' "$TMP/tls/cert.pem" "$TMP/tls/key.pem")
         location / {
             proxy_pass http://upstreams;
             proxy_http_version 1.1;
@@ -336,10 +364,10 @@ defaults
     timeout server 30s
     timeout http-keep-alive 60s
 frontend bench
-    bind 127.0.0.1:${PROXY_PORT[haproxy]}
+    bind 127.0.0.1:${PROXY_PORT[haproxy]}$([[ "$TLS" == 1 ]] && echo " ssl crt $TMP/tls/combined.pem alpn http/1.1")
     # Same forwarded headers as fulcrum (which always sets these).
     option forwardfor
-    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Proto $SCHEME
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
     default_backend upstreams
 backend upstreams
@@ -459,13 +487,14 @@ wrk_parse() {
 		}' "$1"
 }
 
-# wrk_run SECONDS CONNS THREADS PORT OUTFILE: one wrk run on the load CPU.
+# wrk_run SECONDS CONNS THREADS PORT OUTFILE [SCHEME]: one wrk run on the load CPU
+# (SCHEME defaults to the proxies' one; the upstreams are always plain http).
 # wrk runs in the background and we `wait` for it: a trapped signal interrupts `wait` at
 # once, whereas for a foreground child that handles SIGINT itself (wrk does: it stops and
 # prints its results) bash would assume the child consumed the Ctrl-C and carry on.
 wrk_run() {
 	local rc=0
-	taskset -c "$LOAD_CPU" wrk -t"$3" -c"$2" -d"$1"s --latency "http://127.0.0.1:$4/" >"$5" 2>&1 &
+	taskset -c "$LOAD_CPU" wrk -t"$3" -c"$2" -d"$1"s --latency "${6:-$SCHEME}://127.0.0.1:$4/" >"$5" 2>&1 &
 	WRK_PID=$!
 	wait "$WRK_PID" || rc=$?
 	WRK_PID=""
@@ -526,11 +555,11 @@ measure() {
 	fi
 }
 
-# floor NAME PORT: one connection, no queueing: the latency floor through NAME.
+# floor NAME PORT [SCHEME]: one connection, no queueing: the latency floor through NAME.
 floor() {
-	local name=$1 port=$2 out="$TMP/floor-$1.txt"
-	wrk_run 1 1 1 "$port" "$TMP/warmup.txt"
-	wrk_run "$FLOOR_DURATION" 1 1 "$port" "$out"
+	local name=$1 port=$2 scheme=${3:-$SCHEME} out="$TMP/floor-$1.txt"
+	wrk_run 1 1 1 "$port" "$TMP/warmup.txt" "$scheme"
+	wrk_run "$FLOOR_DURATION" 1 1 "$port" "$out" "$scheme"
 	local rps p50 p99 rest
 	read -r rps p50 p99 rest <<<"$(wrk_parse "$out")"
 	echo "$name $rps $p50 $p99" >>"$FLOORS"
@@ -572,7 +601,13 @@ report() {
 		M_ERR[$p]=$(awk -v p="$p" '$2 == p { s += $9 + $10 } END { print s + 0 }' "$RUNS")
 	done
 	{
-		echo "### Results ($when)"
+		if [[ "$TLS" == 1 ]]; then
+			echo "### HTTPS results ($when)"
+			echo
+			echo "\`TLS=1\`: clients speak TLS to each proxy (one self-signed ECDSA P-256 certificate; fulcrum rustls with *ring*, nginx and HAProxy OpenSSL $(openssl version | awk '{print $2}'); wrk negotiates $(openssl s_client -connect "127.0.0.1:${PROXY_PORT[nginx]}" </dev/null 2>/dev/null | awk -F': *' '/Cipher is/ {print $NF; exit}' | sed 's/.*Cipher is //') with nginx), HTTP/1.1 keep-alive, so the measure is mostly record encryption and decryption; the upstreams stay plain HTTP."
+		else
+			echo "### Results ($when)"
+		fi
 		echo
 		echo "Machine: $(nproc) CPUs, $cpu_model, Linux $kernel; load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
 		echo "Versions: $(versions)."
@@ -681,10 +716,15 @@ EOF
 	if ! grep -q '<!-- compare:begin -->' "$md"; then
 		printf '\n<!-- compare:begin -->\n<!-- compare:end -->\n' >>"$md"
 	fi
+	local marker=compare
+	[[ "$TLS" == 1 ]] && marker=compare-tls
+	if ! grep -q "<!-- $marker:begin -->" "$md"; then
+		printf '\n<!-- %s:begin -->\n<!-- %s:end -->\n' "$marker" "$marker" >>"$md"
+	fi
 	local new="$TMP/BENCHMARKS.md"
-	awk -v section="$TMP/section.md" '
-		/<!-- compare:begin -->/ { print; while ((getline l < section) > 0) print l; skip = 1; next }
-		/<!-- compare:end -->/ { skip = 0 }
+	awk -v section="$TMP/section.md" -v begin="<!-- $marker:begin -->" -v end="<!-- $marker:end -->" '
+		$0 == begin { print; while ((getline l < section) > 0) print l; skip = 1; next }
+		$0 == end { skip = 0 }
 		!skip { print }' "$md" >"$new"
 	cat "$new" >"$md"
 	log "updated $md"
@@ -737,7 +777,7 @@ main() {
 	done
 
 	# Floors after the rounds, so every pool is warm.
-	floor upstream-direct "${UPSTREAM_PORTS[0]}"
+	floor upstream-direct "${UPSTREAM_PORTS[0]}" http
 	local p
 	for p in "${PROXIES[@]}"; do floor "$p" "${PROXY_PORT[$p]}"; done
 
