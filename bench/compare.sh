@@ -583,6 +583,17 @@ versions() {
 	echo "fulcrum $("$FULCRUM_BIN" --version | awk '{print $2}') (git $hash$dirty), $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -n1 | awk '{print "HAProxy " $3}'), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}')"
 }
 
+# negotiated: "proxy protocol cipher" for each proxy, as `openssl s_client` gets them.
+negotiated() {
+	local p out=()
+	for p in "${PROXIES[@]}"; do
+		out+=("$p $(openssl s_client -connect "127.0.0.1:${PROXY_PORT[$p]}" </dev/null 2>/dev/null |
+			sed -n 's/^New, \([^,]*\), Cipher is \(.*\)$/\1 \2/p' | head -n1)")
+	done
+	local IFS=';'
+	echo "${out[*]}" | sed 's/;/; /g'
+}
+
 report() {
 	local when=$1 cpu_model kernel
 	cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
@@ -604,7 +615,7 @@ report() {
 		if [[ "$TLS" == 1 ]]; then
 			echo "### HTTPS results ($when)"
 			echo
-			echo "\`TLS=1\`: clients speak TLS to each proxy (one self-signed ECDSA P-256 certificate; fulcrum rustls with *ring*, nginx and HAProxy OpenSSL $(openssl version | awk '{print $2}'); wrk negotiates $(openssl s_client -connect "127.0.0.1:${PROXY_PORT[nginx]}" </dev/null 2>/dev/null | awk -F': *' '/Cipher is/ {print $NF; exit}' | sed 's/.*Cipher is //') with nginx), HTTP/1.1 keep-alive, so the measure is mostly record encryption and decryption; the upstreams stay plain HTTP."
+			echo "\`TLS=1\`: clients speak TLS to each proxy (one self-signed ECDSA P-256 certificate; fulcrum rustls with *ring*, nginx and HAProxy OpenSSL $(openssl version | awk '{print $2}')), HTTP/1.1 keep-alive, so the measure is mostly record encryption and decryption; the upstreams stay plain HTTP. Protocol and cipher that \`openssl s_client\` (the library wrk uses) negotiates: $(negotiated)."
 		else
 			echo "### Results ($when)"
 		fi
