@@ -14,6 +14,7 @@
 #   WARMUP=2          seconds of discarded wrk load before every measured run
 #   FLOOR_DURATION=5  seconds of each one-connection latency-floor run
 #   KEEP_TMP=1        keep the temp dir (configs, logs) instead of deleting it
+#   FULCRUM_BIN=path  measure that fulcrum binary instead of building this checkout
 #   TLS=1             clients speak HTTPS to the proxies (TLS termination with one
 #                     self-signed ECDSA P-256 certificate made by openssl per run; the
 #                     upstreams stay plain HTTP); keep-alive, so handshakes are amortised
@@ -46,7 +47,9 @@ PROXY_CPU=0 # the proxy under test, alone
 LOAD_CPU=1  # wrk and the upstream nginx
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-FULCRUM_BIN="$REPO/target/release/fulcrum"
+# FULCRUM_BIN=path runs that binary instead of building the checkout (an A/B of builds).
+FULCRUM_BIN_GIVEN=${FULCRUM_BIN:+1}
+FULCRUM_BIN=${FULCRUM_BIN:-$REPO/target/release/fulcrum}
 CLK_TCK=$(getconf CLK_TCK)
 
 TMP=""               # mktemp -d, set by setup_tmp
@@ -96,6 +99,11 @@ ensure_tools() {
 }
 
 build_fulcrum() {
+	if [[ -n "$FULCRUM_BIN_GIVEN" ]]; then
+		[[ -x "$FULCRUM_BIN" ]] || die "FULCRUM_BIN=$FULCRUM_BIN is not an executable"
+		log "using $FULCRUM_BIN (not built from this checkout)"
+		return
+	fi
 	log "cargo build --release -p fulcrum"
 	(cd "$REPO" && cargo build --release -p fulcrum) >&2
 	[[ -x "$FULCRUM_BIN" ]] || die "build did not produce $FULCRUM_BIN"
@@ -580,6 +588,7 @@ versions() {
 	local hash dirty=""
 	hash=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 	[[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ]] && dirty="+uncommitted changes"
+	[[ -n "$FULCRUM_BIN_GIVEN" ]] && hash="binary $FULCRUM_BIN, checkout $hash"
 	echo "fulcrum $("$FULCRUM_BIN" --version | awk '{print $2}') (git $hash$dirty), $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -n1 | awk '{print "HAProxy " $3}'), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}')"
 }
 
