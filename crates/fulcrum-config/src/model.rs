@@ -298,6 +298,76 @@ pub struct RouteConfig {
     /// whose pool has no eligible backend with these tags gets `503`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub backend_tags: BTreeMap<String, String>,
+    /// Local rate limit of the route; absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// `routes[].rate_limit`: a token bucket (GCRA, as implemented by the `governor` crate)
+/// in front of the route's pool, like nginx's `limit_req` or Envoy's local rate limit.
+/// A request over the limit is answered `429` with `Retry-After` and never reaches a
+/// backend. The limit is per node: with N nodes sharing the traffic the cluster admits
+/// up to N times it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained rate, `N/s`, `N/m` or `N/h` (N = 1..=1000000), e.g. `100/s`. Required.
+    #[serde(with = "scalar::rate")]
+    pub rate: Rate,
+    /// Requests admitted at once above the sustained rate (the bucket size), 1..=1000000.
+    /// Default: N of `rate` (one second's, minute's or hour's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// `route` (default): one bucket for all requests of the route; `client_ip`: one
+    /// bucket per client address (buckets that have refilled are dropped every 10 s, so
+    /// memory follows the clients active within a refill time).
+    #[serde(default)]
+    pub per: RateLimitKey,
+}
+
+impl RateLimitConfig {
+    /// The bucket size: `burst`, else the rate's N.
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.rate.count)
+    }
+}
+
+/// A rate: `count` requests per `per`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rate {
+    /// Requests per period (1..=1000000).
+    pub count: u32,
+    /// The period: 1 s, 1 min or 1 h.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// The time one request's token takes to come back: `per / count`.
+    pub fn period(&self) -> Duration {
+        self.per / self.count.max(1)
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// `routes[].rate_limit.per`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitKey {
+    /// One bucket for the route.
+    #[default]
+    Route,
+    /// One bucket per client IP address (the TCP peer).
+    ClientIp,
 }
 
 /// `routes[].match`: every condition given must hold; none given matches everything.

@@ -13,6 +13,44 @@ use serde::{Deserialize, Serialize, Serializer};
 
 /// Serde for [`Duration`] as a humantime string: `250ms`, `5s`, `1m 30s`. A bare number is
 /// rejected ("missing unit, e.g. 5s") rather than guessed at.
+/// Serde for a rate `N/s`, `N/m` or `N/h` (N = 1..=1000000).
+pub(crate) mod rate {
+    use super::*;
+    use crate::model::Rate;
+
+    pub fn serialize<S: Serializer>(r: &Rate, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(r)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
+        let v = String::deserialize(d)?;
+        parse(&v).map_err(de::Error::custom)
+    }
+
+    /// Parses `N/s`, `N/m` or `N/h`.
+    pub fn parse(v: &str) -> Result<Rate, String> {
+        let bad = |why: &str| format!("invalid rate `{v}`: {why}, e.g. 100/s, 30/m or 500/h");
+        let (count, unit) = v
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("missing `/unit`"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| bad("the count must be a whole number"))?;
+        if !(1..=1_000_000).contains(&count) {
+            return Err(bad("the count must be 1..=1000000"));
+        }
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(bad("the unit must be s, m or h")),
+        };
+        Ok(Rate { count, per })
+    }
+}
+
 pub(crate) mod duration {
     use super::*;
 

@@ -61,6 +61,7 @@ fn minimal_config_gets_every_default() {
                 r#match: None,
                 pool: "app".into(),
                 backend_tags: BTreeMap::new(),
+                rate_limit: None,
             }],
             ..ListenerConfig::default()
         }],
@@ -229,6 +230,7 @@ fn full_config_has_every_value() {
                 }),
                 pool: "api".into(),
                 backend_tags: BTreeMap::new(),
+                rate_limit: None,
             },
             RouteConfig {
                 r#match: Some(RouteMatch {
@@ -240,11 +242,13 @@ fn full_config_has_every_value() {
                 }),
                 pool: "api".into(),
                 backend_tags: BTreeMap::new(),
+                rate_limit: None,
             },
             RouteConfig {
                 r#match: None,
                 pool: "app".into(),
-                backend_tags: BTreeMap::new()
+                backend_tags: BTreeMap::new(),
+                rate_limit: None,
             },
         ]
     );
@@ -1296,4 +1300,36 @@ fn tls_errors_name_the_field_and_the_file() {
         "      min_version: 1.1\n",
     ));
     assert!(d[0].3.contains("unsupported TLS version `1.1`"), "{d:?}");
+}
+
+#[test]
+fn rate_limits_parse_and_bad_ones_are_located() {
+    let route = |limit: &str| {
+        format!(
+            "listeners:\n  - name: web\n    listen: 127.0.0.1:8080\n    routes:\n      - pool: app\n        rate_limit: {limit}\npools:\n  app:\n    backends:\n      - address: 127.0.0.1:8081\n"
+        )
+    };
+    let config = parse_ok(&route("{ rate: 30/m, per: client_ip }"));
+    let limit = config.listeners[0].routes[0]
+        .rate_limit
+        .as_ref()
+        .expect("a limit");
+    assert_eq!(limit.rate.count, 30);
+    assert_eq!(limit.rate.period(), Duration::from_secs(2));
+    assert_eq!(limit.burst(), 30, "burst defaults to the rate's count");
+    assert_eq!(limit.per, RateLimitKey::ClientIp);
+    assert_eq!(limit.rate.to_string(), "30/m");
+    for (bad, message) in [
+        ("{ rate: 100 }", "missing `/unit`"),
+        ("{ rate: 10/d }", "the unit must be s, m or h"),
+        ("{ rate: 0/s }", "the count must be 1..=1000000"),
+        ("{ rate: 1.5/s }", "the count must be a whole number"),
+    ] {
+        let d = diags(&route(bad));
+        assert_eq!(d.len(), 1, "{bad}: {d:?}");
+        assert_eq!(d[0].0, 6, "{bad}: {d:?}");
+        assert!(d[0].3.contains(message), "{bad}: {d:?}");
+    }
+    let d = diags(&route("{ rate: 1/s, burst: 0 }"));
+    assert_eq!(d[0].2, "listeners[0].routes[0].rate_limit.burst", "{d:?}");
 }

@@ -374,6 +374,26 @@ impl Checker<'_> {
         }
         for (j, route) in l.routes.iter().enumerate() {
             let rp = format!("{p}.routes[{j}]");
+            if let Some(limit) = &route.rate_limit {
+                if let Some(burst) = limit.burst {
+                    self.int_range(
+                        &format!("{rp}.rate_limit.burst"),
+                        u64::from(burst),
+                        1..=1_000_000,
+                    );
+                }
+                if l.protocol == Protocol::Tcp {
+                    self.report(
+                        &format!("{rp}.rate_limit"),
+                        Anchor::Key,
+                        format!(
+                            "listener `{}` is `tcp`: rate limits apply to HTTP requests, on \
+                             `http` listeners",
+                            l.name
+                        ),
+                    );
+                }
+            }
             if !config.pools.contains_key(&route.pool) {
                 let known = if config.pools.is_empty() {
                     "no pools are defined".to_owned()

@@ -137,6 +137,34 @@ pub async fn handle(
     Ok(response.map(|body| ClientBody::new(body, active)))
 }
 
+/// `429 Too Many Requests` (RFC 6585 §4) for a request over its route's rate limit, with
+/// `Retry-After` (RFC 9110 §10.2.3) in whole seconds, rounded up, at least 1.
+#[cold]
+fn rate_limited(
+    ctx: &ConnContext,
+    settings: &fulcrum_config::RateLimitConfig,
+    wait: Duration,
+) -> Response<ProxyBody> {
+    let per = match settings.per {
+        fulcrum_config::RateLimitKey::Route => "this route",
+        fulcrum_config::RateLimitKey::ClientIp => "this client on this route",
+    };
+    let message = format!(
+        "rate limit of {} (burst {}) for {per} exceeded; retry in {} ms",
+        settings.rate,
+        settings.burst(),
+        wait.as_millis()
+    );
+    let mut response = ctx
+        .listener
+        .reply(StatusCode::TOO_MANY_REQUESTS, "rate_limited", &message);
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}
+
 async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let index = ctx.requests.fetch_add(1, Ordering::Relaxed);
     let client_h1 = req.version() <= Version::HTTP_11;
@@ -157,7 +185,14 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     let (pool, backend_tags) = {
         let router = ctx.listener.router.load();
         match router.route(&parts) {
-            Some(route) => (Arc::clone(&route.pool), route.backend_tags.clone()),
+            Some(route) => {
+                if let Some(limit) = &route.rate_limit
+                    && let Err(wait) = limit.check(ctx.peer.ip())
+                {
+                    return rate_limited(ctx, limit.settings(), wait);
+                }
+                (Arc::clone(&route.pool), route.backend_tags.clone())
+            }
             None => {
                 let host = crate::router::request_host(&parts).unwrap_or("");
                 let message = format!(

@@ -21,6 +21,7 @@ pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod queue;
+pub mod ratelimit;
 pub mod router;
 pub mod spec;
 pub mod state;

@@ -78,9 +78,10 @@ pub struct ClientTimeouts {
     pub idle: Duration,
 }
 
-const REPLY_CODES: [StatusCode; 5] = [
+const REPLY_CODES: [StatusCode; 6] = [
     StatusCode::BAD_REQUEST,
     StatusCode::NOT_FOUND,
+    StatusCode::TOO_MANY_REQUESTS,
     StatusCode::BAD_GATEWAY,
     StatusCode::SERVICE_UNAVAILABLE,
     StatusCode::GATEWAY_TIMEOUT,
@@ -105,7 +106,7 @@ pub struct ListenerRuntime {
     /// TLS termination (`tls` set): the server configuration new handshakes use, swapped
     /// on reload. `None` = plain text.
     pub tls: Option<SwappableTls>,
-    replies: [Counter; 5],
+    replies: [Counter; 6],
     handshakes: [Counter; 3],
 }
 

@@ -40,6 +40,8 @@ pub struct RouteSpec {
     pub pool: String,
     /// Tags a backend must carry to serve the route; empty = any.
     pub backend_tags: BTreeMap<String, String>,
+    /// Local rate limit; `None` = none.
+    pub rate_limit: Option<fulcrum_config::RateLimitConfig>,
 }
 
 /// A listener as declared.
@@ -466,7 +468,7 @@ impl Node {
         let mut per_worker: Vec<Vec<std::net::TcpListener>> =
             (0..threads).map(|_| Vec::new()).collect();
         for ((l, (sockets, local)), tls) in spec.listeners.iter().zip(bound).zip(tls) {
-            let router = build_router(l, &pools)?;
+            let router = build_router(l, &pools, None)?;
             listeners.push(Arc::new(ListenerRuntime::new(
                 &l.name, l.protocol, local, router, l.timeouts, tls, &metrics,
             )));
@@ -501,10 +503,34 @@ impl Node {
             }),
         };
         node.restart_checks();
+        node.spawn_rate_limit_sweep();
         for l in node.listeners() {
             tracing::info!(listener = %l.name, address = %l.local_addr, protocol = l.protocol.name(), "listening");
         }
         Ok(node)
+    }
+
+    /// Every 10 s until shutdown, drops the per-client rate-limit buckets that have
+    /// refilled ([`crate::ratelimit::RouteLimiter::sweep`]) on every route.
+    fn spawn_rate_limit_sweep(&self) {
+        let (listeners, stop) = (self.inner.listeners.clone(), self.inner.shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                for listener in &listeners {
+                    for route in listener.router.load().routes() {
+                        if let Some(limit) = &route.rate_limit {
+                            limit.sweep();
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// (Re)starts health checks and ejection sweeps for the current pools, stopping the
@@ -580,8 +606,8 @@ impl Node {
             }
         }
         let mut routers = Vec::with_capacity(spec.listeners.len());
-        for l in &spec.listeners {
-            routers.push(build_router(l, &next_pools)?);
+        for (l, running) in spec.listeners.iter().zip(self.inner.listeners.iter()) {
+            routers.push(build_router(l, &next_pools, Some(&running.router.load()))?);
         }
 
         let kept: HashSet<(String, String)> = spec
@@ -1071,9 +1097,16 @@ fn build_state(
     )
 }
 
-fn build_router(spec: &ListenerSpec, pools: &[Arc<Pool>]) -> Result<Router, NodeError> {
+/// The router of listener `spec` over `pools`. A route's rate limiter is taken over from
+/// `previous` (the running router) when the route at the same position has the same
+/// limit settings, so a reload keeps its buckets.
+fn build_router(
+    spec: &ListenerSpec,
+    pools: &[Arc<Pool>],
+    previous: Option<&Router>,
+) -> Result<Router, NodeError> {
     let mut routes = Vec::with_capacity(spec.routes.len());
-    for r in &spec.routes {
+    for (i, r) in spec.routes.iter().enumerate() {
         let pool =
             pools
                 .iter()
@@ -1107,6 +1140,16 @@ fn build_router(spec: &ListenerSpec, pools: &[Arc<Pool>]) -> Result<Router, Node
             header,
             pool: Arc::clone(pool),
             backend_tags: (!r.backend_tags.is_empty()).then(|| Arc::new(r.backend_tags.clone())),
+            rate_limit: r.rate_limit.as_ref().map(|settings| {
+                previous
+                    .and_then(|p| p.routes().get(i))
+                    .and_then(|old| old.rate_limit.as_ref())
+                    .filter(|old| old.settings() == settings)
+                    .map_or_else(
+                        || Arc::new(crate::ratelimit::RouteLimiter::new(settings)),
+                        Arc::clone,
+                    )
+            }),
         });
     }
     Ok(Router::new(routes))

@@ -57,6 +57,8 @@ pub struct Route {
     pub pool: Arc<Pool>,
     /// Tags a backend must carry to serve this route; `None` = any backend of the pool.
     pub backend_tags: Option<Arc<std::collections::BTreeMap<String, String>>>,
+    /// The route's local rate limit, if any.
+    pub rate_limit: Option<Arc<crate::ratelimit::RouteLimiter>>,
 }
 
 impl Route {
@@ -161,6 +163,7 @@ mod tests {
                 header: None,
                 pool: pool("api-v2"),
                 backend_tags: None,
+                rate_limit: None,
             },
             Route {
                 host: None,
@@ -171,6 +174,7 @@ mod tests {
                 )),
                 pool: pool("canary"),
                 backend_tags: None,
+                rate_limit: None,
             },
             Route {
                 host: Some(HostMatch::parse("*.example.com")),
@@ -178,6 +182,7 @@ mod tests {
                 header: None,
                 pool: pool("wild"),
                 backend_tags: None,
+                rate_limit: None,
             },
             Route {
                 host: None,
@@ -185,6 +190,7 @@ mod tests {
                 header: None,
                 pool: pool("static"),
                 backend_tags: None,
+                rate_limit: None,
             },
         ])
     }

@@ -81,6 +81,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                         header: m.header.map(|h| (h.name, h.value)),
                         pool: r.pool.clone(),
                         backend_tags: r.backend_tags.clone(),
+                        rate_limit: r.rate_limit.clone(),
                     }
                 })
                 .collect(),

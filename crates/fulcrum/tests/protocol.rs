@@ -332,3 +332,101 @@ async fn client_timeouts_close_slow_heads_and_idle_connections_but_not_slow_resp
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(b.stats().await["requests"], 1);
 }
+
+/// `routes[].rate_limit`: over the limit is 429 with `Retry-After` and a JSON error,
+/// never forwarded; per-client buckets are separate; a reload keeps the buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_per_route_and_per_client_and_survive_a_reload() {
+    let b1 = Backend::start("b1", &[]);
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - match: {{ path_prefix: /limited }}\n        pool: app\n        rate_limit: {{ rate: 1/h, burst: 3 }}\n      - match: {{ path_prefix: /per-client }}\n        pool: app\n        rate_limit: {{ rate: 1/h, burst: 1, per: client_ip }}\n      - pool: app\npools:\n  app:\n    backends:\n      - address: {}\n",
+        b1.address()
+    );
+    let node = Node::start(&yaml);
+    let web = node.url("web");
+    let http = client();
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let r = http
+            .get(format!("{web}/limited/{i}"))
+            .send()
+            .await
+            .expect("request");
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            let retry_after: u64 = r.headers()["retry-after"]
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .expect("Retry-After in seconds");
+            // One token per hour: the next one is most of an hour away.
+            assert!((1..=3600).contains(&retry_after), "{retry_after}");
+            let body: serde_json::Value = r.json().await.expect("JSON error");
+            assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("1/h") && message.contains("burst 3"),
+                "{message}"
+            );
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    // Other routes are not limited.
+    let r = http
+        .get(format!("{web}/other"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    // Refused requests never reached the backend: 3 limited + 1 other.
+    let v = node.api("/api/pools/app/backends").await;
+    assert_eq!(v["backends"][0]["requests"], 4, "{v}");
+
+    // Per client: 127.0.0.1 uses its one token; 127.0.0.2 has its own bucket.
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .expect("client")
+    };
+    let (a, b) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    let status = async |c: &reqwest::Client| {
+        c.get(format!("{web}/per-client"))
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status(&a).await, 200);
+    assert_eq!(status(&a).await, 429);
+    assert_eq!(status(&b).await, 200);
+    assert_eq!(status(&b).await, 429);
+
+    // A reload that rebuilds the routes (a backend added) keeps the buckets of unchanged
+    // limits: no fresh burst.
+    let b2 = Backend::start("b2", &[]);
+    let reloaded = node.pin_addresses(&yaml).replace(
+        &format!("      - address: {}\n", b1.address()),
+        &format!(
+            "      - address: {}\n      - address: {}\n",
+            b1.address(),
+            b2.address()
+        ),
+    );
+    let (code, body) = node.reload(&reloaded).await;
+    assert_eq!(code, 200, "{body}");
+    let v = node.api("/api/pools/app/backends").await;
+    assert_eq!(v["backends"].as_array().map(Vec::len), Some(2), "{v}");
+    let r = http
+        .get(format!("{web}/limited/again"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 429);
+    let metrics = node.metrics().await;
+    assert!(
+        metrics.contains(r#"fulcrum_local_replies_total{listener="web",code="429"} 5"#),
+        "{metrics}"
+    );
+}
