@@ -242,7 +242,14 @@ fn full_config_has_every_value() {
                 }),
                 pool: "api".into(),
                 backend_tags: BTreeMap::new(),
-                rate_limit: None,
+                rate_limit: Some(RateLimitConfig {
+                    rate: Rate {
+                        count: 30,
+                        per: Duration::from_secs(60),
+                    },
+                    burst: Some(10),
+                    per: RateLimitKey::ClientIp,
+                }),
             },
             RouteConfig {
                 r#match: None,
