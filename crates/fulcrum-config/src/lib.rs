@@ -60,7 +60,7 @@ pub use model::{
     OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, Rate,
     RateLimitConfig, RateLimitKey, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
     RuntimeConfig, SlowStartConfig, StatsConfig, TailAwareConfig, TlsConfig, TlsVersion,
-    UpstreamTimeouts, parse_nameserver,
+    UpstreamTimeouts, UpstreamTlsConfig, parse_nameserver,
 };
 pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 

@@ -175,6 +175,24 @@ pub struct TlsConfig {
     pub min_version: TlsVersion,
 }
 
+/// `pools.*.tls`: TLS (rustls, TLS 1.2 and 1.3, ALPN `http/1.1`) on the connections to
+/// the pool's backends and their health checks. The backend's certificate is always
+/// verified (RFC 5280 path validation, name per RFC 6125).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CA certificates to trust (e.g. an internal CA); absent = the
+    /// system's trust store (`/etc/ssl/certs` on Debian). Validated: readable PEM with at
+    /// least one certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The name to send (SNI) and verify the certificate against; absent = the host of
+    /// each backend's address (a DNS name, or an IP address checked against IP SANs).
+    /// Validated: a DNS name or IP address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
 /// `listeners[].tls.min_version`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TlsVersion {
@@ -434,6 +452,10 @@ pub struct PoolConfig {
     /// backends is healthy, requests go to all backends rather than overload the few left.
     /// 0 disables panic mode. Default 50.
     pub panic_threshold: u8,
+    /// TLS to the pool's backends (HAProxy's `server … ssl verify required`, nginx's
+    /// `proxy_pass https://`); absent = plain HTTP. Health checks use it too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsConfig>,
     /// Live statistics kept per backend and per endpoint.
     pub stats: StatsConfig,
     /// Request-rate history, forecast and anomaly detection.
@@ -471,6 +493,7 @@ impl Default for PoolConfig {
             health_check: None,
             outlier_detection: OutlierDetectionConfig::default(),
             panic_threshold: 50,
+            tls: None,
             stats: StatsConfig::default(),
             analysis: AnalysisConfig::default(),
             dynamic_weights: DynamicWeightsConfig::default(),

@@ -1340,3 +1340,23 @@ fn rate_limits_parse_and_bad_ones_are_located() {
     let d = diags(&route("{ rate: 1/s, burst: 0 }"));
     assert_eq!(d[0].2, "listeners[0].routes[0].rate_limit.burst", "{d:?}");
 }
+
+#[test]
+fn pool_tls_errors_name_the_field() {
+    let dir = tls_files();
+    let ok = parse_ok(&with_pool_keys(&format!(
+        "    tls: {{ ca_file: {}, server_name: api.internal }}\n",
+        dir.path().join("cert.pem").display()
+    )));
+    let tls = ok.pools["app"].tls.as_ref().expect("tls");
+    assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+    let d = diags(&with_pool_keys(&format!(
+        "    tls: {{ ca_file: {}, server_name: \"not a name\" }}\n",
+        dir.path().join("key.pem").display()
+    )));
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!(d[0].2, "pools.app.tls.ca_file");
+    assert!(d[0].3.contains("holds no certificate"), "{d:?}");
+    assert_eq!(d[1].2, "pools.app.tls.server_name");
+    assert!(d[1].3.contains("not a DNS name or IP address"), "{d:?}");
+}

@@ -3,7 +3,7 @@
 //! data plane (which builds the rustls server configuration from the result).
 
 use rustls_pki_types::pem::{self, PemObject};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::model::TlsConfig;
 
@@ -87,4 +87,32 @@ fn describe(e: &pem::Error) -> String {
         pem::Error::Io(io) => io.to_string(),
         other => format!("{other:?}"),
     }
+}
+
+/// Reads a PEM bundle of CA certificates (`pools.*.tls.ca_file`).
+///
+/// # Errors
+/// A message naming `path` when it is unreadable, not PEM, or holds no certificate.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read `{shown}`: {}", describe(&e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`{shown}` is not valid PEM: {}", describe(&e)))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "`{shown}` holds no certificate (expected `-----BEGIN CERTIFICATE-----` blocks)"
+        ));
+    }
+    Ok(certificates)
+}
+
+/// Parses a TLS server name: a DNS name or an IP address (`pools.*.tls.server_name`, or
+/// a backend address's host).
+///
+/// # Errors
+/// A message when `name` is neither.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.to_owned())
+        .map_err(|_| format!("`{name}` is not a DNS name or IP address"))
 }

@@ -499,6 +499,18 @@ impl Checker<'_> {
 
     fn pool(&mut self, name: &str, pool: &PoolConfig) {
         let p = format!("pools.{name}");
+        if let Some(tls) = &pool.tls {
+            if let Some(ca) = &tls.ca_file
+                && let Err(message) = crate::tls::read_ca_file(ca)
+            {
+                self.report(&format!("{p}.tls.ca_file"), Anchor::Value, message);
+            }
+            if let Some(server_name) = &tls.server_name
+                && let Err(message) = crate::tls::server_name(server_name)
+            {
+                self.report(&format!("{p}.tls.server_name"), Anchor::Value, message);
+            }
+        }
         if let Err(e) = check_name("pool", name) {
             self.report(&p, Anchor::Key, e);
         }

@@ -44,15 +44,21 @@ pub enum ProbeResult {
     Unhealthy(String),
 }
 
-/// Probes `addr` once according to `settings`.
+/// Probes `addr` once according to `settings`, over TLS when `tls` (the pool's upstream
+/// TLS and the name to verify) is given: the handshake, certificate check included, is
+/// part of the probe.
 pub async fn probe(
     addr: std::net::SocketAddr,
     address: &str,
     settings: &HealthCheckSettings,
+    tls: Option<(
+        &crate::tls::UpstreamTls,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 ) -> ProbeResult {
     match tokio::time::timeout(
         settings.timeout,
-        probe_inner(addr, address, &settings.probe),
+        probe_inner(addr, address, &settings.probe, tls),
     )
     .await
     {
@@ -65,11 +71,29 @@ async fn probe_inner(
     addr: std::net::SocketAddr,
     address: &str,
     probe: &HealthProbe,
+    tls: Option<(
+        &crate::tls::UpstreamTls,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 ) -> ProbeResult {
     let stream = match TcpStream::connect(addr).await {
         Ok(stream) => stream,
         Err(error) => return ProbeResult::Unhealthy(format!("connect: {error}")),
     };
+    match tls {
+        None => http_probe(stream, address, probe).await,
+        Some((tls, name)) => match tls.connector.connect(name, stream).await {
+            Ok(stream) => http_probe(stream, address, probe).await,
+            Err(error) => ProbeResult::Unhealthy(format!("TLS handshake: {error}")),
+        },
+    }
+}
+
+/// The HTTP part of a probe on an established stream (TCP checks are done once connected).
+async fn http_probe<IO>(stream: IO, address: &str, probe: &HealthProbe) -> ProbeResult
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let HealthProbe::Http {
         path,
         host,
@@ -129,7 +153,10 @@ pub async fn check_loop(
             () = tokio::time::sleep(delay) => {}
         }
         delay = settings.interval;
-        let result = probe(addr, &backend.address, &settings).await;
+        // The pool's current TLS settings (a reload may change them).
+        let tls = pool.state().settings.conn.tls.clone();
+        let target = tls.as_ref().map(|t| (t, backend.conns.server_name(t)));
+        let result = probe(addr, &backend.address, &settings, target).await;
         let unhealthy = backend.live.flags().contains(BackendFlags::UNHEALTHY);
         match result {
             ProbeResult::Healthy => {

@@ -1073,7 +1073,7 @@ fn build_state(
             _ => Arc::new(BackendRuntime {
                 address: b.address.as_str().into(),
                 live: Arc::new(LiveBackend::new(spec.settings.live, now)),
-                conns: ConnPool::new(b.addr, threads),
+                conns: ConnPool::new(&b.address, b.addr, threads),
                 metrics: metrics.backend(&spec.name, &b.address),
             }),
         };

@@ -21,16 +21,28 @@ use crate::state::{
 };
 use crate::upstream::ConnSettings;
 
-/// A backend address that could not be resolved.
+/// Why a configuration could not be turned into a [`NodeSpec`].
 #[derive(Debug, thiserror::Error)]
-#[error("pool `{pool}`: cannot resolve backend `{address}`: {reason}")]
-pub struct ResolveError {
-    /// Pool name.
-    pub pool: String,
-    /// Backend address as configured.
-    pub address: String,
-    /// Resolver message.
-    pub reason: String,
+#[non_exhaustive]
+pub enum ResolveError {
+    /// A backend address that could not be resolved.
+    #[error("pool `{pool}`: cannot resolve backend `{address}`: {reason}")]
+    Address {
+        /// Pool name.
+        pool: String,
+        /// Backend address as configured.
+        address: String,
+        /// Resolver message.
+        reason: String,
+    },
+    /// A pool's `tls` settings that cannot be used (CA file, trust store, server name).
+    #[error("pool `{pool}`: tls: {message}")]
+    Tls {
+        /// Pool name.
+        pool: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Resolves `address` (`host:port`) to its first socket address.
@@ -92,7 +104,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
     for (name, p) in &config.pools {
         let mut backends = Vec::with_capacity(p.backends.len());
         for b in &p.backends {
-            let addr = resolve(&b.address).map_err(|reason| ResolveError {
+            let addr = resolve(&b.address).map_err(|reason| ResolveError::Address {
                 pool: name.clone(),
                 address: b.address.clone(),
                 reason,
@@ -109,6 +121,16 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                 },
             });
         }
+        let tls = p
+            .tls
+            .as_ref()
+            .map(|t| {
+                crate::tls::upstream(t).map_err(|message| ResolveError::Tls {
+                    pool: name.clone(),
+                    message,
+                })
+            })
+            .transpose()?;
         let mut retry = RetryPolicy {
             attempts: p.retry.attempts,
             budget_percent: u32::from(p.retry.budget_percent),
@@ -152,6 +174,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                     connect_timeout: p.timeouts.connect,
                     response_header_timeout: p.timeouts.response_header,
                     idle_timeout: p.timeouts.idle,
+                    tls,
                 },
                 retry,
                 queue: QueueSettings {

@@ -202,6 +202,7 @@ impl Default for PoolSettings {
                 connect_timeout: Duration::from_secs(1),
                 response_header_timeout: Duration::from_secs(30),
                 idle_timeout: Duration::from_secs(60),
+                tls: None,
             },
             retry: RetryPolicy::default(),
             queue: QueueSettings::default(),

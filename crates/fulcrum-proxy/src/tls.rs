@@ -1,12 +1,14 @@
-//! TLS termination on `http` listeners: the rustls server configuration built from a
-//! listener's `tls` settings, swapped on reload so renewed certificates take effect
-//! without a restart.
+//! TLS in the data plane: termination on `http` listeners (the rustls server
+//! configuration built from a listener's `tls` settings, swapped on reload so renewed
+//! certificates take effect without a restart), and origination to a pool's backends
+//! (`pools.*.tls`: the client configuration its connections and health checks use).
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use fulcrum_config::{TlsConfig, TlsVersion};
-use rustls::ServerConfig;
+use fulcrum_config::{TlsConfig, TlsVersion, UpstreamTlsConfig};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// ALPN protocols offered, in preference order (RFC 7301; `h2` per RFC 9113 §3.2).
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -55,4 +57,77 @@ pub fn build(settings: &TlsConfig) -> Result<TlsState, String> {
         settings: settings.clone(),
         config: Arc::new(config),
     })
+}
+
+/// TLS to a pool's backends: the connector and the name to verify, if fixed.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// rustls client configuration (trust roots, ALPN `http/1.1`).
+    pub connector: tokio_rustls::TlsConnector,
+    /// `server_name` when set; else each backend's own host is used.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the client side of `pools.*.tls`: trust `ca_file`'s certificates, or the
+/// system's trust store when it is absent; TLS 1.2 and 1.3 with the *ring* provider's
+/// defaults; ALPN `http/1.1` (the upstream protocol).
+///
+/// # Errors
+/// A message naming the CA file that cannot be used, a system trust store with no
+/// usable certificate, or an invalid `server_name`.
+pub fn upstream(settings: &UpstreamTlsConfig) -> Result<UpstreamTls, String> {
+    let mut roots = RootCertStore::empty();
+    match &settings.ca_file {
+        Some(path) => {
+            for certificate in fulcrum_config::tls::read_ca_file(path)? {
+                roots.add(certificate).map_err(|e| {
+                    format!("`{}`: a CA certificate is unusable: {e}", path.display())
+                })?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                return Err(format!(
+                    "no usable CA certificate in the system trust store ({} error(s)); set `ca_file`",
+                    native.errors.len()
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server_name = settings
+        .server_name
+        .as_deref()
+        .map(fulcrum_config::tls::server_name)
+        .transpose()?;
+    Ok(UpstreamTls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
+}
+
+/// The TLS name of a backend address `host:port` (`[v6]:port`): its host as a DNS name or
+/// IP address; the socket address's IP if the host is neither.
+pub fn backend_server_name(address: &str, addr: std::net::SocketAddr) -> ServerName<'static> {
+    let host = match address.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => address,
+    };
+    fulcrum_config::tls::server_name(host).unwrap_or_else(|_| ServerName::from(addr.ip()))
 }

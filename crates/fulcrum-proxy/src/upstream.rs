@@ -99,8 +99,8 @@ struct IdleConn {
     idle_since_ns: u64,
 }
 
-/// Timeouts applied to one backend's connections (from the pool's settings).
-#[derive(Clone, Copy, Debug)]
+/// Timeouts (and TLS) applied to one backend's connections (from the pool's settings).
+#[derive(Clone, Debug)]
 pub struct ConnSettings {
     /// Longest TCP connect.
     pub connect_timeout: Duration,
@@ -108,11 +108,16 @@ pub struct ConnSettings {
     pub response_header_timeout: Duration,
     /// Idle connections older than this are not reused.
     pub idle_timeout: Duration,
+    /// TLS to the backends (`pools.*.tls`); `None` = plain HTTP.
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 /// Keep-alive connections to one backend, partitioned by worker thread.
 pub struct ConnPool {
     addr: SocketAddr,
+    /// The TLS name of the backend's configured host (used when the pool's TLS settings
+    /// fix none).
+    server_name: rustls::pki_types::ServerName<'static>,
     idle: Box<[Mutex<Vec<IdleConn>>]>,
 }
 
@@ -133,12 +138,25 @@ pub struct Conn {
 }
 
 impl ConnPool {
-    /// An empty pool for `addr` with one partition per worker plus one for other threads.
-    pub fn new(addr: SocketAddr, workers: usize) -> Self {
+    /// An empty pool for backend `address` (as configured, `host:port`) at `addr`, with
+    /// one partition per worker plus one for other threads.
+    pub fn new(address: &str, addr: SocketAddr, workers: usize) -> Self {
         Self {
             addr,
+            server_name: crate::tls::backend_server_name(address, addr),
             idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
         }
+    }
+
+    /// The name a TLS connection to this backend verifies: `tls`'s `server_name`, else
+    /// the backend's host.
+    pub fn server_name(
+        &self,
+        tls: &crate::tls::UpstreamTls,
+    ) -> rustls::pki_types::ServerName<'static> {
+        tls.server_name
+            .clone()
+            .unwrap_or_else(|| self.server_name.clone())
     }
 
     /// The backend address.
@@ -200,9 +218,43 @@ impl ConnPool {
             };
         // Small requests and responses: do not wait for Nagle coalescing.
         let _ = stream.set_nodelay(true);
+        match &settings.tls {
+            None => Self::handshake(addr, stream).await,
+            Some(tls) => {
+                // The TLS handshake counts against the connect timeout; a failure
+                // (refused certificate, no common version) is a connect failure.
+                let name = self.server_name(tls);
+                let stream = match tokio::time::timeout(
+                    settings.connect_timeout,
+                    tls.connector.connect(name, stream),
+                )
+                .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+                    Err(_) => {
+                        return Err(UpstreamError::Connect {
+                            addr,
+                            source: io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("no TLS handshake within {:?}", settings.connect_timeout),
+                            ),
+                        });
+                    }
+                };
+                Self::handshake(addr, stream).await
+            }
+        }
+    }
+
+    /// The HTTP/1.1 client handshake on an established stream, its connection task spawned.
+    async fn handshake<IO>(addr: SocketAddr, io: IO) -> Result<Conn, UpstreamError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) = http1::Builder::new()
             .writev(false)
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Reset { addr, source })?;
         tokio::spawn(async move {

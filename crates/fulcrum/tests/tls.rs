@@ -267,3 +267,72 @@ fn check_names_a_missing_certificate_at_its_line() {
         "{stderr}"
     );
 }
+
+/// `pools.*.tls`: a node speaks TLS to its backends, verifying them against `ca_file` —
+/// here the backend is another node's TLS listener, in front of a plain simulator — and
+/// health checks go over TLS too; an untrusted certificate fails both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_speak_tls_to_backends_and_refuse_untrusted_ones() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key, _) = ca.leaf("backend");
+    write_pair(dir.path(), &cert, &key);
+    std::fs::write(dir.path().join("ca.pem"), ca.issuer.pem()).expect("write CA");
+    let other = Ca::new();
+    std::fs::write(dir.path().join("other-ca.pem"), other.issuer.pem()).expect("write CA");
+    let simulator = Backend::start("b1", &[]);
+    let tls_backend = Node::start(&config(dir.path(), &simulator));
+    let backend_addr = tls_backend.listeners["web"];
+
+    let front = |ca_file: &str| {
+        Node::start(&format!(
+            "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    tls: {{ ca_file: {} }}\n    health_check: {{ path: /health, interval: 300ms, timeout: 250ms, rise: 1, fall: 3 }}\n    retry: {{ attempts: 1 }}\n    backends:\n      - address: {backend_addr}\n",
+            dir.path().join(ca_file).display()
+        ))
+    };
+
+    // Trusted: the request crosses TLS (the TLS listener says `https` to the simulator),
+    // and the backend stays healthy under TLS health checks.
+    let trusting = front("ca.pem");
+    let r = common::client()
+        .get(format!("{}/echo", trusting.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-echo-x-forwarded-proto"], "https");
+    let checks = common::eventually(common::DEADLINE, "TLS health checks pass", async || {
+        let m = tls_backend.metrics().await;
+        let line = m
+            .lines()
+            .find(|l| l.starts_with(r#"fulcrum_tls_handshakes_total{listener="web",result="ok"}"#))?
+            .to_owned();
+        let n: u64 = line.rsplit(' ').next()?.parse().ok()?;
+        (n >= 3).then_some(n)
+    })
+    .await;
+    assert!(checks >= 3);
+    let v = trusting.api("/api/pools/app/backends").await;
+    assert_eq!(v["backends"][0]["state"], "healthy", "{v}");
+
+    // Untrusted CA: requests fail as connect failures (502), and the health check takes
+    // the backend out.
+    let distrusting = front("other-ca.pem");
+    let r = common::client()
+        .get(format!("{}/echo", distrusting.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = r.json().await.expect("JSON error");
+    assert_eq!(body["error"]["code"], "upstream_failed", "{body}");
+    common::eventually(
+        common::DEADLINE,
+        "the untrusted backend is unhealthy",
+        async || {
+            let v = distrusting.api("/api/pools/app/backends").await;
+            (v["backends"][0]["state"] == "unhealthy").then_some(())
+        },
+    )
+    .await;
+}
