@@ -30,6 +30,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+use tokio_util::either::Either as EitherIo;
 
 /// The body of a request sent upstream: the client's streamed body, or a buffered one
 /// (empty for body-less requests; replayed requests — retries, hedges — are rebuilt with
@@ -218,8 +219,11 @@ impl ConnPool {
             };
         // Small requests and responses: do not wait for Nagle coalescing.
         let _ = stream.set_nodelay(true);
-        match &settings.tls {
-            None => Self::handshake(addr, stream).await,
+        // One stream type for plain and TLS connections (tokio-util's `Either`), so hyper's
+        // client connection is instantiated once: with two instantiations the plain
+        // path's request cost grew by ~2 % (callgrind), from inlining alone.
+        let io = match &settings.tls {
+            None => EitherIo::Left(stream),
             Some(tls) => {
                 // The TLS handshake counts against the connect timeout; a failure
                 // (refused certificate, no common version) is a connect failure.
@@ -242,16 +246,9 @@ impl ConnPool {
                         });
                     }
                 };
-                Self::handshake(addr, stream).await
+                EitherIo::Right(stream)
             }
-        }
-    }
-
-    /// The HTTP/1.1 client handshake on an established stream, its connection task spawned.
-    async fn handshake<IO>(addr: SocketAddr, io: IO) -> Result<Conn, UpstreamError>
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
+        };
         let (sender, connection) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(io))
