@@ -203,20 +203,13 @@ impl ConnPool {
 
     async fn connect(&self, settings: &ConnSettings) -> Result<Conn, UpstreamError> {
         let addr = self.addr;
-        let stream =
-            match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-                Err(_) => {
-                    return Err(UpstreamError::Connect {
-                        addr,
-                        source: io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("no connection within {:?}", settings.connect_timeout),
-                        ),
-                    });
-                }
-            };
+        let stream = connect_step(
+            addr,
+            settings.connect_timeout,
+            "connection",
+            TcpStream::connect(addr),
+        )
+        .await?;
         // Small requests and responses: do not wait for Nagle coalescing.
         let _ = stream.set_nodelay(true);
         // One stream type for plain and TLS connections (tokio-util's `Either`), so hyper's
@@ -228,25 +221,11 @@ impl ConnPool {
                 // The TLS handshake counts against the connect timeout; a failure
                 // (refused certificate, no common version) is a connect failure.
                 let name = self.server_name(tls);
-                let stream = match tokio::time::timeout(
-                    settings.connect_timeout,
-                    tls.connector.connect(name, stream),
+                let handshake = tls.connector.connect(name, stream);
+                EitherIo::Right(
+                    connect_step(addr, settings.connect_timeout, "TLS handshake", handshake)
+                        .await?,
                 )
-                .await
-                {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-                    Err(_) => {
-                        return Err(UpstreamError::Connect {
-                            addr,
-                            source: io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                format!("no TLS handshake within {:?}", settings.connect_timeout),
-                            ),
-                        });
-                    }
-                };
-                EitherIo::Right(stream)
             }
         };
         let (sender, connection) = http1::Builder::new()
@@ -290,6 +269,27 @@ impl ConnPool {
                 .lock()
                 .retain(|c| !c.sender.is_closed() && now.saturating_sub(c.idle_since_ns) <= limit);
         }
+    }
+}
+
+/// One step of connecting to `addr` (`what`: "connection", "TLS handshake") within
+/// `timeout`; an error or the timeout is an [`UpstreamError::Connect`].
+async fn connect_step<T>(
+    addr: SocketAddr,
+    timeout: Duration,
+    what: &str,
+    step: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, UpstreamError> {
+    match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
+        Err(_) => Err(UpstreamError::Connect {
+            addr,
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no {what} within {timeout:?}"),
+            ),
+        }),
     }
 }
 
