@@ -51,20 +51,11 @@ pub struct TlsFileError {
 /// [`TlsFileError`] naming the first file that is unreadable, is not PEM, holds no
 /// certificate (`certificate`) or no private key (`private_key`).
 pub fn read_pem(tls: &TlsConfig) -> Result<TlsMaterial, TlsFileError> {
-    let cert_error = |message: String| TlsFileError {
-        file: TlsFile::Certificate,
-        message,
-    };
-    let path = tls.certificate.display();
-    let certificates = CertificateDer::pem_file_iter(&tls.certificate)
-        .map_err(|e| cert_error(format!("cannot read `{path}`: {}", describe(&e))))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_error(format!("`{path}` is not valid PEM: {}", describe(&e))))?;
-    if certificates.is_empty() {
-        return Err(cert_error(format!(
-            "`{path}` holds no certificate (expected `-----BEGIN CERTIFICATE-----` blocks, leaf first)"
-        )));
-    }
+    let certificates =
+        read_certificates(&tls.certificate, ", leaf first").map_err(|message| TlsFileError {
+            file: TlsFile::Certificate,
+            message,
+        })?;
     let path = tls.private_key.display();
     let private_key = PrivateKeyDer::from_pem_file(&tls.private_key).map_err(|e| TlsFileError {
         file: TlsFile::PrivateKey,
@@ -94,6 +85,16 @@ fn describe(e: &pem::Error) -> String {
 /// # Errors
 /// A message naming `path` when it is unreadable, not PEM, or holds no certificate.
 pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    read_certificates(path, "")
+}
+
+/// The certificates of PEM file `path`, in file order; a message naming the path when it
+/// is unreadable, not PEM, or holds none (`order`, e.g. ", leaf first", completes the
+/// hint of what was expected).
+fn read_certificates(
+    path: &std::path::Path,
+    order: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let shown = path.display();
     let certificates = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read `{shown}`: {}", describe(&e)))?
@@ -101,7 +102,7 @@ pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static
         .map_err(|e| format!("`{shown}` is not valid PEM: {}", describe(&e)))?;
     if certificates.is_empty() {
         return Err(format!(
-            "`{shown}` holds no certificate (expected `-----BEGIN CERTIFICATE-----` blocks)"
+            "`{shown}` holds no certificate (expected `-----BEGIN CERTIFICATE-----` blocks{order})"
         ));
     }
     Ok(certificates)
