@@ -531,13 +531,7 @@ impl ControlPlane {
                 .get(pool)
                 .is_some_and(|p| p.discovery.source != DiscoverySource::Static)
         });
-        if !self.apply(&config, &shared, &discovered)? {
-            // `Node::reload` re-reads them when the composition changed.
-            self.inner
-                .node
-                .reload_certificates()
-                .map_err(|e| e.to_string())?;
-        }
+        self.apply(&config, &shared, &discovered, true)?;
         *self.inner.discovered.lock() = discovered;
         self.spawn_discovery(&config);
         *self.inner.base.lock() = config;
@@ -545,21 +539,32 @@ impl ControlPlane {
     }
 
     /// Composes `base` + `shared` + `discovered`, validates it, reloads the node if the
-    /// composition changed, and sets the operator states the overlay gives. Returns
-    /// whether the composition changed (and the node was reloaded).
+    /// composition changed, and sets the operator states the overlay gives. With
+    /// `reread_certificates` (a reload from the file) TLS listeners read their certificate
+    /// and key files again, changed composition or not; other changes (discovery,
+    /// overlay) keep the TLS state, session cache included.
     fn apply(
         &self,
         base: &Config,
         shared: &SharedConfig,
         discovered: &BTreeMap<String, Vec<BackendConfig>>,
-    ) -> Result<bool, String> {
+        reread_certificates: bool,
+    ) -> Result<(), String> {
         let config = effective_config(base, shared, discovered);
         let changed = self.inner.applied.lock().as_ref() != Some(&config);
         if changed {
             config.validate().map_err(|e| e.to_string())?;
             let spec = node_spec(&config, Some(self.inner.threads)).map_err(|e| e.to_string())?;
-            self.inner.node.reload(&spec).map_err(|e| e.to_string())?;
+            self.inner
+                .node
+                .reload(&spec, reread_certificates)
+                .map_err(|e| e.to_string())?;
             *self.inner.applied.lock() = Some(config);
+        } else if reread_certificates {
+            self.inner
+                .node
+                .reload_certificates()
+                .map_err(|e| e.to_string())?;
         }
         // In a cluster every operator state goes through the overlay, which is then the
         // whole truth; on a single node drain/disable act on the node directly and the
@@ -567,7 +572,7 @@ impl ControlPlane {
         if self.inner.cluster.is_some() {
             self.apply_admin_states(shared);
         }
-        Ok(changed)
+        Ok(())
     }
 
     fn apply_admin_states(&self, shared: &SharedConfig) {
@@ -611,8 +616,8 @@ impl ControlPlane {
         }
         let base = self.inner.base.lock().clone();
         let discovered = self.inner.discovered.lock().clone();
-        match self.apply(&base, &doc, &discovered) {
-            Ok(_) => {
+        match self.apply(&base, &doc, &discovered, false) {
+            Ok(()) => {
                 tracing::info!(
                     version = doc.version,
                     written_by = %doc.written_by,
@@ -700,7 +705,7 @@ impl ControlPlane {
             if (doc.version, &doc.written_by) > (current.version, &current.written_by) {
                 let base = self.inner.base.lock().clone();
                 let discovered = self.inner.discovered.lock().clone();
-                self.apply(&base, &doc, &discovered)
+                self.apply(&base, &doc, &discovered, false)
                     .map_err(ControlError::Apply)?;
                 self.set_applied_version(&doc);
             }
@@ -874,8 +879,8 @@ impl ControlPlane {
         let mut next = self.inner.discovered.lock().clone();
         let count = backends.len();
         next.insert(pool.to_owned(), backends);
-        match self.apply(&base, &shared, &next) {
-            Ok(_) => {
+        match self.apply(&base, &shared, &next, false) {
+            Ok(()) => {
                 tracing::info!(pool, backends = count, "discovered backends changed");
                 *self.inner.discovered.lock() = next;
             }

@@ -558,14 +558,36 @@ impl Node {
     }
 
     /// Applies a new configuration: routes, pools, backends, strategies and policies, and
-    /// re-reads TLS certificates and keys (their paths and `min_version` may change too).
-    /// Listeners must otherwise be unchanged (names, addresses, protocols, timeouts, TLS
-    /// on or off); changing them needs a restart. Backends kept at the same address keep
-    /// their live statistics, health and connections. On error nothing is changed.
-    pub fn reload(&self, spec: &NodeSpec) -> Result<(), NodeError> {
+    /// TLS settings. A TLS listener's files are read again when its settings changed
+    /// (paths, `min_version`) or `reread_certificates` is set (a reload from the file,
+    /// which may follow a renewal); otherwise it keeps its server configuration, and
+    /// with it its session cache. Listeners must otherwise be unchanged (names,
+    /// addresses, protocols, timeouts, TLS on or off); changing them needs a restart.
+    /// Backends kept at the same address keep their live statistics, health and
+    /// connections. On error nothing is changed.
+    pub fn reload(&self, spec: &NodeSpec, reread_certificates: bool) -> Result<(), NodeError> {
         let _serial = self.inner.reload.lock();
         self.check_listeners_unchanged(spec)?;
-        let tls = build_tls(spec)?;
+        let mut tls = Vec::with_capacity(spec.listeners.len());
+        for (running, l) in self.inner.listeners.iter().zip(&spec.listeners) {
+            let changed = match (&running.tls, &l.tls) {
+                (Some(current), Some(next)) => {
+                    reread_certificates || current.load().settings != *next
+                }
+                _ => false,
+            };
+            tls.push(match (changed, &l.tls) {
+                (true, Some(settings)) => {
+                    Some(
+                        crate::tls::build(settings).map_err(|message| NodeError::Tls {
+                            listener: l.name.clone(),
+                            message,
+                        })?,
+                    )
+                }
+                _ => None,
+            });
+        }
 
         let current = self.inner.pools.load_full();
         let mut reuse: HashMap<(String, String), (SocketAddr, Arc<BackendRuntime>)> =
