@@ -133,6 +133,17 @@ pub enum NodeError {
     },
 }
 
+/// Reads listener `name`'s certificate and key per `settings` and builds its TLS state.
+fn listener_tls(
+    name: &str,
+    settings: &fulcrum_config::TlsConfig,
+) -> Result<crate::tls::TlsState, NodeError> {
+    crate::tls::build(settings).map_err(|message| NodeError::Tls {
+        listener: name.to_owned(),
+        message,
+    })
+}
+
 /// Builds the TLS state of each listener of `spec` (`None` for plain-text ones), reading
 /// the certificate and key files.
 fn build_tls(spec: &NodeSpec) -> Result<Vec<Option<crate::tls::TlsState>>, NodeError> {
@@ -141,12 +152,7 @@ fn build_tls(spec: &NodeSpec) -> Result<Vec<Option<crate::tls::TlsState>>, NodeE
         .map(|l| {
             l.tls
                 .as_ref()
-                .map(|settings| {
-                    crate::tls::build(settings).map_err(|message| NodeError::Tls {
-                        listener: l.name.clone(),
-                        message,
-                    })
-                })
+                .map(|settings| listener_tls(&l.name, settings))
                 .transpose()
         })
         .collect()
@@ -577,14 +583,7 @@ impl Node {
                 _ => false,
             };
             tls.push(match (changed, &l.tls) {
-                (true, Some(settings)) => {
-                    Some(
-                        crate::tls::build(settings).map_err(|message| NodeError::Tls {
-                            listener: l.name.clone(),
-                            message,
-                        })?,
-                    )
-                }
+                (true, Some(settings)) => Some(listener_tls(&l.name, settings)?),
                 _ => None,
             });
         }
@@ -701,12 +700,7 @@ impl Node {
         let mut next = Vec::new();
         for listener in self.inner.listeners.iter() {
             if let Some(tls) = &listener.tls {
-                let state =
-                    crate::tls::build(&tls.load().settings).map_err(|message| NodeError::Tls {
-                        listener: listener.name.to_string(),
-                        message,
-                    })?;
-                next.push((tls, state));
+                next.push((tls, listener_tls(&listener.name, &tls.load().settings)?));
             }
         }
         let count = next.len();
