@@ -668,14 +668,30 @@ impl ControlPlane {
                 let mut attempts = 0;
                 loop {
                     attempts += 1;
-                    let current = match store.config().await {
-                        Ok(Some((_, text))) => SharedConfig::from_json(&text).unwrap_or_default(),
-                        Ok(None) => SharedConfig::default(),
+                    let (stored_version, stored) = match store.config().await {
+                        Ok(Some((version, text))) => {
+                            (version, SharedConfig::from_json(&text).unwrap_or_default())
+                        }
+                        Ok(None) => (0, SharedConfig::default()),
                         Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
                     };
+                    // A store that lost the configuration (Redis restarted empty) or went
+                    // back to an older one (a restored snapshot) is behind what this node
+                    // runs: build on the newer document, so neither the earlier changes
+                    // nor the version go backwards (nodes ignore documents older than
+                    // theirs, and a write numbered below them would be lost).
+                    let local = self.inner.shared.lock().clone();
+                    let current = if local.version > stored.version { local } else { stored };
                     let mut next = current.with_change(&base, &discovered, &change)?;
-                    next.stamp(current.version + 1, &me);
-                    match store.put_config(current.version, &next.to_json()).await {
+                    let seen = match &self.inner.cluster {
+                        Some(c) => highest_gossiped_version(&c.membership.members().await),
+                        None => 0,
+                    };
+                    next.stamp(current.version.max(seen).max(stored_version) + 1, &me);
+                    match store
+                        .put_config(stored_version, next.version, &next.to_json())
+                        .await
+                    {
                         Ok(PutConfig::Written(_)) => break next,
                         Ok(PutConfig::Conflict { .. }) if attempts < 5 => continue,
                         Ok(PutConfig::Conflict { .. }) => {
@@ -1439,6 +1455,40 @@ impl ControlPlane {
 
     /// The leader's chores, fenced by `token`: garbage-collect stale nodes and their
     /// statistics, and write `cluster:status`.
+    /// Writes the shared configuration this node runs back to the store if the store
+    /// is behind it: it lost the document (a Redis restarted empty) or holds an older one
+    /// (a restored snapshot). Nodes that start meanwhile then adopt the overlay the
+    /// cluster runs rather than none. Compare-and-set, so a write landing meanwhile wins.
+    async fn restore_shared_config(&self, store: &Store) {
+        let local = self.inner.shared.lock().clone();
+        if local.version == 0 {
+            return;
+        }
+        let stored_version = match store.config().await {
+            Ok(Some((version, _))) => version,
+            Ok(None) => 0,
+            Err(error) => {
+                tracing::debug!(%error, "reading the shared configuration failed");
+                return;
+            }
+        };
+        if stored_version >= local.version {
+            return;
+        }
+        match store
+            .put_config(stored_version, local.version, &local.to_json())
+            .await
+        {
+            Ok(PutConfig::Written(_)) => tracing::warn!(
+                stored_version,
+                version = local.version,
+                "the coordination store was behind the shared configuration the cluster runs; wrote it back"
+            ),
+            Ok(PutConfig::Conflict { .. }) => {}
+            Err(error) => tracing::debug!(%error, "writing the shared configuration back failed"),
+        }
+    }
+
     async fn chores(&self, store: &Store, token: u64, c: &ClusterParts) {
         let max_age = c.config.coordination.node_ttl * 3;
         match store.gc_stale(token, max_age).await {
@@ -1459,6 +1509,7 @@ impl ControlPlane {
                 return;
             }
         }
+        self.restore_shared_config(store).await;
         let members = c.membership.members().await;
         let alive = members
             .iter()

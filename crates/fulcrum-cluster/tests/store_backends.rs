@@ -183,21 +183,21 @@ async fn config_compare_and_set_and_watch(server: Server) {
     assert_eq!(writer.config().await.expect("config readable"), None);
     assert_eq!(
         writer
-            .put_config(0, r#"{"v":1}"#)
+            .put_config(0, 1, r#"{"v":1}"#)
             .await
             .expect("first write"),
         PutConfig::Written(1)
     );
     assert_eq!(
         writer
-            .put_config(0, r#"{"v":"stale"}"#)
+            .put_config(0, 1, r#"{"v":"stale"}"#)
             .await
             .expect("stale write answered"),
         PutConfig::Conflict { current: 1 }
     );
     assert_eq!(
         other
-            .put_config(1, r#"{"v":2}"#)
+            .put_config(1, 2, r#"{"v":2}"#)
             .await
             .expect("second write"),
         PutConfig::Written(2)
@@ -216,7 +216,7 @@ async fn config_compare_and_set_and_watch(server: Server) {
     // So does the next one, while the watcher is running.
     assert_eq!(
         other
-            .put_config(2, r#"{"v":3}"#)
+            .put_config(2, 3, r#"{"v":3}"#)
             .await
             .expect("third write"),
         PutConfig::Written(3)
@@ -228,6 +228,24 @@ async fn config_compare_and_set_and_watch(server: Server) {
     .await
     .expect("version 3 watched in time")
     .expect("watch task alive");
+    // A write may jump ahead (a node writing back the newer document it runs after the
+    // store lost it), never stay or go back.
+    assert_eq!(
+        other
+            .put_config(3, 7, r#"{"v":7}"#)
+            .await
+            .expect("jumping write"),
+        PutConfig::Written(7)
+    );
+    assert_eq!(
+        writer.config().await.expect("config readable"),
+        Some((7, r#"{"v":7}"#.to_owned()))
+    );
+    let error = writer
+        .put_config(7, 7, r#"{"v":"same"}"#)
+        .await
+        .expect_err("a version not after the expected one is refused");
+    assert!(matches!(error, StoreError::Invalid(_)), "{error}");
 }
 
 async fn registry_entries_expire_after_their_ttl(server: Server) {
@@ -479,7 +497,7 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
     let store = server.store().await;
     let mut watched = store.watch_config();
     assert_eq!(
-        store.put_config(0, "before").await.expect("written"),
+        store.put_config(0, 1, "before").await.expect("written"),
         PutConfig::Written(1)
     );
     let cancel = CancellationToken::new();
@@ -528,7 +546,7 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
     .expect("elector alive");
     // The configuration watch resumes too (Redis lost its data, etcd kept it).
     let current = store.config().await.expect("readable").map_or(0, |c| c.0);
-    let PutConfig::Written(version) = store.put_config(current, "after").await.expect("answered")
+    let PutConfig::Written(version) = store.put_config(current, current + 1, "after").await.expect("answered")
     else {
         panic!("no concurrent writer");
     };

@@ -531,6 +531,17 @@ async fn redis_outage_fails_no_request_and_recovers() {
     for load in &loads {
         load.wait_for_more(50).await;
     }
+    // A change made before the outage, which the restarted (empty) Redis will not hold.
+    let path = format!(
+        "/api/pools/app/backends/{}/weight?consistency=all",
+        b2.address()
+    );
+    let (status, body) = cluster
+        .node(0)
+        .api_post(&path, Some(json!({"weight": 5})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let before = body["write"]["version"].as_u64().expect("version");
     redis.kill();
     for node in cluster.running() {
         eventually(DEADLINE, "the outage is reported", async || {
@@ -583,7 +594,9 @@ async fn redis_outage_fails_no_request_and_recovers() {
         (text.contains("node-1") && text.contains("node-2")).then_some(())
     })
     .await;
-    // And writes go through again.
+    // And writes go through again: numbered after what the nodes run (not from the
+    // empty store's 0, which every node would ignore as old), applied everywhere, and
+    // built on the overlay the nodes run, so the weight change made before survives.
     let (status, body) = cluster
         .node(1)
         .api_post(
@@ -592,6 +605,31 @@ async fn redis_outage_fails_no_request_and_recovers() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    let after = body["write"]["version"].as_u64().expect("version");
+    assert!(after > before, "version {after} must follow {before}: {body}");
+    for node in cluster.running() {
+        assert_eq!(strategy(node).await, "p2c");
+        let b2v = node.backend("app", &b2.address()).await;
+        assert_eq!(b2v["weight"], 5, "{b2v}");
+    }
+    // The store holds that version and document again.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "--raw", "HGET", "fulcrum:config", "version"])
+        .output()
+        .expect("redis-cli runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), after.to_string());
+    // Emptied again with no write to follow: the leader writes the overlay back, so a
+    // node starting meanwhile would adopt it rather than none.
+    redis.kill();
+    redis.restart();
+    eventually(DEADLINE, "the leader writes the configuration back", async || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port, "--raw", "HGET", "fulcrum:config", "version"])
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&out.stdout).trim() == after.to_string()).then_some(())
+    })
+    .await;
     for load in loads {
         assert_all_ok(&load.stop().await);
     }

@@ -533,6 +533,7 @@ impl EtcdStore {
     pub(crate) async fn put_config(
         &self,
         expected_version: u64,
+        version: u64,
         doc: &str,
     ) -> Result<PutConfig, StoreError> {
         const OP: &str = "put_config";
@@ -545,7 +546,6 @@ impl EtcdStore {
                         current: current_version,
                     });
                 }
-                let version = expected_version + 1;
                 let value = to_json(
                     OP,
                     &ConfigDoc {

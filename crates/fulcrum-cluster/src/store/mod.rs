@@ -312,7 +312,7 @@ impl Store {
     /// use fulcrum_cluster::store::{PutConfig, Store, StoreSettings};
     ///
     /// let store = Store::connect(&StoreSettings::redis("redis://127.0.0.1:6379")).await?;
-    /// if let PutConfig::Conflict { current } = store.put_config(0, "{}").await? {
+    /// if let PutConfig::Conflict { current } = store.put_config(0, 1, "{}").await? {
     ///     println!("the shared configuration is already at version {current}");
     /// }
     /// # Ok(())
@@ -448,8 +448,11 @@ impl Store {
         dispatch!(self, b => b.remove_node(node_id).await)
     }
 
-    /// Writes the shared configuration `doc` as version `expected_version + 1`, only if
-    /// the stored version is `expected_version` (0 = no configuration yet).
+    /// Writes the shared configuration `doc` as `version`, only if the stored version is
+    /// `expected_version` (0 = no configuration yet). `version` is normally
+    /// `expected_version + 1`; it is larger when the store lost or rolled back the
+    /// configuration (a Redis restarted empty, a restored snapshot) and a node writes back
+    /// the newer document it runs, so versions never go backwards.
     ///
     /// Redis: the `{prefix}config` hash `{version, doc}`, compared and set by a script
     /// that also `PUBLISH`es the new version on `{prefix}config:changed`. etcd: the
@@ -458,13 +461,20 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]; [`StoreError::Protocol`] if the stored configuration
-    /// is unreadable.
+    /// is unreadable; [`StoreError::Invalid`] if `version` is not above
+    /// `expected_version`.
     pub async fn put_config(
         &self,
         expected_version: u64,
+        version: u64,
         doc: &str,
     ) -> Result<PutConfig, StoreError> {
-        dispatch!(self, b => b.put_config(expected_version, doc).await)
+        if version <= expected_version {
+            return Err(StoreError::Invalid(format!(
+                "configuration version {version} is not after the expected {expected_version}"
+            )));
+        }
+        dispatch!(self, b => b.put_config(expected_version, version, doc).await)
     }
 
     /// The shared configuration and its version, if one was written.

@@ -130,7 +130,7 @@ return values
 });
 
 /// Configuration compare-and-set. KEYS: config hash. ARGV: expected version, document,
-/// change channel. Returns {1, new version} or {0, current version}.
+/// change channel, new version. Returns {1, new version} or {0, current version}.
 static PUT_CONFIG: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -138,10 +138,9 @@ local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if current ~= tonumber(ARGV[1]) then
   return {0, current}
 end
-local version = string.format('%d', current + 1)
-redis.call('HSET', KEYS[1], 'version', version, 'doc', ARGV[2])
-redis.call('PUBLISH', ARGV[3], version)
-return {1, current + 1}
+redis.call('HSET', KEYS[1], 'version', ARGV[4], 'doc', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {1, tonumber(ARGV[4])}
 ",
     )
 });
@@ -663,6 +662,7 @@ impl RedisStore {
     pub(crate) async fn put_config(
         &self,
         expected_version: u64,
+        version: u64,
         doc: &str,
     ) -> Result<PutConfig, StoreError> {
         const OP: &str = "put_config";
@@ -674,6 +674,7 @@ impl RedisStore {
                     .arg(expected_version)
                     .arg(doc)
                     .arg(&self.keys.config_changed)
+                    .arg(version)
                     .invoke_async(&mut conn)
                     .await
                     .during(OP)?;
