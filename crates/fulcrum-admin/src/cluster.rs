@@ -194,6 +194,29 @@ pub(crate) async fn add_backend(
             format!("`{}` is not host:port", body.address),
         ));
     }
+    // Resolved now, as every node will when it applies the change: an address none can
+    // resolve would be written and then refused everywhere.
+    let lookup = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host(body.address.as_str()),
+    )
+    .await;
+    let unresolvable = |reason: String| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_address",
+            format!("cannot resolve `{}`: {reason}", body.address),
+        )
+    };
+    match lookup {
+        Ok(Ok(mut addresses)) => {
+            if addresses.next().is_none() {
+                return Err(unresolvable("no address".to_owned()));
+            }
+        }
+        Ok(Err(error)) => return Err(unresolvable(error.to_string())),
+        Err(_) => return Err(unresolvable("no answer within 5 s".to_owned())),
+    }
     let backend = BackendConfig {
         address: body.address.clone(),
         weight: body.weight,

@@ -195,8 +195,7 @@ async fn require_token(
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         let authorized = given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes()));
         if !authorized {
             let message = if given.is_none() {
@@ -204,11 +203,24 @@ async fn require_token(
             } else {
                 "the bearer token does not match admin.token"
             };
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-                .into_response();
+            let mut response =
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+            // RFC 6750 §3: a 401 names the scheme it wants.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"fulcrum-admin\""),
+            );
+            return response;
         }
     }
     next.run(request).await
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme name is
+/// case-insensitive (RFC 7235 §2.1), so `bearer` and `BEARER` are accepted too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares without an early exit, so response timing does not reveal a token prefix.
@@ -372,7 +384,11 @@ async fn switch_strategy(
                     e.to_string(),
                 )
             })?;
-    if let Some(plane) = cluster::clustered(&state) {
+    let consistency = query.consistency()?;
+    // Through the control plane, on a single node too: the switch is then part of the
+    // run-time overlay like a weight change, so a later change or reload that composes
+    // the configuration again keeps it instead of going back to the file's strategy.
+    if let Some(plane) = &state.control {
         let previous = pool_named(&state, &name)?.state().kind;
         let write = cluster::submit(
             plane,
@@ -380,7 +396,7 @@ async fn switch_strategy(
                 pool: name.clone(),
                 strategy: kind,
             },
-            query.consistency()?,
+            consistency,
         )
         .await?;
         return Ok(Json(json!({
@@ -442,6 +458,8 @@ async fn backend_action(
             json!({ "pool": pool, "backend": address, "state": now, "write": write }),
         ));
     }
+    // Checked on a single node too, where every value means the same.
+    query.consistency()?;
     let new_state = state.node.set_backend_admin(&pool, &address, action)?;
     Ok(Json(
         json!({ "pool": pool, "backend": address, "state": new_state }),
@@ -492,5 +510,14 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("bearer s3cret "), Some("s3cret"));
+        assert_eq!(bearer_token("BEARER s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("Basic czNjcmV0"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 }

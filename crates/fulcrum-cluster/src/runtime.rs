@@ -681,7 +681,11 @@ impl ControlPlane {
                     // nor the version go backwards (nodes ignore documents older than
                     // theirs, and a write numbered below them would be lost).
                     let local = self.inner.shared.lock().clone();
-                    let current = if local.version > stored.version { local } else { stored };
+                    let current = if local.version > stored.version {
+                        local
+                    } else {
+                        stored
+                    };
                     let mut next = current.with_change(&base, &discovered, &change)?;
                     let seen = match &self.inner.cluster {
                         Some(c) => highest_gossiped_version(&c.membership.members().await),

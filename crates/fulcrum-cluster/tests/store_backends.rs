@@ -546,7 +546,10 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
     .expect("elector alive");
     // The configuration watch resumes too (Redis lost its data, etcd kept it).
     let current = store.config().await.expect("readable").map_or(0, |c| c.0);
-    let PutConfig::Written(version) = store.put_config(current, current + 1, "after").await.expect("answered")
+    let PutConfig::Written(version) = store
+        .put_config(current, current + 1, "after")
+        .await
+        .expect("answered")
     else {
         panic!("no concurrent writer");
     };

@@ -17,6 +17,7 @@ mod ctl;
 mod demo;
 mod logging;
 mod serve;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,7 +48,8 @@ enum Command {
     /// Prints one JSON line to stdout once every listener is bound
     /// (`{"event":"ready",...}`, with the bound addresses), logs to stderr. SIGTERM or SIGINT
     /// drains in-flight requests (up to `runtime.drain_timeout`) and exits; a second signal
-    /// exits at once. SIGHUP reloads the configuration file.
+    /// exits at once. SIGHUP, `POST /api/reload` and a change of the file reload the
+    /// configuration file.
     Run {
         /// The YAML configuration file.
         #[arg(long, short, value_name = "FILE")]
@@ -55,6 +57,9 @@ enum Command {
         /// Worker threads (default: `runtime.threads`, or one per CPU core).
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
+        /// Do not reload when the file changes (SIGHUP and the admin API still do).
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Validate a configuration file without starting anything.
     ///
@@ -87,7 +92,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, threads } => serve::run(config, threads),
+        Command::Run {
+            config,
+            threads,
+            no_watch,
+        } => serve::run(config, threads, !no_watch),
         Command::Demo(args) => demo::run(args),
         Command::Backend(args) => demo::backend(args),
         Command::Bench(args) => bench::run(args),

@@ -15,8 +15,18 @@ use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// `fulcrum run`: loads and validates `path`, then serves until SIGTERM/SIGINT.
-pub fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {
+/// Where a node's configuration came from, for reloads.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file SIGHUP, `POST /api/reload` and a change of the file re-read.
+    pub path: PathBuf,
+    /// Whether a change of the file reloads by itself ([`crate::watch`]).
+    pub watch: bool,
+}
+
+/// `fulcrum run`: loads and validates `path`, then serves until SIGTERM/SIGINT; with
+/// `watch`, a change of the file reloads it.
+pub fn run(path: PathBuf, threads: Option<usize>, watch: bool) -> ExitCode {
     let config = match fulcrum_config::load(&path) {
         Ok(config) => config,
         Err(error) => {
@@ -26,16 +36,21 @@ pub fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {
         }
     };
     crate::logging::init(&config.log);
-    serve(config, Some(path), threads, |_, _| {})
+    serve(
+        config,
+        Some(ConfigSource { path, watch }),
+        threads,
+        |_, _| {},
+    )
 }
 
 /// Serves `config` on a control runtime on this thread (admin API, health checks,
-/// signals) plus the node's worker threads. `source` is the file SIGHUP and
-/// `POST /api/reload` re-read. `on_ready` runs once everything is bound, after the ready
-/// line is printed.
+/// signals) plus the node's worker threads. `source` is the file SIGHUP,
+/// `POST /api/reload` and (if watched) a change of the file re-read. `on_ready` runs once
+/// everything is bound, after the ready line is printed.
 pub fn serve(
     config: Config,
-    source: Option<PathBuf>,
+    source: Option<ConfigSource>,
     threads: Option<usize>,
     on_ready: impl FnOnce(&Node, SocketAddr),
 ) -> ExitCode {
@@ -85,13 +100,27 @@ pub fn serve(
                 return ExitCode::from(1);
             }
         };
-        let reload: Option<ReloadFn> = source.map(|path| {
+        let reload: Option<ReloadFn> = source.as_ref().map(|source| {
+            let path = source.path.clone();
             let control = control.clone();
             let admin = config.admin.clone();
             let cluster = config.cluster.clone();
             Arc::new(move || reload_from(&path, &control, &admin, cluster.as_ref())) as ReloadFn
         });
         let admin_shutdown = CancellationToken::new();
+        let stop_watching = CancellationToken::new();
+        if let (Some(source), Some(reload)) = (&source, &reload)
+            && source.watch
+        {
+            match crate::watch::spawn(
+                source.path.clone(),
+                Arc::clone(reload),
+                stop_watching.clone(),
+            ) {
+                Ok(()) => tracing::info!(file = %source.path.display(), "reloading when the configuration file changes"),
+                Err(error) => tracing::warn!(%error, "configuration file not watched; SIGHUP and POST /api/reload still reload"),
+            }
+        }
         let state = AdminState {
             node: node.clone(),
             node_name: node_name(),
@@ -110,6 +139,7 @@ pub fn serve(
         on_ready(&node, admin_addr);
 
         wait_for_shutdown(reload).await;
+        stop_watching.cancel();
         control.shutdown().await;
         let drain = tokio::spawn({
             let node = node.clone();

@@ -606,7 +606,10 @@ async fn redis_outage_fails_no_request_and_recovers() {
         .await;
     assert_eq!(status, 200, "{body}");
     let after = body["write"]["version"].as_u64().expect("version");
-    assert!(after > before, "version {after} must follow {before}: {body}");
+    assert!(
+        after > before,
+        "version {after} must follow {before}: {body}"
+    );
     for node in cluster.running() {
         assert_eq!(strategy(node).await, "p2c");
         let b2v = node.backend("app", &b2.address()).await;
@@ -617,18 +620,25 @@ async fn redis_outage_fails_no_request_and_recovers() {
         .args(["-p", &port, "--raw", "HGET", "fulcrum:config", "version"])
         .output()
         .expect("redis-cli runs");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), after.to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        after.to_string()
+    );
     // Emptied again with no write to follow: the leader writes the overlay back, so a
     // node starting meanwhile would adopt it rather than none.
     redis.kill();
     redis.restart();
-    eventually(DEADLINE, "the leader writes the configuration back", async || {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &port, "--raw", "HGET", "fulcrum:config", "version"])
-            .output()
-            .ok()?;
-        (String::from_utf8_lossy(&out.stdout).trim() == after.to_string()).then_some(())
-    })
+    eventually(
+        DEADLINE,
+        "the leader writes the configuration back",
+        async || {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &port, "--raw", "HGET", "fulcrum:config", "version"])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout).trim() == after.to_string()).then_some(())
+        },
+    )
     .await;
     for load in loads {
         assert_all_ok(&load.stop().await);
@@ -1052,6 +1062,47 @@ async fn a_single_node_changes_weights_and_backends_at_run_time() {
     assert_eq!(status, 200, "{body}");
     let spread = common::spread(&node.url("web"), 9).await;
     assert_eq!(spread.get("b3"), None, "{spread:?}");
+    // A strategy switch is part of the run-time overlay too: a later change that composes
+    // the configuration again (here a weight) keeps it.
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/strategy?consistency=bogus",
+            Some(json!({"strategy": "least_connections"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "bad_consistency");
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/strategy",
+            Some(json!({"strategy": "least_connections"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["previous"], "weighted_round_robin", "{body}");
+    let (status, body) = node
+        .api_post(
+            &format!("/api/pools/app/backends/{}/weight", b2.address()),
+            Some(json!({"weight": 2})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(strategy(&node).await, "least_connections");
+    // An address that does not resolve is refused before anything is written.
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/backends",
+            Some(json!({"address": "no-such-host.invalid:80"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_address");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no-such-host.invalid:80")),
+        "{body}"
+    );
     // Cluster-only paths say so on a single node.
     let response = client()
         .get(node.admin_url("/api/cluster/nodes"))

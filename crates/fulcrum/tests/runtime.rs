@@ -207,6 +207,19 @@ async fn mutating_calls_need_the_bearer_token() {
     assert_eq!(body["error"]["code"], "unauthorized");
     let response = client()
         .post(node.admin_url("/api/pools/app/strategy"))
+        .json(&json!({ "strategy": "p2c" }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.as_bytes()),
+        Some(&b"Bearer realm=\"fulcrum-admin\""[..])
+    );
+    let response = client()
+        .post(node.admin_url("/api/pools/app/strategy"))
         .bearer_auth("wrong")
         .json(&json!({ "strategy": "p2c" }))
         .send()
@@ -215,7 +228,7 @@ async fn mutating_calls_need_the_bearer_token() {
     assert_eq!(response.status(), 401);
     let response = client()
         .post(node.admin_url("/api/pools/app/strategy"))
-        .bearer_auth("s3cret")
+        .header("authorization", "bearer s3cret")
         .json(&json!({ "strategy": "p2c" }))
         .send()
         .await
@@ -277,6 +290,55 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     node.signal("HUP");
     eventually(DEADLINE, "SIGHUP reload", async || {
         (node.api("/api/pools").await["pools"][0]["strategy"] == "least_connections").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_the_file_reloads_it_and_a_bad_one_is_refused() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let node = Node::start_with(
+        &simple_config("round_robin", &[&b1], ""),
+        &["--threads", "1"],
+    );
+    let path = node.config.path().to_path_buf();
+    let strategy = async || {
+        node.api("/api/pools").await["pools"][0]["strategy"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    // Saved as editors do: a new file renamed over the old one.
+    let next = node.pin_addresses(&simple_config("p2c", &[&b1, &b2], ""));
+    let staged = path.with_extension("yaml.tmp");
+    std::fs::write(&staged, &next).expect("write staged");
+    std::fs::rename(&staged, &path).expect("rename over");
+    eventually(DEADLINE, "the renamed-over file is loaded", async || {
+        (strategy().await.as_deref() == Some("p2c")).then_some(())
+    })
+    .await;
+    let pools = node.api("/api/pools").await;
+    assert_eq!(pools["pools"][0]["backends"]["total"], 2, "{pools}");
+
+    // Written in place with a mistake: refused whole, the running configuration stays.
+    std::fs::write(&path, next.replace("strategy: p2c", "strategy: p3c")).expect("write");
+    eventually(DEADLINE, "the refusal is logged", async || {
+        node.logs()
+            .contains("file changed: new configuration refused")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(strategy().await.as_deref(), Some("p2c"));
+
+    // Fixed in place: loaded.
+    std::fs::write(
+        &path,
+        next.replace("strategy: p2c", "strategy: least_connections"),
+    )
+    .expect("write");
+    eventually(DEADLINE, "the fixed file is loaded", async || {
+        (strategy().await.as_deref() == Some("least_connections")).then_some(())
     })
     .await;
 }

@@ -225,9 +225,9 @@ pub struct Node {
 
 impl Node {
     /// Writes `yaml` to a temporary file and runs `fulcrum run --config` on it with one
-    /// worker thread.
+    /// worker thread, not watching the file (so a test's reload is the one it asks for).
     pub fn start(yaml: &str) -> Node {
-        Self::start_with(yaml, &["--threads", "1"])
+        Self::start_with(yaml, &["--threads", "1", "--no-watch"])
     }
 
     /// Same, with extra command-line arguments.
