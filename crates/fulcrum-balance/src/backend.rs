@@ -168,6 +168,7 @@ pub struct LiveBackend {
     /// When the backend (re)joined rotation, clock ns: slow start ramps from here.
     warm_since_ns: AtomicU64,
     requests: AtomicU64,
+    cancelled: AtomicU64,
     failures: AtomicU64,
     consecutive_failures: AtomicU32,
     flags: AtomicU32,
@@ -222,6 +223,7 @@ impl LiveBackend {
             effective_weight: AtomicU64::new(f64::NAN.to_bits()),
             warm_since_ns: AtomicU64::new(now_ns),
             requests: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             flags: AtomicU32::new(0),
@@ -326,6 +328,12 @@ impl LiveBackend {
     /// Attempts that completed with an outcome (success or failure) since start.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Attempts abandoned without an outcome because another attempt of the same request
+    /// answered first (hedge losers), since start. Not in [`Self::requests`].
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::Relaxed)
     }
 
     /// Attempts that failed (connect error, reset, timeout, 5xx) since start.
@@ -521,8 +529,9 @@ impl LiveBackend {
 /// Record the outcome once with [`success`](Self::success) or [`failure`](Self::failure)
 /// when the response head arrives (or the attempt fails); the in-flight count is released
 /// when the guard is dropped, which the forwarder does when the response body has been
-/// fully streamed. A guard dropped without an outcome (the client went away) counts
-/// nothing against the backend.
+/// fully streamed. An attempt abandoned because another attempt answered first is
+/// recorded with [`cancel`](Self::cancel). A guard dropped without an outcome (the client
+/// went away) counts nothing against the backend.
 #[derive(Debug)]
 pub struct InFlightGuard {
     backend: Arc<LiveBackend>,
@@ -555,6 +564,21 @@ impl InFlightGuard {
         b.consecutive_failures.store(0, Ordering::Relaxed);
         b.latency.observe(rtt, now_ns);
         b.histogram.record(rtt, now_ns);
+    }
+
+    /// Records, at `now_ns`, that the attempt is abandoned without an answer because
+    /// another attempt of the request answered first (a hedge's loser): counted in
+    /// [`LiveBackend::cancelled`], neither a request nor a failure, and its time so far
+    /// is a lower bound of the backend's latency, which can only raise the estimate
+    /// ([`fulcrum_stats::PeakEwma::observe_at_least`]). Only the first outcome counts.
+    pub fn cancel(&self, now_ns: u64) {
+        if self.recorded.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let b = &self.backend;
+        b.cancelled.fetch_add(1, Ordering::Relaxed);
+        b.latency
+            .observe_at_least(now_ns.saturating_sub(self.started_ns), now_ns);
     }
 
     /// Records a failed attempt at `now_ns` (connect error, reset, timeout or a 5xx):

@@ -63,7 +63,11 @@ impl Admission<'_> {
             .with_total_in_flight(self.pool.active_requests())
             .with_allowed(self.allowed)
             .with_capacity_only(with_room);
-        self.state.strategy.pick(&info, &view)
+        if tried.is_empty() {
+            self.state.strategy.pick(&info, &view)
+        } else {
+            self.state.strategy.pick_another(&info, &view)
+        }
     }
 
     /// Picks a backend for the next attempt and starts it, without waiting: one not in

@@ -520,11 +520,22 @@ async fn hedged(
     let secondary = attempt(runtime, settings, now, copy);
     tokio::pin!(secondary);
 
+    // The attempt that loses the race is dropped (its connection is closed, so the
+    // backend sees the request cancelled); it is recorded as abandoned, not failed.
+    let abandon = |loser: BackendId, guard: &InFlightGuard| {
+        guard.cancel(now_ns());
+        state.runtimes[loser.0].metrics.cancelled.inc();
+    };
     let (mut first_failed, mut second_failed) = (false, false);
     loop {
         tokio::select! {
             outcome = &mut primary, if !first_failed => match outcome {
-                Outcome::Response(..) => return (first, first_guard, outcome),
+                Outcome::Response(..) => {
+                    if !second_failed {
+                        abandon(second, &second_guard);
+                    }
+                    return (first, first_guard, outcome);
+                }
                 Outcome::Failed { .. } if second_failed => return (first, first_guard, outcome),
                 Outcome::Failed { keepalive_race, .. } => {
                     if !keepalive_race {
@@ -537,6 +548,9 @@ async fn hedged(
                 Outcome::Response(..) => {
                     r.pool.metrics().hedges_won.inc();
                     state.strategy.note_hedge(true);
+                    if !first_failed {
+                        abandon(first, &first_guard);
+                    }
                     return (second, second_guard, outcome);
                 }
                 Outcome::Failed { .. } if first_failed => return (second, second_guard, outcome),

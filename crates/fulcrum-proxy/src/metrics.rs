@@ -203,6 +203,7 @@ pub struct Metrics {
     /// `fulcrum_endpoints`: endpoints tracked per pool, set at scrape time.
     pub endpoints: Family<PoolLabels, Gauge>,
     ejections: Family<BackendLabels, Counter>,
+    cancelled: Family<BackendLabels, Counter>,
     health_transitions: Family<HealthLabels, Counter>,
     /// `fulcrum_backend_up`: 1 when the backend may receive traffic, set at scrape time.
     pub backend_up: Family<BackendLabels, Gauge>,
@@ -354,6 +355,12 @@ impl Metrics {
             "Ejections by outlier detection",
             ejections.clone(),
         );
+        let cancelled = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "fulcrum_upstream_cancelled",
+            "Attempts abandoned before their response head because another attempt of the request answered first (hedge losers)",
+            cancelled.clone(),
+        );
         let health_transitions = Family::<HealthLabels, Counter>::default();
         registry.register(
             "fulcrum_health_transitions",
@@ -449,6 +456,7 @@ impl Metrics {
             backend_effective_weight,
             endpoints,
             ejections,
+            cancelled,
             health_transitions,
             backend_up,
             backend_in_flight,
@@ -485,6 +493,7 @@ impl Metrics {
             timeouts: error("timeout"),
             duration: self.duration.get_or_create_owned(&labels),
             ejections: self.ejections.get_or_create_owned(&labels),
+            cancelled: self.cancelled.get_or_create_owned(&labels),
             became_healthy: self.health_transitions.get_or_create_owned(&HealthLabels {
                 pool: pool.to_owned(),
                 backend: backend.to_owned(),
@@ -527,6 +536,7 @@ impl Metrics {
         }
         self.duration.remove(&labels);
         self.ejections.remove(&labels);
+        self.cancelled.remove(&labels);
     }
 
     /// The series of one pool, resolved once.
@@ -633,6 +643,8 @@ pub struct BackendMetrics {
     pub duration: DurationHistogram,
     /// Ejections by outlier detection.
     pub ejections: Counter,
+    /// Attempts abandoned because another attempt answered first (hedge losers).
+    pub cancelled: Counter,
     /// Transitions to healthy by active checks.
     pub became_healthy: Counter,
     /// Transitions to unhealthy by active checks.

@@ -221,6 +221,9 @@ pub struct BackendStatus {
     pub requests: u64,
     /// Failed attempts.
     pub errors: u64,
+    /// Attempts abandoned because another attempt of the request answered first (hedge
+    /// losers); in neither `requests` nor `errors`.
+    pub cancelled: u64,
     /// Failures since the last success.
     pub consecutive_failures: u32,
     /// Times ejected by outlier detection.
@@ -853,6 +856,7 @@ impl Node {
                     max_requests: live.max_requests(),
                     requests: live.requests(),
                     errors: live.failures(),
+                    cancelled: live.cancelled(),
                     consecutive_failures: live.consecutive_failures(),
                     ejections: live.ejections_total(),
                     ejection_remaining_secs: live

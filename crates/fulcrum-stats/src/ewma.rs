@@ -82,6 +82,15 @@ impl PeakEwma {
         });
     }
 
+    /// Records an attempt abandoned `elapsed_ns` after it was sent, without an answer (a
+    /// hedge's loser): a lower bound of its latency (a right-censored observation). It can
+    /// only raise the estimate, to `elapsed_ns` when the current estimate is below it;
+    /// otherwise nothing is learnt and the estimate stays.
+    pub fn observe_at_least(&self, elapsed_ns: u64, now_ns: u64) {
+        let elapsed = elapsed_ns as f64;
+        self.update(now_ns, |stored, w| (stored * w).max(elapsed));
+    }
+
     /// Records a failed attempt that took `rtt_ns` nanoseconds, finishing at `now_ns`:
     /// the estimate becomes `min(MAX_PENALTY_NS, 2 · max(current estimate, rtt, MIN_PENALTY_NS))`.
     pub fn penalize(&self, rtt_ns: u64, now_ns: u64) {
@@ -223,6 +232,17 @@ mod tests {
 
     fn ewma(initial_ms: u64) -> PeakEwma {
         PeakEwma::new(TAU, Duration::from_millis(initial_ms), 0)
+    }
+
+    #[test]
+    fn a_censored_sample_only_raises_the_estimate() {
+        let e = ewma(5);
+        // Abandoned after 50 ms: the latency is at least that, above the estimate.
+        e.observe_at_least(50 * MS, 0);
+        assert!((e.estimate_ns(0) - (50 * MS) as f64).abs() < 1e3);
+        // Abandoned after 10 ms: says nothing new, the estimate stays.
+        e.observe_at_least(10 * MS, 0);
+        assert!((e.estimate_ns(0) - (50 * MS) as f64).abs() < 1e3);
     }
 
     #[test]

@@ -92,8 +92,9 @@ async fn hedged_get_completes_from_the_fast_backend() {
     ));
     let client = client();
     let url = format!("{}/item", node.url("web"));
-    // Round robin sends every other first attempt to the slow backend; each of those is
-    // hedged to the fast one after 100 ms, and the fast answer wins.
+    // Round robin sends every other first attempt to the slow backend (a hedge takes no
+    // turn of the rotation); each of those is hedged to the fast one after 100 ms, and
+    // the fast answer wins.
     for _ in 0..6 {
         assert_eq!(get_served_by(&client, &url).await, "fast");
     }
@@ -102,8 +103,18 @@ async fn hedged_get_completes_from_the_fast_backend() {
         metric_value(&metrics, name, "pool=\"app\"")
             .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
     };
-    assert!(value("fulcrum_hedges_total") >= 3.0, "{metrics}");
-    assert!(value("fulcrum_hedges_won_total") >= 3.0, "{metrics}");
+    assert_eq!(value("fulcrum_hedges_total"), 3.0, "{metrics}");
+    assert_eq!(value("fulcrum_hedges_won_total"), 3.0, "{metrics}");
+    // The slow backend's abandoned attempts are counted as such, not as requests.
+    let slow_series = format!("backend=\"{}\"", slow.address());
+    assert_eq!(
+        metric_value(&metrics, "fulcrum_upstream_cancelled_total", &slow_series),
+        Some(3.0),
+        "{metrics}"
+    );
+    let slow_status = node.backend("app", &slow.address()).await;
+    assert_eq!(slow_status["cancelled"], 3, "{slow_status}");
+    assert_eq!(slow_status["requests"], 0, "{slow_status}");
     // A POST is not idempotent: never hedged, so it waits for the slow backend or
     // goes to the fast one by round robin, but is sent exactly once.
     let before = slow.stats().await["requests"].as_u64().unwrap_or(0)

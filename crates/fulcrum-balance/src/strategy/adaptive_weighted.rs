@@ -111,6 +111,10 @@ impl Strategy for AdaptiveWeighted {
         self.scheduler.pick(pool)
     }
 
+    fn pick_another(&self, _req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
+        self.scheduler.peek(pool)
+    }
+
     fn tick(&self, pool: &PoolView<'_>, _now_ns: u64) {
         let weights = {
             let mut adaptive = self.adaptive.lock();

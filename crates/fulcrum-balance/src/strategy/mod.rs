@@ -283,6 +283,18 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// The backend for this request, or `None` only when no backend is eligible.
     fn pick(&self, req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId>;
 
+    /// The backend for another attempt of a request that was already sent (a retry or a
+    /// hedge); `pool` marks the backends it went to ineligible. `None` only when no
+    /// backend is eligible. Default: [`Strategy::pick`].
+    ///
+    /// Rotations override it to choose without taking a turn: an extra attempt is not a
+    /// new request, and letting it take the next turn would lock first attempts into a
+    /// pattern (round robin over two backends with every request hedged sent every first
+    /// attempt to the same backend, the hedges taking the other's turns).
+    fn pick_another(&self, req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
+        self.pick(req, pool)
+    }
+
     /// Periodic housekeeping, called by the pool's background task about every
     /// [`TICK_INTERVAL`] (never on the request path): adapt parameters from the live
     /// statistics, rebuild tables after effective weights changed. Default: nothing.

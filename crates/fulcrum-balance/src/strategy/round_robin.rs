@@ -41,6 +41,16 @@ impl Strategy for RoundRobin {
         }
         Some(picked)
     }
+
+    /// The first eligible backend from the position the next request will start at,
+    /// without moving it.
+    fn pick_another(&self, _req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
+        let n = pool.len();
+        if n == 0 {
+            return None;
+        }
+        pool.next_eligible_from(self.next.load(Ordering::Relaxed) % n)
+    }
 }
 
 #[cfg(test)]
@@ -72,5 +82,24 @@ mod tests {
         }
         b[2].live.set_flag(BackendFlags::DRAINING);
         assert_eq!(rr.pick(&RequestInfo::new(0), &view), None);
+    }
+
+    #[test]
+    fn another_attempt_takes_no_turn() {
+        let b = backends(&[1, 1]);
+        let rr = RoundRobin::new();
+        let all = PoolView::new(&b, &[], false);
+        let req = RequestInfo::new(0);
+        // Every request hedged or retried: first attempts still alternate.
+        let mut first = Vec::new();
+        for _ in 0..6 {
+            let picked = rr.pick(&req, &all).expect("eligible");
+            first.push(picked.0);
+            let tried = [picked];
+            let rest = PoolView::new(&b, &tried, false);
+            let other = rr.pick_another(&req, &rest).expect("eligible");
+            assert_ne!(other, picked);
+        }
+        assert_eq!(first, vec![0, 1, 0, 1, 0, 1]);
     }
 }

@@ -36,8 +36,12 @@
 //! Backends ineligible at the tick are left out of the heap until they return (at half a
 //! period, as at the start), so a long-down backend costs nothing per pick.
 //!
-//! **Ineligible picks** between ticks (a retry's already-tried backend, a backend ejected
-//! since the last tick) consume that backend's turn and the pick takes the next deadline,
+//! **Retries and hedges** take no turn: [`Strategy::pick_another`] chooses the eligible
+//! backend due first without popping it (an O(n) scan, on those paths only), so extra
+//! attempts do not shift the rotation of first attempts.
+//!
+//! **Ineligible picks** between ticks (a backend ejected since the last tick) consume
+//! that backend's turn and the pick takes the next deadline,
 //! up to [`MAX_TURNS`] turns; after that the pick falls back to the first eligible backend
 //! after the last one popped ([`PoolView::next_eligible_from`]). Consuming, rather than
 //! deferring, the turn keeps a returning backend from receiving a burst of overdue turns.
@@ -88,6 +92,10 @@ impl Strategy for WeightedRoundRobin {
 
     fn pick(&self, _req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
         self.scheduler.pick(pool)
+    }
+
+    fn pick_another(&self, _req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
+        self.scheduler.peek(pool)
     }
 
     fn tick(&self, pool: &PoolView<'_>, _now_ns: u64) {
@@ -243,6 +251,21 @@ impl EdfScheduler {
         pool.next_eligible_from(last.map_or(0, |i| i + 1))
     }
 
+    /// The eligible backend whose turn is due first, without taking any turn (another
+    /// attempt of a request already sent: [`Strategy::pick_another`]); else the first
+    /// eligible backend. O(n) over the scheduled backends, so it costs more than a pick,
+    /// but only retries and hedges take it.
+    pub(super) fn peek(&self, pool: &PoolView<'_>) -> Option<BackendId> {
+        let state = self.state.lock();
+        state
+            .heap
+            .iter()
+            .filter(|turn| turn.backend < pool.len() && pool.is_eligible(turn.backend))
+            .max()
+            .map(|turn| BackendId(turn.backend))
+            .or_else(|| pool.next_eligible_from(0))
+    }
+
     /// Rebuilds the heap for new `weights` (0: leave the backend out) if any weight moved
     /// by more than [`REBUILD_THRESHOLD`] or a backend joined or left the schedule.
     /// Returns whether it rebuilt.
@@ -354,6 +377,27 @@ mod tests {
         let wrr = WeightedRoundRobin::new(&b);
         let view = PoolView::new(&b, &[], false);
         assert_eq!(picks(&wrr, &view, 6), vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn another_attempt_takes_no_turn() {
+        let b = backends(&[2, 1, 1]);
+        let wrr = WeightedRoundRobin::new(&b);
+        let all = PoolView::new(&b, &[], false);
+        let req = RequestInfo::new(0);
+        let mut first = Vec::new();
+        for _ in 0..8 {
+            let picked = wrr.pick(&req, &all).expect("eligible");
+            first.push(picked.0);
+            let tried = [picked];
+            let rest = PoolView::new(&b, &tried, false);
+            let other = wrr.pick_another(&req, &rest).expect("eligible");
+            assert_ne!(other, picked);
+        }
+        // The same sequence as without the extra attempts.
+        let fresh = WeightedRoundRobin::new(&b);
+        assert_eq!(first, picks(&fresh, &all, 8));
+        assert_eq!(counts(&first, 3), vec![4, 2, 2]);
     }
 
     #[test]
