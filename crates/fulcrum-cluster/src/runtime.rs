@@ -214,6 +214,10 @@ pub struct LeaderView {
     /// still `leader` then, with `leader_state: failed`, and no other node can lead
     /// before the lease is gone.
     pub leader_state: Option<MemberState>,
+    /// `true` while this node cannot reach the store: `leader` is the last one it read
+    /// and may have stepped down since (a leader that cannot renew its lease steps down
+    /// within two thirds of `lease_ttl`). Always `false` with `coordination: none`.
+    pub stale: bool,
     /// Fencing token of the current lease (`null` with `coordination: none`).
     pub token: Option<u64>,
     /// Whether this node leads.
@@ -1579,6 +1583,7 @@ impl ControlPlane {
             is_self: state.is_leader,
             leader: state.leader,
             leader_state,
+            stale: c.store.is_some() && !state.store_available,
             token: state.token,
             coordination,
             method,

@@ -191,12 +191,21 @@ fn nodes_table(body: &Value) -> String {
     )
 }
 
+/// The leader's state, marked stale while the node cannot reach the store.
+fn leader_state(leader: &Value) -> String {
+    if leader["stale"] == true {
+        format!("{}, stale: store unreachable", s(&leader["leader_state"]))
+    } else {
+        s(&leader["leader_state"])
+    }
+}
+
 fn leader_table(body: &Value) -> String {
     table(
         &["LEADER", "STATE", "TOKEN", "SELF", "COORDINATION", "METHOD"],
         &[vec![
             s(&body["leader"]),
-            s(&body["leader_state"]),
+            leader_state(body),
             s(&body["token"]),
             s(&body["is_self"]),
             s(&body["coordination"]),
@@ -224,7 +233,7 @@ fn status_table(body: &Value) -> String {
             format!(
                 "{} ({}, token {})",
                 s(&body["leader"]["leader"]),
-                s(&body["leader"]["leader_state"]),
+                leader_state(&body["leader"]),
                 s(&body["leader"]["token"])
             ),
         ),

@@ -549,6 +549,12 @@ async fn redis_outage_fails_no_request_and_recovers() {
             (v["coordination"]["available"] == false).then_some(())
         })
         .await;
+        // The leader each node names is marked stale: it was read before the outage.
+        eventually(DEADLINE, "the leader view is stale", async || {
+            let v = node.api("/api/cluster/leader").await;
+            (v["stale"] == true).then_some(())
+        })
+        .await;
         eventually(DEADLINE, "the outage is in the metrics", async || {
             let m = node.metrics().await;
             (m.contains("fulcrum_cluster_store_up 0")
@@ -582,6 +588,11 @@ async fn redis_outage_fails_no_request_and_recovers() {
     })
     .await;
     eprintln!("leader after the outage: {l} token {t}");
+    eventually(DEADLINE, "the leader view is current again", async || {
+        let v = cluster.node(1).api("/api/cluster/leader").await;
+        (v["stale"] == false).then_some(())
+    })
+    .await;
     // The node registry recovers too: the restarted Redis (empty, no persistence) holds
     // both nodes' heartbeats again.
     let port = redis.port().to_string();
