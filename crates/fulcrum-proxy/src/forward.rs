@@ -370,10 +370,17 @@ async fn attempt(
         Ok(response) => Outcome::Response(response, conn),
         Err(SendFailure { error, unsent }) => {
             match &error {
-                UpstreamError::Timeout { .. } => backend.metrics.timeouts.inc(),
-                UpstreamError::Reset { .. } => backend.metrics.resets.inc(),
-                UpstreamError::Connect { .. } => backend.metrics.connect_failures.inc(),
-            };
+                UpstreamError::Timeout { .. } => {
+                    backend.metrics.timeouts.inc();
+                }
+                UpstreamError::Reset { .. } => {
+                    backend.metrics.resets.inc();
+                }
+                UpstreamError::Connect { .. } => {
+                    backend.metrics.connect_failures.inc();
+                }
+                UpstreamError::ClientBody { .. } | UpstreamError::ClientStalled { .. } => {}
+            }
             let keepalive_race = unsent.is_some() && conn.reused;
             Outcome::Failed {
                 error,
@@ -631,7 +638,10 @@ async fn forward(
                     endpoint,
                 },
                 None,
-                Some(Request::from_parts(parts, Either::Left(body))),
+                Some(Request::from_parts(
+                    parts,
+                    Either::Left(crate::upstream::RequestBody::new(body)),
+                )),
                 None,
                 on_upgrade,
                 client_h1,
@@ -800,6 +810,23 @@ async fn forward_attempts(
                 unsent,
                 keepalive_race,
             } => {
+                if error.is_client_fault() {
+                    // Not the backend's failure, and not worth another attempt: the
+                    // client's body is gone or stalled. The attempt counts nothing.
+                    tracing::debug!(pool = %pool.name(), backend = %backend.address, %error, "client failed its request body");
+                    return match error {
+                        UpstreamError::ClientStalled { .. } => ctx.listener.reply(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request_timeout",
+                            &error.to_string(),
+                        ),
+                        _ => ctx.listener.reply(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            &error.to_string(),
+                        ),
+                    };
+                }
                 if !keepalive_race {
                     record_failure(pool, state, id.0, &guard);
                 }
@@ -809,6 +836,7 @@ async fn forward_attempts(
                     UpstreamError::Timeout { .. } => retry.on_timeout,
                     UpstreamError::Reset { .. } => retry.on_reset || never_sent,
                     UpstreamError::Connect { .. } => retry.on_connect_failure,
+                    UpstreamError::ClientBody { .. } | UpstreamError::ClientStalled { .. } => false,
                 };
                 pending = unsent;
                 last_error = Some(error);

@@ -19,6 +19,8 @@
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,7 +37,67 @@ use tokio_util::either::Either as EitherIo;
 /// The body of a request sent upstream: the client's streamed body, or a buffered one
 /// (empty for body-less requests; replayed requests — retries, hedges — are rebuilt with
 /// it).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody = Either<RequestBody, Full<Bytes>>;
+
+/// A client's request body streamed to a backend, noting when its frames went out: the
+/// `response_header` timer runs from the body's last frame (as Envoy's per-try timeout
+/// does from the end of the request), not from the first byte, so an upload longer than
+/// the timeout is not cut off; and a client whose upload stalls for that long is told
+/// so (408) instead of the backend being blamed.
+pub struct RequestBody {
+    inner: Incoming,
+    progress: Arc<BodyProgress>,
+}
+
+/// When a streamed request body last moved, shared by the body (polled by the upstream
+/// connection's task) and the attempt that waits for the response head.
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    /// Clock nanoseconds of the last frame sent (or of the start).
+    last_ns: AtomicU64,
+    /// The last frame was sent.
+    done: AtomicBool,
+}
+
+impl RequestBody {
+    /// Wraps a client's body, starting its progress clock now.
+    pub fn new(inner: Incoming) -> Self {
+        let progress = Arc::new(BodyProgress::default());
+        progress.last_ns.store(now_ns(), Ordering::Relaxed);
+        Self { inner, progress }
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(_))) => {
+                self.progress.last_ns.store(now_ns(), Ordering::Relaxed);
+            }
+            std::task::Poll::Ready(None) => {
+                self.progress.last_ns.store(now_ns(), Ordering::Relaxed);
+                self.progress.done.store(true, Ordering::Release);
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Most idle connections a worker keeps per backend; further ones are closed when released.
 pub const MAX_IDLE_PER_WORKER: usize = 256;
@@ -83,6 +145,32 @@ pub enum UpstreamError {
         /// The timeout that elapsed.
         timeout: Duration,
     },
+    /// The client's request body failed while it was being sent (the client aborted the
+    /// upload, or its chunked framing is malformed): the client's fault, not the
+    /// backend's.
+    #[error("the request body could not be read from the client: {source}")]
+    ClientBody {
+        /// The underlying error.
+        source: hyper::Error,
+    },
+    /// The client's request body made no progress for the `response_header` timeout
+    /// while the backend waited for the rest of it.
+    #[error("the client sent no request body data for {timeout:?}")]
+    ClientStalled {
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the client, not the backend, caused the failure (such failures are not
+    /// recorded against the backend nor retried).
+    pub fn is_client_fault(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::ClientBody { .. } | UpstreamError::ClientStalled { .. }
+        )
+    }
 }
 
 /// A failed send, with the request given back when it was never written to the wire
@@ -305,22 +393,64 @@ impl Conn {
         req: Request<UpstreamBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendFailure> {
-        match tokio::time::timeout(timeout, self.sender.try_send_request(req)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(mut failure)) => {
-                let unsent = failure.take_message();
-                Err(SendFailure {
-                    error: UpstreamError::Reset {
-                        addr,
-                        source: failure.into_error(),
-                    },
-                    unsent,
-                })
+        let progress = match req.body() {
+            Either::Left(streamed) => Some(Arc::clone(&streamed.progress)),
+            Either::Right(_) => None,
+        };
+        let sent = self.sender.try_send_request(req);
+        let answer = match progress {
+            // Buffered: the timer runs from the send.
+            None => match tokio::time::timeout(timeout, sent).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return Err(SendFailure {
+                        error: UpstreamError::Timeout { addr, timeout },
+                        unsent: None,
+                    });
+                }
+            },
+            // Streamed: the timer runs from the body's last progress; whose fault a
+            // timeout is depends on whether the body had ended.
+            Some(progress) => {
+                tokio::pin!(sent);
+                let timeout_ns = duration_ns(timeout);
+                let mut wait = timeout;
+                loop {
+                    tokio::select! {
+                        biased;
+                        answer = &mut sent => break answer,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    let idle = now_ns().saturating_sub(progress.last_ns.load(Ordering::Relaxed));
+                    if idle >= timeout_ns {
+                        let error = if progress.done.load(Ordering::Acquire) {
+                            UpstreamError::Timeout { addr, timeout }
+                        } else {
+                            UpstreamError::ClientStalled { timeout }
+                        };
+                        return Err(SendFailure {
+                            error,
+                            unsent: None,
+                        });
+                    }
+                    wait = Duration::from_nanos(timeout_ns - idle);
+                }
             }
-            Err(_) => Err(SendFailure {
-                error: UpstreamError::Timeout { addr, timeout },
-                unsent: None,
-            }),
+        };
+        match answer {
+            Ok(response) => Ok(response),
+            Err(mut failure) => {
+                let unsent = failure.take_message();
+                let source = failure.into_error();
+                // hyper reports a failure of the request body it was sending (our
+                // `RequestBody`, i.e. the client's stream) as a "user" error.
+                let error = if source.is_user() {
+                    UpstreamError::ClientBody { source }
+                } else {
+                    UpstreamError::Reset { addr, source }
+                };
+                Err(SendFailure { error, unsent })
+            }
         }
     }
 }

@@ -430,3 +430,150 @@ async fn rate_limits_answer_429_per_route_and_per_client_and_survive_a_reload() 
         "{metrics}"
     );
 }
+
+/// A backend that reads a request's whole `Content-Length` body before answering with
+/// the number of bytes it read (a chunked body is read until the connection closes).
+fn body_counting_backend() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream);
+                loop {
+                    let mut length = None;
+                    loop {
+                        let mut line = String::new();
+                        match std::io::BufRead::read_line(&mut reader, &mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse::<usize>().ok();
+                        }
+                    }
+                    let Some(length) = length else {
+                        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                        return;
+                    };
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let text = length.to_string();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if reader.get_mut().write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `head`, then `parts` with `pause` before each, and returns the answer (read
+/// until the proxy closes or 10 s pass).
+fn send_slowly(
+    addr: std::net::SocketAddr,
+    head: &[u8],
+    parts: &[&[u8]],
+    pause: Duration,
+) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(head).expect("write head");
+    for part in parts {
+        std::thread::sleep(pause);
+        stream.write_all(part).expect("write part");
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_problems_are_the_clients_not_the_backends() {
+    let backend = body_counting_backend();
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    strategy: round_robin\n    backends:\n      - address: {backend}\n    timeouts: {{ response_header: 1s }}\n    outlier_detection: {{ consecutive_failures: 1 }}\n"
+    );
+    let node = Node::start(&yaml);
+    let addr = node.listeners["web"];
+
+    // An upload that takes longer than response_header: the timer runs from its end.
+    let part = [b'x'; 500];
+    let answer = tokio::task::spawn_blocking(move || {
+        send_slowly(
+            addr,
+            b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3000\r\n\r\n",
+            &[&part[..]; 6],
+            Duration::from_millis(400),
+        )
+    })
+    .await
+    .expect("client thread");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("3000"), "{answer}");
+
+    // An upload that stalls: 408 for the client, nothing against the backend.
+    let answer = tokio::task::spawn_blocking(move || {
+        send_slowly(
+            addr,
+            b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789",
+            &[],
+            Duration::ZERO,
+        )
+    })
+    .await
+    .expect("client thread");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // Malformed chunked framing: 400.
+    let answer = raw(
+        addr,
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    // An upload the client abandons half-way.
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+        drop(stream);
+    }
+
+    // None of it counted against the backend: no errors, not ejected (one failure
+    // would eject it), and served again.
+    let status = node.backend("app", &backend.to_string()).await;
+    assert_eq!(status["errors"], 0, "{status}");
+    assert_eq!(status["state"], "healthy", "{status}");
+    let metrics = node.metrics().await;
+    assert!(
+        !metrics.contains("fulcrum_upstream_errors_total{") || {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("fulcrum_upstream_errors_total{"))
+                .all(|l| l.ends_with(" 0"))
+        },
+        "{metrics}"
+    );
+    let answer = raw(
+        addr,
+        b"POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
