@@ -150,7 +150,9 @@ pub fn serve(
             _ = drain => {}
             () = next_termination_signal() => {
                 eprintln!("fulcrum: second signal; exiting without waiting for the drain");
-                return ExitCode::from(1);
+                // At once: returning would wait for the worker runtimes, which are still
+                // draining.
+                std::process::exit(1);
             }
         }
         admin_shutdown.cancel();

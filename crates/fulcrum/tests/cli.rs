@@ -175,6 +175,33 @@ async fn sigterm_lets_in_flight_requests_finish() {
     assert!(std::net::TcpStream::connect(node.listeners["web"]).is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_without_waiting_for_the_drain() {
+    let slow = Backend::start("slow", &["--latency", "fixed:600s"]);
+    let yaml = format!(
+        "runtime:\n  drain_timeout: 600s\n{}",
+        simple_config("round_robin", &[&slow], "")
+    );
+    let mut node = Node::start(&yaml);
+    let url = format!("{}/slow", node.url("web"));
+    let _request = tokio::spawn(async move { client().get(url).send().await.is_ok() });
+    common::eventually(common::DEADLINE, "request in flight", async || {
+        let v = node.api("/api/pools/app/backends").await;
+        (v["backends"][0]["in_flight"] == 1).then_some(())
+    })
+    .await;
+    node.signal("TERM");
+    common::eventually(common::DEADLINE, "the drain began", async || {
+        node.logs().contains("draining").then_some(())
+    })
+    .await;
+    node.signal("TERM");
+    // The drain would last 600 s; the deadline only guards against a hang.
+    let code = tokio::task::block_in_place(|| node.wait_exit(common::DEADLINE));
+    assert_eq!(code, Some(1), "logs:\n{}", node.logs());
+    assert!(node.logs().contains("second signal"), "{}", node.logs());
+}
+
 #[test]
 fn every_example_config_is_valid() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
