@@ -181,6 +181,13 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     let on_upgrade =
         (client_h1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if client_h1 && let Err(problem) = headers::check_h1_host(&mut parts) {
+        return ctx.listener.reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{problem}; refusing the request"),
+        );
+    }
 
     let (pool, backend_tags) = {
         let router = ctx.listener.router.load();

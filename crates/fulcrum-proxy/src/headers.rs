@@ -113,13 +113,114 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: Present, allow_upgrade: bo
     if present.transfer_encoding {
         headers.remove(TRANSFER_ENCODING);
     }
-    let upgrading = allow_upgrade && upgrade_requested && present.upgrade;
+    // HTTP/2 over cleartext by Upgrade (RFC 7540 §3.2, removed in RFC 9113) is never
+    // tunnelled: a backend that accepts it would take the connection past every route,
+    // header and rate-limit decision (h2c smuggling). The request goes on as a plain
+    // HTTP/1.1 request, as Envoy and HAProxy do.
+    let upgrading = allow_upgrade && upgrade_requested && present.upgrade && !requests_h2c(headers);
     if upgrading {
         headers.insert(CONNECTION, UPGRADE_TOKEN.clone());
     } else if present.upgrade {
         headers.remove(UPGRADE);
     }
     upgrading
+}
+
+/// Checks an HTTP/1 request's `Host` (RFC 9112 §3.2): exactly one field in HTTP/1.1, at
+/// most one in HTTP/1.0, holding `host[:port]` (RFC 3986 §3.2.2: an IP literal in
+/// brackets or a reg-name, and a port up to 65535). For an absolute-form target the
+/// target's authority replaces the field (§3.2.2), so routing and the backend see the
+/// host the client addressed.
+///
+/// # Errors
+/// What is wrong, for a 400 reply: several `Host` fields (which a router and a backend
+/// could read differently), none in HTTP/1.1, or an invalid value.
+pub fn check_h1_host(parts: &mut request::Parts) -> Result<(), &'static str> {
+    if let Some(authority) = parts.uri.authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(HOST, value);
+        return Ok(());
+    }
+    let mut fields = parts.headers.get_all(HOST).iter();
+    let first = fields.next();
+    if fields.next().is_some() {
+        return Err("more than one Host field");
+    }
+    match first {
+        None if parts.version == Version::HTTP_11 => Err("no Host field (HTTP/1.1 requires one)"),
+        None => Ok(()),
+        Some(value) if valid_host(value.as_bytes()) => Ok(()),
+        Some(_) => Err("the Host field is not a valid host[:port]"),
+    }
+}
+
+/// `host[:port]` per RFC 3986 §3.2.2–3.2.3 (empty allowed: RFC 9112 §3.2).
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(end) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &value[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'))
+        {
+            return false;
+        }
+        match &value[end + 1..] {
+            [] => (&value[..0], None),
+            [b':', port @ ..] => (&value[..0], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+            None => (value, None),
+        }
+    };
+    let reg_name = host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    });
+    let port_ok = port.is_none_or(|p| {
+        p.is_empty()
+            || (p.len() <= 5
+                && p.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(p)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .is_some_and(|n| n <= 65_535))
+    });
+    reg_name && port_ok
+}
+
+/// Whether an `Upgrade` field names `h2c`.
+fn requests_h2c(headers: &HeaderMap) -> bool {
+    headers.get_all(UPGRADE).iter().any(|v| {
+        v.to_str().is_ok_and(|list| {
+            list.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("h2c"))
+        })
+    })
 }
 
 /// What [`prepare_request`] found out about a request.
@@ -366,6 +467,73 @@ mod tests {
         assert_eq!(p.headers["connection"], "upgrade");
         assert_eq!(p.headers["upgrade"], "websocket");
         assert!(p.headers.contains_key("sec-websocket-key"));
+    }
+
+    #[test]
+    fn host_syntax() {
+        for good in [
+            &b""[..],
+            b"api.example.com",
+            b"api.example.com:8080",
+            b"127.0.0.1:80",
+            b"[::1]:8443",
+            b"[2001:db8::1]",
+            b"a_b-c.example",
+            b"host:",
+        ] {
+            assert!(valid_host(good), "{:?}", String::from_utf8_lossy(good));
+        }
+        for bad in [
+            &b"evil.com/.example.com"[..],
+            b"evil.com?.example.com",
+            b"evil.com#.example.com",
+            b"a b.example.com",
+            b"evil@a.example.com",
+            b"a.example.com:99999",
+            b"a.example.com:8o",
+            b"[::1",
+            b"[::1]x",
+            b"[]",
+        ] {
+            assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn one_valid_host_field_and_absolute_form_wins() {
+        let request = |builder: http::request::Builder| parts(builder.body(()).expect("valid"));
+        let mut p = request(
+            Request::get("/")
+                .header("host", "a.example")
+                .header("host", "b.example"),
+        );
+        assert!(check_h1_host(&mut p).is_err());
+        let mut p = request(Request::get("/").version(Version::HTTP_11));
+        assert!(check_h1_host(&mut p).is_err());
+        let mut p = request(Request::get("/").version(Version::HTTP_10));
+        assert!(check_h1_host(&mut p).is_ok());
+        let mut p = request(Request::get("/").header("host", "evil.com/x"));
+        assert!(check_h1_host(&mut p).is_err());
+        let mut p =
+            request(Request::get("http://target.example/x").header("host", "other.example"));
+        assert!(check_h1_host(&mut p).is_ok());
+        assert_eq!(p.headers["host"], "target.example");
+    }
+
+    #[test]
+    fn h2c_upgrade_is_refused_and_stripped() {
+        let mut p = parts(
+            Request::get("/x")
+                .header("connection", "Upgrade, HTTP2-Settings")
+                .header("upgrade", "h2c")
+                .header("http2-settings", "AAMAAABkAAQAAP__")
+                .body(())
+                .expect("valid request"),
+        );
+        assert!(!prepare_request(&mut p, &ip(), "http").upgrading);
+        assert!(!p.headers.contains_key("upgrade"));
+        assert!(!p.headers.contains_key("http2-settings"));
+        assert!(!p.headers.contains_key("connection"));
     }
 
     #[test]

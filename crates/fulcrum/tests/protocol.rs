@@ -35,6 +35,10 @@ async fn malformed_requests_get_400_and_never_reach_a_backend() {
         ("Content-Length then Transfer-Encoding", b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
         ("Transfer-Encoding then Content-Length", b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
         ("bad request line", b"GET /a HTTP/9.9\r\nHost: x\r\n\r\n"),
+        ("two Host fields", b"GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+        ("invalid Host", b"GET /a HTTP/1.1\r\nHost: evil.com/.x\r\n\r\n"),
+        ("Host port out of range", b"GET /a HTTP/1.1\r\nHost: x:99999\r\n\r\n"),
+        ("HTTP/1.1 without Host", b"GET /a HTTP/1.1\r\n\r\n"),
     ];
     for (what, request) in cases {
         let answer = raw(addr, request);
