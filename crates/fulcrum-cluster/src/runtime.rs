@@ -349,7 +349,8 @@ impl ControlPlane {
             }),
         };
         plane.spawn_discovery(&config);
-        if plane.inner.cluster.is_some() {
+        if let Some(c) = &plane.inner.cluster {
+            plane.inner.node.metrics().enable_cluster(c.store.is_some());
             plane.startup_sync().await;
             plane.spawn_cluster_loops();
         }

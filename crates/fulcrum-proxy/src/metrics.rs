@@ -8,7 +8,7 @@
 //! `fulcrum_backend_in_flight`) are filled in at scrape time from that state.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -183,9 +183,19 @@ impl EncodeMetric for DurationHistogram {
     }
 }
 
+const CLUSTER_NONE: u8 = 0;
+const CLUSTER_ONLY: u8 = 1;
+const CLUSTER_WITH_STORE: u8 = 2;
+
 /// Every metric family of a node, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
+    /// The `fulcrum_cluster_*` families of membership and leadership.
+    cluster_registry: Registry,
+    /// The coordination store's families (`fulcrum_cluster_store_*`).
+    store_registry: Registry,
+    /// Which of the two are exported ([`Metrics::enable_cluster`]).
+    cluster_scope: AtomicU8,
     responses: Family<ResponseLabels, Counter>,
     duration: Family<BackendLabels, DurationHistogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
@@ -398,42 +408,46 @@ impl Metrics {
             connections_accepted.clone(),
         );
         let cluster = ClusterMetrics::default();
-        registry.register(
+        // Exported only by a node in a cluster (and the store families only with a
+        // store): a single node must not report a store that is "down".
+        let mut cluster_registry = Registry::default();
+        let mut store_registry = Registry::default();
+        cluster_registry.register(
             "fulcrum_cluster_events",
             "Cluster membership events (node_joined, node_left, node_failed) seen by this node",
             cluster.events.clone(),
         );
-        registry.register(
+        cluster_registry.register(
             "fulcrum_cluster_members",
             "Cluster members by state as this node sees them",
             cluster.members.clone(),
         );
-        registry.register(
+        cluster_registry.register(
             "fulcrum_cluster_leader",
             "1 while this node is the cluster leader",
             cluster.leader.clone(),
         );
-        registry.register(
+        cluster_registry.register(
             "fulcrum_cluster_leader_changes",
             "Changes of the cluster leader seen by this node",
             cluster.leader_changes.clone(),
         );
-        registry.register(
+        store_registry.register(
             "fulcrum_cluster_store_up",
             "1 while the coordination store answers",
             cluster.store_up.clone(),
         );
-        registry.register(
+        store_registry.register(
             "fulcrum_cluster_store_outages",
             "Times the coordination store became unreachable",
             cluster.store_outages.clone(),
         );
-        registry.register(
+        cluster_registry.register(
             "fulcrum_cluster_config_version",
             "Version of the shared cluster configuration applied on this node",
             cluster.config_version.clone(),
         );
-        registry.register(
+        cluster_registry.register(
             "fulcrum_cluster_backends_peer_down",
             "Backends out of rotation on this node because other nodes see them failing",
             cluster.peer_down.clone(),
@@ -441,6 +455,9 @@ impl Metrics {
         Self {
             cluster,
             registry,
+            cluster_registry,
+            store_registry,
+            cluster_scope: AtomicU8::new(CLUSTER_NONE),
             responses,
             duration,
             upstream_errors,
@@ -593,11 +610,32 @@ impl Metrics {
             })
     }
 
-    /// Encodes every family in the Prometheus/OpenMetrics text format.
+    /// Exports the cluster families from now on (a node in a cluster), and the
+    /// coordination store's with `with_store`. A single node exports neither, so an
+    /// alert on `fulcrum_cluster_store_up == 0` does not fire on every single node.
+    pub fn enable_cluster(&self, with_store: bool) {
+        let scope = if with_store {
+            CLUSTER_WITH_STORE
+        } else {
+            CLUSTER_ONLY
+        };
+        self.cluster_scope.store(scope, Ordering::Relaxed);
+    }
+
+    /// Encodes every exported family in the Prometheus/OpenMetrics text format.
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::with_capacity(16 * 1024);
+        let scope = self.cluster_scope.load(Ordering::Relaxed);
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        if scope >= CLUSTER_ONLY {
+            let _ = encode_registry(&mut out, &self.cluster_registry);
+        }
+        if scope >= CLUSTER_WITH_STORE {
+            let _ = encode_registry(&mut out, &self.store_registry);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
 }

@@ -226,6 +226,8 @@ async fn three_nodes_form_a_cluster_and_report_a_killed_node_failed() {
         metrics.contains("fulcrum_cluster_events_total{kind=\"node_failed\"} 1"),
         "{metrics}"
     );
+    // Gossip only: no coordination store to report on.
+    assert!(!metrics.contains("fulcrum_cluster_store_up"), "{metrics}");
 
     // The event stream replays the events so far: node-3 joined, then failed.
     let mut response = client()

@@ -187,6 +187,9 @@ async fn admin_api_errors_are_json_with_the_right_status() {
             "{family} missing from /metrics:\n{metrics}"
         );
     }
+    // A single node exports no cluster families (no "store down" on every node).
+    assert!(!metrics.contains("fulcrum_cluster_"), "{metrics}");
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
