@@ -182,11 +182,16 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
         (client_h1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if client_h1 && let Err(problem) = headers::check_h1_host(&mut parts) {
-        return ctx.listener.reply(
+        let mut response = ctx.listener.reply(
             StatusCode::BAD_REQUEST,
             "bad_request",
             &format!("{problem}; refusing the request"),
         );
+        // The body, if any, is left unread: the connection cannot carry another request.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return response;
     }
 
     let (pool, backend_tags) = {
@@ -213,6 +218,17 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
         }
     };
     let prepared = headers::prepare_request(&mut parts, &ctx.client_ip, ctx.listener.scheme());
+    if prepared.unsupported_coding {
+        let mut response = ctx.listener.reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported_transfer_coding",
+            "only the chunked transfer coding is supported; refusing the request",
+        );
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     let on_upgrade = if prepared.upgrading { on_upgrade } else { None };
 
     let _active = pool.enter();

@@ -232,6 +232,11 @@ pub struct Prepared {
     /// forwarder sets `Host` to the backend's address, as nginx does, because HTTP/1.1
     /// requires it.
     pub needs_host: bool,
+    /// The request body has a transfer coding other than `chunked` (e.g. `gzip,
+    /// chunked`): Fulcrum would forward the decoded chunks under `chunked` alone and so
+    /// silently drop the other coding, so such a request is refused with 501 (RFC 9112
+    /// §6.1: a coding the server does not understand).
+    pub unsupported_coding: bool,
 }
 
 /// Rewrites a client request head for the backend.
@@ -244,6 +249,7 @@ pub fn prepare_request(
     proto: &'static str,
 ) -> Prepared {
     let present = Present::scan(&parts.headers);
+    let unsupported_coding = present.transfer_encoding && !only_chunked(&parts.headers);
     let from_h1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
     let upgrading = strip_hop_by_hop(&mut parts.headers, present, from_h1);
     if present.expect {
@@ -283,7 +289,20 @@ pub fn prepare_request(
     Prepared {
         upgrading,
         needs_host,
+        unsupported_coding,
     }
+}
+
+/// Whether every `Transfer-Encoding` coding is `chunked`.
+fn only_chunked(headers: &HeaderMap) -> bool {
+    headers.get_all(TRANSFER_ENCODING).iter().all(|value| {
+        value.to_str().is_ok_and(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .all(|c| c.eq_ignore_ascii_case("chunked"))
+        })
+    })
 }
 
 /// Appends `client_ip` to `X-Forwarded-For`, joining multiple existing fields into one
@@ -518,6 +537,23 @@ mod tests {
             request(Request::get("http://target.example/x").header("host", "other.example"));
         assert!(check_h1_host(&mut p).is_ok());
         assert_eq!(p.headers["host"], "target.example");
+    }
+
+    #[test]
+    fn codings_other_than_chunked_are_flagged() {
+        let coded = |te: &str| {
+            let mut p = parts(
+                Request::post("/x")
+                    .header("transfer-encoding", te)
+                    .body(())
+                    .expect("valid request"),
+            );
+            prepare_request(&mut p, &ip(), "http").unsupported_coding
+        };
+        assert!(!coded("chunked"));
+        assert!(!coded("Chunked"));
+        assert!(coded("gzip, chunked"));
+        assert!(coded("deflate,chunked"));
     }
 
     #[test]

@@ -44,6 +44,13 @@ async fn malformed_requests_get_400_and_never_reach_a_backend() {
         let answer = raw(addr, request);
         assert!(answer.starts_with("HTTP/1.1 400"), "{what}: got {answer:?}");
     }
+    // A transfer coding Fulcrum would silently drop: 501.
+    let answer = raw(
+        addr,
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(answer.contains("unsupported_transfer_coding"), "{answer}");
     let stats = b.stats().await;
     assert_eq!(
         stats["requests"], 0,
