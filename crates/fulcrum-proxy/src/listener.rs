@@ -476,8 +476,21 @@ where
 /// connection ends.
 async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: CancellationToken) {
     let timeouts = ctx.listener.timeouts;
+    // When an idle close was asked for: a graceful close completes at once unless the
+    // client holds it open (an HTTP/2 client that never acknowledges the GOAWAY's PING),
+    // which IDLE_CLOSE_GRACE later is closed outright.
+    let mut idle_close_asked: Option<u64> = None;
     loop {
-        let deadline = next_deadline(&ctx, timeouts);
+        let mut deadline = next_deadline(&ctx, timeouts);
+        if let Some(asked) = idle_close_asked {
+            if ctx.active_requests() > 0 {
+                idle_close_asked = None;
+            } else {
+                let forced = asked.saturating_add(duration_ns(IDLE_CLOSE_GRACE));
+                deadline = tokio::time::Instant::now()
+                    + Duration::from_nanos(forced.saturating_sub(now_ns()));
+            }
+        }
         tokio::select! {
             () = shutdown.cancelled() => {
                 control.ask(CLOSE_GRACEFULLY);
@@ -497,15 +510,34 @@ async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: Ca
                     && ctx.verdicts.head_started_ns().is_none()
                     && now.saturating_sub(ctx.idle_since_ns()) >= duration_ns(timeouts.idle)
                 {
-                    tracing::trace!(listener = %ctx.listener.name, peer = %ctx.peer, "idle timeout; closing connection");
-                    control.ask(CLOSE_GRACEFULLY);
-                    // A graceful close of an idle connection completes at once; keep
-                    // watching in case a request slipped in just before it.
+                    match idle_close_asked {
+                        None => {
+                            tracing::trace!(listener = %ctx.listener.name, peer = %ctx.peer, "idle timeout; closing connection");
+                            control.ask(CLOSE_GRACEFULLY);
+                            // A graceful close of an idle connection completes at once;
+                            // keep watching in case a request slipped in just before it,
+                            // or the client holds the close open.
+                            idle_close_asked = Some(now);
+                        }
+                        Some(asked)
+                            if now.saturating_sub(asked) >= duration_ns(IDLE_CLOSE_GRACE) =>
+                        {
+                            tracing::debug!(listener = %ctx.listener.name, peer = %ctx.peer, "idle connection not closed within the grace period; closing it now");
+                            control.ask(CLOSE_NOW);
+                            return;
+                        }
+                        Some(_) => {}
+                    }
                 }
             }
         }
     }
 }
+
+/// How long an idle connection asked to close gracefully may stay open (an HTTP/2 client
+/// must acknowledge the `GOAWAY`'s PING for hyper to finish the close) before it is closed
+/// outright.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// The next instant the watchdog of `ctx` must look at the connection.
 fn next_deadline(ctx: &ConnContext, timeouts: ClientTimeouts) -> tokio::time::Instant {

@@ -342,6 +342,15 @@ async fn client_timeouts_close_slow_heads_and_idle_connections_but_not_slow_resp
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(b.stats().await["requests"], 1);
+
+    // An idle HTTP/2 connection whose client never answers the GOAWAY's PING (so hyper's
+    // graceful close cannot finish) is still closed, after a grace period.
+    let mut h2 = TcpStream::connect(addr).expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .expect("write preface and SETTINGS");
+    let got = tokio::task::block_in_place(|| read_until_closed(&mut h2));
+    // The server's SETTINGS, its ACK of ours, GOAWAY (type 7) and PING (type 6) frames.
+    assert!(got.len() >= 9, "{got:?}");
 }
 
 /// `routes[].rate_limit`: over the limit is 429 with `Retry-After` and a JSON error,
