@@ -675,14 +675,22 @@ impl Node {
         for (r, s) in running.iter().zip(&spec.listeners) {
             let same_addr = s.listen == r.local_addr
                 || (s.listen.port() == 0 && s.listen.ip() == r.local_addr.ip());
-            if *r.name != *s.name
-                || !same_addr
-                || r.protocol != s.protocol
-                || r.timeouts != s.timeouts
-                || r.tls.is_some() != s.tls.is_some()
-            {
+            let what = if *r.name != *s.name {
+                Some(format!("`name` (running `{}`)", r.name))
+            } else if !same_addr {
+                Some(format!("`listen` (running on {})", r.local_addr))
+            } else if r.protocol != s.protocol {
+                Some("`protocol`".to_owned())
+            } else if r.timeouts != s.timeouts {
+                Some("`timeouts`".to_owned())
+            } else if r.tls.is_some() != s.tls.is_some() {
+                Some("`tls` on or off".to_owned())
+            } else {
+                None
+            };
+            if let Some(what) = what {
                 return Err(NodeError::ListenersChanged(format!(
-                    "listener `{}` changed",
+                    "listener `{}`: {what} changed; the running configuration stays (listener names, addresses, protocols, timeouts and TLS on or off take effect on restart; routes, rate limits and certificates reload)",
                     s.name
                 )));
             }

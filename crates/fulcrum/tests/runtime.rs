@@ -295,6 +295,20 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
         (node.api("/api/pools").await["pools"][0]["strategy"] == "least_connections").then_some(())
     })
     .await;
+
+    // A listener setting that only a restart applies: refused, naming what changed.
+    let (status, body) = node
+        .reload(&next.replace(
+            "    routes:",
+            "    timeouts: { request_header: 7s }\n    routes:",
+        ))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("listener `web`: `timeouts` changed"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
