@@ -315,15 +315,20 @@ pub(crate) async fn forget_node(
             "a node cannot remove itself; stop it instead (it then leaves gracefully)",
         ));
     }
+    if !plane.nodes().await.iter().any(|n| n.node_id == id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_node",
+            format!("no cluster member `{id}`"),
+        ));
+    }
     if plane.forget(&id).await {
         Ok(Json(json!({ "node_id": id, "removed": true })))
     } else {
         Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_removable",
-            format!(
-                "`{id}` is unknown or still alive; only failed or departed nodes can be removed"
-            ),
+            format!("`{id}` is still alive; only failed or departed nodes can be removed"),
         ))
     }
 }

@@ -256,6 +256,9 @@ async fn three_nodes_form_a_cluster_and_report_a_killed_node_failed() {
     assert_eq!(status, 409, "{body}");
     let (status, body) = delete(cluster.node(0), "/api/cluster/nodes/node-3").await;
     assert_eq!(status, 200, "{body}");
+    let (status, body) = delete(cluster.node(0), "/api/cluster/nodes/node-9").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_node", "{body}");
 }
 
 async fn delete(node: &Node, path: &str) -> (u16, Value) {
