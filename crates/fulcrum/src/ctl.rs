@@ -10,11 +10,12 @@ use serde_json::Value;
 /// `fulcrum ctl` arguments.
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
-    /// Base URL of a node's admin API, e.g. http://127.0.0.1:9901.
+    /// Base URL of a node's admin API, e.g. http://127.0.0.1:9901 (`host:port` means
+    /// `http://host:port`).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9901")]
     pub admin: String,
-    /// Print the API's JSON instead of a table.
-    #[arg(long)]
+    /// Print the API's JSON instead of a table (before or after the subcommand).
+    #[arg(long, global = true)]
     pub json: bool,
     /// What to show.
     #[command(subcommand)]
@@ -58,14 +59,22 @@ pub fn run(args: CtlArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let CtlCommand::Cluster { what } = args.command;
-        let path = match what {
-            ClusterWhat::Status => "/api/cluster/status",
-            ClusterWhat::Nodes => "/api/cluster/nodes",
-            ClusterWhat::Leader => "/api/cluster/leader",
+        // The field every answer of that view has: what tells the admin API's answer
+        // from anything else answering JSON on that address (a proxy listener's backend).
+        let (path, field) = match what {
+            ClusterWhat::Status => ("/api/cluster/status", "node_id"),
+            ClusterWhat::Nodes => ("/api/cluster/nodes", "nodes"),
+            ClusterWhat::Leader => ("/api/cluster/leader", "coordination"),
         };
-        let url = format!("{}{path}", args.admin.trim_end_matches('/'));
+        let url = format!("{}{path}", admin_base(&args.admin));
         let body = match get_json(&url).await {
-            Ok(body) => body,
+            Ok(body) if body.get(field).is_some() => body,
+            Ok(_) => {
+                eprintln!(
+                    "fulcrum ctl: GET {url}: the answer is not the admin API's (no `{field}`); is --admin the node's admin address?"
+                );
+                return ExitCode::from(1);
+            }
             Err(error) => {
                 eprintln!("fulcrum ctl: {error}");
                 return ExitCode::from(1);
@@ -86,6 +95,16 @@ pub fn run(args: CtlArgs) -> ExitCode {
         print!("{text}");
         ExitCode::SUCCESS
     })
+}
+
+/// `--admin` as a base URL without a trailing slash; `host:port` gets `http://`.
+fn admin_base(admin: &str) -> String {
+    let admin = admin.trim_end_matches('/');
+    if admin.contains("://") {
+        admin.to_owned()
+    } else {
+        format!("http://{admin}")
+    }
 }
 
 async fn get_json(url: &str) -> Result<Value, String> {
@@ -379,6 +398,13 @@ pub async fn keep_registered(r: Registration, stop: tokio_util::sync::Cancellati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_without_a_scheme_is_http() {
+        assert_eq!(admin_base("127.0.0.1:9901"), "http://127.0.0.1:9901");
+        assert_eq!(admin_base("http://10.0.0.1:9901/"), "http://10.0.0.1:9901");
+        assert_eq!(admin_base("https://lb.example"), "https://lb.example");
+    }
 
     #[test]
     fn tables_align() {

@@ -827,6 +827,42 @@ async fn ctl_prints_the_cluster_as_tables() {
     let status = run("status");
     assert!(status.contains("2 alive, 0 failed, 0 left"), "{status}");
     assert!(status.contains(&b.address()), "{status}");
+    // `host:port` without a scheme, and --json after the subcommand.
+    let out = std::process::Command::new(common::fulcrum_bin())
+        .args(["ctl", "--admin"])
+        .arg(cluster.node(0).admin.to_string())
+        .args(["cluster", "leader", "--json"])
+        .output()
+        .expect("run fulcrum ctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(json["coordination"], "none", "{json}");
+    // Pointed at a proxy listener instead of the admin API: an error, not a table.
+    let out = std::process::Command::new(common::fulcrum_bin())
+        .args([
+            "ctl",
+            "--admin",
+            &cluster.node(0).url("web"),
+            "cluster",
+            "nodes",
+        ])
+        .output()
+        .expect("run fulcrum ctl");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not the admin API"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // An unreachable node is a clear error and exit 1.
     let out = std::process::Command::new(common::fulcrum_bin())
         .args(["ctl", "--admin", "http://127.0.0.1:1", "cluster", "nodes"])
