@@ -502,7 +502,7 @@ impl fmt::Display for StrategyKind {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("unknown strategy `{name}`; expected one of: {}", StrategyKind::NAMES.join(", "))]
 pub struct UnknownStrategy {
-    /// The name that was asked for.
+    /// The name that was asked for (its first 64 characters and `…` if longer).
     pub name: String,
 }
 
@@ -514,7 +514,18 @@ impl FromStr for StrategyKind {
             .iter()
             .copied()
             .find(|k| k.name() == s)
-            .ok_or_else(|| UnknownStrategy { name: s.to_owned() })
+            .ok_or_else(|| UnknownStrategy {
+                name: shortened(s, 64),
+            })
+    }
+}
+
+/// `s` cut to at most `max` characters, with `…` when cut (error messages echo what
+/// they refuse, and a 2 MB name must not come back whole).
+fn shortened(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_owned(),
     }
 }
 
@@ -590,6 +601,9 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("`fastest`"), "{msg}");
         assert!(msg.contains("peak_ewma"), "{msg}");
+        let huge = "é".repeat(100_000);
+        let err = huge.parse::<StrategyKind>().unwrap_err();
+        assert_eq!(err.name.chars().count(), 65, "64 characters and the ellipsis");
     }
 
     #[test]
