@@ -165,6 +165,22 @@ fn rate_limited(
     response
 }
 
+/// 400 for a request whose `Host` is refused ([`headers::Prepared::host_problem`]),
+/// closing the connection: its body, if any, is left unread.
+#[cold]
+#[inline(never)]
+fn refuse_host(ctx: &ConnContext, problem: &str) -> Response<ProxyBody> {
+    let mut response = ctx.listener.reply(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        &format!("{problem}; refusing the request"),
+    );
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let index = ctx.requests.fetch_add(1, Ordering::Relaxed);
     let client_h1 = req.version() <= Version::HTTP_11;
@@ -181,18 +197,6 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     let on_upgrade =
         (client_h1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    if client_h1 && let Err(problem) = headers::check_h1_host(&mut parts) {
-        let mut response = ctx.listener.reply(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("{problem}; refusing the request"),
-        );
-        // The body, if any, is left unread: the connection cannot carry another request.
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-        return response;
-    }
 
     let (pool, backend_tags) = {
         let router = ctx.listener.router.load();
@@ -218,6 +222,9 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
         }
     };
     let prepared = headers::prepare_request(&mut parts, &ctx.client_ip, ctx.listener.scheme());
+    if let Some(problem) = prepared.host_problem {
+        return refuse_host(ctx, problem);
+    }
     if prepared.unsupported_coding {
         let mut response = ctx.listener.reply(
             StatusCode::NOT_IMPLEMENTED,

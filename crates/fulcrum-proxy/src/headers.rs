@@ -126,64 +126,64 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: Present, allow_upgrade: bo
     upgrading
 }
 
-/// Checks an HTTP/1 request's `Host` (RFC 9112 §3.2): exactly one field in HTTP/1.1, at
-/// most one in HTTP/1.0, holding `host[:port]` (RFC 3986 §3.2.2: an IP literal in
-/// brackets or a reg-name, and a port up to 65535). For an absolute-form target the
-/// target's authority replaces the field (§3.2.2), so routing and the backend see the
-/// host the client addressed.
-///
-/// # Errors
-/// What is wrong, for a 400 reply: several `Host` fields (which a router and a backend
-/// could read differently), none in HTTP/1.1, or an invalid value.
-pub fn check_h1_host(parts: &mut request::Parts) -> Result<(), &'static str> {
-    if let Some(authority) = parts.uri.authority()
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+/// `host[:port]` per RFC 3986 §3.2.2–3.2.3 (empty allowed: RFC 9112 §3.2). One pass
+/// over a reg-name or IPv4 host (every request's path); IP literals apart.
+fn valid_host(value: &[u8]) -> bool {
+    if value.first() == Some(&b'[') {
+        return valid_ip_literal_host(value);
+    }
+    let mut colon = None;
+    for (i, &b) in value.iter().enumerate() {
+        if b == b':' {
+            if colon.is_some() {
+                return false;
+            }
+            colon = Some(i);
+        } else if !REG_NAME[usize::from(b)] {
+            return false;
+        }
+    }
+    colon.is_none_or(|c| valid_port(&value[c + 1..]))
+}
+
+/// `[IPv6 or IPvFuture][:port]`, loosely: the literal's characters, then a port.
+#[cold]
+fn valid_ip_literal_host(value: &[u8]) -> bool {
+    let Some(end) = value.iter().position(|&b| b == b']') else {
+        return false;
+    };
+    let literal = &value[1..end];
+    if literal.is_empty()
+        || !literal
+            .iter()
+            .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'))
     {
-        parts.headers.insert(HOST, value);
-        return Ok(());
+        return false;
     }
-    let mut fields = parts.headers.get_all(HOST).iter();
-    let first = fields.next();
-    if fields.next().is_some() {
-        return Err("more than one Host field");
-    }
-    match first {
-        None if parts.version == Version::HTTP_11 => Err("no Host field (HTTP/1.1 requires one)"),
-        None => Ok(()),
-        Some(value) if valid_host(value.as_bytes()) => Ok(()),
-        Some(_) => Err("the Host field is not a valid host[:port]"),
+    match &value[end + 1..] {
+        [] => true,
+        [b':', port @ ..] => valid_port(port),
+        _ => false,
     }
 }
 
-/// `host[:port]` per RFC 3986 §3.2.2–3.2.3 (empty allowed: RFC 9112 §3.2).
-fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = if value.first() == Some(&b'[') {
-        let Some(end) = value.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let literal = &value[1..end];
-        if literal.is_empty()
-            || !literal
-                .iter()
-                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'v' | b'V'))
-        {
-            return false;
-        }
-        match &value[end + 1..] {
-            [] => (&value[..0], None),
-            [b':', port @ ..] => (&value[..0], Some(port)),
-            _ => return false,
-        }
-    } else {
-        match value.iter().rposition(|&b| b == b':') {
-            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
-            None => (value, None),
-        }
-    };
-    let reg_name = host.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
+/// A port: empty (the grammar allows it) or up to 65535.
+fn valid_port(port: &[u8]) -> bool {
+    port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65_535
+}
+
+/// The bytes of a reg-name (RFC 3986 §3.2.2): unreserved, pct-encoded (`%` and hex
+/// digits) and sub-delims.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
             || matches!(
-                b,
+                c,
                 b'-' | b'.'
                     | b'_'
                     | b'~'
@@ -199,19 +199,11 @@ fn valid_host(value: &[u8]) -> bool {
                     | b','
                     | b';'
                     | b'='
-            )
-    });
-    let port_ok = port.is_none_or(|p| {
-        p.is_empty()
-            || (p.len() <= 5
-                && p.iter().all(u8::is_ascii_digit)
-                && std::str::from_utf8(p)
-                    .ok()
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .is_some_and(|n| n <= 65_535))
-    });
-    reg_name && port_ok
-}
+            );
+        b += 1;
+    }
+    table
+};
 
 /// Whether an `Upgrade` field names `h2c`.
 fn requests_h2c(headers: &HeaderMap) -> bool {
@@ -237,6 +229,11 @@ pub struct Prepared {
     /// silently drop the other coding, so such a request is refused with 501 (RFC 9112
     /// §6.1: a coding the server does not understand).
     pub unsupported_coding: bool,
+    /// Why an HTTP/1 request's `Host` is refused (RFC 9112 §3.2), for a 400: more than one
+    /// `Host` field (a router and a backend could read different ones), none in
+    /// HTTP/1.1, or a value that is not `host[:port]` (RFC 3986 §3.2.2). An
+    /// absolute-form target's authority replaces `Host` (§3.2.2), so it is not checked.
+    pub host_problem: Option<&'static str>,
 }
 
 /// Rewrites a client request head for the backend.
@@ -256,18 +253,37 @@ pub fn prepare_request(
         parts.headers.remove(EXPECT);
     }
 
-    let host = if present.host {
-        parts.headers.get(HOST).cloned()
-    } else {
-        // HTTP/2 carries the host in `:authority`; HTTP/1.1 requires `Host`.
-        let host = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-        if let Some(host) = &host {
-            parts.headers.insert(HOST, host.clone());
+    // The target's authority (HTTP/2 `:authority`, an HTTP/1 absolute-form target) wins
+    // over `Host` (RFC 9113 §8.3.1, RFC 9112 §3.2.2) and replaces it.
+    let authority = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    let mut host_problem = None;
+    let host = if let Some(authority) = authority {
+        parts.headers.insert(HOST, authority.clone());
+        Some(authority)
+    } else if present.host {
+        // Repeated fields make the map hold more values than names; only then look.
+        if from_h1
+            && parts.headers.len() != parts.headers.keys_len()
+            && parts.headers.get_all(HOST).iter().nth(1).is_some()
+        {
+            host_problem = Some("more than one Host field");
+        }
+        let host = parts.headers.get(HOST).cloned();
+        if from_h1
+            && host_problem.is_none()
+            && host.as_ref().is_some_and(|h| !valid_host(h.as_bytes()))
+        {
+            host_problem = Some("the Host field is not a valid host[:port]");
         }
         host
+    } else {
+        if parts.version == Version::HTTP_11 {
+            host_problem = Some("no Host field (HTTP/1.1 requires one)");
+        }
+        None
     };
     let needs_host = host.is_none();
     if let Some(host) = host {
@@ -290,6 +306,7 @@ pub fn prepare_request(
         upgrading,
         needs_host,
         unsupported_coding,
+        host_problem,
     }
 }
 
@@ -520,23 +537,27 @@ mod tests {
 
     #[test]
     fn one_valid_host_field_and_absolute_form_wins() {
-        let request = |builder: http::request::Builder| parts(builder.body(()).expect("valid"));
-        let mut p = request(
+        let problem = |builder: http::request::Builder| {
+            let mut p = parts(builder.body(()).expect("valid"));
+            let problem = prepare_request(&mut p, &ip(), "http").host_problem;
+            (problem, p.headers.get("host").cloned())
+        };
+        let (bad, _) = problem(
             Request::get("/")
                 .header("host", "a.example")
                 .header("host", "b.example"),
         );
-        assert!(check_h1_host(&mut p).is_err());
-        let mut p = request(Request::get("/").version(Version::HTTP_11));
-        assert!(check_h1_host(&mut p).is_err());
-        let mut p = request(Request::get("/").version(Version::HTTP_10));
-        assert!(check_h1_host(&mut p).is_ok());
-        let mut p = request(Request::get("/").header("host", "evil.com/x"));
-        assert!(check_h1_host(&mut p).is_err());
-        let mut p =
-            request(Request::get("http://target.example/x").header("host", "other.example"));
-        assert!(check_h1_host(&mut p).is_ok());
-        assert_eq!(p.headers["host"], "target.example");
+        assert_eq!(bad, Some("more than one Host field"));
+        let (bad, _) = problem(Request::get("/").version(Version::HTTP_11));
+        assert!(bad.is_some());
+        let (fine, _) = problem(Request::get("/").version(Version::HTTP_10));
+        assert_eq!(fine, None);
+        let (bad, _) = problem(Request::get("/").header("host", "evil.com/x"));
+        assert!(bad.is_some());
+        let (fine, host) =
+            problem(Request::get("http://target.example/x").header("host", "other.example"));
+        assert_eq!(fine, None);
+        assert_eq!(host.expect("host"), "target.example");
     }
 
     #[test]

@@ -85,12 +85,13 @@ impl Route {
     }
 }
 
-/// The host a request is for, without port: the `Host` field, or the URI authority
-/// (HTTP/2 `:authority`).
+/// The host a request is for, without port: the target's authority (HTTP/2
+/// `:authority`, an HTTP/1 absolute-form target), which wins over `Host` (RFC 9113
+/// §8.3.1, RFC 9112 §3.2.2), else the `Host` field.
 pub fn request_host(parts: &Parts) -> Option<&str> {
-    let raw = match parts.headers.get(HOST).and_then(|h| h.to_str().ok()) {
-        Some(h) => h,
-        None => parts.uri.authority()?.as_str(),
+    let raw = match parts.uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => parts.headers.get(HOST).and_then(|h| h.to_str().ok())?,
     };
     Some(strip_port(raw))
 }

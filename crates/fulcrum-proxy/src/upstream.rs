@@ -173,6 +173,43 @@ impl UpstreamError {
     }
 }
 
+/// Waits for the answer to a request whose body streams: the `response_header` timer
+/// runs from the body's last progress, and whose fault a timeout is depends on whether
+/// the body had ended (the backend's: `Timeout`; the client's: `ClientStalled`).
+async fn wait_streamed<F, T>(
+    sent: F,
+    progress: &BodyProgress,
+    timeout: Duration,
+    addr: SocketAddr,
+) -> Result<T, SendFailure>
+where
+    F: Future<Output = T>,
+{
+    tokio::pin!(sent);
+    let timeout_ns = duration_ns(timeout);
+    let mut wait = timeout;
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut sent => return Ok(answer),
+            () = tokio::time::sleep(wait) => {}
+        }
+        let idle = now_ns().saturating_sub(progress.last_ns.load(Ordering::Relaxed));
+        if idle >= timeout_ns {
+            let error = if progress.done.load(Ordering::Acquire) {
+                UpstreamError::Timeout { addr, timeout }
+            } else {
+                UpstreamError::ClientStalled { timeout }
+            };
+            return Err(SendFailure {
+                error,
+                unsent: None,
+            });
+        }
+        wait = Duration::from_nanos(timeout_ns - idle);
+    }
+}
+
 /// A failed send, with the request given back when it was never written to the wire
 /// (so it can be retried elsewhere whatever its body).
 pub struct SendFailure {
@@ -409,33 +446,10 @@ impl Conn {
                     });
                 }
             },
-            // Streamed: the timer runs from the body's last progress; whose fault a
-            // timeout is depends on whether the body had ended.
-            Some(progress) => {
-                tokio::pin!(sent);
-                let timeout_ns = duration_ns(timeout);
-                let mut wait = timeout;
-                loop {
-                    tokio::select! {
-                        biased;
-                        answer = &mut sent => break answer,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                    let idle = now_ns().saturating_sub(progress.last_ns.load(Ordering::Relaxed));
-                    if idle >= timeout_ns {
-                        let error = if progress.done.load(Ordering::Acquire) {
-                            UpstreamError::Timeout { addr, timeout }
-                        } else {
-                            UpstreamError::ClientStalled { timeout }
-                        };
-                        return Err(SendFailure {
-                            error,
-                            unsent: None,
-                        });
-                    }
-                    wait = Duration::from_nanos(timeout_ns - idle);
-                }
-            }
+            // Streamed: the timer runs from the body's last progress. Boxed: this wait is
+            // larger than the plain timeout, and inline it would enlarge (and be copied
+            // with) every request's future.
+            Some(progress) => Box::pin(wait_streamed(sent, &progress, timeout, addr)).await?,
         };
         match answer {
             Ok(response) => Ok(response),

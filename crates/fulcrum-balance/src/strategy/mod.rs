@@ -603,7 +603,11 @@ mod tests {
         assert!(msg.contains("peak_ewma"), "{msg}");
         let huge = "é".repeat(100_000);
         let err = huge.parse::<StrategyKind>().unwrap_err();
-        assert_eq!(err.name.chars().count(), 65, "64 characters and the ellipsis");
+        assert_eq!(
+            err.name.chars().count(),
+            65,
+            "64 characters and the ellipsis"
+        );
     }
 
     #[test]
