@@ -363,6 +363,10 @@ pub fn prepare_response(parts: &mut response::Parts, upgrading: bool, to_h1: boo
     let allow_upgrade = upgrading && to_h1 && parts.status == StatusCode::SWITCHING_PROTOCOLS;
     let present = Present::scan(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, present, allow_upgrade);
+    // Fulcrum answers in its own protocol version, whatever the backend's: an HTTP/1.0
+    // backend's answer went to HTTP/1.1 clients with an `HTTP/1.0` status line, so
+    // hyper could not re-frame a body without length and closed the connection.
+    parts.version = Version::HTTP_11;
 }
 
 #[cfg(test)]

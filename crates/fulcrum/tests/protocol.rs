@@ -597,3 +597,62 @@ async fn request_body_problems_are_the_clients_not_the_backends() {
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_backend_answer_reaches_http_1_1_clients_reframed() {
+    // A backend that answers HTTP/1.0 without a length and closes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream);
+            loop {
+                let mut line = String::new();
+                match std::io::BufRead::read_line(&mut reader, &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if line == "\r\n" => {
+                        let _ = reader.get_mut().write_all(
+                            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello-1.0",
+                        );
+                        break;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+    });
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    strategy: round_robin\n    backends:\n      - address: {backend}\n"
+    );
+    let node = Node::start(&yaml);
+    let addr = node.listeners["web"];
+    // Two requests on one keep-alive connection: both answered in HTTP/1.1, the body
+    // re-framed (chunked), and the connection kept.
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut all = Vec::new();
+        for last in [false, true] {
+            let close = if last { "Connection: close\r\n" } else { "" };
+            stream
+                .write_all(format!("GET /a HTTP/1.1\r\nHost: x\r\n{close}\r\n").as_bytes())
+                .expect("write");
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut buf).unwrap_or(0);
+                all.extend_from_slice(&buf[..n]);
+                if n == 0 || all.ends_with(b"0\r\n\r\n") {
+                    break;
+                }
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    })
+    .await
+    .expect("client thread");
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    assert!(!answer.contains("HTTP/1.0"), "{answer}");
+    assert_eq!(answer.matches("hello-1.0").count(), 2, "{answer}");
+}
