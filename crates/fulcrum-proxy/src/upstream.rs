@@ -57,6 +57,10 @@ pub struct BodyProgress {
     last_ns: AtomicU64,
     /// The last frame was sent.
     done: AtomicBool,
+    /// The last poll for a frame found none ready: the body waits for the client, not
+    /// for the backend to take what was sent (a backend that stops reading leaves the
+    /// body unpolled with this false).
+    awaiting_client: AtomicBool,
 }
 
 impl RequestBody {
@@ -77,15 +81,21 @@ impl http_body::Body for RequestBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let progress = &self.progress;
         match &polled {
             std::task::Poll::Ready(Some(Ok(_))) => {
-                self.progress.last_ns.store(now_ns(), Ordering::Relaxed);
+                progress.last_ns.store(now_ns(), Ordering::Relaxed);
+                progress.awaiting_client.store(false, Ordering::Relaxed);
             }
             std::task::Poll::Ready(None) => {
-                self.progress.last_ns.store(now_ns(), Ordering::Relaxed);
-                self.progress.done.store(true, Ordering::Release);
+                progress.last_ns.store(now_ns(), Ordering::Relaxed);
+                progress.awaiting_client.store(false, Ordering::Relaxed);
+                progress.done.store(true, Ordering::Release);
             }
-            _ => {}
+            std::task::Poll::Pending => {
+                progress.awaiting_client.store(true, Ordering::Relaxed);
+            }
+            std::task::Poll::Ready(Some(Err(_))) => {}
         }
         polled
     }
@@ -174,8 +184,9 @@ impl UpstreamError {
 }
 
 /// Waits for the answer to a request whose body streams: the `response_header` timer
-/// runs from the body's last progress, and whose fault a timeout is depends on whether
-/// the body had ended (the backend's: `Timeout`; the client's: `ClientStalled`).
+/// runs from the body's last progress. A timeout is the client's (`ClientStalled`) when
+/// the body was waiting for the client's next bytes; otherwise the backend's (`Timeout`):
+/// the body had ended, or the backend stopped taking it.
 async fn wait_streamed<F, T>(
     sent: F,
     progress: &BodyProgress,
@@ -196,10 +207,12 @@ where
         }
         let idle = now_ns().saturating_sub(progress.last_ns.load(Ordering::Relaxed));
         if idle >= timeout_ns {
-            let error = if progress.done.load(Ordering::Acquire) {
-                UpstreamError::Timeout { addr, timeout }
-            } else {
+            let error = if !progress.done.load(Ordering::Acquire)
+                && progress.awaiting_client.load(Ordering::Relaxed)
+            {
                 UpstreamError::ClientStalled { timeout }
+            } else {
+                UpstreamError::Timeout { addr, timeout }
             };
             return Err(SendFailure {
                 error,

@@ -656,3 +656,59 @@ async fn an_http_1_0_backend_answer_reaches_http_1_1_clients_reframed() {
     assert!(!answer.contains("HTTP/1.0"), "{answer}");
     assert_eq!(answer.matches("hello-1.0").count(), 2, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_reading_an_upload_is_the_backends_timeout() {
+    // Accepts connections and never reads from them.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    strategy: round_robin\n    backends:\n      - address: {backend}\n    timeouts: {{ response_header: 1s }}\n"
+    );
+    let node = Node::start(&yaml);
+    let addr = node.listeners["web"];
+    let answer = tokio::task::spawn_blocking(move || {
+        const SIZE: usize = 64 << 20;
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(common::DEADLINE))
+            .expect("timeout");
+        let mut writer = stream.try_clone().expect("clone");
+        // The body goes out until the buffers on the way fill; the write fails once the
+        // proxy answers and closes.
+        std::thread::spawn(move || {
+            let head = format!("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n");
+            let _ = writer.write_all(head.as_bytes());
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..SIZE >> 20 {
+                if writer.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .expect("client thread");
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("upstream_timeout"), "{answer}");
+    let status = node.backend("app", &backend.to_string()).await;
+    assert_eq!(status["errors"], 1, "{status}");
+}
