@@ -38,6 +38,9 @@ pub fn spawn(path: PathBuf, reload: ReloadFn, cancel: CancellationToken) -> Resu
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // The version running now, read before the watch starts (and not in the task, which
+    // may first run after a change it would then take for the baseline).
+    let mut last = std::fs::read(&path).ok();
     let name = path.file_name().map(std::ffi::OsStr::to_os_string);
     let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
     let changed = Arc::new(Notify::new());
@@ -69,7 +72,6 @@ pub fn spawn(path: PathBuf, reload: ReloadFn, cancel: CancellationToken) -> Resu
     tokio::spawn(async move {
         // Dropping the watcher ends the watch; it lives as long as this task.
         let _watcher = watcher;
-        let mut last = std::fs::read(&path).ok();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
