@@ -877,16 +877,21 @@ async fn forward_attempts(
         }
     }
 
+    // Clients are told what kind of failure it was, not the backend's address or the
+    // transport's details (HAProxy's 502/504 pages say as little); the log has them.
+    if let Some(error) = &last_error {
+        tracing::debug!(pool = %pool.name(), attempts = n_tried, %error, "request failed upstream");
+    }
     match (last_error, last_status) {
-        (Some(error @ UpstreamError::Timeout { .. }), _) => ctx.listener.reply(
+        (Some(UpstreamError::Timeout { timeout, .. }), _) => ctx.listener.reply(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_timeout",
-            &format!("{error}"),
+            &format!("{n_tried} attempt(s) failed; last: no response head within {timeout:?}"),
         ),
         (Some(error), _) => ctx.listener.reply(
             StatusCode::BAD_GATEWAY,
             "upstream_failed",
-            &format!("{n_tried} attempt(s) failed; last: {error}"),
+            &format!("{n_tried} attempt(s) failed; last: {}", error.kind_text()),
         ),
         (None, Some(status)) => ctx.listener.reply(
             StatusCode::BAD_GATEWAY,

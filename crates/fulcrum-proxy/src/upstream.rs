@@ -173,6 +173,18 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What kind of failure this was, in words fit for a client (no address, no
+    /// transport detail).
+    pub fn kind_text(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "could not connect to a backend",
+            UpstreamError::Reset { .. } => "the backend closed the connection before responding",
+            UpstreamError::Timeout { .. } => "no response head in time",
+            UpstreamError::ClientBody { .. } => "the request body could not be read",
+            UpstreamError::ClientStalled { .. } => "the request body stalled",
+        }
+    }
+
     /// Whether the client, not the backend, caused the failure (such failures are not
     /// recorded against the backend nor retried).
     pub fn is_client_fault(&self) -> bool {

@@ -175,7 +175,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         );
         let _ = writeln!(
             out,
-            "  curl -s -X POST http://{admin}/api/pools/demo/strategy -d '{{\"strategy\":\"round_robin\"}}'"
+            "  curl -s -X POST http://{admin}/api/pools/demo/strategy -H 'content-type: application/json' -d '{{\"strategy\":\"round_robin\"}}'"
         );
         let _ = writeln!(out, "\nPress Ctrl-C to stop.");
         let _ = out.flush();

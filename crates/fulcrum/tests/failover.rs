@@ -119,6 +119,12 @@ async fn every_attempt_failing_gives_a_json_502_and_no_backend_gives_503() {
             .contains("connect"),
         "{body}"
     );
+    // Clients are not told the backends' addresses.
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        !message.contains("127.0.0.1"),
+        "the backend address leaked to the client: {body}"
+    );
 
     for b in [&b1, &b2] {
         let (status, _) = node
