@@ -250,6 +250,20 @@ impl Checker<'_> {
                     "invalid log filter `{level}`: {e} (e.g. `info` or `info,fulcrum_proxy=debug`)"
                 ),
             );
+        } else if let Some(word) = level
+            .split(',')
+            .map(str::trim)
+            .find(|d| !d.is_empty() && !is_log_directive(d))
+        {
+            // The filter syntax takes a bare word for a target name, so a misspelt level
+            // would parse and silence every other log line.
+            self.report(
+                "log.level",
+                Anchor::Value,
+                format!(
+                    "`{word}` is not a level (trace, debug, info, warn, error, off) nor `target=level`"
+                ),
+            );
         }
     }
 
@@ -1180,6 +1194,14 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// Whether one comma-separated directive of `log.level` is a level, or names a target or
+/// span explicitly (`target=level`, `target::path`, `span[...]`), rather than a bare word.
+fn is_log_directive(directive: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    directive.contains(['=', ':', '[', '{'])
+        || LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
 }
 
 #[cfg(test)]

@@ -10,8 +10,10 @@ use fulcrum_config::{TlsConfig, TlsVersion, UpstreamTlsConfig};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-/// ALPN protocols offered, in preference order (RFC 7301; `h2` per RFC 9113 §3.2).
-const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// ALPN protocols offered, in preference order (RFC 7301; `h2` per RFC 9113 §3.2;
+/// `http/1.0`, which the HTTP/1 server speaks too, so a client offering only it — `curl
+/// --http1.0` — is not refused with `no_application_protocol`).
+const ALPN: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
 
 /// A listener's TLS settings and the server configuration built from them.
 #[derive(Debug)]
@@ -28,7 +30,7 @@ pub type SwappableTls = ArcSwap<TlsState>;
 
 /// Reads `settings`' certificate chain and key and builds the server configuration:
 /// the ring provider's default cipher suites, TLS 1.2 and 1.3 (or 1.3 only), no client
-/// authentication, ALPN `h2` then `http/1.1`.
+/// authentication, ALPN `h2`, `http/1.1`, then `http/1.0`.
 ///
 /// # Errors
 /// A message naming the file at fault (unreadable, not PEM, no certificate or key) or,

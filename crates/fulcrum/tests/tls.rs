@@ -173,6 +173,10 @@ async fn https_with_alpn_renewal_on_reload_and_bad_files_refused() {
     assert_eq!(h2.version, http::Version::HTTP_2);
     assert_eq!(h2.status, 200, "{}", h2.body);
     assert_eq!(h2.forwarded_proto, "https");
+    // A client offering only http/1.0 (curl --http1.0) is served, not refused.
+    let h10 = get(&ca, addr, b"http/1.0").await;
+    assert_eq!(h10.alpn, b"http/1.0");
+    assert_eq!(h10.status, 200, "{}", h10.body);
 
     // Plain HTTP to the TLS port is a failed handshake, counted; no request reaches a backend.
     let plain = common::client()
@@ -194,7 +198,7 @@ async fn https_with_alpn_renewal_on_reload_and_bad_files_refused() {
     )
     .await;
     assert!(
-        metrics.contains(r#"fulcrum_tls_handshakes_total{listener="web",result="ok"} 2"#),
+        metrics.contains(r#"fulcrum_tls_handshakes_total{listener="web",result="ok"} 3"#),
         "{metrics}"
     );
     // A plain-text listener beside it says `http`, and has no handshake series.
