@@ -182,6 +182,12 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListe
         Some(SockProtocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // An IPv6 address serves IPv6 only (nginx's and Envoy's default), so `[::]:P` and
+        // `0.0.0.0:P` (or `127.0.0.1:P`) can be separate listeners, as validation
+        // allows; dual-stack sockets would take the IPv4 side too.
+        socket.set_only_v6(true)?;
+    }
     if reuse_port {
         socket.set_reuse_port(true)?;
     }

@@ -712,3 +712,29 @@ async fn a_backend_that_stops_reading_an_upload_is_the_backends_timeout() {
     let status = node.backend("app", &backend.to_string()).await;
     assert_eq!(status["errors"], 1, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_and_ipv6_listeners_can_share_a_port() {
+    let b = Backend::start("b1", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let yaml = simple_config("round_robin", &[&b], "").replacen(
+        "  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\n",
+        &format!(
+            "  - name: web\n    listen: 127.0.0.1:{port}\n    routes:\n      - pool: app\n  - name: web6\n    listen: \"[::]:{port}\"\n    routes:\n      - pool: app\n"
+        ),
+        1,
+    );
+    let node = Node::start(&yaml);
+    assert_eq!(node.listeners["web"].port(), port);
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let response = client()
+            .get(format!("http://{addr}/x"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
+        assert_eq!(response.status(), 200, "{addr}");
+    }
+}
