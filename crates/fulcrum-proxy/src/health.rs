@@ -82,7 +82,7 @@ async fn probe_inner(
     };
     match tls {
         None => http_probe(stream, address, probe).await,
-        Some((tls, name)) => match tls.connector.connect(name, stream).await {
+        Some((tls, name)) => match tls.connector().connect(name, stream).await {
             Ok(stream) => http_probe(stream, address, probe).await,
             Err(error) => ProbeResult::Unhealthy(format!("TLS handshake: {error}")),
         },

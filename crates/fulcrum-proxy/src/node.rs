@@ -131,6 +131,15 @@ pub enum NodeError {
         /// What is wrong, naming the file.
         message: String,
     },
+    /// A pool's TLS to its backends cannot be built again (its `ca_file`, or the system
+    /// trust store).
+    #[error("pool `{pool}`: tls: {message}")]
+    UpstreamTls {
+        /// Pool name.
+        pool: String,
+        /// What is wrong, naming the file.
+        message: String,
+    },
 }
 
 /// Reads listener `name`'s certificate and key per `settings` and builds its TLS state.
@@ -698,14 +707,15 @@ impl Node {
         Ok(())
     }
 
-    /// Re-reads the certificate and key files of every TLS listener, with their current
-    /// settings, and swaps the new configurations in (a renewed certificate without a
+    /// Re-reads the certificate and key files of every TLS listener and the CA file (or
+    /// system trust store) of every pool with `tls`, with their current settings, and
+    /// swaps the new configurations in (a renewed certificate or CA without a
     /// configuration change). New handshakes use them; open connections are unaffected.
-    /// Returns how many listeners were reloaded.
+    /// Returns how many listeners and pools were reloaded.
     ///
     /// # Errors
-    /// [`NodeError::Tls`] for the first listener whose files cannot be used; then no
-    /// listener changed.
+    /// [`NodeError::Tls`] for the first listener whose files cannot be used, or
+    /// [`NodeError::UpstreamTls`] for the first pool; then nothing changed.
     pub fn reload_certificates(&self) -> Result<usize, NodeError> {
         let _serial = self.inner.reload.lock();
         let mut next = Vec::new();
@@ -714,9 +724,26 @@ impl Node {
                 next.push((tls, listener_tls(&listener.name, &tls.load().settings)?));
             }
         }
-        let count = next.len();
+        // The pools' `ca_file`s (or the system trust store) too, all read before any is
+        // installed.
+        let pools = self.inner.pools.load();
+        let mut upstream = Vec::new();
+        for pool in pools.iter() {
+            let state = pool.state();
+            if let Some(tls) = &state.settings.conn.tls {
+                let connector = tls.rebuild().map_err(|message| NodeError::UpstreamTls {
+                    pool: pool.name().to_owned(),
+                    message,
+                })?;
+                upstream.push((tls.clone(), connector));
+            }
+        }
+        let count = next.len() + upstream.len();
         for (tls, state) in next {
             tls.store(Arc::new(state));
+        }
+        for (tls, connector) in upstream {
+            tls.install(connector);
         }
         Ok(count)
     }

@@ -62,12 +62,41 @@ pub fn build(settings: &TlsConfig) -> Result<TlsState, String> {
 }
 
 /// TLS to a pool's backends: the connector and the name to verify, if fixed.
+///
+/// Clones share the connector, which [`UpstreamTls::reload`] replaces in place (a reload
+/// from the file re-reads `ca_file` even when the configuration is unchanged, as listener
+/// certificates are re-read).
 #[derive(Clone)]
 pub struct UpstreamTls {
-    /// rustls client configuration (trust roots, ALPN `http/1.1`).
-    pub connector: tokio_rustls::TlsConnector,
+    /// rustls client configuration (trust roots, ALPN `http/1.1`), swapped by `reload`.
+    connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
     /// `server_name` when set; else each backend's own host is used.
     pub server_name: Option<ServerName<'static>>,
+    /// The settings it was built from, for `reload`.
+    settings: UpstreamTlsConfig,
+}
+
+impl UpstreamTls {
+    /// The connector for a new connection.
+    pub fn connector(&self) -> Arc<tokio_rustls::TlsConnector> {
+        self.connector.load_full()
+    }
+
+    /// Builds the connector again from the same settings (re-reading `ca_file`, or the
+    /// system trust store) without installing it; [`UpstreamTls::install`] puts it in
+    /// place, so several pools can be re-read first and changed together.
+    ///
+    /// # Errors
+    /// As [`upstream`]: the CA file or trust store cannot be used.
+    pub fn rebuild(&self) -> Result<tokio_rustls::TlsConnector, String> {
+        client_connector(&self.settings)
+    }
+
+    /// Installs a connector made by [`UpstreamTls::rebuild`]; new connections use it,
+    /// open ones are unaffected.
+    pub fn install(&self, connector: tokio_rustls::TlsConnector) {
+        self.connector.store(Arc::new(connector));
+    }
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -86,6 +115,22 @@ impl std::fmt::Debug for UpstreamTls {
 /// A message naming the CA file that cannot be used, a system trust store with no
 /// usable certificate, or an invalid `server_name`.
 pub fn upstream(settings: &UpstreamTlsConfig) -> Result<UpstreamTls, String> {
+    let connector = client_connector(settings)?;
+    let server_name = settings
+        .server_name
+        .as_deref()
+        .map(fulcrum_config::tls::server_name)
+        .transpose()?;
+    Ok(UpstreamTls {
+        connector: Arc::new(ArcSwap::from_pointee(connector)),
+        server_name,
+        settings: settings.clone(),
+    })
+}
+
+/// The rustls client of `settings`: its trust roots, the *ring* provider's defaults,
+/// ALPN `http/1.1`.
+fn client_connector(settings: &UpstreamTlsConfig) -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = RootCertStore::empty();
     match &settings.ca_file {
         Some(path) => {
@@ -113,15 +158,7 @@ pub fn upstream(settings: &UpstreamTlsConfig) -> Result<UpstreamTls, String> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let server_name = settings
-        .server_name
-        .as_deref()
-        .map(fulcrum_config::tls::server_name)
-        .transpose()?;
-    Ok(UpstreamTls {
-        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        server_name,
-    })
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// The TLS name of a backend address `host:port` (`[v6]:port`): its host as a DNS name or

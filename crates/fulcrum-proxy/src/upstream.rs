@@ -371,7 +371,7 @@ impl ConnPool {
                 // The TLS handshake counts against the connect timeout; a failure
                 // (refused certificate, no common version) is a connect failure.
                 let name = self.server_name(tls);
-                let handshake = tls.connector.connect(name, stream);
+                let handshake = tls.connector().connect(name, stream);
                 EitherIo::Right(
                     connect_step(addr, settings.connect_timeout, "TLS handshake", handshake)
                         .await?,

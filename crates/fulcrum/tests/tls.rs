@@ -365,4 +365,21 @@ async fn pools_speak_tls_to_backends_and_refuse_untrusted_ones() {
         },
     )
     .await;
+
+    // The CA file rotated in place, configuration unchanged: a reload from the file reads
+    // it again, and the backend is trusted, checked healthy and served.
+    std::fs::write(dir.path().join("other-ca.pem"), ca.issuer.pem()).expect("rotate CA");
+    let (status, body) = distrusting.api_post("/api/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    common::eventually(common::DEADLINE, "the rotated CA is trusted", async || {
+        let v = distrusting.api("/api/pools/app/backends").await;
+        (v["backends"][0]["state"] == "healthy").then_some(())
+    })
+    .await;
+    let r = common::client()
+        .get(format!("{}/echo", distrusting.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
 }
