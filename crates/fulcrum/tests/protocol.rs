@@ -738,3 +738,53 @@ async fn ipv4_and_ipv6_listeners_can_share_a_port() {
         assert_eq!(response.status(), 200, "{addr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listeners_close_idle_connections_and_count_backend_resets() {
+    // A backend that resets each connection once the client's bytes arrive (it closes
+    // with unread data, so the kernel answers with RST).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let resetting = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                drop(stream);
+            });
+        }
+    });
+    let b = Backend::start("b1", &[]);
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: tcp\n    listen: 127.0.0.1:0\n    protocol: tcp\n    timeouts: {{ idle: 500ms }}\n    routes:\n      - pool: app\n\
+         pools:\n  app:\n    outlier_detection: {{ consecutive_failures: 2, max_ejection_percent: 50 }}\n    backends:\n      - address: {resetting}\n      - address: {}\n",
+        b.addr
+    );
+    let node = Node::start(&yaml);
+    let addr = node.listeners["tcp"];
+
+    // Connections the backend resets count against it, and eject it.
+    for _ in 0..4 {
+        let _ = tokio::task::spawn_blocking(move || {
+            raw(
+                addr,
+                b"GET /t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+        })
+        .await;
+    }
+    let status = common::eventually(
+        common::DEADLINE,
+        "the resetting backend ejected",
+        async || {
+            let v = node.backend("app", &resetting.to_string()).await;
+            (v["state"] == "ejected").then_some(v)
+        },
+    )
+    .await;
+    assert!(status["errors"].as_u64() >= Some(2), "{status}");
+
+    // A connection on which nothing moves for `idle` is closed.
+    let mut quiet = TcpStream::connect(addr).expect("connect");
+    let got = tokio::task::block_in_place(|| read_until_closed(&mut quiet));
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+}
