@@ -67,6 +67,25 @@ pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 use locate::{Anchor, SourceIndex};
 use validate::Locator;
 
+/// A diagnostic about field `path` (e.g. `pools.app.backends[0].address`) of the file at
+/// `file`, positioned at its value (or its nearest ancestor present in the file): for
+/// problems found after validation, such as a backend host name that does not resolve.
+/// Without a readable, parseable file the diagnostic has no position.
+pub fn diagnostic_at(file: &Path, path: &str, message: String) -> Diagnostic {
+    let origin = file.display().to_string();
+    let pos = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| SourceIndex::build(&text).ok())
+        .map(|index| index.locate(path, Anchor::Value));
+    Diagnostic {
+        origin,
+        line: pos.map_or(0, |p| p.line),
+        column: pos.map_or(0, |p| p.column),
+        path: path.to_owned(),
+        message,
+    }
+}
+
 /// Reads, expands, parses and validates the configuration file at `path`.
 ///
 /// Diagnostics name the file as `path` was given. An unreadable file is a `ConfigError`

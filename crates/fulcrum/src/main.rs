@@ -64,7 +64,8 @@ enum Command {
     /// Validate a configuration file without starting anything.
     ///
     /// Exit 0 and a one-line summary if it is valid; exit 2 and one line per problem
-    /// (`FILE:LINE:COLUMN: FIELD: MESSAGE`) on stderr if not.
+    /// (`FILE:LINE:COLUMN: FIELD: MESSAGE`) on stderr if not. Backend host names are
+    /// resolved, as `run` would.
     Check {
         /// The YAML configuration file.
         #[arg(long, short, value_name = "FILE")]
@@ -107,6 +108,11 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match fulcrum_config::load(path) {
         Ok(config) => {
+            // As `run` would: backend names must resolve (as `nginx -t` checks).
+            if let Err(error) = serve::spec_located(&config, Some(path), Some(1)) {
+                eprintln!("{error}");
+                return ExitCode::from(2);
+            }
             let backends: usize = config.pools.values().map(|p| p.backends.len()).sum();
             println!(
                 "{}: ok ({} listener(s), {} pool(s), {} backend(s))",

@@ -10,7 +10,8 @@ use fulcrum_admin::{AdminState, ReloadFn};
 use fulcrum_cluster::runtime::ControlPlane;
 use fulcrum_config::Config;
 use fulcrum_proxy::Node;
-use fulcrum_proxy::spec::node_spec;
+use fulcrum_proxy::node::NodeSpec;
+use fulcrum_proxy::spec::{ResolveError, node_spec};
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -54,10 +55,10 @@ pub fn serve(
     threads: Option<usize>,
     on_ready: impl FnOnce(&Node, SocketAddr),
 ) -> ExitCode {
-    let spec = match node_spec(&config, threads) {
+    let spec = match spec_located(&config, source.as_ref().map(|s| s.path.as_path()), threads) {
         Ok(spec) => spec,
         Err(error) => {
-            eprintln!("fulcrum: {error}");
+            eprintln!("{error}");
             return ExitCode::from(2);
         }
     };
@@ -161,6 +162,45 @@ pub fn serve(
     })
 }
 
+/// The node spec of `config`, or why it cannot be built (what validation cannot know: a
+/// backend host name that does not resolve, a CA file that changed since), located in
+/// `file` when there is one: `FILE:LINE:COLUMN: pools.P.backends[I].address: …`, the
+/// format of every other configuration error.
+pub(crate) fn spec_located(
+    config: &Config,
+    file: Option<&std::path::Path>,
+    threads: Option<usize>,
+) -> Result<NodeSpec, String> {
+    node_spec(config, threads).map_err(|error| {
+        let Some(file) = file else {
+            return format!("fulcrum: {error}");
+        };
+        let (path, message) = match &error {
+            ResolveError::Address {
+                pool,
+                address,
+                reason,
+            } => {
+                let index = config
+                    .pools
+                    .get(pool)
+                    .and_then(|p| p.backends.iter().position(|b| &b.address == address));
+                let path = match index {
+                    Some(i) => format!("pools.{pool}.backends[{i}].address"),
+                    None => format!("pools.{pool}"),
+                };
+                (
+                    path,
+                    format!("cannot resolve backend `{address}`: {reason}"),
+                )
+            }
+            ResolveError::Tls { pool, message } => (format!("pools.{pool}.tls"), message.clone()),
+            other => return format!("fulcrum: {other}"),
+        };
+        fulcrum_config::diagnostic_at(file, &path, message).to_string()
+    })
+}
+
 fn node_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
@@ -188,6 +228,8 @@ fn reload_from(
     cluster: Option<&fulcrum_config::ClusterConfig>,
 ) -> Result<String, String> {
     let config = fulcrum_config::load(path).map_err(|e| e.to_string())?;
+    // What validation cannot see (names that do not resolve), located in the file.
+    spec_located(&config, Some(path), Some(1))?;
     if config.admin != *admin {
         tracing::warn!("admin settings changed; they take effect on restart");
     }

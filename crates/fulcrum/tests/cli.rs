@@ -124,6 +124,33 @@ fn check_reports_each_error_with_file_line_and_field() {
 }
 
 #[test]
+fn check_and_run_refuse_a_backend_name_that_does_not_resolve_at_its_line() {
+    let yaml = VALID.replace("127.0.0.1:8081", "no-such-host.invalid:8081");
+    let (code, stderr, _) = check(&yaml);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(":9:18: pools.app.backends[0].address: cannot resolve backend `no-such-host.invalid:8081`"),
+        "{stderr}"
+    );
+    let mut file = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp file");
+    std::io::Write::write_all(&mut file, yaml.as_bytes()).expect("write");
+    let out = Command::new(fulcrum_bin())
+        .args(["run", "--config"])
+        .arg(file.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":9:18: pools.app.backends[0].address: cannot resolve"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn run_refuses_an_invalid_config() {
     let mut file = tempfile::Builder::new()
         .suffix(".yaml")
