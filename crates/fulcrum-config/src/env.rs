@@ -159,8 +159,8 @@ fn expand_line(
                 (None, Some(d)) => Some(d.to_owned()),
                 (None, None) => {
                     problems.push(problem(format!(
-                        "environment variable `{name}` is not set (write `${{{name}:-default}}` \
-                         to give a default)"
+                        "environment variable `{name}` is not set or empty (write \
+                         `${{{name}:-default}}` to give a default)"
                     )));
                     None
                 }

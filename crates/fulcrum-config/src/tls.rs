@@ -74,9 +74,24 @@ pub fn read_pem(tls: &TlsConfig) -> Result<TlsMaterial, TlsFileError> {
 }
 
 fn describe(e: &pem::Error) -> String {
+    let text = |bytes: &[u8]| {
+        let s = String::from_utf8_lossy(bytes);
+        let s = s.trim();
+        match s.char_indices().nth(60) {
+            Some((end, _)) => format!("{}…", &s[..end]),
+            None => s.to_owned(),
+        }
+    };
     match e {
         pem::Error::Io(io) => io.to_string(),
-        other => format!("{other:?}"),
+        pem::Error::MissingSectionEnd { end_marker } => {
+            format!("a section has no `{}` line", text(end_marker))
+        }
+        pem::Error::IllegalSectionStart { line } => {
+            format!("malformed `-----BEGIN` line `{}`", text(line))
+        }
+        pem::Error::Base64Decode(reason) => format!("bad base64 inside a section ({reason})"),
+        other => other.to_string(),
     }
 }
 

@@ -108,12 +108,17 @@ pub(crate) fn check(config: &Config, loc: &Locator<'_>) -> Vec<Diagnostic> {
         store: config.cluster.as_ref().map(|c| c.coordination.backend),
     };
     c.log(config);
+    c.runtime(config);
     c.admin(config);
     c.listeners(config);
     c.pools(config);
     c.cluster(config);
     c.diags
 }
+
+/// Most worker threads `runtime.threads` may ask for: far beyond any core count, well
+/// below what exhausts file descriptors and memory at start.
+pub const MAX_THREADS: usize = 1024;
 
 /// Characters allowed in listener and pool names (they appear in URLs and metrics).
 fn check_name(kind: &str, name: &str) -> Result<(), String> {
@@ -234,6 +239,19 @@ impl Checker<'_> {
                 path,
                 Anchor::Value,
                 format!("{v} is not a percentage; must be 0..=100"),
+            );
+        }
+    }
+
+    fn runtime(&mut self, config: &Config) {
+        if config.runtime.threads > MAX_THREADS {
+            self.report(
+                "runtime.threads",
+                Anchor::Value,
+                format!(
+                    "{} is out of range 0..={MAX_THREADS} (0 = one per CPU core)",
+                    config.runtime.threads
+                ),
             );
         }
     }

@@ -54,8 +54,8 @@ enum Command {
         /// The YAML configuration file.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
-        /// Worker threads (default: `runtime.threads`, or one per CPU core).
-        #[arg(long, value_name = "N")]
+        /// Worker threads, 1..=1024 (default: `runtime.threads`, or one per CPU core).
+        #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         threads: Option<usize>,
         /// Do not reload when the file changes (SIGHUP and the admin API still do).
         #[arg(long)]
