@@ -97,7 +97,8 @@ pub struct BenchArgs {
           help_heading = "Scenarios")]
     scenario: Option<scenario::ScenarioName>,
 
-    /// Shorter runs (about 3 s per strategy), for a smoke test.
+    /// Shorter runs (3 s per load and strategy instead of the scenario's own length), for
+    /// a smoke test.
     //
     // `conflicts_with = "url"` here and below says "only with --scenario": without a
     // scenario the URL is required.

@@ -46,7 +46,7 @@ pub enum ScenarioName {
 /// What the command line says about a scenario run.
 #[derive(Debug)]
 pub struct Options {
-    /// About 3 s per strategy instead of the scenario's full length.
+    /// Each run (one load, one strategy) 3 s instead of the scenario's full length.
     pub quick: bool,
     /// Seed of every load of the run.
     pub seed: u64,
@@ -87,8 +87,15 @@ pub(crate) enum ScenarioError {
 pub async fn run(name: ScenarioName, options: Options) -> ExitCode {
     let outcome = match name {
         ScenarioName::List => {
-            print!("{}", list());
-            return ExitCode::SUCCESS;
+            let scenarios: Vec<serde_json::Value> = SCENARIOS
+                .iter()
+                .map(|(name, what)| serde_json::json!({ "name": name, "description": what }))
+                .collect();
+            let result = ScenarioResult {
+                json: serde_json::json!({ "scenarios": scenarios }),
+                text: list(),
+            };
+            return emit(&result, options.json);
         }
         ScenarioName::DurationClass => duration_class::run(&options).await,
         ScenarioName::Straggler => straggler::run(&options).await,
@@ -137,30 +144,34 @@ fn emit(result: &ScenarioResult, json: bool) -> ExitCode {
     }
 }
 
+/// The scenarios, with what each runs and how long it takes.
+const SCENARIOS: [(&str, &str); 3] = [
+    (
+        "duration-class",
+        "2 backends of capacity 4 (FIFO queue beyond), /short 20 ms and /long 320 ms \
+         requests; four loads (three mixes where round robin's mean is twice the floor, \
+         the mixed one also at three times) x six rows: round_robin, duration_class \
+         static and adaptive, least_connections, and the two pooled-queue rows; \
+         mean/p50/p99 and the mean's improvement (seed 000's benchmark, scaled 1/25). \
+         About 13 minutes (30 s per run; --quick: about 1.5 minutes).",
+    ),
+    (
+        "straggler",
+        "3 backends, the first slowed 20x through /control halfway through each run; \
+         every strategy of this build, sorted by p99 (seed 002's slow-server test). \
+         About 10 s per strategy.",
+    ),
+    (
+        "affinity",
+        "4 backends with a 100-key LRU cache each (a miss costs 20 ms), Zipf(1000, 1.0) \
+         keys in x-cache-key; hashing strategies vs round_robin and least_connections: \
+         cache hit rate, requests per backend, p50/p99. About 1 minute.",
+    ),
+];
+
 fn list() -> String {
     let mut text = String::new();
-    for (name, what) in [
-        (
-            "duration-class",
-            "2 backends of capacity 4 (FIFO queue beyond), /short 20 ms and /long 320 ms \
-             requests in three mixes, each at the load where round robin's mean is twice \
-             the floor; round_robin vs duration_class (static, adaptive) vs \
-             least_connections, mean/p50/p99 and the mean's improvement (seed 000's \
-             benchmark, scaled 1/25). About 6.5 minutes (30 s per run).",
-        ),
-        (
-            "straggler",
-            "3 backends, the first slowed 20x through /control halfway through each run; \
-             every strategy of this build, sorted by p99 (seed 002's slow-server test). \
-             About 10 s per strategy.",
-        ),
-        (
-            "affinity",
-            "4 backends with a 100-key LRU cache each (a miss costs 20 ms), Zipf(1000, 1.0) \
-             keys in x-cache-key; hashing strategies vs round_robin and least_connections: \
-             cache hit rate, requests per backend, p50/p99. About 1 minute.",
-        ),
-    ] {
+    for (name, what) in SCENARIOS {
         text.push_str(&format!("{name:<16}{what}\n"));
     }
     text.push_str(
