@@ -269,9 +269,17 @@ impl fmt::Display for LoadReport {
             .chain(show_overall.then_some(&self.overall));
         for row in rows {
             let l = &row.latency_ms;
+            // Without a complete response there is no latency to show (`-`, not 0).
+            let ms = |v: f64| {
+                if l.count == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{v:.2}")
+                }
+            };
             writeln!(
                 f,
-                "{:<24} {:>6.3} {:>9} {:>9} {:>7} {:>8} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                "{:<24} {:>6.3} {:>9} {:>9} {:>7} {:>8} {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 truncate(&row.path, 24),
                 row.share,
                 row.requests,
@@ -279,12 +287,12 @@ impl fmt::Display for LoadReport {
                 row.errors,
                 row.dropped,
                 row.achieved_rate,
-                l.mean,
-                l.p50,
-                l.p90,
-                l.p99,
-                l.p999,
-                l.max
+                ms(l.mean),
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max)
             )?;
         }
         if !self.overall.error_kinds.is_empty() {
