@@ -154,7 +154,20 @@ pub fn run(args: BenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let report = runtime.block_on(drive(generator, "", show_progress));
+    let report = runtime.block_on(async {
+        // Ctrl-C stops sending; the report covers what was sent (wrk's behaviour).
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        let watcher = tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("fulcrum bench: interrupted; waiting for the requests in flight, then reporting what was sent");
+                on_signal.cancel();
+            }
+        });
+        let report = drive(generator, "", show_progress, stop).await;
+        watcher.abort();
+        report
+    });
     print_report(&report, args.json)
 }
 
@@ -202,9 +215,10 @@ pub(crate) async fn drive(
     generator: LoadGenerator,
     label: &str,
     show_progress: bool,
+    stop: tokio_util::sync::CancellationToken,
 ) -> LoadReport {
     if !show_progress {
-        return generator.run().await;
+        return generator.run_until(stop).await;
     }
     let duration = generator.spec().duration;
     let bar = ProgressBar::with_draw_target(
@@ -224,7 +238,7 @@ pub(crate) async fn drive(
     );
     bar.set_prefix(label.to_owned());
     let ticker = tokio::spawn(tick(bar.clone(), generator.progress()));
-    let report = generator.run().await;
+    let report = generator.run_until(stop).await;
     ticker.abort();
     bar.finish_and_clear();
     report

@@ -82,7 +82,7 @@ enum Command {
     /// Sends Poisson arrivals at --rate to --url for --duration, each at its scheduled
     /// time whether or not earlier ones were answered, and reports per endpoint: requests,
     /// errors by kind, mean, p50, p90, p99, p99.9 and max latency (ms) measured from the
-    /// scheduled send time. `--scenario NAME` runs simulated backends and a node per
+    /// scheduled send time. Ctrl-C stops sending and reports what was sent. `--scenario NAME` runs simulated backends and a node per
     /// strategy in this process instead (`--scenario list` describes them).
     Bench(bench::BenchArgs),
     /// Query a node's admin API and print readable tables (`ctl cluster status|nodes|leader`).

@@ -235,3 +235,49 @@ fn duration_class_scenario_runs_both_modes_and_the_class_queue_on_every_load() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_sending_and_reports_what_was_sent() {
+    let backend = Backend::start("bench-int", &[]);
+    let url = format!("http://{}/", backend.addr);
+    let child = std::process::Command::new(fulcrum_bin())
+        .args([
+            "bench",
+            "--url",
+            &url,
+            "--rate",
+            "100",
+            "--duration",
+            "600s",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run fulcrum bench");
+    common::eventually(common::DEADLINE, "requests arrive", async || {
+        (backend.stats().await["requests"].as_u64() >= Some(20)).then_some(())
+    })
+    .await;
+    let pid = child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    // The schedule would last 600 s; the deadline only guards against a hang.
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("bench output");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["interrupted"], true, "{report}");
+    assert!(count(&report["overall"]["requests"]) >= 20, "{report}");
+    assert!(report["sent_secs"].as_f64() < Some(600.0), "{report}");
+}

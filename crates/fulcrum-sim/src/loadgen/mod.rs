@@ -59,6 +59,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use report::{ClassReport, LatencySummary, LoadReport};
@@ -283,6 +284,13 @@ impl LoadGenerator {
     /// Sends the load on the current tokio runtime and returns the report once every
     /// request sent has finished (or timed out).
     pub async fn run(self) -> LoadReport {
+        self.run_until(CancellationToken::new()).await
+    }
+
+    /// [`run`](Self::run), stopping early when `stop` is cancelled (an operator's
+    /// Ctrl-C): no further request is sent, the ones in flight finish (or time out), and
+    /// the report covers what was sent, over the time it took.
+    pub async fn run_until(self, stop: CancellationToken) -> LoadReport {
         let LoadGenerator {
             spec,
             mix,
@@ -302,10 +310,18 @@ impl LoadGenerator {
         let mut max_lag = Duration::ZERO;
         let start = Instant::now();
 
+        let mut sent_for = None;
         while let Some(arrival) = schedule.next_arrival() {
             let due = start + arrival.at;
-            if due > Instant::now() {
-                tokio::time::sleep_until(due).await;
+            if !stop.is_cancelled() && due > Instant::now() {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = tokio::time::sleep_until(due) => {}
+                }
+            }
+            if stop.is_cancelled() {
+                sent_for = Some(start.elapsed().min(spec.duration));
+                break;
             }
             max_lag = max_lag.max(Instant::now().saturating_duration_since(due));
             if progress.in_flight() >= spec.max_in_flight as u64 {
@@ -346,7 +362,7 @@ impl LoadGenerator {
         tracker.wait().await;
         let elapsed = start.elapsed();
         let recorder = std::mem::replace(&mut *recorder.lock(), Recorder::new(0));
-        recorder.into_report(&spec, &mix, elapsed, max_lag)
+        recorder.into_report(&spec, &mix, elapsed, max_lag, sent_for)
     }
 }
 

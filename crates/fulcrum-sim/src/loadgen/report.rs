@@ -100,10 +100,15 @@ pub struct LoadReport {
     pub rate: f64,
     /// Length of the arrival schedule, seconds.
     pub duration_secs: f64,
+    /// Seconds of the schedule actually sent: `duration_secs`, or less when the run was
+    /// stopped early ([`crate::loadgen::LoadGenerator::run_until`]).
+    pub sent_secs: f64,
+    /// The run was stopped before its schedule ended.
+    pub interrupted: bool,
     /// From the first arrival to the last response, seconds.
     pub elapsed_secs: f64,
-    /// Requests sent per second of the schedule: below `rate` by the Poisson noise, and
-    /// by the drops.
+    /// Requests sent per second of the schedule sent (`sent_secs`): below `rate` by the
+    /// Poisson noise, and by the drops.
     pub send_rate: f64,
     /// How far behind schedule the generator sent its latest request, milliseconds. It is
     /// included in the latencies (they run from the scheduled time); a large value means
@@ -199,7 +204,9 @@ impl Recorder {
         mix: &Mix,
         elapsed: Duration,
         max_lag: Duration,
+        sent_for: Option<Duration>,
     ) -> LoadReport {
+        let sending = sent_for.unwrap_or(spec.duration);
         let mut all = ClassCounts::new();
         for counts in &self.classes {
             all.histogram
@@ -222,8 +229,10 @@ impl Recorder {
             url: spec.url.to_string(),
             rate: spec.rate,
             duration_secs: spec.duration.as_secs_f64(),
+            sent_secs: round3(sending.as_secs_f64()),
+            interrupted: sent_for.is_some(),
             elapsed_secs: round3(elapsed.as_secs_f64()),
-            send_rate: round3(all.requests as f64 / spec.duration.as_secs_f64()),
+            send_rate: round3(all.requests as f64 / sending.as_secs_f64().max(f64::MIN_POSITIVE)),
             max_send_lag_ms: round3(max_lag.as_secs_f64() * 1000.0),
             seed: spec.seed,
             max_in_flight: spec.max_in_flight,
@@ -240,6 +249,13 @@ impl fmt::Display for LoadReport {
             "{} for {}s at {} req/s (open loop, Poisson arrivals, seed {}), done in {:.2}s",
             self.url, self.duration_secs, self.rate, self.seed, self.elapsed_secs
         )?;
+        if self.interrupted {
+            writeln!(
+                f,
+                "interrupted: {:.2}s of the schedule sent",
+                self.sent_secs
+            )?;
+        }
         writeln!(
             f,
             "sent {:.1} req/s; generator at most {:.1} ms behind schedule; latency from scheduled send to last byte\n",
@@ -345,7 +361,8 @@ mod tests {
         let mut spec = super::super::LoadSpec::new("http://127.0.0.1:1/".parse().expect("literal"));
         spec.duration = Duration::from_secs(2);
         let mix: Mix = "/a:3,/b:1".parse().expect("valid");
-        let report = recorder.into_report(&spec, &mix, Duration::from_secs(2), Duration::ZERO);
+        let report =
+            recorder.into_report(&spec, &mix, Duration::from_secs(2), Duration::ZERO, None);
 
         let a = &report.endpoints[0];
         assert_eq!((a.requests, a.ok, a.errors, a.dropped), (3, 1, 2, 0));

@@ -147,7 +147,8 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
         spec.seed = options.seed;
         let generator = LoadGenerator::new(spec)
             .map_err(|e| ScenarioError::Runtime(format!("scenario load: {e}")))?;
-        let report = crate::bench::drive(generator, name, options.show_progress).await;
+        let report =
+            crate::bench::drive(generator, name, options.show_progress, Default::default()).await;
         let stats = bed.backend_stats();
         bed.stop().await;
         let hits: u64 = stats.iter().map(|s| s.cache_hits).sum();

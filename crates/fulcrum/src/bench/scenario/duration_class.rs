@@ -364,7 +364,9 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
             let generator = LoadGenerator::new(spec)
                 .map_err(|e| ScenarioError::Runtime(format!("scenario load: {e}")))?;
             let label = format!("{load} {}", contender.label());
-            let report = crate::bench::drive(generator, &label, options.show_progress).await;
+            let report =
+                crate::bench::drive(generator, &label, options.show_progress, Default::default())
+                    .await;
             bed.stop().await;
             rows.push(Row::measured(contender, &report));
         }

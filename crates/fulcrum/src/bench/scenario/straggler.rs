@@ -140,7 +140,7 @@ pub(super) async fn run(options: &Options) -> Result<ScenarioResult, ScenarioErr
             (before, slowed)
         };
         let (report, (before, slowed)) = tokio::join!(
-            crate::bench::drive(generator, name, options.show_progress),
+            crate::bench::drive(generator, name, options.show_progress, Default::default()),
             slow_down
         );
         let after = counts(&bed.backend_stats());
