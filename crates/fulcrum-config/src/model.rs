@@ -646,6 +646,11 @@ pub struct RetryConfig {
     /// Also retry non-idempotent requests (`POST`, `PATCH`, …) on failures other than
     /// `connect_failure` (which is always safe). Default false.
     pub retry_non_idempotent: bool,
+    /// Request bodies with a declared `Content-Length` up to this many bytes are
+    /// buffered, so a request that was sent can be sent again (HAProxy's L7 retries and
+    /// Envoy's retries likewise need the body buffered). Larger or chunked bodies stream
+    /// and are retried only if never sent. 0..=16 MiB; 0 = never buffer. Default 64 KiB.
+    pub max_body_bytes: u64,
 }
 
 impl Default for RetryConfig {
@@ -656,6 +661,7 @@ impl Default for RetryConfig {
             min_retry_concurrency: 3,
             retry_on: vec![RetryOn::ConnectFailure, RetryOn::Reset],
             retry_non_idempotent: false,
+            max_body_bytes: 65_536,
         }
     }
 }

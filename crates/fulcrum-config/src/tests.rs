@@ -313,6 +313,7 @@ fn full_config_has_every_value() {
                 RetryOn::Status(503),
             ],
             retry_non_idempotent: true,
+            max_body_bytes: 131_072,
         }
     );
     assert_eq!(

@@ -116,6 +116,9 @@ pub(crate) fn check(config: &Config, loc: &Locator<'_>) -> Vec<Diagnostic> {
     c.diags
 }
 
+/// Largest request body a pool may buffer for hedges or retries (`max_body_bytes`).
+const MAX_BUFFERED_BODY: u64 = 16 * 1024 * 1024;
+
 /// Most worker threads `runtime.threads` may ask for: far beyond any core count, well
 /// below what exhausts file descriptors and memory at start.
 pub const MAX_THREADS: usize = 1024;
@@ -624,6 +627,16 @@ impl Checker<'_> {
             &format!("{p}.retry.budget_percent"),
             pool.retry.budget_percent,
         );
+        if pool.retry.max_body_bytes > MAX_BUFFERED_BODY {
+            self.report(
+                &format!("{p}.retry.max_body_bytes"),
+                Anchor::Value,
+                format!(
+                    "{} is out of range; must be 0..={MAX_BUFFERED_BODY} (16 MiB)",
+                    pool.retry.max_body_bytes
+                ),
+            );
+        }
         if let Some(hc) = &pool.health_check {
             self.health_check(hc, &format!("{p}.health_check"));
         }
@@ -1129,13 +1142,12 @@ impl Checker<'_> {
             h.budget_percent.into(),
             1..=100,
         );
-        const MAX_BODY: u64 = 16 * 1024 * 1024;
-        if h.max_body_bytes > MAX_BODY {
+        if h.max_body_bytes > MAX_BUFFERED_BODY {
             self.report(
                 &format!("{p}.max_body_bytes"),
                 Anchor::Value,
                 format!(
-                    "{} is out of range; must be 0..={MAX_BODY} (16 MiB)",
+                    "{} is out of range; must be 0..={MAX_BUFFERED_BODY} (16 MiB)",
                     h.max_body_bytes
                 ),
             );

@@ -602,7 +602,7 @@ async fn hedged(
     }
 }
 
-/// Whether the request's body can be buffered for replay (hedges): a declared
+/// Whether the request's body can be buffered for replay (hedges, retries): a declared
 /// `Content-Length` of at most `max` bytes.
 fn small_body(parts: &Parts, max: u64) -> bool {
     parts
@@ -635,53 +635,60 @@ async fn forward(
     let idempotent = is_idempotent(&parts.method);
     let hedge_delay = hedge_delay.filter(|_| idempotent && !upgrading);
 
-    // A small body of a hedge-eligible request is buffered so the request can be sent
-    // twice; other bodies stream and are sent once.
-    let (parts, buffered) = match &settings.hedge {
-        Some(policy)
-            if hedge_delay.is_some()
-                && !body_empty
-                && small_body(&parts, policy.max_body_bytes) =>
-        {
-            match body.collect().await {
-                Ok(collected) => (parts, Some(collected.to_bytes())),
-                Err(error) => {
-                    return ctx.listener.reply(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        &format!("the request body could not be read: {error}"),
-                    );
-                }
+    // A small body of a request that may be sent again — hedged, or retried once sent —
+    // is buffered so it can be replayed; other bodies stream and are sent once.
+    let replayable = !upgrading && (idempotent || retry.non_idempotent);
+    let buffer = !body_empty
+        && (settings.hedge.as_ref().is_some_and(|policy| {
+            hedge_delay.is_some() && small_body(&parts, policy.max_body_bytes)
+        }) || (replayable && retry.attempts > 0 && small_body(&parts, retry.max_body_bytes)));
+    let (parts, buffered) = if buffer {
+        // The client gets as long to send the body as a backend gets to answer.
+        let wait = settings.conn.response_header_timeout;
+        match tokio::time::timeout(wait, body.collect()).await {
+            Ok(Ok(collected)) => (parts, Some(collected.to_bytes())),
+            Ok(Err(error)) => {
+                return ctx.listener.reply(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("the request body could not be read: {error}"),
+                );
+            }
+            Err(_) => {
+                return ctx.listener.reply(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    &format!("the request body did not arrive within {wait:?}"),
+                );
             }
         }
-        _ if body_empty => (parts, Some(Bytes::new())),
-        _ => {
-            // Streamed: sent once (`pending`), retried only if it comes back unsent.
-            return forward_attempts(
-                Request0 {
-                    ctx,
-                    pool,
-                    state,
-                    allowed,
-                    info,
-                    needs_host,
-                    endpoint,
-                },
-                None,
-                Some(Request::from_parts(
-                    parts,
-                    Either::Left(crate::upstream::RequestBody::new(body)),
-                )),
-                None,
-                on_upgrade,
-                client_h1,
-            )
-            .await;
-        }
+    } else if body_empty {
+        (parts, Some(Bytes::new()))
+    } else {
+        // Streamed: sent once (`pending`), retried only if it comes back unsent.
+        return forward_attempts(
+            Request0 {
+                ctx,
+                pool,
+                state,
+                allowed,
+                info,
+                needs_host,
+                endpoint,
+            },
+            None,
+            Some(Request::from_parts(
+                parts,
+                Either::Left(crate::upstream::RequestBody::new(body)),
+            )),
+            None,
+            on_upgrade,
+            client_h1,
+        )
+        .await;
     };
     let body = buffered.unwrap_or_default();
     // A buffered idempotent request can be rebuilt for every attempt (`template`).
-    let replayable = !upgrading && (idempotent || retry.non_idempotent);
     let (template, pending) = if replayable {
         (Some(Template { parts, body }), None)
     } else {

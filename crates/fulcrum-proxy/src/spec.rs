@@ -140,6 +140,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
             on_timeout: false,
             on_status: 0,
             non_idempotent: p.retry.retry_non_idempotent,
+            max_body_bytes: p.retry.max_body_bytes,
         };
         for on in &p.retry.retry_on {
             match on {

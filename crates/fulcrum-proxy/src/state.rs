@@ -55,6 +55,9 @@ pub struct RetryPolicy {
     /// Retry non-idempotent methods too (by default only GET, HEAD, OPTIONS, TRACE, PUT and
     /// DELETE are retried once sent, RFC 9110 §9.2.2).
     pub non_idempotent: bool,
+    /// Bodies with a declared length up to this many bytes are buffered so the request can
+    /// be sent again; 0 = never.
+    pub max_body_bytes: u64,
 }
 
 impl Default for RetryPolicy {
@@ -68,6 +71,7 @@ impl Default for RetryPolicy {
             on_timeout: false,
             on_status: 0,
             non_idempotent: false,
+            max_body_bytes: 65_536,
         }
     }
 }

@@ -144,7 +144,7 @@ pub struct RateSnapshot {
     pub sma_10s: Option<f64>,
     /// Mean of the last 60 seconds; `None` before the first point.
     pub sma_60s: Option<f64>,
-    /// Holt level; `None` before the first point.
+    /// Holt level, floored at 0; `None` before the first point.
     pub level: Option<f64>,
     /// Holt trend, requests per second per second; `None` before the first point.
     pub trend: Option<f64>,
@@ -245,7 +245,8 @@ impl RateAnalyzer {
             series: self.series.iter().copied().collect(),
             sma_10s: simple_moving_average(counts(), 10),
             sma_60s: simple_moving_average(counts(), 60),
-            level: self.holt.level(),
+            // Rates are not negative: an idle pool's level decays to a tiny negative float.
+            level: self.holt.level().map(|l| l.max(0.0)),
             trend: self.holt.trend(),
             forecast: self.forecast(),
             anomalies: self.anomalies.iter().cloned().collect(),

@@ -197,3 +197,82 @@ async fn tcp_health_check_detects_a_dead_backend_and_readmits_it() {
     })
     .await;
 }
+
+/// A backend that reads each request (head and `Content-Length` body) and closes the
+/// connection without answering: a reset after the request was sent.
+fn closing_backend() -> std::net::SocketAddr {
+    use std::io::{BufRead, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sent_requests_with_small_bodies_are_retried_with_their_body() {
+    let closing = closing_backend();
+    let echo = Backend::start("echo", &[]);
+    let yaml = |extra: &str| {
+        format!(
+            "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    strategy: round_robin\n    outlier_detection: {{ consecutive_failures: 0 }}\n    retry: {{ attempts: 1{extra} }}\n    backends:\n      - address: {closing}\n      - address: {}\n",
+            echo.addr
+        )
+    };
+    let client = common::client();
+
+    // PUT is idempotent: reset after it was sent, retried on the other backend with the
+    // same body (round robin starts on the closing backend).
+    let node = Node::start(&yaml(""));
+    let response = client
+        .put(format!("{}/echo", node.url("web")))
+        .body("put-body-1")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "put-body-1");
+    // POST is not retried once sent, unless retry_non_idempotent.
+    let post = |node: &Node| {
+        client
+            .post(format!("{}/echo", node.url("web")))
+            .body("post-body-2")
+            .send()
+    };
+    let response = post(&node).await.expect("post");
+    assert_eq!(
+        response.status(),
+        200,
+        "round robin: the echo backend's turn"
+    );
+    let response = post(&node).await.expect("post");
+    assert_eq!(response.status(), 502);
+    let node = Node::start(&yaml(", retry_non_idempotent: true"));
+    let response = post(&node).await.expect("post");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "post-body-2");
+    // With buffering off, a sent PUT is not retried.
+    let node = Node::start(&yaml(", max_body_bytes: 0"));
+    let response = client
+        .put(format!("{}/echo", node.url("web")))
+        .body("put-body-3")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(response.status(), 502);
+}
