@@ -112,7 +112,7 @@ impl Strategy for AdaptiveWeighted {
     }
 
     fn pick_another(&self, _req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
-        self.scheduler.peek(pool)
+        super::random_eligible(pool)
     }
 
     fn tick(&self, pool: &PoolView<'_>, _now_ns: u64) {

@@ -273,6 +273,24 @@ impl Figure {
     }
 }
 
+/// A uniformly random eligible backend of `pool` (which marks the backends already tried
+/// ineligible): up to 8 draws, then the first eligible backend after a random start.
+/// `None` only when none is eligible. O(1) expected while most backends are eligible.
+/// What the rotations use for retries and hedges ([`Strategy::pick_another`]).
+pub fn random_eligible(pool: &PoolView<'_>) -> Option<BackendId> {
+    let n = pool.len();
+    if n == 0 {
+        return None;
+    }
+    for _ in 0..8 {
+        let i = fastrand::usize(..n);
+        if pool.is_eligible(i) {
+            return Some(BackendId(i));
+        }
+    }
+    pool.next_eligible_from(fastrand::usize(..n))
+}
+
 /// Picks a backend for one request from a pool's eligible backends.
 ///
 /// See the [module documentation](self) for the contract.
@@ -287,10 +305,12 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// hedge); `pool` marks the backends it went to ineligible. `None` only when no
     /// backend is eligible. Default: [`Strategy::pick`].
     ///
-    /// Rotations override it to choose without taking a turn: an extra attempt is not a
-    /// new request, and letting it take the next turn would lock first attempts into a
-    /// pattern (round robin over two backends with every request hedged sent every first
-    /// attempt to the same backend, the hedges taking the other's turns).
+    /// Rotations override it with [`random_eligible`], which takes no turn: an extra
+    /// attempt is not a new request, and letting it take the next turn would lock first
+    /// attempts into a pattern (round robin over two backends with every request hedged
+    /// sent every first attempt to the same backend, the hedges taking the other's turns);
+    /// and a uniform draw spreads the extra attempts over the other backends instead of
+    /// piling them on the failed one's neighbour in the rotation.
     fn pick_another(&self, req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
         self.pick(req, pool)
     }

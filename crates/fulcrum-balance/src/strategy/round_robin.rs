@@ -42,14 +42,9 @@ impl Strategy for RoundRobin {
         Some(picked)
     }
 
-    /// The first eligible backend from the position the next request will start at,
-    /// without moving it.
+    /// A random other eligible backend; the rotation does not move.
     fn pick_another(&self, _req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
-        let n = pool.len();
-        if n == 0 {
-            return None;
-        }
-        pool.next_eligible_from(self.next.load(Ordering::Relaxed) % n)
+        super::random_eligible(pool)
     }
 }
 
@@ -101,5 +96,25 @@ mod tests {
             assert_ne!(other, picked);
         }
         assert_eq!(first, vec![0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn extra_attempts_spread_over_the_others() {
+        // One of three backends failing: its retries go to both others alike, not all
+        // to its neighbour in the rotation.
+        let b = backends(&[1, 1, 1]);
+        let rr = RoundRobin::new();
+        let tried = [BackendId(0)];
+        let view = PoolView::new(&b, &tried, false);
+        let mut counts = [0u32; 3];
+        for _ in 0..3_000 {
+            let other = rr
+                .pick_another(&RequestInfo::new(0), &view)
+                .expect("eligible");
+            counts[other.0] += 1;
+        }
+        assert_eq!(counts[0], 0);
+        assert!(counts[1].abs_diff(1_500) < 200, "{counts:?}");
+        assert!(counts[2].abs_diff(1_500) < 200, "{counts:?}");
     }
 }

@@ -36,9 +36,9 @@
 //! Backends ineligible at the tick are left out of the heap until they return (at half a
 //! period, as at the start), so a long-down backend costs nothing per pick.
 //!
-//! **Retries and hedges** take no turn: [`Strategy::pick_another`] chooses the eligible
-//! backend due first without popping it (an O(n) scan, on those paths only), so extra
-//! attempts do not shift the rotation of first attempts.
+//! **Retries and hedges** take no turn: [`Strategy::pick_another`] draws a random other
+//! eligible backend ([`super::random_eligible`]), so extra attempts neither shift the
+//! rotation of first attempts nor pile on one backend.
 //!
 //! **Ineligible picks** between ticks (a backend ejected since the last tick) consume
 //! that backend's turn and the pick takes the next deadline,
@@ -95,7 +95,7 @@ impl Strategy for WeightedRoundRobin {
     }
 
     fn pick_another(&self, _req: &RequestInfo, pool: &PoolView<'_>) -> Option<BackendId> {
-        self.scheduler.peek(pool)
+        super::random_eligible(pool)
     }
 
     fn tick(&self, pool: &PoolView<'_>, _now_ns: u64) {
@@ -249,21 +249,6 @@ impl EdfScheduler {
             }
         }
         pool.next_eligible_from(last.map_or(0, |i| i + 1))
-    }
-
-    /// The eligible backend whose turn is due first, without taking any turn (another
-    /// attempt of a request already sent: [`Strategy::pick_another`]); else the first
-    /// eligible backend. O(n) over the scheduled backends, so it costs more than a pick,
-    /// but only retries and hedges take it.
-    pub(super) fn peek(&self, pool: &PoolView<'_>) -> Option<BackendId> {
-        let state = self.state.lock();
-        state
-            .heap
-            .iter()
-            .filter(|turn| turn.backend < pool.len() && pool.is_eligible(turn.backend))
-            .max()
-            .map(|turn| BackendId(turn.backend))
-            .or_else(|| pool.next_eligible_from(0))
     }
 
     /// Rebuilds the heap for new `weights` (0: leave the backend out) if any weight moved
