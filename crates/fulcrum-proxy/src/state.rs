@@ -474,7 +474,9 @@ impl Pool {
         let requests = self
             .hedge_requests
             .recent_total(HEDGE_BUDGET_WINDOW_SECS, now_ns);
-        let budget = requests * u64::from(policy.budget_percent) / 100;
+        // Rounded up, so a quiet pool (a request every few seconds) can still hedge: at
+        // most one hedge beyond the share per window.
+        let budget = (requests * u64::from(policy.budget_percent)).div_ceil(100);
         let sent = self
             .hedges_sent
             .recent_total(HEDGE_BUDGET_WINDOW_SECS, now_ns);
@@ -782,6 +784,12 @@ pub(crate) mod tests {
         // After a quiet spell the old requests no longer fund hedges: no burst is banked.
         let later = t0 + 2 * HEDGE_BUDGET_WINDOW_SECS * SEC;
         assert!(!pool.try_hedge(&policy, later));
+        // One request in a quiet window: the share rounds up to one hedge.
+        let quiet = later + 2 * HEDGE_BUDGET_WINDOW_SECS * SEC;
+        pool.count_hedgeable(quiet);
+        assert!(pool.try_hedge(&policy, quiet));
+        assert!(!pool.try_hedge(&policy, quiet));
+        let later = quiet + 2 * HEDGE_BUDGET_WINDOW_SECS * SEC;
         for _ in 0..20 {
             pool.count_hedgeable(later);
         }
