@@ -642,6 +642,15 @@ async fn forward(
         && (settings.hedge.as_ref().is_some_and(|policy| {
             hedge_delay.is_some() && small_body(&parts, policy.max_body_bytes)
         }) || (replayable && retry.attempts > 0 && small_body(&parts, retry.max_body_bytes)));
+    let request = Request0 {
+        ctx,
+        pool,
+        state,
+        allowed,
+        info,
+        needs_host,
+        endpoint,
+    };
     let (parts, buffered) = if buffer {
         // The client gets as long to send the body as a backend gets to answer.
         let wait = settings.conn.response_header_timeout;
@@ -667,15 +676,7 @@ async fn forward(
     } else {
         // Streamed: sent once (`pending`), retried only if it comes back unsent.
         return forward_attempts(
-            Request0 {
-                ctx,
-                pool,
-                state,
-                allowed,
-                info,
-                needs_host,
-                endpoint,
-            },
+            request,
             None,
             Some(Request::from_parts(
                 parts,
@@ -699,15 +700,7 @@ async fn forward(
     };
     let hedge_delay = hedge_delay.filter(|_| template.is_some());
     forward_attempts(
-        Request0 {
-            ctx,
-            pool,
-            state,
-            allowed,
-            info,
-            needs_host,
-            endpoint,
-        },
+        request,
         template,
         pending,
         hedge_delay,

@@ -123,6 +123,21 @@ fn check_reports_each_error_with_file_line_and_field() {
     }
 }
 
+/// Runs `fulcrum run` on `yaml` (written to a temporary file) and waits for it to exit:
+/// for configurations it must refuse.
+fn run_once(yaml: &str) -> std::process::Output {
+    let mut file = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp file");
+    std::io::Write::write_all(&mut file, yaml.as_bytes()).expect("write");
+    Command::new(fulcrum_bin())
+        .args(["run", "--config"])
+        .arg(file.path())
+        .output()
+        .expect("run")
+}
+
 #[test]
 fn check_and_run_refuse_a_backend_name_that_does_not_resolve_at_its_line() {
     let yaml = VALID.replace("127.0.0.1:8081", "no-such-host.invalid:8081");
@@ -132,16 +147,7 @@ fn check_and_run_refuse_a_backend_name_that_does_not_resolve_at_its_line() {
         stderr.contains(":9:18: pools.app.backends[0].address: cannot resolve backend `no-such-host.invalid:8081`"),
         "{stderr}"
     );
-    let mut file = tempfile::Builder::new()
-        .suffix(".yaml")
-        .tempfile()
-        .expect("temp file");
-    std::io::Write::write_all(&mut file, yaml.as_bytes()).expect("write");
-    let out = Command::new(fulcrum_bin())
-        .args(["run", "--config"])
-        .arg(file.path())
-        .output()
-        .expect("run");
+    let out = run_once(&yaml);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -152,22 +158,7 @@ fn check_and_run_refuse_a_backend_name_that_does_not_resolve_at_its_line() {
 
 #[test]
 fn run_refuses_an_invalid_config() {
-    let mut file = tempfile::Builder::new()
-        .suffix(".yaml")
-        .tempfile()
-        .expect("temp file");
-    std::io::Write::write_all(
-        &mut file,
-        VALID
-            .replace("      - pool: app", "      - pool: api")
-            .as_bytes(),
-    )
-    .expect("write");
-    let out = Command::new(fulcrum_bin())
-        .args(["run", "--config"])
-        .arg(file.path())
-        .output()
-        .expect("run");
+    let out = run_once(&VALID.replace("      - pool: app", "      - pool: api"));
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(":5:"), "{stderr}");
