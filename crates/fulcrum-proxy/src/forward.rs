@@ -165,16 +165,20 @@ fn rate_limited(
     response
 }
 
-/// 400 for a request whose `Host` is refused ([`headers::Prepared::host_problem`]),
-/// closing the connection: its body, if any, is left unread.
+/// A request refused before routing or forwarding (smuggling framing, a bad `Host`, an
+/// unsupported transfer coding), closing the connection: its body, if any, is left
+/// unread, so the connection cannot carry another request.
 #[cold]
 #[inline(never)]
-fn refuse_host(ctx: &ConnContext, problem: &str) -> Response<ProxyBody> {
-    let mut response = ctx.listener.reply(
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-        &format!("{problem}; refusing the request"),
-    );
+fn refuse(
+    ctx: &ConnContext,
+    status: StatusCode,
+    code: &str,
+    problem: &dyn std::fmt::Display,
+) -> Response<ProxyBody> {
+    let mut response =
+        ctx.listener
+            .reply(status, code, &format!("{problem}; refusing the request"));
     response
         .headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -185,14 +189,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     let index = ctx.requests.fetch_add(1, Ordering::Relaxed);
     let client_h1 = req.version() <= Version::HTTP_11;
     if client_h1 && let Some(fault) = ctx.verdicts.fault(index) {
-        let message = format!("{fault}; refusing the request");
-        let mut response = ctx
-            .listener
-            .reply(StatusCode::BAD_REQUEST, "bad_request", &message);
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-        return response;
+        return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request", &fault);
     }
     let on_upgrade =
         (client_h1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
@@ -223,18 +220,15 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     };
     let prepared = headers::prepare_request(&mut parts, &ctx.client_ip, ctx.listener.scheme());
     if let Some(problem) = prepared.host_problem {
-        return refuse_host(ctx, problem);
+        return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request", &problem);
     }
     if prepared.unsupported_coding {
-        let mut response = ctx.listener.reply(
+        return refuse(
+            ctx,
             StatusCode::NOT_IMPLEMENTED,
             "unsupported_transfer_coding",
-            "only the chunked transfer coding is supported; refusing the request",
+            &"only the chunked transfer coding is supported",
         );
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-        return response;
     }
     let on_upgrade = if prepared.upgrading { on_upgrade } else { None };
 

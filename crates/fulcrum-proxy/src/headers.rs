@@ -89,7 +89,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: Present, allow_upgrade: bo
         headers.remove(CONNECTION);
         for value in first.iter().chain(rest.iter()) {
             let Ok(list) = value.to_str() else { continue };
-            for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            for token in list_items(list) {
                 if token.eq_ignore_ascii_case("upgrade") {
                     upgrade_requested = true;
                 } else if !token.eq_ignore_ascii_case("keep-alive")
@@ -205,13 +205,19 @@ static REG_NAME: [bool; 256] = {
     table
 };
 
+/// The items of a comma-separated field value (RFC 9110 §5.6.1), trimmed, empty ones
+/// skipped.
+fn list_items(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+}
+
 /// Whether an `Upgrade` field names `h2c`.
 fn requests_h2c(headers: &HeaderMap) -> bool {
     headers.get_all(UPGRADE).iter().any(|v| {
-        v.to_str().is_ok_and(|list| {
-            list.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case("h2c"))
-        })
+        v.to_str()
+            .is_ok_and(|list| list_items(list).any(|token| token.eq_ignore_ascii_case("h2c")))
     })
 }
 
@@ -313,12 +319,9 @@ pub fn prepare_request(
 /// Whether every `Transfer-Encoding` coding is `chunked`.
 fn only_chunked(headers: &HeaderMap) -> bool {
     headers.get_all(TRANSFER_ENCODING).iter().all(|value| {
-        value.to_str().is_ok_and(|list| {
-            list.split(',')
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .all(|c| c.eq_ignore_ascii_case("chunked"))
-        })
+        value
+            .to_str()
+            .is_ok_and(|list| list_items(list).all(|c| c.eq_ignore_ascii_case("chunked")))
     })
 }
 

@@ -63,16 +63,16 @@ pub fn build(settings: &TlsConfig) -> Result<TlsState, String> {
 
 /// TLS to a pool's backends: the connector and the name to verify, if fixed.
 ///
-/// Clones share the connector, which [`UpstreamTls::reload`] replaces in place (a reload
-/// from the file re-reads `ca_file` even when the configuration is unchanged, as listener
-/// certificates are re-read).
+/// Clones share the connector, which [`UpstreamTls::rebuild`] and
+/// [`UpstreamTls::install`] replace in place (a reload from the file re-reads `ca_file`
+/// even when the configuration is unchanged, as listener certificates are re-read).
 #[derive(Clone)]
 pub struct UpstreamTls {
-    /// rustls client configuration (trust roots, ALPN `http/1.1`), swapped by `reload`.
+    /// rustls client configuration (trust roots, ALPN `http/1.1`), swapped by `install`.
     connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
     /// `server_name` when set; else each backend's own host is used.
     pub server_name: Option<ServerName<'static>>,
-    /// The settings it was built from, for `reload`.
+    /// The settings it was built from, for `rebuild`.
     settings: UpstreamTlsConfig,
 }
 

@@ -228,8 +228,6 @@ fn reload_from(
     cluster: Option<&fulcrum_config::ClusterConfig>,
 ) -> Result<String, String> {
     let config = fulcrum_config::load(path).map_err(|e| e.to_string())?;
-    // What validation cannot see (names that do not resolve), located in the file.
-    spec_located(&config, Some(path), Some(1))?;
     if config.admin != *admin {
         tracing::warn!("admin settings changed; they take effect on restart");
     }
@@ -238,7 +236,14 @@ fn reload_from(
     }
     let pools = config.pools.len();
     let backends: usize = config.pools.values().map(|p| p.backends.len()).sum();
-    control.set_base(config)?;
+    control.set_base(config.clone()).map_err(|error| {
+        // Located in the file when the file itself is at fault (a backend name that does
+        // not resolve): resolved again only on this error path.
+        match spec_located(&config, Some(path), Some(1)) {
+            Err(located) => located,
+            Ok(_) => error,
+        }
+    })?;
     Ok(format!(
         "{pools} pool(s), {backends} configured backend(s) from {}",
         path.display()

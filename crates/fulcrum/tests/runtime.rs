@@ -309,6 +309,17 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
         message.contains("listener `web`: `timeouts` changed"),
         "{body}"
     );
+
+    // A backend name that does not resolve: refused, located at its field in the file.
+    let (status, body) = node
+        .reload(&next.replace(&b1.address(), "no-such-host.invalid:80"))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("pools.app.backends[0].address: cannot resolve backend `no-such-host.invalid:80`"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
