@@ -668,6 +668,11 @@ impl ControlPlane {
         let base = self.inner.base.lock().clone();
         let discovered = self.inner.discovered.lock().clone();
         let me = self.node_id().unwrap_or("local").to_owned();
+        // A write is numbered after every version a node reports, so none ignores it.
+        let seen = match &self.inner.cluster {
+            Some(c) => highest_gossiped_version(&c.membership.members().await),
+            None => 0,
+        };
         let doc = match self.inner.cluster.as_ref().and_then(|c| c.store.clone()) {
             Some(store) => {
                 let mut attempts = 0;
@@ -692,10 +697,6 @@ impl ControlPlane {
                         stored
                     };
                     let mut next = current.with_change(&base, &discovered, &change)?;
-                    let seen = match &self.inner.cluster {
-                        Some(c) => highest_gossiped_version(&c.membership.members().await),
-                        None => 0,
-                    };
                     next.stamp(current.version.max(seen).max(stored_version) + 1, &me);
                     match store
                         .put_config(stored_version, next.version, &next.to_json())
@@ -713,10 +714,6 @@ impl ControlPlane {
             None => {
                 let current = self.inner.shared.lock().clone();
                 let mut next = current.with_change(&base, &discovered, &change)?;
-                let seen = match &self.inner.cluster {
-                    Some(c) => highest_gossiped_version(&c.membership.members().await),
-                    None => 0,
-                };
                 next.stamp(current.version.max(seen) + 1, &me);
                 next
             }
