@@ -317,7 +317,9 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     assert_eq!(status, 422, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("pools.app.backends[0].address: cannot resolve backend `no-such-host.invalid:80`"),
+        message.contains(
+            "pools.app.backends[0].address: cannot resolve backend `no-such-host.invalid:80`"
+        ),
         "{body}"
     );
 }
