@@ -57,7 +57,7 @@ pub use model::{
     DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HashConfig,
     HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind, HealthMergeRule, HedgeConfig,
     ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, MAX_REQUESTS_LIMIT,
-    OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, Rate,
+    OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, Rate, UpstreamProtocol,
     RateLimitConfig, RateLimitKey, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
     RuntimeConfig, SlowStartConfig, StatsConfig, TailAwareConfig, TlsConfig, TlsVersion,
     UpstreamTimeouts, UpstreamTlsConfig, parse_nameserver,

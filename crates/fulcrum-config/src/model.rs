@@ -452,6 +452,11 @@ pub struct PoolConfig {
     /// backends is healthy, requests go to all backends rather than overload the few left.
     /// 0 disables panic mode. Default 50.
     pub panic_threshold: u8,
+    /// The HTTP version spoken to the pool's backends: `http1` (default) or `http2`
+    /// (HAProxy's `server … proto h2`, Envoy's `http2_protocol_options`), needed for
+    /// gRPC. Health checks use it too. Validated: `http2` only for pools of `http`
+    /// listeners.
+    pub protocol: UpstreamProtocol,
     /// TLS to the pool's backends (HAProxy's `server … ssl verify required`, nginx's
     /// `proxy_pass https://`); absent = plain HTTP. Health checks use it too.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -493,6 +498,7 @@ impl Default for PoolConfig {
             health_check: None,
             outlier_detection: OutlierDetectionConfig::default(),
             panic_threshold: 50,
+            protocol: UpstreamProtocol::Http1,
             tls: None,
             stats: StatsConfig::default(),
             analysis: AnalysisConfig::default(),
@@ -612,6 +618,20 @@ impl Default for QueueConfig {
             priority: QueuePriority::Class,
         }
     }
+}
+
+/// `pools.*.protocol`: the HTTP version spoken to backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// `http1` (default): HTTP/1.1, one request at a time per pooled keep-alive
+    /// connection.
+    #[default]
+    Http1,
+    /// `http2`: HTTP/2 by prior knowledge over plain TCP (RFC 9113 §3.3), or negotiated
+    /// by ALPN `h2` over TLS; one multiplexed connection per backend and worker thread,
+    /// as Envoy's per-worker pools. Carries gRPC (trailers, `te: trailers`).
+    Http2,
 }
 
 /// `pools.*.queue.priority`.

@@ -13,7 +13,7 @@ use crate::locate::{Anchor, Pos, SourceIndex};
 use crate::model::{
     ClusterConfig, Config, CoordinationBackend, DiscoveryConfig, DiscoverySource, DnsRecord,
     HashConfig, HashKey, HealthCheckConfig, HealthCheckKind, HedgeConfig, ListenerConfig,
-    MAX_REQUESTS_LIMIT, PoolConfig, Protocol, RouteMatch,
+    MAX_REQUESTS_LIMIT, PoolConfig, Protocol, RouteMatch, UpstreamProtocol,
 };
 use crate::scalar::{HedgeDelay, check_backend_addr, check_dns_name};
 
@@ -428,6 +428,20 @@ impl Checker<'_> {
                         ),
                     );
                 }
+            }
+            if l.protocol == Protocol::Tcp
+                && let Some(pool) = config.pools.get(&route.pool)
+                && pool.protocol == UpstreamProtocol::Http2
+            {
+                self.report(
+                    &format!("{rp}.pool"),
+                    Anchor::Value,
+                    format!(
+                        "tcp listener `{}` forwards bytes, not HTTP, but pool `{}` has \
+                         `protocol: http2`; use a pool with `protocol: http1` (the default)",
+                        l.name, route.pool
+                    ),
+                );
             }
             if !config.pools.contains_key(&route.pool) {
                 let known = if config.pools.is_empty() {

@@ -49,7 +49,7 @@ use crate::listener::ListenerRuntime;
 use crate::state::{
     ActiveRetry, BackendRuntime, HashKeySource, HedgeDelay, Pool, PoolSettings, PoolState,
 };
-use crate::upstream::{Conn, SendFailure, UpstreamBody, UpstreamError};
+use crate::upstream::{Conn, SendFailure, UpstreamBody, UpstreamError, UpstreamProtocol};
 
 /// Most attempts (first try plus retries) one request may make.
 pub const MAX_ATTEMPTS: usize = 11;
@@ -265,7 +265,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
         body,
         on_upgrade,
         client_h1,
-        prepared.needs_host,
+        prepared,
         &endpoint,
     )
     .await;
@@ -426,6 +426,8 @@ struct Request0<'a> {
     /// request arrived.
     info: RequestInfo,
     needs_host: bool,
+    /// The client asked for trailers (`TE: trailers`), sent on to HTTP/2 backends.
+    te_trailers: bool,
     /// The endpoint's statistics, fed when the response ends.
     endpoint: &'a Arc<EndpointStats>,
 }
@@ -441,11 +443,18 @@ impl Request0<'_> {
         }
     }
 
+    /// Addresses `request` to `backend`: `Host` for a request that named none, and
+    /// `te: trailers` over HTTP/2 when the client asked for trailers.
     fn set_host(&self, request: &mut Request<UpstreamBody>, backend: &BackendRuntime) {
         if self.needs_host
             && let Ok(host) = HeaderValue::from_str(&backend.address)
         {
             request.headers_mut().insert(http::header::HOST, host);
+        }
+        if self.te_trailers && self.state.settings.conn.protocol == UpstreamProtocol::Http2 {
+            request
+                .headers_mut()
+                .insert(http::header::TE, headers::TE_TRAILERS.clone());
         }
     }
 }
@@ -619,7 +628,7 @@ async fn forward(
     body: Incoming,
     on_upgrade: Option<OnUpgrade>,
     client_h1: bool,
-    needs_host: bool,
+    prepared: headers::Prepared,
     endpoint: &Arc<EndpointStats>,
 ) -> Response<ProxyBody> {
     let settings = &state.settings;
@@ -642,7 +651,8 @@ async fn forward(
         state,
         allowed,
         info,
-        needs_host,
+        needs_host: prepared.needs_host,
+        te_trailers: prepared.te_trailers,
         endpoint,
     };
     let (parts, buffered) = if buffer {

@@ -240,6 +240,10 @@ pub struct Prepared {
     /// HTTP/1.1, or a value that is not `host[:port]` (RFC 3986 §3.2.2). An
     /// absolute-form target's authority replaces `Host` (§3.2.2), so it is not checked.
     pub host_problem: Option<&'static str>,
+    /// The client sent `TE: trailers` (every gRPC client does). `TE` is hop-by-hop and
+    /// removed, but over HTTP/2 `te: trailers` is the one value allowed (RFC 9113
+    /// §8.2.2), and gRPC servers require it, so it is sent on to HTTP/2 backends.
+    pub te_trailers: bool,
 }
 
 /// Rewrites a client request head for the backend.
@@ -254,6 +258,7 @@ pub fn prepare_request(
     let present = Present::scan(&parts.headers);
     let unsupported_coding = present.transfer_encoding && !only_chunked(&parts.headers);
     let from_h1 = parts.version == Version::HTTP_11 || parts.version == Version::HTTP_10;
+    let te_trailers = present.te && asks_trailers(&parts.headers);
     let upgrading = strip_hop_by_hop(&mut parts.headers, present, from_h1);
     if present.expect {
         parts.headers.remove(EXPECT);
@@ -313,6 +318,57 @@ pub fn prepare_request(
         needs_host,
         unsupported_coding,
         host_problem,
+        te_trailers,
+    }
+}
+
+/// Whether a `TE` field lists `trailers`.
+fn asks_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(TE).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|list| list_items(list).any(|c| c.eq_ignore_ascii_case("trailers")))
+    })
+}
+
+/// `te: trailers`, sent on to HTTP/2 backends for clients that asked for trailers.
+pub static TE_TRAILERS: HeaderValue = HeaderValue::from_static("trailers");
+
+/// Turns a request prepared for an HTTP/1.1 backend (origin-form target, `Host`) into
+/// HTTP/2 form (RFC 9113 §8.3.1): an absolute target whose scheme (`https` over TLS,
+/// `http` otherwise) and authority become `:scheme` and `:authority`; `Host` then goes,
+/// as the authority replaces it. A request whose `Host` is not a valid authority keeps
+/// its field and is sent with `:scheme` alone (the h2 crate's form for forwarded
+/// HTTP/1 requests).
+pub fn to_h2_request<B>(request: &mut http::Request<B>, https: bool) {
+    if request.uri().authority().is_some() {
+        return;
+    }
+    let Some(authority) = request
+        .headers()
+        .get(HOST)
+        .and_then(|host| http::uri::Authority::try_from(host.as_bytes()).ok())
+    else {
+        return;
+    };
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(if https {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
+    target.authority = Some(authority);
+    target.path_and_query = Some(
+        request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    if let Ok(uri) = Uri::from_parts(target) {
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_2;
+        request.headers_mut().remove(HOST);
     }
 }
 

@@ -24,13 +24,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use fulcrum_balance::BackendFlags;
 use http::Request;
-use http::header::{CONNECTION, HOST, USER_AGENT};
+use http::header::{CONNECTION, HOST, HeaderValue, USER_AGENT};
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{BackendRuntime, HealthCheckSettings, HealthProbe, Pool};
+use crate::upstream::UpstreamProtocol;
 
 /// Period of the ejection sweep.
 pub const EJECTION_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -46,7 +47,8 @@ pub enum ProbeResult {
 
 /// Probes `addr` once according to `settings`, over TLS when `tls` (the pool's upstream
 /// TLS and the name to verify) is given: the handshake, certificate check included, is
-/// part of the probe.
+/// part of the probe. An HTTP check speaks the pool's `protocol` (an HTTP/2-only
+/// backend, such as a gRPC server, refuses HTTP/1.1).
 pub async fn probe(
     addr: std::net::SocketAddr,
     address: &str,
@@ -55,10 +57,11 @@ pub async fn probe(
         &crate::tls::UpstreamTls,
         rustls::pki_types::ServerName<'static>,
     )>,
+    protocol: UpstreamProtocol,
 ) -> ProbeResult {
     match tokio::time::timeout(
         settings.timeout,
-        probe_inner(addr, address, &settings.probe, tls),
+        probe_inner(addr, address, &settings.probe, tls, protocol),
     )
     .await
     {
@@ -75,22 +78,29 @@ async fn probe_inner(
         &crate::tls::UpstreamTls,
         rustls::pki_types::ServerName<'static>,
     )>,
+    protocol: UpstreamProtocol,
 ) -> ProbeResult {
     let stream = match TcpStream::connect(addr).await {
         Ok(stream) => stream,
         Err(error) => return ProbeResult::Unhealthy(format!("connect: {error}")),
     };
     match tls {
-        None => http_probe(stream, address, probe).await,
+        None => http_probe(stream, address, probe, protocol, false).await,
         Some((tls, name)) => match tls.connector().connect(name, stream).await {
-            Ok(stream) => http_probe(stream, address, probe).await,
+            Ok(stream) => http_probe(stream, address, probe, protocol, true).await,
             Err(error) => ProbeResult::Unhealthy(format!("TLS handshake: {error}")),
         },
     }
 }
 
 /// The HTTP part of a probe on an established stream (TCP checks are done once connected).
-async fn http_probe<IO>(stream: IO, address: &str, probe: &HealthProbe) -> ProbeResult
+async fn http_probe<IO>(
+    stream: IO,
+    address: &str,
+    probe: &HealthProbe,
+    protocol: UpstreamProtocol,
+    https: bool,
+) -> ProbeResult
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -102,22 +112,43 @@ where
     else {
         return ProbeResult::Healthy;
     };
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok(pair) => pair,
-            Err(error) => return ProbeResult::Unhealthy(format!("handshake: {error}")),
-        };
-    let driver = tokio::spawn(connection);
     let request = Request::get(path.as_str())
         .header(HOST, host.as_deref().unwrap_or(address))
         .header(USER_AGENT, "fulcrum-health-check")
-        .header(CONNECTION, "close")
         .body(Empty::<Bytes>::new());
-    let request = match request {
+    let mut request = match request {
         Ok(request) => request,
         Err(error) => return ProbeResult::Unhealthy(format!("invalid check request: {error}")),
     };
-    let result = match sender.send_request(request).await {
+    let (answer, driver) = match protocol {
+        UpstreamProtocol::Http1 => {
+            let (mut sender, connection) =
+                match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                    Ok(pair) => pair,
+                    Err(error) => return ProbeResult::Unhealthy(format!("handshake: {error}")),
+                };
+            let driver = tokio::spawn(connection);
+            request
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            (sender.send_request(request).await, driver)
+        }
+        UpstreamProtocol::Http2 => {
+            let (mut sender, connection) = match hyper::client::conn::http2::handshake(
+                TokioExecutor::new(),
+                TokioIo::new(stream),
+            )
+            .await
+            {
+                Ok(pair) => pair,
+                Err(error) => return ProbeResult::Unhealthy(format!("handshake: {error}")),
+            };
+            let driver = tokio::spawn(connection);
+            crate::headers::to_h2_request(&mut request, https);
+            (sender.send_request(request).await, driver)
+        }
+    };
+    let result = match answer {
         Ok(response) => {
             let status = response.status().as_u16();
             if (expected.0..=expected.1).contains(&status) {
@@ -154,9 +185,12 @@ pub async fn check_loop(
         }
         delay = settings.interval;
         // The pool's current TLS settings (a reload may change them).
-        let tls = pool.state().settings.conn.tls.clone();
+        let (tls, protocol) = {
+            let state = pool.state();
+            (state.settings.conn.tls.clone(), state.settings.conn.protocol)
+        };
         let target = tls.as_ref().map(|t| (t, backend.conns.server_name(t)));
-        let result = probe(addr, &backend.address, &settings, target).await;
+        let result = probe(addr, &backend.address, &settings, target, protocol).await;
         let unhealthy = backend.live.flags().contains(BackendFlags::UNHEALTHY);
         match result {
             ProbeResult::Healthy => {

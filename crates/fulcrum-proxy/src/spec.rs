@@ -19,7 +19,7 @@ use crate::state::{
     BackendSpec, HashKeySource, HealthCheckSettings, HealthProbe, HedgeDelay, HedgePolicy,
     PoolSettings, RetryPolicy,
 };
-use crate::upstream::ConnSettings;
+use crate::upstream::{ConnSettings, UpstreamProtocol};
 
 /// Why a configuration could not be turned into a [`NodeSpec`].
 #[derive(Debug, thiserror::Error)]
@@ -121,11 +121,15 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                 },
             });
         }
+        let protocol = match p.protocol {
+            fulcrum_config::UpstreamProtocol::Http1 => UpstreamProtocol::Http1,
+            fulcrum_config::UpstreamProtocol::Http2 => UpstreamProtocol::Http2,
+        };
         let tls = p
             .tls
             .as_ref()
             .map(|t| {
-                crate::tls::upstream(t).map_err(|message| ResolveError::Tls {
+                crate::tls::upstream(t, protocol).map_err(|message| ResolveError::Tls {
                     pool: name.clone(),
                     message,
                 })
@@ -176,6 +180,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                     response_header_timeout: p.timeouts.response_header,
                     idle_timeout: p.timeouts.idle,
                     tls,
+                    protocol,
                 },
                 retry,
                 queue: QueueSettings {

@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 
 use crate::metrics::{BackendMetrics, PoolMetrics};
 use crate::queue::{PoolQueue, QueueSettings};
-use crate::upstream::{ConnPool, ConnSettings};
+use crate::upstream::{ConnPool, ConnSettings, UpstreamProtocol};
 
 /// Which failures of an attempt may be retried on another backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,6 +207,7 @@ impl Default for PoolSettings {
                 response_header_timeout: Duration::from_secs(30),
                 idle_timeout: Duration::from_secs(60),
                 tls: None,
+                protocol: UpstreamProtocol::Http1,
             },
             retry: RetryPolicy::default(),
             queue: QueueSettings::default(),

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use fulcrum_config::{TlsConfig, TlsVersion, UpstreamTlsConfig};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use crate::upstream::UpstreamProtocol;
 
 /// ALPN protocols offered, in preference order (RFC 7301; `h2` per RFC 9113 §3.2;
 /// `http/1.0`, which the HTTP/1 server speaks too, so a client offering only it — `curl
@@ -68,12 +69,15 @@ pub fn build(settings: &TlsConfig) -> Result<TlsState, String> {
 /// even when the configuration is unchanged, as listener certificates are re-read).
 #[derive(Clone)]
 pub struct UpstreamTls {
-    /// rustls client configuration (trust roots, ALPN `http/1.1`), swapped by `install`.
+    /// rustls client configuration (trust roots, ALPN `http/1.1` or `h2`), swapped by
+    /// `install`.
     connector: Arc<ArcSwap<tokio_rustls::TlsConnector>>,
     /// `server_name` when set; else each backend's own host is used.
     pub server_name: Option<ServerName<'static>>,
     /// The settings it was built from, for `rebuild`.
     settings: UpstreamTlsConfig,
+    /// The protocol offered by ALPN.
+    protocol: UpstreamProtocol,
 }
 
 impl UpstreamTls {
@@ -89,7 +93,7 @@ impl UpstreamTls {
     /// # Errors
     /// As [`upstream`]: the CA file or trust store cannot be used.
     pub fn rebuild(&self) -> Result<tokio_rustls::TlsConnector, String> {
-        client_connector(&self.settings)
+        client_connector(&self.settings, self.protocol)
     }
 
     /// Installs a connector made by [`UpstreamTls::rebuild`]; new connections use it,
@@ -109,13 +113,18 @@ impl std::fmt::Debug for UpstreamTls {
 
 /// Builds the client side of `pools.*.tls`: trust `ca_file`'s certificates, or the
 /// system's trust store when it is absent; TLS 1.2 and 1.3 with the *ring* provider's
-/// defaults; ALPN `http/1.1` (the upstream protocol).
+/// defaults; ALPN `http/1.1` or `h2`, the pool's `protocol` (RFC 7301; an HTTP/2 pool
+/// offers only `h2`, as RFC 9113 §3.2 requires of a client that knows the server speaks
+/// it).
 ///
 /// # Errors
 /// A message naming the CA file that cannot be used, a system trust store with no
 /// usable certificate, or an invalid `server_name`.
-pub fn upstream(settings: &UpstreamTlsConfig) -> Result<UpstreamTls, String> {
-    let connector = client_connector(settings)?;
+pub fn upstream(
+    settings: &UpstreamTlsConfig,
+    protocol: UpstreamProtocol,
+) -> Result<UpstreamTls, String> {
+    let connector = client_connector(settings, protocol)?;
     let server_name = settings
         .server_name
         .as_deref()
@@ -125,12 +134,16 @@ pub fn upstream(settings: &UpstreamTlsConfig) -> Result<UpstreamTls, String> {
         connector: Arc::new(ArcSwap::from_pointee(connector)),
         server_name,
         settings: settings.clone(),
+        protocol,
     })
 }
 
 /// The rustls client of `settings`: its trust roots, the *ring* provider's defaults,
-/// ALPN `http/1.1`.
-fn client_connector(settings: &UpstreamTlsConfig) -> Result<tokio_rustls::TlsConnector, String> {
+/// ALPN `http/1.1` or `h2` per `protocol`.
+fn client_connector(
+    settings: &UpstreamTlsConfig,
+    protocol: UpstreamProtocol,
+) -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = RootCertStore::empty();
     match &settings.ca_file {
         Some(path) => {
@@ -157,7 +170,10 @@ fn client_connector(settings: &UpstreamTlsConfig) -> Result<tokio_rustls::TlsCon
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![match protocol {
+        UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+        UpstreamProtocol::Http2 => b"h2".to_vec(),
+    }];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

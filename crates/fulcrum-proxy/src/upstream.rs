@@ -1,4 +1,5 @@
-//! Upstream connections: per-backend pools of keep-alive HTTP/1.1 connections.
+//! Upstream connections: per-backend pools of keep-alive HTTP/1.1 connections, or of
+//! multiplexed HTTP/2 connections (`pools.*.protocol: http2`).
 //!
 //! Each backend has one [`ConnPool`], shared by every worker thread but partitioned by
 //! worker: a worker only reuses the connections it opened, whose hyper connection tasks
@@ -15,6 +16,12 @@
 //! a connect failure gives the request back intact, and a connection returns to its pool
 //! from the response body's end-of-stream, with no task spawned (see
 //! docs/ARCHITECTURE.md).
+//!
+//! Over HTTP/2 each worker keeps one connection per backend and sends every request of
+//! that worker to that backend on it as a stream (Envoy's per-worker connection pools);
+//! the backend's `SETTINGS_MAX_CONCURRENT_STREAMS` makes further requests wait inside
+//! hyper for a free stream. A connection that closed (GOAWAY, reset) or stayed unused
+//! past the idle timeout is replaced by a new one on the next request.
 
 use std::cell::Cell;
 use std::io;
@@ -28,8 +35,8 @@ use fulcrum_stats::clock::{duration_ns, now_ns};
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio_util::either::Either as EitherIo;
@@ -111,6 +118,13 @@ impl http_body::Body for RequestBody {
 
 /// Most idle connections a worker keeps per backend; further ones are closed when released.
 pub const MAX_IDLE_PER_WORKER: usize = 256;
+
+/// Interval of HTTP/2 PINGs to a backend while requests are in flight on the connection.
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
+/// An HTTP/2 connection whose PING is not acknowledged within this closes; its requests
+/// fail as resets.
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(usize::MAX) };
@@ -250,6 +264,23 @@ struct IdleConn {
     idle_since_ns: u64,
 }
 
+/// A worker's HTTP/2 connection to one backend.
+struct SharedConn {
+    sender: http2::SendRequest<UpstreamBody>,
+    /// When a request last took it, in clock nanoseconds.
+    used_ns: u64,
+}
+
+/// The HTTP version spoken to a pool's backends (`pools.*.protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 keep-alive connections, one request at a time each.
+    #[default]
+    Http1,
+    /// HTTP/2 (prior knowledge over TCP, ALPN `h2` over TLS), multiplexed.
+    Http2,
+}
+
 /// Timeouts (and TLS) applied to one backend's connections (from the pool's settings).
 #[derive(Clone, Debug)]
 pub struct ConnSettings {
@@ -261,6 +292,8 @@ pub struct ConnSettings {
     pub idle_timeout: Duration,
     /// TLS to the backends (`pools.*.tls`); `None` = plain HTTP.
     pub tls: Option<crate::tls::UpstreamTls>,
+    /// HTTP/1.1 or HTTP/2 (`pools.*.protocol`).
+    pub protocol: UpstreamProtocol,
 }
 
 /// Keep-alive connections to one backend, partitioned by worker thread.
@@ -270,6 +303,11 @@ pub struct ConnPool {
     /// fix none).
     server_name: rustls::pki_types::ServerName<'static>,
     idle: Box<[Mutex<Vec<IdleConn>>]>,
+    /// Per worker: its HTTP/2 connection (`protocol: http2`), if open.
+    shared: Box<[Mutex<Option<SharedConn>>]>,
+    /// Per worker: held while its HTTP/2 connection is being opened, so that a burst of
+    /// requests opens one connection, not one each.
+    opening: Box<[tokio::sync::Mutex<()>]>,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -280,9 +318,20 @@ impl std::fmt::Debug for ConnPool {
     }
 }
 
-/// A connection checked out of a [`ConnPool`], ready for one request.
+/// The request side of an upstream connection.
+enum Sender {
+    H1(http1::SendRequest<UpstreamBody>),
+    /// `https`: whether it runs over TLS (the `:scheme` of its requests).
+    H2 {
+        sender: http2::SendRequest<UpstreamBody>,
+        https: bool,
+    },
+}
+
+/// A connection checked out of a [`ConnPool`], ready for one request (over HTTP/2, a
+/// handle on the worker's shared connection).
 pub struct Conn {
-    sender: http1::SendRequest<UpstreamBody>,
+    sender: Sender,
     /// Whether the connection served a request before (a failure on a reused connection
     /// may be a keep-alive race rather than a backend fault).
     pub reused: bool,
@@ -296,6 +345,10 @@ impl ConnPool {
             addr,
             server_name: crate::tls::backend_server_name(address, addr),
             idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
+            shared: (0..=workers).map(|_| Mutex::new(None)).collect(),
+            opening: (0..=workers)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -315,9 +368,15 @@ impl ConnPool {
         self.addr
     }
 
-    /// Idle connections currently pooled, over all workers.
+    /// Idle connections currently pooled, over all workers (HTTP/2 connections count
+    /// as idle while open, as they take new requests).
     pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(|p| p.lock().len()).sum()
+        self.idle.iter().map(|p| p.lock().len()).sum::<usize>()
+            + self
+                .shared
+                .iter()
+                .filter(|s| s.lock().as_ref().is_some_and(|c| !c.sender.is_closed()))
+                .count()
     }
 
     /// A ready connection: the most recently used idle one of this worker that is still
@@ -329,6 +388,9 @@ impl ConnPool {
         now_ns: u64,
     ) -> Result<Conn, UpstreamError> {
         let slot = worker_slot(self.idle.len());
+        if settings.protocol == UpstreamProtocol::Http2 {
+            return self.checkout_h2(slot, settings, now_ns).await;
+        }
         loop {
             let candidate = self.idle[slot].lock().pop();
             let Some(mut idle) = candidate else { break };
@@ -341,7 +403,7 @@ impl ConnPool {
             // polled again; this resolves at once, or with an error if it closed meanwhile.
             if idle.sender.ready().await.is_ok() {
                 return Ok(Conn {
-                    sender: idle.sender,
+                    sender: Sender::H1(idle.sender),
                     reused: true,
                 });
             }
@@ -349,6 +411,58 @@ impl ConnPool {
         // Boxed: connecting is the rare path, and its future is large; inline it would
         // enlarge (and be copied with) every request's future.
         Box::pin(self.connect(settings)).await
+    }
+
+    /// Worker `slot`'s HTTP/2 connection, opened if it has none that is usable.
+    async fn checkout_h2(
+        &self,
+        slot: usize,
+        settings: &ConnSettings,
+        now_ns: u64,
+    ) -> Result<Conn, UpstreamError> {
+        if let Some(conn) = self.shared_h2(slot, settings, now_ns).await {
+            return Ok(conn);
+        }
+        let _opening = self.opening[slot].lock().await;
+        // Another request of this worker may have opened one while this one waited.
+        if let Some(conn) = self.shared_h2(slot, settings, now_ns).await {
+            return Ok(conn);
+        }
+        let conn = Box::pin(self.connect(settings)).await?;
+        if let Sender::H2 { sender, .. } = &conn.sender {
+            *self.shared[slot].lock() = Some(SharedConn {
+                sender: sender.clone(),
+                used_ns: now_ns,
+            });
+        }
+        Ok(conn)
+    }
+
+    /// A handle on worker `slot`'s HTTP/2 connection if it is open, was used within the
+    /// idle timeout, and takes requests; a closed or stale one is dropped.
+    async fn shared_h2(&self, slot: usize, settings: &ConnSettings, now_ns: u64) -> Option<Conn> {
+        let mut sender = {
+            let mut shared = self.shared[slot].lock();
+            let current = shared.as_mut()?;
+            if current.sender.is_closed()
+                || now_ns.saturating_sub(current.used_ns) > duration_ns(settings.idle_timeout)
+            {
+                *shared = None;
+                return None;
+            }
+            current.used_ns = current.used_ns.max(now_ns);
+            current.sender.clone()
+        };
+        match sender.ready().await {
+            Ok(()) => Some(Conn {
+                sender: Sender::H2 {
+                    sender,
+                    https: settings.tls.is_some(),
+                },
+                reused: true,
+            }),
+            Err(_) => None,
+        }
     }
 
     async fn connect(&self, settings: &ConnSettings) -> Result<Conn, UpstreamError> {
@@ -378,6 +492,9 @@ impl ConnPool {
                 )
             }
         };
+        if settings.protocol == UpstreamProtocol::Http2 {
+            return Box::pin(Self::handshake_h2(addr, io, settings.tls.is_some())).await;
+        }
         let (sender, connection) = http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(io))
@@ -389,7 +506,33 @@ impl ConnPool {
             }
         });
         Ok(Conn {
-            sender,
+            sender: Sender::H1(sender),
+            reused: false,
+        })
+    }
+
+    /// The HTTP/2 connection preface and settings exchange on a connected stream.
+    async fn handshake_h2(
+        addr: SocketAddr,
+        io: EitherIo<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>,
+        https: bool,
+    ) -> Result<Conn, UpstreamError> {
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Detects a backend that vanished without closing (HAProxy and Envoy
+            // probe HTTP/2 backends the same way); an unanswered PING closes it.
+            .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| UpstreamError::Reset { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(backend = %addr, %error, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        Ok(Conn {
+            sender: Sender::H2 { sender, https },
             reused: false,
         })
     }
@@ -397,14 +540,18 @@ impl ConnPool {
     /// Returns a connection whose response has been read to the end at `now_ns`, for reuse
     /// by this worker. Closed connections and those beyond [`MAX_IDLE_PER_WORKER`] are dropped.
     pub fn release(&self, conn: Conn, now_ns: u64) {
-        if conn.sender.is_closed() {
+        // An HTTP/2 handle is dropped: its connection stays with the worker's slot.
+        let Sender::H1(sender) = conn.sender else {
+            return;
+        };
+        if sender.is_closed() {
             return;
         }
         let slot = worker_slot(self.idle.len());
         let mut idle = self.idle[slot].lock();
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push(IdleConn {
-                sender: conn.sender,
+                sender,
                 idle_since_ns: now_ns,
             });
         }
@@ -418,6 +565,16 @@ impl ConnPool {
             partition
                 .lock()
                 .retain(|c| !c.sender.is_closed() && now.saturating_sub(c.idle_since_ns) <= limit);
+        }
+        for slot in self.shared.iter() {
+            let mut shared = slot.lock();
+            if shared.as_ref().is_some_and(|c| {
+                c.sender.is_closed() || now.saturating_sub(c.used_ns) > limit
+            }) {
+                // Requests still in flight keep their handles, and the connection, until
+                // they end.
+                *shared = None;
+            }
         }
     }
 }
@@ -459,7 +616,14 @@ impl Conn {
             Either::Left(streamed) => Some(Arc::clone(&streamed.progress)),
             Either::Right(_) => None,
         };
-        let sent = self.sender.try_send_request(req);
+        let sent = match &mut self.sender {
+            Sender::H1(sender) => EitherIo::Left(sender.try_send_request(req)),
+            Sender::H2 { sender, https } => {
+                let mut req = req;
+                crate::headers::to_h2_request(&mut req, *https);
+                EitherIo::Right(sender.try_send_request(req))
+            }
+        };
         let answer = match progress {
             // Buffered: the timer runs from the send.
             None => match tokio::time::timeout(timeout, sent).await {

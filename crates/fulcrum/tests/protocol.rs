@@ -788,3 +788,190 @@ async fn tcp_listeners_close_idle_connections_and_count_backend_resets() {
     let got = tokio::task::block_in_place(|| read_until_closed(&mut quiet));
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
 }
+
+/// What the HTTP/2-only backend of `pools_can_speak_http2_to_backends` saw.
+#[derive(Default)]
+struct H2Seen {
+    connections: usize,
+    /// Per request: version, `:authority`, `te`, whether a `host` field came too, path.
+    requests: Vec<(http::Version, String, String, bool, String)>,
+}
+
+/// An HTTP/2-only backend (as a gRPC server is: it refuses HTTP/1.1) that answers every
+/// request with its path as body and a `grpc-status: 0` trailer.
+async fn h2_only_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<H2Seen>>,
+) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(H2Seen::default()));
+    let record = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            record.lock().expect("not poisoned").connections += 1;
+            let record = std::sync::Arc::clone(&record);
+            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let record = std::sync::Arc::clone(&record);
+                async move {
+                    let header = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+                    let path = req.uri().path().to_owned();
+                    record.lock().expect("not poisoned").requests.push((
+                        req.version(),
+                        authority,
+                        header("te"),
+                        req.headers().contains_key("host"),
+                        path.clone(),
+                    ));
+                    // The request body is read to the end and its length echoed.
+                    let length = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames = vec![
+                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(
+                            format!("{path} {length}"),
+                        ))),
+                        Ok(http_body::Frame::trailers(trailers)),
+                    ];
+                    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(body)
+                            .expect("valid response"),
+                    )
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+/// `pools.*.protocol: http2`: requests from HTTP/1.1 and HTTP/2 clients reach an
+/// HTTP/2-only backend as HTTP/2 streams with `:authority` from the client's host,
+/// multiplexed on one connection per worker; a gRPC-style exchange keeps `te: trailers`
+/// and the response trailers; health checks speak HTTP/2 too; and a `tcp` listener
+/// cannot use such a pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_can_speak_http2_to_backends() {
+    use http_body_util::BodyExt;
+    let (backend, seen) = h2_only_backend().await;
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: grpc\npools:\n  grpc:\n    protocol: http2\n    health_check: {{ path: /health, interval: 300ms, timeout: 250ms, rise: 1, fall: 1 }}\n    backends:\n      - address: {backend}\n"
+    ));
+
+    // HTTP/1.1 client: its Host becomes the backend's :authority, with no host field.
+    let r = client()
+        .post(format!("{}/h1/0", node.url("web")))
+        .body("hello")
+        .send()
+        .await
+        .expect("HTTP/1.1 request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "/h1/0 5");
+    {
+        let seen = seen.lock().expect("not poisoned");
+        let (version, authority, te, host, _) = &seen.requests[seen.requests.len() - 1];
+        assert_eq!(*version, http::Version::HTTP_2);
+        assert_eq!(*authority, node.listeners["web"].to_string());
+        assert!(te.is_empty(), "te forwarded to a client that did not ask: {te}");
+        assert!(!host, "a host field beside :authority");
+    }
+
+    // gRPC-style HTTP/2 client: `te: trailers` reaches the backend and the trailer comes
+    // back.
+    let stream = tokio::net::TcpStream::connect(node.listeners["web"])
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://grpc.example/pkg.Service/Call"))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\x03abc")))
+        .expect("valid request");
+    let response = sender.send_request(request).await.expect("gRPC call");
+    assert_eq!(response.status(), 200);
+    let collected = response.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), "/pkg.Service/Call 8");
+    {
+        let seen = seen.lock().expect("not poisoned");
+        let (_, authority, te, _, path) = &seen.requests[seen.requests.len() - 1];
+        assert_eq!(
+            (authority.as_str(), te.as_str(), path.as_str()),
+            ("grpc.example", "trailers", "/pkg.Service/Call")
+        );
+    }
+
+    // Concurrent requests share connections: one per worker thread at most (plus one
+    // for the control thread's health checks, which open their own).
+    let futures = (0..32).map(|i| client().get(format!("{}/c/{i}", node.url("web"))).send());
+    for response in futures_util::future::join_all(futures).await {
+        assert_eq!(response.expect("request").status(), 200);
+    }
+    // Health checks over HTTP/2 pass (the backend refuses HTTP/1.1).
+    common::eventually(common::DEADLINE, "HTTP/2 health checks ran", async || {
+        let seen = seen.lock().expect("not poisoned");
+        (seen.requests.iter().filter(|r| r.4 == "/health").count() >= 2).then_some(())
+    })
+    .await;
+    let v = node.api("/api/pools/grpc/backends").await;
+    assert_eq!(v["backends"][0]["state"], "healthy", "{v}");
+    let seen = seen.lock().expect("not poisoned");
+    let health_checks = seen.requests.iter().filter(|r| r.4 == "/health").count();
+    let proxied = seen.requests.len() - health_checks;
+    assert_eq!(proxied, 34);
+    // Every health check opens its own connection; proxied requests reuse theirs.
+    let proxy_connections = seen.connections - health_checks;
+    assert!(
+        proxy_connections <= 3,
+        "{proxy_connections} connections for {proxied} requests"
+    );
+    drop(seen);
+
+    // A tcp listener cannot forward to an HTTP/2 pool.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("tcp.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listeners:\n  - name: raw\n    protocol: tcp\n    listen: 127.0.0.1:0\n    routes:\n      - pool: grpc\npools:\n  grpc:\n    protocol: http2\n    backends:\n      - address: {backend}\n"
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(common::fulcrum_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("listeners[0].routes[0].pool") && stderr.contains("protocol: http2"),
+        "{stderr}"
+    );
+}

@@ -314,12 +314,13 @@ async fn pools_speak_tls_to_backends_and_refuse_untrusted_ones() {
     let tls_backend = Node::start(&config(dir.path(), &simulator));
     let backend_addr = tls_backend.listeners["web"];
 
-    let front = |ca_file: &str| {
+    let front_with = |ca_file: &str, protocol: &str| {
         Node::start(&format!(
-            "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    tls: {{ ca_file: {} }}\n    health_check: {{ path: /health, interval: 300ms, timeout: 250ms, rise: 1, fall: 3 }}\n    retry: {{ attempts: 1 }}\n    backends:\n      - address: {backend_addr}\n",
+            "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    protocol: {protocol}\n    tls: {{ ca_file: {} }}\n    health_check: {{ path: /health, interval: 300ms, timeout: 250ms, rise: 1, fall: 3 }}\n    retry: {{ attempts: 1 }}\n    backends:\n      - address: {backend_addr}\n",
             dir.path().join(ca_file).display()
         ))
     };
+    let front = |ca_file: &str| front_with(ca_file, "http1");
 
     // Trusted: the request crosses TLS (the TLS listener says `https` to the simulator),
     // and the backend stays healthy under TLS health checks.
@@ -344,6 +345,35 @@ async fn pools_speak_tls_to_backends_and_refuse_untrusted_ones() {
     assert!(checks >= 3);
     let v = trusting.api("/api/pools/app/backends").await;
     assert_eq!(v["backends"][0]["state"], "healthy", "{v}");
+
+    // `protocol: http2` over TLS: ALPN offers only `h2`, so an answer means the backend
+    // agreed to HTTP/2 (a TLS listener that did not would fail the handshake); its
+    // health checks pass over HTTP/2 as well.
+    let h2_front = front_with("ca.pem", "http2");
+    let r = common::client()
+        .get(format!("{}/echo", h2_front.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-echo-x-forwarded-proto"], "https");
+    let handshakes = async || {
+        let m = tls_backend.metrics().await;
+        common::metric_value(
+            &m,
+            "fulcrum_tls_handshakes_total",
+            r#"listener="web",result="ok""#,
+        )
+    };
+    let before = handshakes().await.unwrap_or(0.0);
+    common::eventually(common::DEADLINE, "HTTP/2 TLS health checks ran", async || {
+        (handshakes().await? >= before + 4.0).then_some(())
+    })
+    .await;
+    // Four checks at most 300 ms apart (fall: 3): failing ones would have taken it out.
+    let v = h2_front.api("/api/pools/app/backends").await;
+    assert_eq!(v["backends"][0]["state"], "healthy", "{v}");
+    drop(h2_front);
 
     // Untrusted CA: requests fail as connect failures (502), and the health check takes
     // the backend out.
