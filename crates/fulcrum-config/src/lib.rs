@@ -57,10 +57,10 @@ pub use model::{
     DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HashConfig,
     HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind, HealthMergeRule, HedgeConfig,
     ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, MAX_REQUESTS_LIMIT,
-    OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, Rate, UpstreamProtocol,
+    OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, Rate,
     RateLimitConfig, RateLimitKey, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
     RuntimeConfig, SlowStartConfig, StatsConfig, TailAwareConfig, TlsConfig, TlsVersion,
-    UpstreamTimeouts, UpstreamTlsConfig, parse_nameserver,
+    UpstreamProtocol, UpstreamTimeouts, UpstreamTlsConfig, parse_nameserver,
 };
 pub use scalar::{HedgeDelay, RetryOn, StatusRange};
 

@@ -187,7 +187,10 @@ pub async fn check_loop(
         // The pool's current TLS settings (a reload may change them).
         let (tls, protocol) = {
             let state = pool.state();
-            (state.settings.conn.tls.clone(), state.settings.conn.protocol)
+            (
+                state.settings.conn.tls.clone(),
+                state.settings.conn.protocol,
+            )
         };
         let target = tls.as_ref().map(|t| (t, backend.conns.server_name(t)));
         let result = probe(addr, &backend.address, &settings, target, protocol).await;

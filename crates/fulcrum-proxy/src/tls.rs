@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use crate::upstream::UpstreamProtocol;
 use arc_swap::ArcSwap;
 use fulcrum_config::{TlsConfig, TlsVersion, UpstreamTlsConfig};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use crate::upstream::UpstreamProtocol;
 
 /// ALPN protocols offered, in preference order (RFC 7301; `h2` per RFC 9113 §3.2;
 /// `http/1.0`, which the HTTP/1 server speaks too, so a client offering only it — `curl

@@ -346,9 +346,7 @@ impl ConnPool {
             server_name: crate::tls::backend_server_name(address, addr),
             idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             shared: (0..=workers).map(|_| Mutex::new(None)).collect(),
-            opening: (0..=workers)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            opening: (0..=workers).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
@@ -568,9 +566,10 @@ impl ConnPool {
         }
         for slot in self.shared.iter() {
             let mut shared = slot.lock();
-            if shared.as_ref().is_some_and(|c| {
-                c.sender.is_closed() || now.saturating_sub(c.used_ns) > limit
-            }) {
+            if shared
+                .as_ref()
+                .is_some_and(|c| c.sender.is_closed() || now.saturating_sub(c.used_ns) > limit)
+            {
                 // Requests still in flight keep their handles, and the connection, until
                 // they end.
                 *shared = None;

@@ -817,44 +817,54 @@ async fn h2_only_backend() -> (
             };
             record.lock().expect("not poisoned").connections += 1;
             let record = std::sync::Arc::clone(&record);
-            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let record = std::sync::Arc::clone(&record);
-                async move {
-                    let header = |name: &str| {
-                        req.headers()
-                            .get(name)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned()
-                    };
-                    let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
-                    let path = req.uri().path().to_owned();
-                    record.lock().expect("not poisoned").requests.push((
-                        req.version(),
-                        authority,
-                        header("te"),
-                        req.headers().contains_key("host"),
-                        path.clone(),
-                    ));
-                    // The request body is read to the end and its length echoed.
-                    let length = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                    let frames = vec![
-                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(
-                            format!("{path} {length}"),
-                        ))),
-                        Ok(http_body::Frame::trailers(trailers)),
-                    ];
-                    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-                    Ok::<_, std::convert::Infallible>(
-                        http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .body(body)
-                            .expect("valid response"),
-                    )
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = std::sync::Arc::clone(&record);
+                    async move {
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let authority = req
+                            .uri()
+                            .authority()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default();
+                        let path = req.uri().path().to_owned();
+                        record.lock().expect("not poisoned").requests.push((
+                            req.version(),
+                            authority,
+                            header("te"),
+                            req.headers().contains_key("host"),
+                            path.clone(),
+                        ));
+                        // The request body is read to the end and its length echoed.
+                        let length = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_or(0, |b| b.to_bytes().len());
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let frames = vec![
+                            Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                                bytes::Bytes::from(format!("{path} {length}")),
+                            )),
+                            Ok(http_body::Frame::trailers(trailers)),
+                        ];
+                        let body =
+                            http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .expect("valid response"),
+                        )
+                    }
+                });
             tokio::spawn(
                 hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
@@ -891,7 +901,10 @@ async fn pools_can_speak_http2_to_backends() {
         let (version, authority, te, host, _) = &seen.requests[seen.requests.len() - 1];
         assert_eq!(*version, http::Version::HTTP_2);
         assert_eq!(*authority, node.listeners["web"].to_string());
-        assert!(te.is_empty(), "te forwarded to a client that did not ask: {te}");
+        assert!(
+            te.is_empty(),
+            "te forwarded to a client that did not ask: {te}"
+        );
         assert!(!host, "a host field beside :authority");
     }
 
@@ -907,10 +920,12 @@ async fn pools_can_speak_http2_to_backends() {
     .await
     .expect("h2 handshake");
     tokio::spawn(connection);
-    let request = http::Request::post(format!("http://grpc.example/pkg.Service/Call"))
+    let request = http::Request::post("http://grpc.example/pkg.Service/Call")
         .header("te", "trailers")
         .header("content-type", "application/grpc")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\x03abc")))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\x03abc",
+        )))
         .expect("valid request");
     let response = sender.send_request(request).await.expect("gRPC call");
     assert_eq!(response.status(), 200);

@@ -366,9 +366,11 @@ async fn pools_speak_tls_to_backends_and_refuse_untrusted_ones() {
         )
     };
     let before = handshakes().await.unwrap_or(0.0);
-    common::eventually(common::DEADLINE, "HTTP/2 TLS health checks ran", async || {
-        (handshakes().await? >= before + 4.0).then_some(())
-    })
+    common::eventually(
+        common::DEADLINE,
+        "HTTP/2 TLS health checks ran",
+        async || (handshakes().await? >= before + 4.0).then_some(()),
+    )
     .await;
     // Four checks at most 300 ms apart (fall: 3): failing ones would have taken it out.
     let v = h2_front.api("/api/pools/app/backends").await;
