@@ -683,4 +683,43 @@ mod tests {
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["connection"], "upgrade");
     }
+
+    #[test]
+    fn http2_form_takes_the_authority_from_host_and_keeps_te_trailers_apart() {
+        let mut p = parts(
+            Request::post("/pkg.Svc/Call?x=1")
+                .header("host", "api.example:8443")
+                .header("te", "trailers")
+                .body(())
+                .expect("valid request"),
+        );
+        let prepared = prepare_request(&mut p, &ip(), "https");
+        assert!(prepared.te_trailers);
+        assert!(
+            !p.headers.contains_key("te"),
+            "TE is hop-by-hop toward HTTP/1.1"
+        );
+        let mut request = Request::from_parts(p, ());
+        to_h2_request(&mut request, true);
+        assert_eq!(request.uri(), "https://api.example:8443/pkg.Svc/Call?x=1");
+        assert_eq!(request.version(), Version::HTTP_2);
+        assert!(!request.headers().contains_key("host"));
+        // Applied twice (a retried request) it changes nothing.
+        to_h2_request(&mut request, false);
+        assert_eq!(request.uri(), "https://api.example:8443/pkg.Svc/Call?x=1");
+
+        // No TE: trailers asked for; a Host that is no authority stays as it is.
+        let mut p = parts(
+            Request::get("/")
+                .header("host", "bad host")
+                .header("te", "gzip")
+                .body(())
+                .expect("valid request"),
+        );
+        assert!(!prepare_request(&mut p, &ip(), "http").te_trailers);
+        let mut request = Request::from_parts(p, ());
+        to_h2_request(&mut request, false);
+        assert_eq!(request.uri(), "/");
+        assert_eq!(request.headers()["host"], "bad host");
+    }
 }
