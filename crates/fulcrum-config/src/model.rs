@@ -146,6 +146,12 @@ pub struct ListenerConfig {
     /// Client-side timeouts.
     #[serde(default)]
     pub timeouts: ListenerTimeouts,
+    /// Most client connections open at once on this listener, over all worker threads
+    /// (HAProxy's frontend `maxconn`): when that many are open the listener stops
+    /// accepting and further connections wait in the kernel's accept backlog until one
+    /// closes. 0 (default) = unlimited. Validated: ≤ 10000000.
+    #[serde(default)]
+    pub max_connections: u32,
     /// Routes, tried in order; the first that matches picks the pool. Validated: at least
     /// one; each names a pool; a `tcp` listener has exactly one route, without `match`.
     #[serde(default)]
@@ -260,6 +266,7 @@ impl Default for ListenerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             protocol: Protocol::Http,
             timeouts: ListenerTimeouts::default(),
+            max_connections: 0,
             routes: Vec::new(),
             tls: None,
         }

@@ -216,6 +216,8 @@ fn full_config_has_every_value() {
             idle: secs(90)
         }
     );
+    assert_eq!(web.max_connections, 20000);
+    assert_eq!(c.listeners[1].max_connections, 0);
     assert_eq!(
         web.routes,
         [
@@ -417,6 +419,8 @@ fn full_config_has_every_value() {
     );
 
     let api = &c.pools["api"];
+    assert_eq!(api.protocol, crate::UpstreamProtocol::Http2);
+    assert_eq!(c.pools["app"].protocol, crate::UpstreamProtocol::Http1);
     assert_eq!(api.strategy, StrategyKind::P2c);
     let hc = api.health_check.as_ref().unwrap();
     assert_eq!(
@@ -877,6 +881,11 @@ fn semantic_checks_of_pool_fields() {
             "    hedge: { max_body_bytes: 16777217 }\n",
             "pools.app.hedge.max_body_bytes",
             "16777217 is out of range; must be 0..=16777216 (16 MiB)",
+        ),
+        (
+            "    protocol: http3\n",
+            "pools.app.protocol",
+            "unknown variant `http3`",
         ),
         (
             "    default_max_requests: 1000001\n",

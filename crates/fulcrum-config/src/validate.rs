@@ -355,6 +355,11 @@ impl Checker<'_> {
                 l.timeouts.request_header,
             );
             self.positive(&format!("{p}.timeouts.idle"), l.timeouts.idle);
+            self.int_range(
+                &format!("{p}.max_connections"),
+                u64::from(l.max_connections),
+                0..=10_000_000,
+            );
             self.tls(l, &p);
             self.routes(config, l, &p);
         }

@@ -33,6 +33,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -108,6 +109,37 @@ pub struct ListenerRuntime {
     pub tls: Option<SwappableTls>,
     replies: [Counter; 6],
     handshakes: [Counter; 3],
+    /// `max_connections` (0 = unlimited).
+    pub max_connections: u32,
+    /// Permits for open connections, over all workers; `None` = unlimited.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// `fulcrum_listener_connections`.
+    open: Gauge,
+    /// `fulcrum_listener_connections_limited_total`.
+    limited: Counter,
+}
+
+/// Held by a client connection's task for its lifetime: its place in the listener's
+/// `max_connections` and in the open-connections gauge.
+struct ConnSlot {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    open: Gauge,
+}
+
+impl ConnSlot {
+    fn new(permit: Option<tokio::sync::OwnedSemaphorePermit>, open: &Gauge) -> Self {
+        open.inc();
+        Self {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 impl ListenerRuntime {
@@ -134,7 +166,50 @@ impl ListenerRuntime {
             },
             tls: tls.map(ArcSwap::from_pointee),
             replies: REPLY_CODES.map(|code| metrics.local_replies(name, code.as_u16())),
+            max_connections: 0,
+            slots: None,
+            open: metrics.listener_connections(name),
+            limited: Counter::default(),
         }
+    }
+
+    /// Limits the listener to `max` open client connections (HAProxy's frontend
+    /// `maxconn`); 0 = unlimited. At the limit each worker thread holds the one
+    /// connection it accepted last, unread, and stops accepting, so further connections
+    /// wait in the kernel's backlog (and time out there, or are refused when it is
+    /// full) rather than being accepted and closed; they are served, in order, as open
+    /// ones close.
+    #[must_use]
+    pub fn with_max_connections(mut self, max: u32, metrics: &Metrics) -> Self {
+        self.max_connections = max;
+        if max > 0 {
+            self.slots = Some(Arc::new(tokio::sync::Semaphore::new(max as usize)));
+            self.limited = metrics.listener_limited(&self.name);
+        }
+        self
+    }
+
+    /// A place for one more (accepted) connection: at once when the listener is below
+    /// its `max_connections` (or has none), else when a connection closes, first come
+    /// first served over all workers; `None` if `shutdown` comes first.
+    async fn slot(&self, shutdown: &CancellationToken) -> Option<ConnSlot> {
+        let Some(slots) = &self.slots else {
+            return Some(ConnSlot::new(None, &self.open));
+        };
+        let permit = match Arc::clone(slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.limited.inc();
+                tracing::debug!(listener = %self.name, max_connections = self.max_connections, "connection limit reached; not accepting");
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return None,
+                    // The semaphore is never closed.
+                    permit = Arc::clone(slots).acquire_owned() => permit.ok()?,
+                }
+            }
+        };
+        Some(ConnSlot::new(Some(permit), &self.open))
     }
 
     /// `https` with TLS, else `http`: the scheme clients used (`X-Forwarded-Proto`).
@@ -334,21 +409,37 @@ async fn accept_loop(
             }
         };
         metrics.connections_accepted.inc();
+        // Taken after the accept: each worker has its own `SO_REUSEPORT` socket, and a
+        // permit held by an accept loop while it waited for a connection would strand
+        // connections queued at another worker's socket. So at the limit each worker
+        // holds at most one accepted connection, unread, until a permit frees.
+        let Some(slot) = listener.slot(shutdown).await else {
+            break;
+        };
         let _ = stream.set_nodelay(true);
         match listener.protocol {
             ListenerProtocol::Tcp => {
-                tracker.spawn(crate::tcp::serve(Arc::clone(&listener), stream, peer));
+                let serve = crate::tcp::serve(Arc::clone(&listener), stream, peer);
+                tracker.spawn(async move {
+                    serve.await;
+                    drop(slot);
+                });
             }
             ListenerProtocol::Http => match &listener.tls {
                 None => {
                     let (connection, ctx) = http_connection(&builder, &listener, stream, peer);
-                    tracker.spawn(serve_http(connection, ctx, shutdown.clone()));
+                    let serve = serve_http(connection, ctx, shutdown.clone());
+                    tracker.spawn(async move {
+                        serve.await;
+                        drop(slot);
+                    });
                 }
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.load().config));
                     let (listener, builder, shutdown) =
                         (Arc::clone(&listener), builder.clone(), shutdown.clone());
                     tracker.spawn(async move {
+                        let _slot = slot;
                         let Some(stream) = handshake(&listener, &acceptor, stream, peer).await
                         else {
                             return;

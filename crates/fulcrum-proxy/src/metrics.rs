@@ -82,6 +82,13 @@ pub struct LocalReplyLabels {
     pub code: u16,
 }
 
+/// Label of a listener's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// Listener name.
+    pub listener: String,
+}
+
 /// Labels of a listener's TLS handshakes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsHandshakeLabels {
@@ -221,6 +228,8 @@ pub struct Metrics {
     pub backend_in_flight: Family<BackendLabels, Gauge>,
     local_replies: Family<LocalReplyLabels, Counter>,
     tls_handshakes: Family<TlsHandshakeLabels, Counter>,
+    listener_connections: Family<ListenerLabels, Gauge>,
+    listener_limited: Family<ListenerLabels, Counter>,
     /// `fulcrum_connections_accepted_total`: client connections accepted, all listeners.
     pub connections_accepted: Counter<u64, AtomicU64>,
     /// Cluster figures (empty on a single node).
@@ -401,6 +410,18 @@ impl Metrics {
             "TLS handshakes on listeners with `tls`, by result (ok, error, timeout)",
             tls_handshakes.clone(),
         );
+        let listener_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "fulcrum_listener_connections",
+            "Client connections open on a listener",
+            listener_connections.clone(),
+        );
+        let listener_limited = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "fulcrum_listener_connections_limited",
+            "Times a listener stopped accepting because `max_connections` connections were open",
+            listener_limited.clone(),
+        );
         let connections_accepted = Counter::default();
         registry.register(
             "fulcrum_connections_accepted",
@@ -479,6 +500,8 @@ impl Metrics {
             backend_in_flight,
             local_replies,
             tls_handshakes,
+            listener_connections,
+            listener_limited,
             connections_accepted,
         }
     }
@@ -608,6 +631,21 @@ impl Metrics {
                 listener: listener.to_owned(),
                 result,
             })
+    }
+
+    /// The gauge of client connections open on `listener`.
+    pub fn listener_connections(&self, listener: &str) -> Gauge {
+        self.listener_connections
+            .get_or_create_owned(&ListenerLabels {
+                listener: listener.to_owned(),
+            })
+    }
+
+    /// The counter of times `listener` reached its `max_connections`.
+    pub fn listener_limited(&self, listener: &str) -> Counter {
+        self.listener_limited.get_or_create_owned(&ListenerLabels {
+            listener: listener.to_owned(),
+        })
     }
 
     /// Exports the cluster families from now on (a node in a cluster), and the

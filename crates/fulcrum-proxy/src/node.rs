@@ -59,6 +59,9 @@ pub struct ListenerSpec {
     pub routes: Vec<RouteSpec>,
     /// TLS termination settings; `None` = plain text.
     pub tls: Option<fulcrum_config::TlsConfig>,
+    /// Most client connections open at once (HAProxy's frontend `maxconn`); 0 =
+    /// unlimited.
+    pub max_connections: u32,
 }
 
 /// A pool as declared.
@@ -487,9 +490,12 @@ impl Node {
             (0..threads).map(|_| Vec::new()).collect();
         for ((l, (sockets, local)), tls) in spec.listeners.iter().zip(bound).zip(tls) {
             let router = build_router(l, &pools, None)?;
-            listeners.push(Arc::new(ListenerRuntime::new(
-                &l.name, l.protocol, local, router, l.timeouts, tls, &metrics,
-            )));
+            listeners.push(Arc::new(
+                ListenerRuntime::new(
+                    &l.name, l.protocol, local, router, l.timeouts, tls, &metrics,
+                )
+                .with_max_connections(l.max_connections, &metrics),
+            ));
             for (worker, socket) in sockets.into_iter().enumerate() {
                 per_worker[worker].push(socket);
             }
@@ -692,6 +698,8 @@ impl Node {
                 Some("`protocol`".to_owned())
             } else if r.timeouts != s.timeouts {
                 Some("`timeouts`".to_owned())
+            } else if r.max_connections != s.max_connections {
+                Some("`max_connections`".to_owned())
             } else if r.tls.is_some() != s.tls.is_some() {
                 Some("`tls` on or off".to_owned())
             } else {
@@ -699,7 +707,7 @@ impl Node {
             };
             if let Some(what) = what {
                 return Err(NodeError::ListenersChanged(format!(
-                    "listener `{}`: {what} changed; the running configuration stays (listener names, addresses, protocols, timeouts and TLS on or off take effect on restart; routes, rate limits and certificates reload)",
+                    "listener `{}`: {what} changed; the running configuration stays (listener names, addresses, protocols, timeouts, `max_connections` and TLS on or off take effect on restart; routes, rate limits and certificates reload)",
                     s.name
                 )));
             }

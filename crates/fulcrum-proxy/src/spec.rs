@@ -82,6 +82,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                 idle: l.timeouts.idle,
             },
             tls: l.tls.clone(),
+            max_connections: l.max_connections,
             routes: l
                 .routes
                 .iter()

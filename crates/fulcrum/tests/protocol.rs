@@ -990,3 +990,79 @@ async fn pools_can_speak_http2_to_backends() {
         "{stderr}"
     );
 }
+
+/// `listeners[].max_connections`: with the limit open, a further connection is not
+/// served (the listener stops accepting; `fulcrum_listener_connections_limited_total`
+/// counts it) until one of the open ones closes, and then it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_further_connections_until_one_closes() {
+    let b = Backend::start("b1", &[]);
+    let yaml = simple_config("round_robin", &[&b], "").replace(
+        "    listen: 127.0.0.1:0\n    routes:",
+        "    listen: 127.0.0.1:0\n    max_connections: 2\n    routes:",
+    );
+    assert!(yaml.contains("max_connections: 2"), "{yaml}");
+    let node = Node::start(&yaml);
+    let addr = node.listeners["web"];
+    let request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    let answered = |stream: &mut TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        let n = stream.read(&mut buf).expect("an answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // Two keep-alive connections, served and left open.
+    let mut open: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(request).expect("write");
+            assert!(answered(&mut s).starts_with("HTTP/1.1 200"));
+            s
+        })
+        .collect();
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "fulcrum_listener_connections",
+            r#"listener="web""#
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    // A third: accepted by the kernel, but held unserved at the limit.
+    let mut third = TcpStream::connect(addr).expect("connect");
+    third.write_all(request).expect("write");
+    common::eventually(common::DEADLINE, "the limit is counted", async || {
+        let m = node.metrics().await;
+        let limited = common::metric_value(
+            &m,
+            "fulcrum_listener_connections_limited_total",
+            r#"listener="web""#,
+        )?;
+        (limited >= 1.0).then_some(())
+    })
+    .await;
+    third.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 64];
+    match third.read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a connection beyond max_connections was served: {other:?}"),
+    }
+    third.set_nonblocking(false).expect("blocking");
+    // One closes: the third is served.
+    drop(open.remove(0));
+    assert!(answered(&mut third).starts_with("HTTP/1.1 200"));
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "fulcrum_listener_connections",
+            r#"listener="web""#
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+}
