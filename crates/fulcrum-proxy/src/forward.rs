@@ -70,14 +70,18 @@ pub struct ConnContext {
     active: AtomicU32,
     /// When `active` last dropped to 0 (or the connection was accepted), clock ns.
     idle_since_ns: AtomicU64,
+    /// The connection's place in its listener's open connections (`max_connections`),
+    /// given up when the last reference to the context goes, with the connection.
+    _slot: crate::listener::ConnSlot,
 }
 
 impl ConnContext {
     /// Context for a connection from `peer` accepted by `listener`.
-    pub fn new(
+    pub(crate) fn new(
         listener: Arc<ListenerRuntime>,
         peer: SocketAddr,
         verdicts: FramingVerdicts,
+        slot: crate::listener::ConnSlot,
     ) -> Self {
         let client_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -89,6 +93,7 @@ impl ConnContext {
             requests: AtomicU64::new(0),
             active: AtomicU32::new(0),
             idle_since_ns: AtomicU64::new(now_ns()),
+            _slot: slot,
         }
     }
 

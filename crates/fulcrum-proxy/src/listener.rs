@@ -119,9 +119,10 @@ pub struct ListenerRuntime {
     limited: Counter,
 }
 
-/// Held by a client connection's task for its lifetime: its place in the listener's
+/// Held by a client connection for its lifetime: its place in the listener's
 /// `max_connections` and in the open-connections gauge.
-struct ConnSlot {
+#[derive(Debug)]
+pub(crate) struct ConnSlot {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     open: Gauge,
 }
@@ -427,24 +428,21 @@ async fn accept_loop(
             }
             ListenerProtocol::Http => match &listener.tls {
                 None => {
-                    let (connection, ctx) = http_connection(&builder, &listener, stream, peer);
-                    let serve = serve_http(connection, ctx, shutdown.clone());
-                    tracker.spawn(async move {
-                        serve.await;
-                        drop(slot);
-                    });
+                    let (connection, ctx) =
+                        http_connection(&builder, &listener, stream, peer, slot);
+                    tracker.spawn(serve_http(connection, ctx, shutdown.clone()));
                 }
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.load().config));
                     let (listener, builder, shutdown) =
                         (Arc::clone(&listener), builder.clone(), shutdown.clone());
                     tracker.spawn(async move {
-                        let _slot = slot;
                         let Some(stream) = handshake(&listener, &acceptor, stream, peer).await
                         else {
                             return;
                         };
-                        let (connection, ctx) = http_connection(&builder, &listener, stream, peer);
+                        let (connection, ctx) =
+                            http_connection(&builder, &listener, stream, peer, slot);
                         serve_http(connection, ctx, shutdown).await;
                     });
                 }
@@ -487,6 +485,7 @@ fn http_connection<IO>(
     listener: &Arc<ListenerRuntime>,
     io: IO,
     peer: SocketAddr,
+    slot: ConnSlot,
 ) -> (
     impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
     + GracefulConnection
@@ -502,6 +501,7 @@ where
         Arc::clone(listener),
         peer,
         verdicts.clone(),
+        slot,
     ));
     let service_ctx = Arc::clone(&ctx);
     let service = service_fn(move |req| forward::handle(Arc::clone(&service_ctx), req));

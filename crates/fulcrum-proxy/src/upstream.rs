@@ -387,7 +387,12 @@ impl ConnPool {
     ) -> Result<Conn, UpstreamError> {
         let slot = worker_slot(self.idle.len());
         if settings.protocol == UpstreamProtocol::Http2 {
-            return self.checkout_h2(slot, settings, now_ns).await;
+            if let Some(conn) = self.shared_h2(slot, settings, now_ns) {
+                return Ok(conn);
+            }
+            // Boxed: opening is rare, and inline its future would enlarge every
+            // request's.
+            return Box::pin(self.open_h2(slot, settings, now_ns)).await;
         }
         loop {
             let candidate = self.idle[slot].lock().pop();
@@ -411,22 +416,19 @@ impl ConnPool {
         Box::pin(self.connect(settings)).await
     }
 
-    /// Worker `slot`'s HTTP/2 connection, opened if it has none that is usable.
-    async fn checkout_h2(
+    /// Opens worker `slot`'s HTTP/2 connection (it has none that is usable), unless
+    /// another request of the worker did while this one waited its turn.
+    async fn open_h2(
         &self,
         slot: usize,
         settings: &ConnSettings,
         now_ns: u64,
     ) -> Result<Conn, UpstreamError> {
-        if let Some(conn) = self.shared_h2(slot, settings, now_ns).await {
-            return Ok(conn);
-        }
         let _opening = self.opening[slot].lock().await;
-        // Another request of this worker may have opened one while this one waited.
-        if let Some(conn) = self.shared_h2(slot, settings, now_ns).await {
+        if let Some(conn) = self.shared_h2(slot, settings, now_ns) {
             return Ok(conn);
         }
-        let conn = Box::pin(self.connect(settings)).await?;
+        let conn = self.connect(settings).await?;
         if let Sender::H2 { sender, .. } = &conn.sender {
             *self.shared[slot].lock() = Some(SharedConn {
                 sender: sender.clone(),
@@ -436,31 +438,27 @@ impl ConnPool {
         Ok(conn)
     }
 
-    /// A handle on worker `slot`'s HTTP/2 connection if it is open, was used within the
-    /// idle timeout, and takes requests; a closed or stale one is dropped.
-    async fn shared_h2(&self, slot: usize, settings: &ConnSettings, now_ns: u64) -> Option<Conn> {
-        let mut sender = {
-            let mut shared = self.shared[slot].lock();
-            let current = shared.as_mut()?;
-            if current.sender.is_closed()
-                || now_ns.saturating_sub(current.used_ns) > duration_ns(settings.idle_timeout)
-            {
-                *shared = None;
-                return None;
-            }
-            current.used_ns = current.used_ns.max(now_ns);
-            current.sender.clone()
-        };
-        match sender.ready().await {
-            Ok(()) => Some(Conn {
-                sender: Sender::H2 {
-                    sender,
-                    https: settings.tls.is_some(),
-                },
-                reused: true,
-            }),
-            Err(_) => None,
+    /// A handle on worker `slot`'s HTTP/2 connection if it is open (an open HTTP/2
+    /// connection is always ready: further streams beyond the backend's limit wait
+    /// inside hyper) and was used within the idle timeout; a closed or stale one is
+    /// dropped.
+    fn shared_h2(&self, slot: usize, settings: &ConnSettings, now_ns: u64) -> Option<Conn> {
+        let mut shared = self.shared[slot].lock();
+        let current = shared.as_mut()?;
+        if !current.sender.is_ready()
+            || now_ns.saturating_sub(current.used_ns) > duration_ns(settings.idle_timeout)
+        {
+            *shared = None;
+            return None;
         }
+        current.used_ns = current.used_ns.max(now_ns);
+        Some(Conn {
+            sender: Sender::H2 {
+                sender: current.sender.clone(),
+                https: settings.tls.is_some(),
+            },
+            reused: true,
+        })
     }
 
     async fn connect(&self, settings: &ConnSettings) -> Result<Conn, UpstreamError> {
@@ -615,44 +613,69 @@ impl Conn {
             Either::Left(streamed) => Some(Arc::clone(&streamed.progress)),
             Either::Right(_) => None,
         };
-        let sent = match &mut self.sender {
-            Sender::H1(sender) => EitherIo::Left(sender.try_send_request(req)),
+        match &mut self.sender {
+            Sender::H1(sender) => {
+                let sent = sender.try_send_request(req);
+                await_answer(sent, progress, addr, timeout).await
+            }
+            // Boxed, so that the HTTP/2 path does not enlarge every HTTP/1.1 request's
+            // future.
             Sender::H2 { sender, https } => {
                 let mut req = req;
                 crate::headers::to_h2_request(&mut req, *https);
-                EitherIo::Right(sender.try_send_request(req))
+                let sent = sender.try_send_request(req);
+                Box::pin(await_answer(sent, progress, addr, timeout)).await
             }
-        };
-        let answer = match progress {
-            // Buffered: the timer runs from the send.
-            None => match tokio::time::timeout(timeout, sent).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    return Err(SendFailure {
-                        error: UpstreamError::Timeout { addr, timeout },
-                        unsent: None,
-                    });
-                }
-            },
-            // Streamed: the timer runs from the body's last progress. Boxed: this wait is
-            // larger than the plain timeout, and inline it would enlarge (and be copied
-            // with) every request's future.
-            Some(progress) => Box::pin(wait_streamed(sent, &progress, timeout, addr)).await?,
-        };
-        match answer {
-            Ok(response) => Ok(response),
-            Err(mut failure) => {
-                let unsent = failure.take_message();
-                let source = failure.into_error();
-                // hyper reports a failure of the request body it was sending (our
-                // `RequestBody`, i.e. the client's stream) as a "user" error.
-                let error = if source.is_user() {
-                    UpstreamError::ClientBody { source }
-                } else {
-                    UpstreamError::Reset { addr, source }
-                };
-                Err(SendFailure { error, unsent })
+        }
+    }
+}
+
+/// Waits for the answer to a request handed to hyper (`sent`) under the
+/// `response_header` timeout, from the send (`progress` = `None`: buffered body) or from
+/// the streamed body's last progress; classifies a failure.
+async fn await_answer<F>(
+    sent: F,
+    progress: Option<Arc<BodyProgress>>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Response<Incoming>, SendFailure>
+where
+    F: Future<
+        Output = Result<
+            Response<Incoming>,
+            hyper::client::conn::TrySendError<Request<UpstreamBody>>,
+        >,
+    >,
+{
+    let answer = match progress {
+        // Buffered: the timer runs from the send.
+        None => match tokio::time::timeout(timeout, sent).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                return Err(SendFailure {
+                    error: UpstreamError::Timeout { addr, timeout },
+                    unsent: None,
+                });
             }
+        },
+        // Streamed: the timer runs from the body's last progress. Boxed: this wait is
+        // larger than the plain timeout, and inline it would enlarge (and be copied
+        // with) every request's future.
+        Some(progress) => Box::pin(wait_streamed(sent, &progress, timeout, addr)).await?,
+    };
+    match answer {
+        Ok(response) => Ok(response),
+        Err(mut failure) => {
+            let unsent = failure.take_message();
+            let source = failure.into_error();
+            // hyper reports a failure of the request body it was sending (our
+            // `RequestBody`, i.e. the client's stream) as a "user" error.
+            let error = if source.is_user() {
+                UpstreamError::ClientBody { source }
+            } else {
+                UpstreamError::Reset { addr, source }
+            };
+            Err(SendFailure { error, unsent })
         }
     }
 }
