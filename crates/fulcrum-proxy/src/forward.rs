@@ -349,6 +349,21 @@ impl Template {
     }
 }
 
+/// Whether a response head carries a gRPC status (a trailers-only response, gRPC over
+/// HTTP/2 spec) that is the server's failure: those Envoy maps to a 5xx for outlier
+/// detection (`grpc::Utility::grpcToHttpStatus`) — UNKNOWN (2), DEADLINE_EXCEEDED (4),
+/// UNIMPLEMENTED (12), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15). Codes that are
+/// the client's (INVALID_ARGUMENT, NOT_FOUND, …) are not.
+fn grpc_server_error<B>(response: &Response<B>) -> bool {
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    response
+        .headers()
+        .get(&GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u8>().ok())
+        .is_some_and(|code| matches!(code, 2 | 4 | 12..=15))
+}
+
 /// Records a failed attempt and lets outlier detection act on it.
 fn record_failure(pool: &Pool, state: &PoolState, index: usize, guard: &InFlightGuard) {
     let consecutive = guard.failure(now_ns());
@@ -811,7 +826,12 @@ async fn forward_attempts(
             Outcome::Response(response, conn) => {
                 let status = response.status();
                 backend.metrics.response(status.as_u16());
-                if status.is_server_error() {
+                // Over HTTP/2 a gRPC server's failure may come as a "trailers-only"
+                // answer: status 200 with `grpc-status` in the head.
+                let failed = status.is_server_error()
+                    || (settings.conn.protocol == UpstreamProtocol::Http2
+                        && grpc_server_error(&response));
+                if failed {
                     record_failure(pool, state, id.0, &guard);
                     if template.is_some()
                         && retry.retries_status(status.as_u16())
@@ -832,7 +852,7 @@ async fn forward_attempts(
                 let record = EndpointRecord {
                     stats: Arc::clone(r.endpoint),
                     started_ns: first_started,
-                    server_error: status.is_server_error(),
+                    server_error: failed,
                 };
                 return respond(
                     response,

@@ -841,6 +841,19 @@ async fn h2_only_backend() -> (
                             req.headers().contains_key("host"),
                             path.clone(),
                         ));
+                        if path == "/unavailable" {
+                            // A trailers-only gRPC failure: the status in the head, no body.
+                            let none: Vec<
+                                Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                            > = Vec::new();
+                            let body =
+                                http_body_util::StreamBody::new(futures_util::stream::iter(none));
+                            return Ok(http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "14")
+                                .body(body)
+                                .expect("valid response"));
+                        }
                         // The request body is read to the end and its length echoed.
                         let length = req
                             .into_body()
@@ -898,7 +911,12 @@ async fn pools_can_speak_http2_to_backends() {
     assert_eq!(r.text().await.expect("body"), "/h1/0 5");
     {
         let seen = seen.lock().expect("not poisoned");
-        let (version, authority, te, host, _) = &seen.requests[seen.requests.len() - 1];
+        // (Health checks interleave: find the request by its path.)
+        let (version, authority, te, host, _) = seen
+            .requests
+            .iter()
+            .find(|r| r.4 == "/h1/0")
+            .expect("the request reached the backend");
         assert_eq!(*version, http::Version::HTTP_2);
         assert_eq!(*authority, node.listeners["web"].to_string());
         assert!(
@@ -935,7 +953,11 @@ async fn pools_can_speak_http2_to_backends() {
     assert_eq!(collected.to_bytes(), "/pkg.Service/Call 8");
     {
         let seen = seen.lock().expect("not poisoned");
-        let (_, authority, te, _, path) = &seen.requests[seen.requests.len() - 1];
+        let (_, authority, te, _, path) = seen
+            .requests
+            .iter()
+            .find(|r| r.4 == "/pkg.Service/Call")
+            .expect("the call reached the backend");
         assert_eq!(
             (authority.as_str(), te.as_str(), path.as_str()),
             ("grpc.example", "trailers", "/pkg.Service/Call")
@@ -967,6 +989,30 @@ async fn pools_can_speak_http2_to_backends() {
         "{proxy_connections} connections for {proxied} requests"
     );
     drop(seen);
+
+    // gRPC failures answered trailers-only (UNAVAILABLE in the head of a 200) reach the
+    // client as they are, and count as the backend's failures: outlier detection ejects
+    // it after `consecutive_failures` of them.
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: grpc\npools:\n  grpc:\n    protocol: http2\n    outlier_detection: {{ consecutive_failures: 3 }}\n    backends:\n      - address: {backend}\n"
+    ));
+    for _ in 0..3 {
+        let r = client()
+            .post(format!("{}/unavailable", node.url("web")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "14");
+    }
+    common::eventually(
+        common::DEADLINE,
+        "the failing gRPC backend is ejected",
+        async || {
+            (node.backend_state("grpc", &backend.to_string()).await == "ejected").then_some(())
+        },
+    )
+    .await;
 
     // A tcp listener cannot forward to an HTTP/2 pool.
     let dir = tempfile::tempdir().expect("temp dir");
