@@ -978,17 +978,18 @@ async fn pools_can_speak_http2_to_backends() {
     .await;
     let v = node.api("/api/pools/grpc/backends").await;
     assert_eq!(v["backends"][0]["state"], "healthy", "{v}");
-    let seen = seen.lock().expect("not poisoned");
-    let health_checks = seen.requests.iter().filter(|r| r.4 == "/health").count();
-    let proxied = seen.requests.len() - health_checks;
-    assert_eq!(proxied, 34);
-    // Every health check opens its own connection; proxied requests reuse theirs.
-    let proxy_connections = seen.connections - health_checks;
-    assert!(
-        proxy_connections <= 3,
-        "{proxy_connections} connections for {proxied} requests"
-    );
-    drop(seen);
+    {
+        let seen = seen.lock().expect("not poisoned");
+        let health_checks = seen.requests.iter().filter(|r| r.4 == "/health").count();
+        let proxied = seen.requests.len() - health_checks;
+        assert_eq!(proxied, 34);
+        // Every health check opens its own connection; proxied requests reuse theirs.
+        let proxy_connections = seen.connections - health_checks;
+        assert!(
+            proxy_connections <= 3,
+            "{proxy_connections} connections for {proxied} requests"
+        );
+    }
 
     // gRPC failures answered trailers-only (UNAVAILABLE in the head of a 200) reach the
     // client as they are, and count as the backend's failures: outlier detection ejects
