@@ -147,6 +147,10 @@ impl Default for LiveBackendConfig {
 /// Number of sub-windows the latency window is divided into (it slides by one at a time).
 const LATENCY_SLOTS: usize = 6;
 
+/// Sub-windows of the latency window that count as recent for
+/// [`LiveBackend::recent_latency_p50_p99_ns`]: the current one and the one before.
+pub const RECENT_LATENCY_SLOTS: usize = 2;
+
 /// How many in-flight attempts per backend have their start time tracked, for
 /// [`LiveBackend::oldest_in_flight_ns`]. Beyond this many concurrent attempts the oldest
 /// age is a lower bound (the untracked attempts started later than some tracked one or
@@ -356,6 +360,31 @@ impl LiveBackend {
     #[inline]
     pub fn latency_estimate_ns(&self, now_ns: u64) -> f64 {
         self.latency.estimate_ns(now_ns)
+    }
+
+    /// The latency to expect of this backend now, in nanoseconds: the peak-EWMA estimate,
+    /// or the age of its oldest request in flight when that is larger. A request that
+    /// has waited `t` is a right-censored observation, a lower bound on the backend's
+    /// current latency (NGINX Plus's `least_time … inflight` counts incomplete requests
+    /// the same way): without it a backend that has stopped answering, or a new one
+    /// whose first answers have not come back, keeps its old (or optimistic initial)
+    /// estimate and draws traffic until responses arrive. The ages are read only while
+    /// requests are in flight (O([`TRACKED_IN_FLIGHT`]) loads).
+    #[inline]
+    pub fn expected_latency_ns(&self, now_ns: u64) -> f64 {
+        let estimate = self.latency_estimate_ns(now_ns);
+        if self.in_flight() == 0 {
+            return estimate;
+        }
+        estimate.max(self.head_age_ns(now_ns) as f64)
+    }
+
+    /// The median and 99th percentile of response latency over the recent part of the
+    /// sliding window — its last [`RECENT_LATENCY_SLOTS`] sub-windows (10–20 s of the
+    /// default 60 s window) — in nanoseconds; `None` when none completed in that time.
+    pub fn recent_latency_p50_p99_ns(&self, now_ns: u64) -> Option<(u64, u64)> {
+        let snapshot = self.histogram.snapshot_recent(now_ns, RECENT_LATENCY_SLOTS);
+        Some((snapshot.quantile(0.5)?, snapshot.quantile(0.99)?))
     }
 
     /// The `q`-quantile (0..=1) of response latency over the sliding window, in

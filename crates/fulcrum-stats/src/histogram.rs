@@ -139,8 +139,17 @@ impl WindowedHistogram {
 
     /// Merges the slots that lie within the window ending at `now_ns`.
     pub fn snapshot(&self, now_ns: u64) -> Snapshot {
+        self.snapshot_recent(now_ns, self.slots.len())
+    }
+
+    /// Merges the `slots` most recent slots of the window ending at `now_ns` (the current
+    /// one, partly filled, and the `slots − 1` before it; clamped to 1..=all): the
+    /// recent part of the window, `(slots − 1) × window / slot count` to
+    /// `slots × window / slot count` long.
+    pub fn snapshot_recent(&self, now_ns: u64, slots: usize) -> Snapshot {
+        let slots = slots.clamp(1, self.slots.len());
         let current = now_ns / self.slot_ns;
-        let oldest = current.saturating_sub(self.slots.len() as u64 - 1);
+        let oldest = current.saturating_sub(slots as u64 - 1);
         let mut counts = vec![0u64; BUCKETS];
         let mut total = 0;
         for slot in self.slots.iter() {

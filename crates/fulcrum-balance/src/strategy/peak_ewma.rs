@@ -12,7 +12,12 @@
 //! where `latency_estimate_i` is the backend's peak-EWMA latency in nanoseconds
 //! ([`crate::LiveBackend::latency_estimate_ns`], at the request's clock `now_ns`): it jumps
 //! to a slower observation at once and decays toward faster ones, so a backend that turns
-//! slow loses traffic immediately. The `+ 1` counts the request being placed, so an idle
+//! slow loses traffic immediately. Fulcrum reads it as
+//! [`crate::LiveBackend::expected_latency_ns`]: at least the age of the backend's oldest
+//! request in flight, so a backend that stops answering, or a new one whose first answers
+//! are slow, is charged for it before any response comes back (a new backend's estimate
+//! starts at an optimistic 1 ms; without this a slow newcomer drew dozens of requests in
+//! its first hundreds of milliseconds). The `+ 1` counts the request being placed, so an idle
 //! backend is still charged its latency. Failures raise the estimate too (see
 //! `fulcrum_stats::PeakEwma::penalize`): a backend that fails fast does not look fast.
 //! Dividing by weight lets an operator's weights scale capacity as in the other strategies.
@@ -46,12 +51,12 @@ impl Strategy for PeakEwmaStrategy {
 }
 
 /// The cost of sending one more request to backend `i` of `pool` at `now_ns`, in
-/// nanoseconds per unit of weight: `latency_estimate × (in_flight + 1) / weight`.
+/// nanoseconds per unit of weight: `expected latency × (in_flight + 1) / weight`.
 #[inline]
 fn cost(pool: &PoolView<'_>, i: usize, now_ns: u64) -> f64 {
     let live = &pool.backends()[i].live;
     let placed = live.in_flight().saturating_add(1) as f64;
-    live.latency_estimate_ns(now_ns) * placed / pool.weight(i) as f64
+    live.expected_latency_ns(now_ns) * placed / pool.weight(i) as f64
 }
 
 #[cfg(test)]
@@ -150,5 +155,24 @@ mod tests {
             0,
             "slow but the only eligible backend"
         );
+    }
+
+    /// A backend never measured (its estimate the optimistic initial 1 ms) whose first
+    /// requests have waited 50 ms is priced by that wait, not by the 1 ms: it loses to
+    /// backends measured at 20 ms. (Priced at 1 ms it won every pair until it held about
+    /// twenty requests.)
+    #[test]
+    fn requests_in_flight_bound_an_unmeasured_backends_latency() {
+        let b = backends(&[1, 1, 1]);
+        for i in 0..2 {
+            b[i].live.begin(0).success(20 * MS);
+        }
+        let now = 100 * MS;
+        let _waiting: Vec<_> = (0..3).map(|_| b[2].live.begin(now - 50 * MS)).collect();
+        let _busy: Vec<_> = (0..2).map(|i| b[i].live.begin(now)).collect();
+        let view = PoolView::new(&b, &[], false);
+        for _ in 0..200 {
+            assert_ne!(pick(&view, now), 2);
+        }
     }
 }

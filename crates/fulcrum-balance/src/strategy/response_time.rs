@@ -1,28 +1,41 @@
-//! `response_time`: the eligible backend with the lowest response time, with exploration
-//! (seed 002's RRT-BS, "Response Time Based").
+//! `response_time`: the eligible backend with the lowest expected response time, with
+//! exploration (seed 002's RRT-BS, "Response Time Based").
 //!
-//! The response time of backend `i` is its peak-EWMA latency estimate
-//! ([`crate::LiveBackend::latency_estimate_ns`]: Finagle's peak EWMA, which jumps to a
-//! slower observation at once, decays toward faster ones, and doubles on a failure so a
-//! backend that fails fast does not look fast). The pick minimises
+//! The expected response time of a request sent to backend `i` now is its latency times
+//! its place in the backend's line — the Shortest Expected Delay rule (Banawan and Zeidat,
+//! "A comparative study of load sharing in heterogeneous multicomputer systems", 1992;
+//! LVS's `sed` scheduler, which uses weights where this measures latency). The pick
+//! minimises, over every eligible backend,
 //!
 //! ```text
-//! cost_i = latency_estimate_i(now) / w_i        then, on a tie, in_flight_i
+//! cost_i = latency_i(now) × (in_flight_i + 1) / w_i        then, on a tie, in_flight_i
 //! ```
 //!
-//! with `w_i` the effective weight, so that, as in `peak_ewma`, weights scale a backend's
-//! capacity and slow start holds back a freshly (re)joined backend, whose estimate is the
-//! optimistic initial one. Unlike `peak_ewma` the load does not multiply the cost: this is
-//! seed 002's greedy "fastest wins", which concentrates traffic on the fastest backend
-//! until its own estimate rises; prefer `peak_ewma` when the backends' latency depends on
-//! how loaded they are.
+//! `latency_i` is the backend's peak-EWMA latency estimate (Finagle's peak EWMA, which
+//! jumps to a slower observation at once, decays toward faster ones, and doubles on a
+//! failure so a backend that fails fast does not look fast), or the age of its oldest
+//! request in flight when larger ([`crate::LiveBackend::expected_latency_ns`]). `w_i` is
+//! the effective weight, so that weights scale a backend's capacity and slow start holds
+//! back a freshly (re)joined backend.
 //!
-//! **Exploration.** A greedy choice never re-measures a backend that once looked slow
-//! (the estimate of a backend that receives nothing also decays, but only with decay time
-//! τ = 10 s). With probability ε = `exploration` (0..=0.5, default 0.05) a pick goes to a
-//! uniformly random eligible backend instead: the ε-greedy rule of multi-armed bandits
+//! The `in_flight + 1` factor matters. The first version minimised the latency estimate
+//! alone ("fastest wins"), and that herds: every request went to the backend with the
+//! lowest estimate until its responses, slowed by the queue they built, came back —
+//! information always one round trip stale — and the herd then moved to a backend whose
+//! estimate was a decaying old peak, each swing higher than the last (Mitzenmacher, "How
+//! useful is old information?", IEEE TPDS 2000, on greedy choice with stale load). With
+//! three identical 20 ms backends at 60 % load it gave a mean of 400–530 ms against
+//! round robin's 23 ms. The in-flight count is exact at every pick, so the cost of the
+//! chosen backend rises with the very request placed.
+//!
+//! Against `peak_ewma`, which prices backends the same way: `response_time` compares
+//! every backend (the exact minimum) where `peak_ewma` compares two random ones (power of
+//! two choices), and explores.
+//!
+//! **Exploration.** With probability ε = `exploration` (0..=0.5, default 0.05) a pick goes
+//! to a uniformly random eligible backend instead: the ε-greedy rule of multi-armed bandits
 //! (Sutton and Barto, *Reinforcement Learning: An Introduction*, 2nd ed., 2018, §2.2),
-//! which bounds how stale any backend's estimate can get at a cost of ε of the traffic.
+//! which re-measures backends that greedy picks avoid, at a cost of ε of the traffic.
 //!
 //! **Cost.** Pools of up to 64 backends are scanned (O(n), ties broken uniformly at
 //! random); larger ones take the best of `⌈log₂ n⌉ + 1` random eligible backends, Envoy's
@@ -34,7 +47,8 @@ use super::least_connections::{
 };
 use super::{BackendId, Figure, PoolView, RequestInfo, Strategy};
 
-/// Lowest peak-EWMA response time per unit of weight, with ε-greedy exploration.
+/// Lowest expected response time (latency × (in flight + 1) per unit of weight), with
+/// ε-greedy exploration.
 #[derive(Debug)]
 pub struct ResponseTime {
     exploration: f64,
@@ -64,8 +78,10 @@ impl Strategy for ResponseTime {
         }
         let cost = |i: usize| {
             let live = &pool.backends()[i].live;
-            let cost = live.latency_estimate_ns(req.now_ns) / pool.effective_weight(i);
-            (cost, live.in_flight())
+            let in_flight = live.in_flight();
+            let cost = live.expected_latency_ns(req.now_ns) * in_flight.saturating_add(1) as f64
+                / pool.effective_weight(i);
+            (cost, in_flight)
         };
         if pool.len() <= EXACT_MAX {
             least_loaded(pool, cost)
@@ -244,6 +260,90 @@ mod tests {
             prop_assert!(
                 (share - expected).abs() < 0.02 + 0.25 * expected,
                 "slow share {share:.4}, expected {expected:.4}"
+            );
+        }
+    }
+
+    /// Mean response time (ms) of an open-loop run: Poisson arrivals at `rate` per
+    /// second for `seconds`, onto backends of `capacity` servers each with a FIFO queue
+    /// and a fixed `service_ms` (the response time measured, as the proxy measures it,
+    /// includes the queue). Deterministic for a seed.
+    pub(crate) fn open_loop_mean_ms(
+        strategy: &dyn Strategy,
+        n: usize,
+        capacity: usize,
+        service_ms: u64,
+        rate: f64,
+        seconds: u64,
+        seed: u64,
+    ) -> f64 {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        fastrand::seed(seed);
+        let b = backends(&vec![1; n]);
+        let view = PoolView::new(&b, &[], false);
+        // Per backend: when each of its servers is next free.
+        let mut free: Vec<BinaryHeap<Reverse<u64>>> = (0..n)
+            .map(|_| (0..capacity).map(|_| Reverse(0)).collect())
+            .collect();
+        let mut done: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+        let mut guards: Vec<Option<crate::InFlightGuard>> = Vec::new();
+        let (mut now, mut total, mut count) = (0u64, 0u128, 0u128);
+        let end = seconds * 1_000 * MS;
+        while now < end {
+            now += (-(1.0 - fastrand::f64()).ln() / rate * 1e9) as u64;
+            while let Some(&Reverse((at, g))) = done.peek() {
+                if at > now {
+                    break;
+                }
+                done.pop();
+                let guard = guards[g].take().expect("each request completes once");
+                total += u128::from(at - guard.started_ns());
+                count += 1;
+                guard.success(at);
+            }
+            let i = strategy
+                .pick(&RequestInfo::new(now), &view)
+                .expect("eligible")
+                .0;
+            let Reverse(server_free) = free[i].pop().expect("capacity > 0");
+            let finish = server_free.max(now) + service_ms * MS;
+            free[i].push(Reverse(finish));
+            guards.push(Some(b[i].live.begin(now)));
+            done.push(Reverse((finish, guards.len() - 1)));
+        }
+        (total / count.max(1)) as f64 / MS as f64
+    }
+
+    /// Three identical backends (4 servers, 20 ms) at 60 % load: response-time picks do
+    /// not herd. Minimising the latency estimate alone (the first version) sent every
+    /// request to one backend until its queue showed in its answers, and measured a
+    /// mean over 20× the service time here; least connections stays near 20 ms.
+    #[test]
+    fn does_not_herd_on_identical_backends_under_load() {
+        let capacity_rps = 3.0 * 4.0 / 0.020;
+        for seed in 1..=3 {
+            let rt = open_loop_mean_ms(
+                &ResponseTime::new(0.05),
+                3,
+                4,
+                20,
+                0.6 * capacity_rps,
+                20,
+                seed,
+            );
+            let lc = open_loop_mean_ms(
+                &crate::strategy::least_connections::LeastConnections::new(),
+                3,
+                4,
+                20,
+                0.6 * capacity_rps,
+                20,
+                seed,
+            );
+            assert!(
+                rt < 1.5 * lc && rt < 40.0,
+                "seed {seed}: response_time mean {rt:.1} ms, least_connections {lc:.1} ms"
             );
         }
     }

@@ -9,7 +9,7 @@
 //! ```text
 //! score_i = work_i + β · interference_i + γ · age_i                       (all in ns)
 //! work_i         = latency_estimate_i(now) × (in_flight_i + 1)
-//! interference_i = max(0, p99_i − p50_i)        over the backend's latency window
+//! interference_i = max(0, p99_i − p50_i)        over the recent third of its latency window
 //! age_i          = now − start of the oldest request in flight on i (0 when idle)
 //! ```
 //!
@@ -25,7 +25,13 @@
 //!   above its median even while its average looks fine (Dean and Barroso, "The Tail at
 //!   Scale", CACM 56(2), 2013). The median, not the EWMA, is the reference: a peak EWMA
 //!   sits at the last slow response, so `p99 − ewma` would vanish exactly when the tail
-//!   shows. Reading two window quantiles merges histograms (thousands of loads), too dear
+//!   shows. Both quantiles are taken over the last two of the window's six sub-windows
+//!   ([`crate::LiveBackend::recent_latency_p50_p99_ns`]: 10–20 s with the default 60 s
+//!   window), a memory like the peak EWMA's τ = 10 s. Over the whole window, a backend
+//!   slowed for two seconds kept a p99 of its slow answers — and so a score that lost
+//!   every pair — for the window's full minute after it had recovered, and the few
+//!   requests it still got could not dilute them; a backend with no recent answers has
+//!   no recent tail and competes on work and age alone. Reading two window quantiles merges histograms (thousands of loads), too dear
 //!   per pick, so [`Strategy::tick`] refreshes a cached value per backend, at most
 //!   [`REFRESH_PER_TICK`] backends per tick in rotation (a 10,000-backend pool is swept in
 //!   79 ticks, about 8 s).
@@ -282,11 +288,9 @@ impl TailAware {
             let live = &pool.backends()[i].live;
             let completed = live.requests();
             let p99 = live.latency_quantile_ns(0.99, now_ns);
-            let p50 = live.latency_quantile_ns(0.5, now_ns);
-            let spread = match (p99, p50) {
-                (Some(p99), Some(p50)) => p99.saturating_sub(p50),
-                _ => 0,
-            };
+            let spread = live
+                .recent_latency_p50_p99_ns(now_ns)
+                .map_or(0, |(p50, p99)| p99.saturating_sub(p50));
             self.interference_ns[i].store(spread, Ordering::Relaxed);
             let sample = &mut fb.samples[i];
             *sample = Sample {
@@ -499,17 +503,52 @@ mod tests {
         assert!(counts[0] < 150, "{counts:?}");
     }
 
+    /// A backend slowed for two seconds, then healthy again: 25 s later its old slow
+    /// answers no longer count as a tail, so it competes again (over the whole 60-s
+    /// window they kept it out of every pair for a minute, the few requests it still got
+    /// unable to dilute them).
     #[test]
-    fn interference_penalises_a_heavy_tail() {
-        // Backend 0's median is 10 ms but 5 % of its responses took 1 s (early on, so its
-        // peak EWMA has come back down near 10 ms); backend 1 answers a steady 50 ms.
+    fn a_short_slowdown_is_forgotten_within_the_recent_window() {
         let b = backends(&[1, 1]);
         let mut now = 1_000 * MS;
-        for k in 0..100 {
+        // Two seconds of 400 ms answers from backend 0, 20 ms from backend 1.
+        for _ in 0..20 {
+            b[0].live.begin(now - 400 * MS).success(now);
+            b[1].live.begin(now - 20 * MS).success(now);
+            now += 100 * MS;
+        }
+        // Then 23 s in which backend 0 gets one request a second, both at 20 ms.
+        for k in 0..230 {
+            if k % 10 == 0 {
+                b[0].live.begin(now - 20 * MS).success(now);
+            }
+            b[1].live.begin(now - 20 * MS).success(now);
+            now += 100 * MS;
+        }
+        let view = PoolView::new(&b, &[], false);
+        let tail_aware = TailAware::new(&b, &params(200));
+        tail_aware.tick(&view, now);
+        assert!(
+            tail_aware.interference(0) < 5 * MS,
+            "{}",
+            tail_aware.interference(0)
+        );
+        // The whole window still holds the slow answers (the SLO feedback reads it).
+        assert!(b[0].live.latency_quantile_ns(0.99, now).expect("answers") > 300 * MS);
+    }
+
+    #[test]
+    fn interference_penalises_a_heavy_tail() {
+        // Backend 0's median is 10 ms but 5 of its last 150 responses took 1 s (15 s ago,
+        // within the recent part of its window, so its peak EWMA has come down to about
+        // 240 ms); backend 1 answers a steady 300 ms.
+        let b = backends(&[1, 1]);
+        let mut now = 1_000 * MS;
+        for k in 0..150 {
             let slow = if k < 5 { 1_000 } else { 10 };
             b[0].live.begin(now - slow * MS).success(now);
-            b[1].live.begin(now - 50 * MS).success(now);
-            now += 500 * MS;
+            b[1].live.begin(now - 300 * MS).success(now);
+            now += 100 * MS;
         }
         let view = PoolView::new(&b, &[], false);
         let tail_aware = TailAware::new(&b, &params(200));
