@@ -164,8 +164,8 @@ mod tests {
     #[test]
     fn requests_in_flight_bound_an_unmeasured_backends_latency() {
         let b = backends(&[1, 1, 1]);
-        for i in 0..2 {
-            b[i].live.begin(0).success(20 * MS);
+        for measured in &b[..2] {
+            measured.live.begin(0).success(20 * MS);
         }
         let now = 100 * MS;
         let _waiting: Vec<_> = (0..3).map(|_| b[2].live.begin(now - 50 * MS)).collect();
