@@ -1060,6 +1060,14 @@ async fn max_connections_holds_further_connections_until_one_closes() {
         let n = stream.read(&mut buf).expect("an answer");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
+    let open_connections = async || {
+        let metrics = node.metrics().await;
+        common::metric_value(
+            &metrics,
+            "fulcrum_listener_connections",
+            r#"listener="web""#,
+        )
+    };
     // Two keep-alive connections, served and left open.
     let mut open: Vec<TcpStream> = (0..2)
         .map(|_| {
@@ -1069,16 +1077,7 @@ async fn max_connections_holds_further_connections_until_one_closes() {
             s
         })
         .collect();
-    let metrics = node.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &metrics,
-            "fulcrum_listener_connections",
-            r#"listener="web""#
-        ),
-        Some(2.0),
-        "{metrics}"
-    );
+    assert_eq!(open_connections().await, Some(2.0));
     // A third: accepted by the kernel, but held unserved at the limit.
     let mut third = TcpStream::connect(addr).expect("connect");
     third.write_all(request).expect("write");
@@ -1102,14 +1101,5 @@ async fn max_connections_holds_further_connections_until_one_closes() {
     // One closes: the third is served.
     drop(open.remove(0));
     assert!(answered(&mut third).starts_with("HTTP/1.1 200"));
-    let metrics = node.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &metrics,
-            "fulcrum_listener_connections",
-            r#"listener="web""#
-        ),
-        Some(2.0),
-        "{metrics}"
-    );
+    assert_eq!(open_connections().await, Some(2.0));
 }
