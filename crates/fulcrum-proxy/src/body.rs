@@ -115,7 +115,13 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        self.finish(false);
+        // A body that is already at its end (an empty one: `Content-Length: 0`, 204, 304,
+        // a HEAD answer) is never polled, hyper seeing `is_end_stream`: it is complete, so
+        // its connection goes back to the pool and its duration is recorded. (Counted as
+        // cut short, every such response closed its upstream connection and went
+        // unrecorded.)
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
     }
 }
 

@@ -1103,3 +1103,61 @@ async fn max_connections_holds_further_connections_until_one_closes() {
     assert!(answered(&mut third).starts_with("HTTP/1.1 200"));
     assert_eq!(open_connections().await, Some(2.0));
 }
+
+/// A response with an empty body (`Content-Length: 0`) is complete at its head: its
+/// upstream connection is reused and its endpoint records it. (Never polled, such bodies
+/// were taken for cut short: every one closed its connection and went unrecorded.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_responses_reuse_the_upstream_connection_and_are_recorded() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = listener.local_addr().expect("address");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match std::io::BufRead::read_line(&mut reader, &mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) if line == "\r\n" => {
+                            if reader
+                                .get_mut()
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nruntime:\n  threads: 1\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    backends:\n      - address: {backend}\n"
+    ));
+    let client = client();
+    for _ in 0..20 {
+        let r = client
+            .get(format!("{}/empty", node.url("web")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.expect("body").is_empty());
+    }
+    // One worker: one upstream connection for all twenty.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let endpoints = node.api("/api/endpoints").await;
+    let empty = endpoints["endpoints"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["endpoint"] == "GET /empty"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(empty["count"], 20, "{endpoints}");
+}
