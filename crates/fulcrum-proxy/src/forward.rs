@@ -375,8 +375,9 @@ enum Outcome {
     /// A response head arrived on `Conn`.
     Response(Response<Incoming>, Conn),
     /// No response: the error, the request if it never reached the wire, and whether the
-    /// failure was a pooled connection closing just before the request went out (a
-    /// keep-alive race, not a fault of the backend).
+    /// failure was a pooled connection closing just before the request went out, or an
+    /// HTTP/2 stream the backend refused unprocessed (a keep-alive race, not a fault of
+    /// the backend, and safe to retry).
     Failed {
         error: UpstreamError,
         unsent: Option<Request<UpstreamBody>>,
@@ -412,7 +413,11 @@ async fn attempt(
         .await
     {
         Ok(response) => Outcome::Response(response, conn),
-        Err(SendFailure { error, unsent }) => {
+        Err(SendFailure {
+            error,
+            unsent,
+            refused,
+        }) => {
             match &error {
                 UpstreamError::Timeout { .. } => {
                     backend.metrics.timeouts.inc();
@@ -425,7 +430,10 @@ async fn attempt(
                 }
                 UpstreamError::ClientBody { .. } | UpstreamError::ClientStalled { .. } => {}
             }
-            let keepalive_race = unsent.is_some() && conn.reused;
+            // Also an HTTP/2 stream the backend refused or dropped unprocessed in a
+            // graceful close (GOAWAY): the request never ran, so it is no failure of the
+            // backend's and may go again.
+            let keepalive_race = (unsent.is_some() && conn.reused) || refused;
             Outcome::Failed {
                 error,
                 unsent,
@@ -893,7 +901,7 @@ async fn forward_attempts(
                 let never_sent = unsent.is_some();
                 let retriable = match &error {
                     UpstreamError::Timeout { .. } => retry.on_timeout,
-                    UpstreamError::Reset { .. } => retry.on_reset || never_sent,
+                    UpstreamError::Reset { .. } => retry.on_reset || never_sent || keepalive_race,
                     UpstreamError::Connect { .. } => retry.on_connect_failure,
                     UpstreamError::ClientBody { .. } | UpstreamError::ClientStalled { .. } => false,
                 };

@@ -68,6 +68,8 @@ pub struct BodyProgress {
     /// for the backend to take what was sent (a backend that stops reading leaves the
     /// body unpolled with this false).
     awaiting_client: AtomicBool,
+    /// Reading the client's body failed (it aborted the upload, or its framing is bad).
+    failed: AtomicBool,
 }
 
 impl RequestBody {
@@ -102,7 +104,9 @@ impl http_body::Body for RequestBody {
             std::task::Poll::Pending => {
                 progress.awaiting_client.store(true, Ordering::Relaxed);
             }
-            std::task::Poll::Ready(Some(Err(_))) => {}
+            std::task::Poll::Ready(Some(Err(_))) => {
+                progress.failed.store(true, Ordering::Release);
+            }
         }
         polled
     }
@@ -118,6 +122,18 @@ impl http_body::Body for RequestBody {
 
 /// Most idle connections a worker keeps per backend; further ones are closed when released.
 pub const MAX_IDLE_PER_WORKER: usize = 256;
+
+/// HTTP/2 flow-control window of each stream from a backend: how much of a response the
+/// backend may send ahead of what the client has taken (1 MiB; hyper's default is 2 MiB).
+pub const H2_STREAM_WINDOW: u32 = 1 << 20;
+
+/// HTTP/2 flow-control window of a whole backend connection (1 GiB; hyper's default is
+/// 5 MiB). Bytes a client has not read yet hold their share of it, and all of a worker's
+/// requests to the backend share the connection: with a window of a few stream windows,
+/// three clients that stopped reading large downloads held all of it, and every other
+/// response on the connection stalled. This large it is exhausted only by a thousand
+/// stalled streams, each bounded by [`H2_STREAM_WINDOW`].
+pub const H2_CONNECTION_WINDOW: u32 = 1 << 30;
 
 /// Interval of HTTP/2 PINGs to a backend while requests are in flight on the connection.
 pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -243,10 +259,26 @@ where
             return Err(SendFailure {
                 error,
                 unsent: None,
+                refused: false,
             });
         }
         wait = Duration::from_nanos(timeout_ns - idle);
     }
+}
+
+/// Whether `error` says an HTTP/2 backend did not process the request: its stream was
+/// refused (`REFUSED_STREAM`, RFC 9113 §8.7) or lay above the last stream id of the
+/// backend's `GOAWAY` (§6.8: such streams "were not processed" and "might be retried").
+fn h2_refused(error: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(current) = cause {
+        if let Some(h2) = current.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// A failed send, with the request given back when it was never written to the wire
@@ -256,6 +288,11 @@ pub struct SendFailure {
     pub error: UpstreamError,
     /// The request, if it was not sent.
     pub unsent: Option<Request<UpstreamBody>>,
+    /// The backend provably did not process the request although it was sent: an
+    /// HTTP/2 stream refused (`REFUSED_STREAM`) or above the last stream id of the
+    /// backend's `GOAWAY` (RFC 9113 §8.7, §6.8). Like a keep-alive race, not the
+    /// backend's failure, and safe to send again.
+    pub refused: bool,
 }
 
 struct IdleConn {
@@ -519,6 +556,8 @@ impl ConnPool {
             // probe HTTP/2 backends the same way); an unanswered PING closes it.
             .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Reset { addr, source })?;
@@ -616,7 +655,7 @@ impl Conn {
         match &mut self.sender {
             Sender::H1(sender) => {
                 let sent = sender.try_send_request(req);
-                await_answer(sent, progress, addr, timeout).await
+                await_answer(sent, progress.as_deref(), addr, timeout).await
             }
             // Boxed, so that the HTTP/2 path does not enlarge every HTTP/1.1 request's
             // future.
@@ -624,7 +663,7 @@ impl Conn {
                 let mut req = req;
                 crate::headers::to_h2_request(&mut req, *https);
                 let sent = sender.try_send_request(req);
-                Box::pin(await_answer(sent, progress, addr, timeout)).await
+                Box::pin(await_answer(sent, progress.as_deref(), addr, timeout)).await
             }
         }
     }
@@ -635,7 +674,7 @@ impl Conn {
 /// the streamed body's last progress; classifies a failure.
 async fn await_answer<F>(
     sent: F,
-    progress: Option<Arc<BodyProgress>>,
+    progress: Option<&BodyProgress>,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<Response<Incoming>, SendFailure>
@@ -655,13 +694,14 @@ where
                 return Err(SendFailure {
                     error: UpstreamError::Timeout { addr, timeout },
                     unsent: None,
+                    refused: false,
                 });
             }
         },
         // Streamed: the timer runs from the body's last progress. Boxed: this wait is
         // larger than the plain timeout, and inline it would enlarge (and be copied
         // with) every request's future.
-        Some(progress) => Box::pin(wait_streamed(sent, &progress, timeout, addr)).await?,
+        Some(progress) => Box::pin(wait_streamed(sent, progress, timeout, addr)).await?,
     };
     match answer {
         Ok(response) => Ok(response),
@@ -669,13 +709,22 @@ where
             let unsent = failure.take_message();
             let source = failure.into_error();
             // hyper reports a failure of the request body it was sending (our
-            // `RequestBody`, i.e. the client's stream) as a "user" error.
-            let error = if source.is_user() {
+            // `RequestBody`, i.e. the client's stream) as a "user" error; so are other
+            // misuses ("dispatch task is gone": the connection died under the request),
+            // so the client is blamed only when its body did fail.
+            let client_failed =
+                source.is_user() && progress.is_some_and(|p| p.failed.load(Ordering::Acquire));
+            let refused = h2_refused(&source);
+            let error = if client_failed {
                 UpstreamError::ClientBody { source }
             } else {
                 UpstreamError::Reset { addr, source }
             };
-            Err(SendFailure { error, unsent })
+            Err(SendFailure {
+                error,
+                unsent,
+                refused,
+            })
         }
     }
 }

@@ -841,6 +841,22 @@ async fn h2_only_backend() -> (
                             req.headers().contains_key("host"),
                             path.clone(),
                         ));
+                        if path == "/big" {
+                            // 64 MiB in 1 MiB chunks sharing one buffer: as fast as the
+                            // connection takes it.
+                            let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+                            let frames = (0..64).map(move |_| {
+                                Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                                    chunk.clone(),
+                                ))
+                            });
+                            let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+                                frames.collect::<Vec<_>>(),
+                            ));
+                            return Ok(http::Response::builder()
+                                .body(body)
+                                .expect("valid response"));
+                        }
                         if path == "/unavailable" {
                             // A trailers-only gRPC failure: the status in the head, no body.
                             let none: Vec<
@@ -1160,4 +1176,60 @@ async fn empty_responses_reuse_the_upstream_connection_and_are_recorded() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(empty["count"], 20, "{endpoints}");
+}
+
+/// Over an HTTP/2 pool, clients that stop reading large downloads hold only their own
+/// streams' flow-control windows: other responses on the same backend connection still
+/// arrive. (With hyper's default connection window, a few stalled 50 MB downloads held
+/// all of it and every other body on the connection stalled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_starve_other_streams_on_an_http2_backend_connection() {
+    let (backend, seen) = h2_only_backend().await;
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nruntime:\n  threads: 1\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    protocol: http2\n    backends:\n      - address: {backend}\n"
+    ));
+    let addr = node.listeners["web"];
+    // Eight clients ask for 64 MiB each and never read; small receive buffers, so the
+    // proxy's writes to them stop early and their streams' windows fill.
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut s = socket.connect(addr).await.expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        stalled.push(s);
+    }
+    common::eventually(
+        common::DEADLINE,
+        "the eight downloads started",
+        async || {
+            let seen = seen.lock().expect("not poisoned");
+            (seen.requests.iter().filter(|r| r.4 == "/big").count() >= 8).then_some(())
+        },
+    )
+    .await;
+    // Requests keep coming for two seconds while the stalled downloads fill their
+    // windows (no observable moment says they are full; this bounds how long the check
+    // runs, it is not a timing assertion): each must be answered whole.
+    let checking = std::time::Instant::now();
+    let mut i = 0;
+    while checking.elapsed() < Duration::from_secs(2) {
+        i += 1;
+        let r = client()
+            .post(format!("{}/small/{i}", node.url("web")))
+            .body("abc")
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status(), 200);
+        let body = r
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("body {i} stalled: {e}"));
+        assert_eq!(body, format!("/small/{i} 3"));
+    }
+    drop(stalled);
 }
