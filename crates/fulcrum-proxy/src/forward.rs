@@ -433,7 +433,10 @@ async fn attempt(
             // Also an HTTP/2 stream the backend refused or dropped unprocessed in a
             // graceful close (GOAWAY): the request never ran, so it is no failure of the
             // backend's and may go again.
-            let keepalive_race = (unsent.is_some() && conn.reused) || refused;
+            // Over HTTP/2 a request given back unsent was queued on a shared connection
+            // that closed under it, whether or not this attempt opened it.
+            let keepalive_race =
+                (unsent.is_some() && (conn.reused || conn.is_multiplexed())) || refused;
             Outcome::Failed {
                 error,
                 unsent,
@@ -764,6 +767,12 @@ async fn forward_attempts(
     // When the first attempt started: endpoint durations run from here, so time spent
     // in the pool queue does not make an endpoint look long.
     let mut first_started: Option<u64> = None;
+    // The last attempt failed without the backend processing the request: the next one
+    // is not charged to the retry budget.
+    let mut unprocessed = false;
+    // Attempts made (`n_tried` drops a backend that did not process its attempt, so it
+    // can be tried again).
+    let mut attempts = 0usize;
 
     for attempt_no in 0..max_attempts {
         let _retry = if attempt_no == 0 {
@@ -772,11 +781,16 @@ async fn forward_attempts(
             if template.is_none() && pending.is_none() {
                 break; // sent once, cannot be replayed
             }
-            match claimed.take().or_else(|| pool.try_retry(retry)) {
-                Some(claim) => Some(claim),
-                None => {
-                    tracing::debug!(pool = %pool.name(), "retry budget exhausted");
-                    break;
+            if std::mem::take(&mut unprocessed) {
+                pool.note_free_retry();
+                None
+            } else {
+                match claimed.take().or_else(|| pool.try_retry(retry)) {
+                    Some(claim) => Some(claim),
+                    None => {
+                        tracing::debug!(pool = %pool.name(), "retry budget exhausted");
+                        break;
+                    }
                 }
             }
         };
@@ -793,6 +807,7 @@ async fn forward_attempts(
         }
         tried[n_tried] = id;
         n_tried += 1;
+        attempts += 1;
         let backend = &state.runtimes[id.0];
         tracing::debug!(
             pool = %pool.name(),
@@ -894,7 +909,16 @@ async fn forward_attempts(
                         ),
                     };
                 }
-                if !keepalive_race {
+                if keepalive_race {
+                    // The backend did not fail: it may take the next attempt too, on a
+                    // new connection (in a one-backend pool, the only one), and that
+                    // attempt costs no retry budget.
+                    if let Some(at) = tried[..n_tried].iter().position(|&t| t == id) {
+                        tried.swap(at, n_tried - 1);
+                        n_tried -= 1;
+                    }
+                    unprocessed = true;
+                } else {
                     record_failure(pool, state, id.0, &guard);
                 }
                 tracing::debug!(pool = %pool.name(), backend = %backend.address, %error, unsent = unsent.is_some(), "attempt failed");
@@ -914,26 +938,28 @@ async fn forward_attempts(
         }
     }
 
+    // A hedge's second copy counts in `n_tried` only.
+    let attempts = attempts.max(n_tried);
     // Clients are told what kind of failure it was, not the backend's address or the
     // transport's details (HAProxy's 502/504 pages say as little); the log has them.
     if let Some(error) = &last_error {
-        tracing::debug!(pool = %pool.name(), attempts = n_tried, %error, "request failed upstream");
+        tracing::debug!(pool = %pool.name(), attempts, %error, "request failed upstream");
     }
     match (last_error, last_status) {
         (Some(UpstreamError::Timeout { timeout, .. }), _) => ctx.listener.reply(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_timeout",
-            &format!("{n_tried} attempt(s) failed; last: no response head within {timeout:?}"),
+            &format!("{attempts} attempt(s) failed; last: no response head within {timeout:?}"),
         ),
         (Some(error), _) => ctx.listener.reply(
             StatusCode::BAD_GATEWAY,
             "upstream_failed",
-            &format!("{n_tried} attempt(s) failed; last: {}", error.kind_text()),
+            &format!("{attempts} attempt(s) failed; last: {}", error.kind_text()),
         ),
         (None, Some(status)) => ctx.listener.reply(
             StatusCode::BAD_GATEWAY,
             "upstream_failed",
-            &format!("{n_tried} attempt(s) failed; last backend answered {status}"),
+            &format!("{attempts} attempt(s) failed; last backend answered {status}"),
         ),
         (None, None) => ctx.listener.reply(
             StatusCode::BAD_GATEWAY,

@@ -678,6 +678,14 @@ impl Pool {
         }
     }
 
+    /// Counts a retry that the budget does not limit: the request again after its
+    /// backend provably did not process it (a keep-alive race, an HTTP/2 stream refused
+    /// or left unprocessed by a `GOAWAY`), which adds no work for any backend. Such
+    /// retries are bounded by `retry.attempts` alone, as HAProxy's and nginx's are.
+    pub fn note_free_retry(&self) {
+        self.metrics.retries.inc();
+    }
+
     /// Requests currently in the pool (received, response head not yet sent).
     pub fn active_requests(&self) -> u64 {
         self.active_requests.load(Ordering::Relaxed)

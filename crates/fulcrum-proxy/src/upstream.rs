@@ -637,6 +637,11 @@ async fn connect_step<T>(
 }
 
 impl Conn {
+    /// Whether this is a handle on a shared HTTP/2 connection.
+    pub fn is_multiplexed(&self) -> bool {
+        matches!(self.sender, Sender::H2 { .. })
+    }
+
     /// Sends `req` and waits for the response head, up to `timeout`.
     ///
     /// On failure, the request is given back in [`SendFailure::unsent`] if it never reached

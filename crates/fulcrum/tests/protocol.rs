@@ -1233,3 +1233,81 @@ async fn stalled_readers_do_not_starve_other_streams_on_an_http2_backend_connect
     }
     drop(stalled);
 }
+
+/// An HTTP/2 backend that closes every connection gracefully after five requests, as
+/// nginx does every `keepalive_requests`: a `GOAWAY`, and streams the proxy had already
+/// sent above the last processed one refused. Returns its address and how many
+/// connections it accepted.
+async fn goaway_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&connections);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                let mut served = 0;
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    let response = http::Response::new(());
+                    if let Ok(mut body) = respond.send_response(response, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                    }
+                    served += 1;
+                    if served == 5 {
+                        connection.graceful_shutdown();
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// A backend's `GOAWAY` refuses the streams it had not processed: they are sent again
+/// on a new connection — to the same backend in a one-backend pool, without drawing on
+/// the retry budget — and the backend is not blamed. (Counted as resets, they failed
+/// about one request in six against nginx's `keepalive_requests` and ejected it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_by_an_http2_goaway_are_sent_again_and_not_blamed() {
+    let (backend, connections) = goaway_backend().await;
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nruntime:\n  threads: 1\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    protocol: http2\n    retry: {{ attempts: 2, budget_percent: 0, min_retry_concurrency: 0 }}\n    outlier_detection: {{ consecutive_failures: 2 }}\n    backends:\n      - address: {backend}\n"
+    ));
+    let client = client();
+    for round in 0..10 {
+        let batch = (0..20).map(|i| {
+            client
+                .get(format!("{}/r/{round}/{i}", node.url("web")))
+                .send()
+        });
+        for response in futures_util::future::join_all(batch).await {
+            let response = response.expect("response");
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            assert_eq!(status, 200, "round {round}: {body}");
+        }
+    }
+    // Connections were closed by GOAWAY, and streams were refused (counted as resets,
+    // not as the backend's failures).
+    assert!(connections.load(std::sync::atomic::Ordering::SeqCst) >= 5);
+    let state = node.backend_state("app", &backend.to_string()).await;
+    assert_eq!(state, "healthy");
+    let metrics = node.metrics().await;
+    let refused = common::metric_value(&metrics, "fulcrum_upstream_errors_total", "kind=\"reset\"")
+        .unwrap_or(0.0);
+    assert!(refused > 0.0, "no stream was refused: {metrics}");
+    assert_eq!(
+        common::metric_value(&metrics, "fulcrum_ejections_total", "pool=\"app\""),
+        Some(0.0),
+        "{metrics}"
+    );
+}
