@@ -166,7 +166,14 @@ impl ListenerRuntime {
                 None => Default::default(),
             },
             tls: tls.map(ArcSwap::from_pointee),
-            replies: REPLY_CODES.map(|code| metrics.local_replies(name, code.as_u16())),
+            // Registered (and so exported) only for HTTP listeners: a TCP listener never
+            // answers with a status of its own.
+            replies: match protocol {
+                ListenerProtocol::Http => {
+                    REPLY_CODES.map(|code| metrics.local_replies(name, code.as_u16()))
+                }
+                ListenerProtocol::Tcp => Default::default(),
+            },
             max_connections: 0,
             slots: None,
             open: metrics.listener_connections(name),

@@ -293,6 +293,12 @@ async fn tcp_listener_passes_bytes_through() {
         seen.insert(backend);
     }
     assert_eq!(seen.len(), 2, "round robin over both backends: {seen:?}");
+    // A tcp listener never answers with a status of its own: no such series.
+    let metrics = node.metrics().await;
+    assert!(
+        !metrics.contains(r#"fulcrum_local_replies_total{listener="tcp""#),
+        "{metrics}"
+    );
 }
 
 /// Reads until the peer closes the connection; returns what arrived.
