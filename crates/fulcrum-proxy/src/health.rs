@@ -141,7 +141,9 @@ where
             .await
             {
                 Ok(pair) => pair,
-                Err(error) => return ProbeResult::Unhealthy(format!("handshake: {error}")),
+                Err(error) => {
+                    return ProbeResult::Unhealthy(format!("HTTP/2 handshake: {error}{H2_HINT}"));
+                }
             };
             let driver = tokio::spawn(connection);
             crate::headers::to_h2_request(&mut request, https);
@@ -160,11 +162,21 @@ where
                 ))
             }
         }
+        // An HTTP/1.1-only server answers the HTTP/2 preface with an HTTP/1.1 error and
+        // closes: hyper reports a connection or protocol error, which alone does not say
+        // why.
+        Err(error) if protocol == UpstreamProtocol::Http2 => {
+            ProbeResult::Unhealthy(format!("request: {error}{H2_HINT}"))
+        }
         Err(error) => ProbeResult::Unhealthy(format!("request: {error}")),
     };
     driver.abort();
     result
 }
+
+/// Added to an HTTP/2 probe's protocol failure: the likeliest cause.
+const H2_HINT: &str = " (does the backend speak HTTP/2? the pool's `protocol: http2` sends \
+                       the HTTP/2 preface without negotiation over plain TCP)";
 
 /// Checks one backend of `pool` until `cancel` fires, updating its `UNHEALTHY` flag.
 pub async fn check_loop(
