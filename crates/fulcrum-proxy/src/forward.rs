@@ -416,7 +416,7 @@ async fn attempt(
         Err(SendFailure {
             error,
             unsent,
-            refused,
+            unprocessed,
         }) => {
             match &error {
                 UpstreamError::Timeout { .. } => {
@@ -430,13 +430,9 @@ async fn attempt(
                 }
                 UpstreamError::ClientBody { .. } | UpstreamError::ClientStalled { .. } => {}
             }
-            // Also an HTTP/2 stream the backend refused or dropped unprocessed in a
-            // graceful close (GOAWAY): the request never ran, so it is no failure of the
-            // backend's and may go again.
-            // Over HTTP/2 a request given back unsent was queued on a shared connection
-            // that closed under it, whether or not this attempt opened it.
-            let keepalive_race =
-                (unsent.is_some() && (conn.reused || conn.is_multiplexed())) || refused;
+            // The request never ran (a keep-alive race, an HTTP/2 stream refused or left
+            // unprocessed by a GOAWAY): no failure of the backend's, and it may go again.
+            let keepalive_race = unprocessed;
             Outcome::Failed {
                 error,
                 unsent,

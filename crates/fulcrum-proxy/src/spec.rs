@@ -19,7 +19,7 @@ use crate::state::{
     BackendSpec, HashKeySource, HealthCheckSettings, HealthProbe, HedgeDelay, HedgePolicy,
     PoolSettings, RetryPolicy,
 };
-use crate::upstream::{ConnSettings, UpstreamProtocol};
+use crate::upstream::ConnSettings;
 
 /// Why a configuration could not be turned into a [`NodeSpec`].
 #[derive(Debug, thiserror::Error)]
@@ -122,10 +122,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                 },
             });
         }
-        let protocol = match p.protocol {
-            fulcrum_config::UpstreamProtocol::Http1 => UpstreamProtocol::Http1,
-            fulcrum_config::UpstreamProtocol::Http2 => UpstreamProtocol::Http2,
-        };
+        let protocol = p.protocol;
         let tls = p
             .tls
             .as_ref()

@@ -259,7 +259,7 @@ where
             return Err(SendFailure {
                 error,
                 unsent: None,
-                refused: false,
+                unprocessed: false,
             });
         }
         wait = Duration::from_nanos(timeout_ns - idle);
@@ -288,11 +288,12 @@ pub struct SendFailure {
     pub error: UpstreamError,
     /// The request, if it was not sent.
     pub unsent: Option<Request<UpstreamBody>>,
-    /// The backend provably did not process the request although it was sent: an
+    /// The backend provably did not process the request: a keep-alive race (the request
+    /// given back unsent by a pooled connection that closed, see [`Conn::send`]), or an
     /// HTTP/2 stream refused (`REFUSED_STREAM`) or above the last stream id of the
-    /// backend's `GOAWAY` (RFC 9113 §8.7, §6.8). Like a keep-alive race, not the
-    /// backend's failure, and safe to send again.
-    pub refused: bool,
+    /// backend's `GOAWAY` (RFC 9113 §8.7, §6.8). Not the backend's failure, and safe to
+    /// send again.
+    pub unprocessed: bool,
 }
 
 struct IdleConn {
@@ -308,15 +309,9 @@ struct SharedConn {
     used_ns: u64,
 }
 
-/// The HTTP version spoken to a pool's backends (`pools.*.protocol`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum UpstreamProtocol {
-    /// HTTP/1.1 keep-alive connections, one request at a time each.
-    #[default]
-    Http1,
-    /// HTTP/2 (prior knowledge over TCP, ALPN `h2` over TLS), multiplexed.
-    Http2,
-}
+/// The HTTP version spoken to a pool's backends (`pools.*.protocol`): the configuration's
+/// own type, which the data plane uses as it is.
+pub use fulcrum_config::UpstreamProtocol;
 
 /// Timeouts (and TLS) applied to one backend's connections (from the pool's settings).
 #[derive(Clone, Debug)]
@@ -371,7 +366,7 @@ pub struct Conn {
     sender: Sender,
     /// Whether the connection served a request before (a failure on a reused connection
     /// may be a keep-alive race rather than a backend fault).
-    pub reused: bool,
+    reused: bool,
 }
 
 impl ConnPool {
@@ -638,7 +633,7 @@ async fn connect_step<T>(
 
 impl Conn {
     /// Whether this is a handle on a shared HTTP/2 connection.
-    pub fn is_multiplexed(&self) -> bool {
+    fn is_multiplexed(&self) -> bool {
         matches!(self.sender, Sender::H2 { .. })
     }
 
@@ -657,7 +652,11 @@ impl Conn {
             Either::Left(streamed) => Some(Arc::clone(&streamed.progress)),
             Either::Right(_) => None,
         };
-        match &mut self.sender {
+        // A request given back unsent never ran when its connection had served before
+        // (it closed in a keep-alive race) or is shared (HTTP/2: it closed under the
+        // queued request, whether or not this attempt opened it).
+        let race = self.reused || self.is_multiplexed();
+        let answer = match &mut self.sender {
             Sender::H1(sender) => {
                 let sent = sender.try_send_request(req);
                 await_answer(sent, progress.as_deref(), addr, timeout).await
@@ -670,7 +669,11 @@ impl Conn {
                 let sent = sender.try_send_request(req);
                 Box::pin(await_answer(sent, progress.as_deref(), addr, timeout)).await
             }
-        }
+        };
+        answer.map_err(|mut failure| {
+            failure.unprocessed |= race && failure.unsent.is_some();
+            failure
+        })
     }
 }
 
@@ -699,7 +702,7 @@ where
                 return Err(SendFailure {
                     error: UpstreamError::Timeout { addr, timeout },
                     unsent: None,
-                    refused: false,
+                    unprocessed: false,
                 });
             }
         },
@@ -719,7 +722,7 @@ where
             // so the client is blamed only when its body did fail.
             let client_failed =
                 source.is_user() && progress.is_some_and(|p| p.failed.load(Ordering::Acquire));
-            let refused = h2_refused(&source);
+            let unprocessed = h2_refused(&source);
             let error = if client_failed {
                 UpstreamError::ClientBody { source }
             } else {
@@ -728,7 +731,7 @@ where
             Err(SendFailure {
                 error,
                 unsent,
-                refused,
+                unprocessed,
             })
         }
     }
