@@ -6,28 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Backend, Node, client, fulcrum_bin, simple_config};
-
-fn check(yaml: &str) -> (i32, String, String) {
-    let mut file = tempfile::Builder::new()
-        .suffix(".yaml")
-        .tempfile()
-        .expect("temp file");
-    std::io::Write::write_all(&mut file, yaml.as_bytes()).expect("write");
-    let out = Command::new(fulcrum_bin())
-        .args(["check", "--config"])
-        .arg(file.path())
-        .output()
-        .expect("run check");
-    let name = file
-        .path()
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.code().expect("exit code"), stderr, name)
-}
+use common::{Backend, Node, check, client, fulcrum_bin, simple_config};
 
 const VALID: &str = "listeners:
   - name: web

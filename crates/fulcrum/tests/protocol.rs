@@ -1038,22 +1038,10 @@ async fn pools_can_speak_http2_to_backends() {
     .await;
 
     // A tcp listener cannot forward to an HTTP/2 pool.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("tcp.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listeners:\n  - name: raw\n    protocol: tcp\n    listen: 127.0.0.1:0\n    routes:\n      - pool: grpc\npools:\n  grpc:\n    protocol: http2\n    backends:\n      - address: {backend}\n"
-        ),
-    )
-    .expect("write config");
-    let out = std::process::Command::new(common::fulcrum_bin())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr, _) = common::check(&format!(
+        "listeners:\n  - name: raw\n    protocol: tcp\n    listen: 127.0.0.1:0\n    routes:\n      - pool: grpc\npools:\n  grpc:\n    protocol: http2\n    backends:\n      - address: {backend}\n"
+    ));
+    assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("listeners[0].routes[0].pool") && stderr.contains("protocol: http2"),
         "{stderr}"

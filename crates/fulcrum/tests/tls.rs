@@ -271,23 +271,10 @@ async fn https_with_alpn_renewal_on_reload_and_bad_files_refused() {
 #[test]
 fn check_names_a_missing_certificate_at_its_line() {
     let backend_free = "127.0.0.1:9";
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("fulcrum.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    tls:\n      certificate: /nonexistent/cert.pem\n      private_key: /nonexistent/key.pem\n    routes:\n      - pool: app\npools:\n  app:\n    backends:\n      - address: {backend_free}\n"
-        ),
-    )
-    .expect("write config");
-    let out = std::process::Command::new(common::fulcrum_bin())
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .expect("run fulcrum check");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr, _) = common::check(&format!(
+        "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    tls:\n      certificate: /nonexistent/cert.pem\n      private_key: /nonexistent/key.pem\n    routes:\n      - pool: app\npools:\n  app:\n    backends:\n      - address: {backend_free}\n"
+    ));
+    assert_eq!(code, 2);
     assert!(
         stderr.contains(":5:") && stderr.contains("listeners[0].tls.certificate"),
         "{stderr}"

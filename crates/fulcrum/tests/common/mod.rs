@@ -17,6 +17,29 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Runs `fulcrum check --config` on `yaml` written to a temporary `.yaml` file; returns
+/// the exit code, stderr, and the file's name (which located errors start with).
+pub fn check(yaml: &str) -> (i32, String, String) {
+    let mut file = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp file");
+    std::io::Write::write_all(&mut file, yaml.as_bytes()).expect("write");
+    let out = Command::new(fulcrum_bin())
+        .args(["check", "--config"])
+        .arg(file.path())
+        .output()
+        .expect("run check");
+    let name = file
+        .path()
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().expect("exit code"), stderr, name)
+}
+
 /// Path of the `fulcrum` binary under test.
 pub fn fulcrum_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fulcrum"))
