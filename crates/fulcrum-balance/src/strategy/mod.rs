@@ -598,6 +598,27 @@ pub(crate) mod testing {
             })
             .collect()
     }
+
+    /// `n` first picks of `strategy` over `b`, each followed by a second attempt
+    /// (`pick_another`, as a retry or hedge makes) that must go to another backend.
+    pub fn first_picks_with_another_attempt(
+        strategy: &dyn super::Strategy,
+        b: &[Backend],
+        n: usize,
+    ) -> Vec<usize> {
+        let all = super::PoolView::new(b, &[], false);
+        let req = super::RequestInfo::new(0);
+        (0..n)
+            .map(|_| {
+                let picked = strategy.pick(&req, &all).expect("eligible");
+                let tried = [picked];
+                let rest = super::PoolView::new(b, &tried, false);
+                let other = strategy.pick_another(&req, &rest).expect("eligible");
+                assert_ne!(other, picked);
+                picked.0
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -82,19 +82,9 @@ mod tests {
     #[test]
     fn another_attempt_takes_no_turn() {
         let b = backends(&[1, 1]);
-        let rr = RoundRobin::new();
-        let all = PoolView::new(&b, &[], false);
-        let req = RequestInfo::new(0);
         // Every request hedged or retried: first attempts still alternate.
-        let mut first = Vec::new();
-        for _ in 0..6 {
-            let picked = rr.pick(&req, &all).expect("eligible");
-            first.push(picked.0);
-            let tried = [picked];
-            let rest = PoolView::new(&b, &tried, false);
-            let other = rr.pick_another(&req, &rest).expect("eligible");
-            assert_ne!(other, picked);
-        }
+        let first =
+            crate::strategy::testing::first_picks_with_another_attempt(&RoundRobin::new(), &b, 6);
         assert_eq!(first, vec![0, 1, 0, 1, 0, 1]);
     }
 

@@ -367,18 +367,12 @@ mod tests {
     #[test]
     fn another_attempt_takes_no_turn() {
         let b = backends(&[2, 1, 1]);
-        let wrr = WeightedRoundRobin::new(&b);
         let all = PoolView::new(&b, &[], false);
-        let req = RequestInfo::new(0);
-        let mut first = Vec::new();
-        for _ in 0..8 {
-            let picked = wrr.pick(&req, &all).expect("eligible");
-            first.push(picked.0);
-            let tried = [picked];
-            let rest = PoolView::new(&b, &tried, false);
-            let other = wrr.pick_another(&req, &rest).expect("eligible");
-            assert_ne!(other, picked);
-        }
+        let first = crate::strategy::testing::first_picks_with_another_attempt(
+            &WeightedRoundRobin::new(&b),
+            &b,
+            8,
+        );
         // The same sequence as without the extra attempts.
         let fresh = WeightedRoundRobin::new(&b);
         assert_eq!(first, picks(&fresh, &all, 8));
