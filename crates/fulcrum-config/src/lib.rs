@@ -52,13 +52,13 @@ use std::path::Path;
 
 pub use error::{ConfigError, Diagnostic};
 pub use model::{
-    AdminConfig, AnalysisConfig, AssignmentsConfig, BackendConfig, ClusterConfig, Config,
-    CoordinationBackend, CoordinationConfig, DiscoveryConfig, DiscoverySource, DnsRecord,
-    DurationClassConfig, DurationClassMode, DynamicWeightsConfig, GossipConfig, HashConfig,
-    HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind, HealthMergeRule, HedgeConfig,
-    ListenerConfig, ListenerTimeouts, LogConfig, LogFormat, MAX_REQUESTS_LIMIT,
-    OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority, Rate,
-    RateLimitConfig, RateLimitKey, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
+    AdminConfig, AnalysisConfig, AssignmentsConfig, BackendConfig, CertificatePair, ClientAuth,
+    ClusterConfig, Config, CoordinationBackend, CoordinationConfig, DiscoveryConfig,
+    DiscoverySource, DnsRecord, DurationClassConfig, DurationClassMode, DynamicWeightsConfig,
+    GossipConfig, HashConfig, HashKey, HeaderMatch, HealthCheckConfig, HealthCheckKind,
+    HealthMergeRule, HedgeConfig, ListenerConfig, ListenerTimeouts, LogConfig, LogFormat,
+    MAX_REQUESTS_LIMIT, OutlierDetectionConfig, PoolConfig, Protocol, QueueConfig, QueuePriority,
+    Rate, RateLimitConfig, RateLimitKey, ResponseTimeConfig, RetryConfig, RouteConfig, RouteMatch,
     RuntimeConfig, SlowStartConfig, StatsConfig, TailAwareConfig, TlsConfig, TlsVersion,
     UpstreamProtocol, UpstreamTimeouts, UpstreamTlsConfig, parse_nameserver,
 };

@@ -172,18 +172,84 @@ pub struct ListenerConfig {
 pub struct TlsConfig {
     /// PEM file with the certificate chain, leaf first (e.g. Let's Encrypt's
     /// `fullchain.pem`). Required. A relative path is relative to the working directory.
+    /// The default certificate: served when the client's SNI names none of
+    /// `certificates` (or sends no SNI), unless `strict_sni`.
     pub certificate: PathBuf,
     /// PEM file with the leaf's private key: PKCS#8 (`BEGIN PRIVATE KEY`), PKCS#1
     /// (`BEGIN RSA PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`). Required.
     pub private_key: PathBuf,
+    /// More certificates, each chosen when the client's SNI (RFC 6066 §3) matches one of
+    /// its leaf's DNS subject alternative names, exactly or by a `*.` wildcard of one
+    /// label (HAProxy's several `crt`, nginx's `server_name` per `server`). Earlier
+    /// entries win a name two certificates share; `certificate` is matched first.
+    /// Validated: readable PEM, and each leaf has at least one DNS name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificatePair>,
+    /// Refuse the handshake (alert `unrecognized_name`) when the client's SNI matches no
+    /// certificate or is absent, instead of serving `certificate` (HAProxy's
+    /// `strict-sni`). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict_sni: bool,
+    /// PEM file of the CA certificates client certificates must chain to (mutual TLS;
+    /// HAProxy's `ca-file` with `verify required`, Envoy's `validation_context` with
+    /// `require_client_certificate`). Absent = clients are not asked for a certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: `required` (default; a client without a valid certificate fails
+    /// the handshake) or `optional` (a client may present none, but one it presents must
+    /// be valid; HAProxy's `verify optional`). Validated: only with `client_ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
     /// Lowest protocol version accepted: `1.2` (default) or `1.3`.
     #[serde(default)]
     pub min_version: TlsVersion,
 }
 
-/// `pools.*.tls`: TLS (rustls, TLS 1.2 and 1.3, ALPN `http/1.1`) on the connections to
-/// the pool's backends and their health checks. The backend's certificate is always
-/// verified (RFC 5280 path validation, name per RFC 6125).
+impl TlsConfig {
+    /// The certificate and key files in matching order: `("", certificate,
+    /// private_key)` first, then `("certificates[i].", …)` — the first element is the
+    /// key path of the pair relative to `tls.`, for locating errors.
+    pub fn pairs(&self) -> impl Iterator<Item = (String, &std::path::Path, &std::path::Path)> {
+        std::iter::once((
+            String::new(),
+            self.certificate.as_path(),
+            self.private_key.as_path(),
+        ))
+        .chain(self.certificates.iter().enumerate().map(|(i, pair)| {
+            (
+                format!("certificates[{i}]."),
+                pair.certificate.as_path(),
+                pair.private_key.as_path(),
+            )
+        }))
+    }
+}
+
+/// One entry of `listeners[].tls.certificates` or the client certificate of
+/// `pools.*.tls`: a PEM certificate chain (leaf first) and its private key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    /// PEM file with the certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM file with the leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+}
+
+/// `listeners[].tls.client_auth`: whether a client certificate is required.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// Every client must present a certificate that chains to `client_ca`.
+    #[default]
+    Required,
+    /// A client may present no certificate; one it presents must be valid.
+    Optional,
+}
+
+/// `pools.*.tls`: TLS (rustls, TLS 1.2 and 1.3, ALPN `http/1.1` or `h2`) on the
+/// connections to the pool's backends and their health checks. The backend's
+/// certificate is always verified (RFC 5280 path validation, name per RFC 6125).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
@@ -197,6 +263,15 @@ pub struct UpstreamTlsConfig {
     /// Validated: a DNS name or IP address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// PEM file with the client certificate chain (leaf first) presented to backends
+    /// that ask for one (mutual TLS; HAProxy's `server … crt`, nginx's
+    /// `proxy_ssl_certificate`). Validated: set together with `private_key`, readable
+    /// PEM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PathBuf>,
+    /// PEM file with the client certificate's private key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<PathBuf>,
 }
 
 /// `listeners[].tls.min_version`.

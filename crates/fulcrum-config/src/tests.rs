@@ -1370,3 +1370,123 @@ fn pool_tls_errors_name_the_field() {
     assert_eq!(d[1].2, "pools.app.tls.server_name");
     assert!(d[1].3.contains("not a DNS name or IP address"), "{d:?}");
 }
+
+/// A self-signed certificate for `names` (DNS names or IP addresses) written to
+/// `dir/file` with its key beside it (`file.key`).
+fn real_cert(dir: &std::path::Path, file: &str, names: &[&str]) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .expect("params");
+    let cert = params.self_signed(&key).expect("certificate");
+    std::fs::write(dir.join(file), cert.pem()).expect("write cert");
+    std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).expect("write key");
+}
+
+#[test]
+fn sni_certificates_and_client_auth_are_checked_at_their_keys() {
+    let dir = tls_files();
+    real_cert(
+        dir.path(),
+        "api.pem",
+        &["api.example.test", "*.apps.example.test"],
+    );
+    real_cert(dir.path(), "ip.pem", &["127.0.0.1"]);
+    let extra = |file: &str, more: &str| {
+        format!(
+            "      certificates:\n        - certificate: {0}\n          private_key: {0}.key\n{more}",
+            dir.path().join(file).display()
+        )
+    };
+    let ca = dir.path().join("api.pem");
+    let ok = parse_ok(&tls_listener(
+        "http",
+        dir.path(),
+        "key.pem",
+        &extra(
+            "api.pem",
+            &format!(
+                "      strict_sni: true\n      client_ca: {}\n      client_auth: optional\n",
+                ca.display()
+            ),
+        ),
+    ));
+    let tls = ok.listeners[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.certificates.len(), 1);
+    assert!(tls.strict_sni);
+    assert_eq!(tls.client_auth, Some(crate::ClientAuth::Optional));
+    let pairs: Vec<String> = tls.pairs().map(|(at, _, _)| at).collect();
+    assert_eq!(pairs, ["", "certificates[0]."]);
+
+    // A certificate no SNI can select, one that is not X.509, client_auth alone.
+    let d = diags(&tls_listener(
+        "http",
+        dir.path(),
+        "key.pem",
+        &extra("ip.pem", ""),
+    ));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].2, "listeners[0].tls.certificates[0].certificate");
+    assert!(d[0].3.contains("has no DNS name"), "{d:?}");
+    std::fs::copy(dir.path().join("key.pem"), dir.path().join("cert.pem.key")).expect("copy");
+    let d = diags(&tls_listener(
+        "http",
+        dir.path(),
+        "key.pem",
+        &extra("cert.pem", ""),
+    ));
+    assert_eq!(
+        d[0].2, "listeners[0].tls.certificates[0].certificate",
+        "{d:?}"
+    );
+    assert!(d[0].3.contains("cannot be parsed"), "{d:?}");
+    let d = diags(&tls_listener(
+        "http",
+        dir.path(),
+        "key.pem",
+        "      client_auth: required\n",
+    ));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(
+        (d[0].0, d[0].2.as_str()),
+        (8, "listeners[0].tls.client_auth")
+    );
+    assert!(d[0].3.contains("needs `client_ca`"), "{d:?}");
+    let d = diags(&tls_listener(
+        "http",
+        dir.path(),
+        "key.pem",
+        &format!(
+            "      client_ca: {}\n",
+            dir.path().join("key.pem").display()
+        ),
+    ));
+    assert_eq!(d[0].2, "listeners[0].tls.client_ca", "{d:?}");
+    assert!(d[0].3.contains("holds no certificate"), "{d:?}");
+}
+
+#[test]
+fn a_pool_client_certificate_needs_both_files() {
+    let dir = tls_files();
+    real_cert(dir.path(), "client.pem", &["client.test"]);
+    let client = dir.path().join("client.pem");
+    let ok = parse_ok(&with_pool_keys(&format!(
+        "    tls: {{ certificate: {0}, private_key: {0}.key }}\n",
+        client.display()
+    )));
+    let tls = ok.pools["app"].tls.as_ref().expect("tls");
+    assert_eq!(tls.certificate.as_deref(), Some(client.as_path()));
+    let d = diags(&with_pool_keys(&format!(
+        "    tls: {{ certificate: {} }}\n",
+        client.display()
+    )));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].2, "pools.app.tls.certificate");
+    assert!(d[0].3.contains("needs `private_key`"), "{d:?}");
+    let d = diags(&with_pool_keys(&format!(
+        "    tls: {{ certificate: {0}, private_key: {0} }}\n",
+        client.display()
+    )));
+    assert_eq!(d[0].2, "pools.app.tls.private_key", "{d:?}");
+    assert!(d[0].3.contains("holds no private key"), "{d:?}");
+}

@@ -1,13 +1,11 @@
-//! Reading a listener's TLS certificate chain and private key (PEM), shared by the
+//! Reading TLS certificate chains, private keys and CA bundles (PEM), shared by the
 //! validator (so `fulcrum check` and reloads report a bad file at its config line) and the
-//! data plane (which builds the rustls server configuration from the result).
+//! data plane (which builds the rustls configurations from the result).
 
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::model::TlsConfig;
-
-/// A listener's certificate chain (leaf first) and private key, parsed from PEM.
+/// A certificate chain (leaf first) and its private key, parsed from PEM.
 #[derive(Debug)]
 pub struct TlsMaterial {
     /// DER certificates in file order (leaf first); never empty.
@@ -16,7 +14,7 @@ pub struct TlsMaterial {
     pub private_key: PrivateKeyDer<'static>,
 }
 
-/// Which file of `listeners[].tls` a [`TlsFileError`] is about.
+/// Which file of a certificate pair a [`TlsFileError`] is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsFile {
     /// `certificate`.
@@ -45,19 +43,22 @@ pub struct TlsFileError {
     pub message: String,
 }
 
-/// Reads and parses both files of `tls`.
+/// Reads and parses a certificate chain file and its private key file.
 ///
 /// # Errors
 /// [`TlsFileError`] naming the first file that is unreadable, is not PEM, holds no
 /// certificate (`certificate`) or no private key (`private_key`).
-pub fn read_pem(tls: &TlsConfig) -> Result<TlsMaterial, TlsFileError> {
+pub fn read_pair(
+    certificate: &std::path::Path,
+    private_key: &std::path::Path,
+) -> Result<TlsMaterial, TlsFileError> {
     let certificates =
-        read_certificates(&tls.certificate, ", leaf first").map_err(|message| TlsFileError {
+        read_certificates(certificate, ", leaf first").map_err(|message| TlsFileError {
             file: TlsFile::Certificate,
             message,
         })?;
-    let path = tls.private_key.display();
-    let private_key = PrivateKeyDer::from_pem_file(&tls.private_key).map_err(|e| TlsFileError {
+    let path = private_key.display();
+    let private_key = PrivateKeyDer::from_pem_file(private_key).map_err(|e| TlsFileError {
         file: TlsFile::PrivateKey,
         message: match e {
             pem::Error::NoItemsFound => format!(
@@ -95,7 +96,23 @@ fn describe(e: &pem::Error) -> String {
     }
 }
 
-/// Reads a PEM bundle of CA certificates (`pools.*.tls.ca_file`).
+/// The DNS names (subject alternative names, RFC 5280 §4.2.1.6) of leaf certificate
+/// `leaf`, lowercased, wildcards (`*.example.com`) included: the names SNI selects it
+/// by. Not a verification: the client verifies the certificate it is served.
+///
+/// # Errors
+/// A message when `leaf` is not a parsable X.509 certificate.
+pub fn dns_names(leaf: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    let cert = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| format!("the leaf certificate cannot be parsed: {e}"))?;
+    Ok(cert
+        .valid_dns_names()
+        .map(|name| name.trim_end_matches('.').to_ascii_lowercase())
+        .collect())
+}
+
+/// Reads a PEM bundle of CA certificates (`pools.*.tls.ca_file`,
+/// `listeners[].tls.client_ca`).
 ///
 /// # Errors
 /// A message naming `path` when it is unreadable, not PEM, or holds no certificate.

@@ -365,8 +365,10 @@ impl Checker<'_> {
         }
     }
 
-    /// `tls` only on `http` listeners, with both files readable PEM (read here, so that
-    /// `fulcrum check` and a reload name a bad file at its line).
+    /// `tls` only on `http` listeners, with every certificate and key file readable PEM
+    /// (read here, so that `fulcrum check` and a reload name a bad file at its line),
+    /// each extra certificate selectable by SNI (a DNS name in its leaf), `client_ca`
+    /// readable, and `client_auth` only with `client_ca`.
     fn tls(&mut self, l: &ListenerConfig, p: &str) {
         let Some(tls) = &l.tls else { return };
         if l.protocol == Protocol::Tcp {
@@ -379,12 +381,53 @@ impl Checker<'_> {
                     l.name
                 ),
             );
-        } else if let Err(e) = crate::tls::read_pem(tls) {
-            self.report(
-                &format!("{p}.tls.{}", e.file.key()),
-                Anchor::Value,
-                e.message,
-            );
+            return;
+        }
+        for (at, certificate, private_key) in tls.pairs() {
+            match crate::tls::read_pair(certificate, private_key) {
+                Err(e) => self.report(
+                    &format!("{p}.tls.{at}{}", e.file.key()),
+                    Anchor::Value,
+                    e.message,
+                ),
+                // The default certificate is served without SNI too; an extra one is
+                // reachable only through a DNS name of its leaf.
+                Ok(material) if !at.is_empty() => {
+                    let names = crate::tls::dns_names(&material.certificates[0]);
+                    let problem = match names {
+                        Err(e) => Some(e),
+                        Ok(names) if names.is_empty() => Some(
+                            "its leaf certificate has no DNS name (subjectAltName), so no \
+                             client's SNI could select it"
+                                .to_owned(),
+                        ),
+                        Ok(_) => None,
+                    };
+                    if let Some(problem) = problem {
+                        self.report(
+                            &format!("{p}.tls.{at}certificate"),
+                            Anchor::Value,
+                            format!("`{}`: {problem}", certificate.display()),
+                        );
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        match &tls.client_ca {
+            Some(ca) => {
+                if let Err(message) = crate::tls::read_ca_file(ca) {
+                    self.report(&format!("{p}.tls.client_ca"), Anchor::Value, message);
+                }
+            }
+            None if tls.client_auth.is_some() => self.report(
+                &format!("{p}.tls.client_auth"),
+                Anchor::Key,
+                "`client_auth` needs `client_ca`: the CA certificates client certificates \
+                 are verified against"
+                    .to_owned(),
+            ),
+            None => {}
         }
     }
 
@@ -563,6 +606,33 @@ impl Checker<'_> {
                 && let Err(message) = crate::tls::server_name(server_name)
             {
                 self.report(&format!("{p}.tls.server_name"), Anchor::Value, message);
+            }
+            match (&tls.certificate, &tls.private_key) {
+                (Some(certificate), Some(private_key)) => {
+                    if let Err(e) = crate::tls::read_pair(certificate, private_key) {
+                        self.report(
+                            &format!("{p}.tls.{}", e.file.key()),
+                            Anchor::Value,
+                            e.message,
+                        );
+                    }
+                }
+                (None, None) => {}
+                (Some(_), None) | (None, Some(_)) => {
+                    let (set, missing) = if tls.certificate.is_some() {
+                        ("certificate", "private_key")
+                    } else {
+                        ("private_key", "certificate")
+                    };
+                    self.report(
+                        &format!("{p}.tls.{set}"),
+                        Anchor::Key,
+                        format!(
+                            "`{set}` needs `{missing}`: a client certificate for the backends \
+                             is given as both files"
+                        ),
+                    );
+                }
             }
         }
         if let Err(e) = check_name("pool", name) {

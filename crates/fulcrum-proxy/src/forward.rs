@@ -65,6 +65,8 @@ pub struct ConnContext {
     pub client_ip: HeaderValue,
     /// Framing verdicts of the HTTP/1 request heads read on this connection.
     pub verdicts: FramingVerdicts,
+    /// What the connection's requests carry as `X-Forwarded-Client-Cert`.
+    pub client_cert: ForwardedClientCert,
     requests: AtomicU64,
     /// Requests received whose response has not finished (HTTP/2: open streams).
     active: AtomicU32,
@@ -75,12 +77,26 @@ pub struct ConnContext {
     _slot: crate::listener::ConnSlot,
 }
 
+/// `X-Forwarded-Client-Cert` on a connection's requests.
+#[derive(Debug)]
+pub enum ForwardedClientCert {
+    /// The listener does not verify client certificates: the header is forwarded as the
+    /// client sent it, like any other.
+    PassThrough,
+    /// The listener verifies client certificates (`tls.client_ca`): a value the client
+    /// sent is removed, and this one (the verified certificate's hash and names, see
+    /// [`crate::tls::forwarded_client_cert`]) set, if the client presented one (Envoy's
+    /// `SANITIZE_SET`).
+    Set(Option<HeaderValue>),
+}
+
 impl ConnContext {
     /// Context for a connection from `peer` accepted by `listener`.
     pub(crate) fn new(
         listener: Arc<ListenerRuntime>,
         peer: SocketAddr,
         verdicts: FramingVerdicts,
+        client_cert: ForwardedClientCert,
         slot: crate::listener::ConnSlot,
     ) -> Self {
         let client_ip = HeaderValue::from_str(&peer.ip().to_string())
@@ -90,6 +106,7 @@ impl ConnContext {
             peer,
             client_ip,
             verdicts,
+            client_cert,
             requests: AtomicU64::new(0),
             active: AtomicU32::new(0),
             idle_since_ns: AtomicU64::new(now_ns()),
@@ -199,6 +216,15 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     let on_upgrade =
         (client_h1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if let ForwardedClientCert::Set(value) = &ctx.client_cert {
+        // Before routing, so a route matching this header sees Fulcrum's value only.
+        parts.headers.remove(&headers::X_FORWARDED_CLIENT_CERT);
+        if let Some(value) = value {
+            parts
+                .headers
+                .insert(&headers::X_FORWARDED_CLIENT_CERT, value.clone());
+        }
+    }
 
     let (pool, backend_tags) = {
         let router = ctx.listener.router.load();

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::{ProxyBody, error_response};
-use crate::forward::{self, ConnContext};
+use crate::forward::{self, ConnContext, ForwardedClientCert};
 use crate::h1_guard::{FramingVerdicts, H1Guard, MAX_HEAD_LEN};
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -435,12 +435,19 @@ async fn accept_loop(
             }
             ListenerProtocol::Http => match &listener.tls {
                 None => {
-                    let (connection, ctx) =
-                        http_connection(&builder, &listener, stream, peer, slot);
+                    let (connection, ctx) = http_connection(
+                        &builder,
+                        &listener,
+                        stream,
+                        peer,
+                        ForwardedClientCert::PassThrough,
+                        slot,
+                    );
                     tracker.spawn(serve_http(connection, ctx, shutdown.clone()));
                 }
                 Some(tls) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.load().config));
+                    let state = tls.load_full();
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&state.config));
                     let (listener, builder, shutdown) =
                         (Arc::clone(&listener), builder.clone(), shutdown.clone());
                     tracker.spawn(async move {
@@ -448,8 +455,16 @@ async fn accept_loop(
                         else {
                             return;
                         };
+                        let client_cert = if state.verifies_clients() {
+                            ForwardedClientCert::Set(crate::tls::forwarded_client_cert(
+                                stream.get_ref().1.peer_certificates(),
+                            ))
+                        } else {
+                            ForwardedClientCert::PassThrough
+                        };
+                        drop(state);
                         let (connection, ctx) =
-                            http_connection(&builder, &listener, stream, peer, slot);
+                            http_connection(&builder, &listener, stream, peer, client_cert, slot);
                         serve_http(connection, ctx, shutdown).await;
                     });
                 }
@@ -492,6 +507,7 @@ fn http_connection<IO>(
     listener: &Arc<ListenerRuntime>,
     io: IO,
     peer: SocketAddr,
+    client_cert: ForwardedClientCert,
     slot: ConnSlot,
 ) -> (
     impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>
@@ -508,6 +524,7 @@ where
         Arc::clone(listener),
         peer,
         verdicts.clone(),
+        client_cert,
         slot,
     ));
     let service_ctx = Arc::clone(&ctx);

@@ -14,7 +14,7 @@
 //! | `GET /health` | 200 `{"status":"ok","name":…}`; 503 `{"status":"unhealthy",…}` after `/control?healthy=false`. Never delayed or failed. |
 //! | `GET /stats` | [`BackendStatsSnapshot`] as JSON. |
 //! | `GET\|POST /control?…` | changes [`Settings`]: `delay_ms`, `latency`, `fail`, `slow_factor`, `capacity`, `healthy`, `cache_size`, `cache_miss_ms` (query string, or a form body on POST); returns the new settings; 400 naming the parameter on a bad value (nothing is changed then). |
-//! | `/echo` (any method) | streams the request body back; `x-echo-host`, `x-echo-x-forwarded-for`, `-proto`, `-host` reflect those request headers. |
+//! | `/echo` (any method) | streams the request body back; `x-echo-host`, `x-echo-x-forwarded-for`, `-proto`, `-host`, `-client-cert` reflect those request headers. |
 //! | `GET /download?bytes=N` | N bytes (default 1 MiB, at most 1 GiB) of the [`DownloadPattern`] stream in 64 KiB chunks, SHA-256 in `x-content-sha256`. |
 //! | `GET /ws` | WebSocket echo of text and binary messages. |
 //! | anything else | the work endpoint: waits for capacity (FIFO), looks its cache key (`x-cache-key` header or `?key=`) up in the LRU cache when `cache_size` > 0 (a miss adds `cache_miss_ms`), sleeps the latency × slow factor (`?delay_ms=N` or `?delay=N` overrides the latency for one request), answers 200 `{"backend":…,"path":…,"method":…}`, or 503 `{"error":{"code":"injected_failure",…}}` at the fail rate. |

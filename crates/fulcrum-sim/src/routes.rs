@@ -43,10 +43,11 @@ const DEFAULT_DOWNLOAD_BYTES: u64 = 1 << 20;
 
 /// Request headers `/echo` reflects, and the `x-echo-<name>` response header each goes to,
 /// so tests can see what a proxy set.
-const ECHOED_HEADERS: [(&str, &str); 4] = [
+const ECHOED_HEADERS: [(&str, &str); 5] = [
     ("x-forwarded-for", "x-echo-x-forwarded-for"),
     ("x-forwarded-proto", "x-echo-x-forwarded-proto"),
     ("x-forwarded-host", "x-echo-x-forwarded-host"),
+    ("x-forwarded-client-cert", "x-echo-x-forwarded-client-cert"),
     ("host", "x-echo-host"),
 ];
 

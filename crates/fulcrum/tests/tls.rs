@@ -1,6 +1,7 @@
 //! TLS termination end to end: a real node with a `tls` listener, certificates made by
 //! rcgen at test time, a rustls client that trusts only the test CA, HTTP/1.1 and HTTP/2
-//! chosen by ALPN, certificate renewal on reload, and refused bad files.
+//! chosen by ALPN, certificate renewal on reload, refused bad files, certificates chosen
+//! by SNI, and client certificates (mutual TLS) on listeners and towards backends.
 
 mod common;
 
@@ -31,9 +32,20 @@ impl Ca {
 
     /// A leaf with common name `cn`: (certificate PEM, key PEM, certificate DER).
     fn leaf(&self, cn: &str) -> (String, String, Vec<u8>) {
+        self.leaf_for(cn, &["localhost", "127.0.0.1"], &[])
+    }
+
+    /// A leaf with common name `cn`, subject alternative names `names` (DNS names or IP
+    /// addresses) and `uris` (URI names): (certificate PEM, key PEM, certificate DER).
+    fn leaf_for(&self, cn: &str, names: &[&str], uris: &[&str]) -> (String, String, Vec<u8>) {
         let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
                 .expect("leaf params");
+        for uri in uris {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(*uri).expect("an ASCII URI"),
+            ));
+        }
         params.distinguished_name = name(cn);
         let key = KeyPair::generate().expect("leaf key");
         let cert = params
@@ -43,17 +55,40 @@ impl Ca {
     }
 
     fn client(&self, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+        self.client_with(alpn, None)
+    }
+
+    /// A client trusting this CA that presents `identity` (certificate PEM, key PEM),
+    /// if given, to servers asking for a client certificate.
+    fn client_with(
+        &self,
+        alpn: &[u8],
+        identity: Option<(&str, &str)>,
+    ) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(self.issuer.der().clone())
             .expect("the CA certificate is valid");
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("default versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                use rustls::pki_types::pem::PemObject;
+                let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("client certificate PEM");
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())
+                    .expect("client key PEM");
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .expect("a matching client key")
+            }
+        };
         config.alpn_protocols = vec![alpn.to_vec()];
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
@@ -66,24 +101,42 @@ fn name(cn: &str) -> DistinguishedName {
 }
 
 /// What one HTTPS request saw: the negotiated ALPN protocol, the server's leaf
-/// certificate, the response version, status, `x-echo-x-forwarded-proto` and body.
+/// certificate, the response version, status, `x-echo-x-forwarded-proto`,
+/// `x-echo-x-forwarded-client-cert` and body.
 struct Seen {
     alpn: Vec<u8>,
     leaf: Vec<u8>,
     version: http::Version,
     status: u16,
     forwarded_proto: String,
+    client_cert: String,
     body: String,
 }
 
 /// `GET /echo` over a new TLS connection to `addr`, asking for ALPN `alpn`.
 async fn get(ca: &Ca, addr: std::net::SocketAddr, alpn: &[u8]) -> Seen {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let tls = ca
-        .client(alpn)
-        .connect(ServerName::try_from("localhost").expect("a DNS name"), tcp)
+    let connector = ca.client(alpn);
+    request(&connector, addr, "localhost", &[])
         .await
-        .expect("TLS handshake with a certificate the test CA issued");
+        .expect("an HTTPS request with a certificate the test CA issued")
+}
+
+/// `GET /echo` with `headers` over a new TLS connection from `connector` to `addr`,
+/// verifying the server as `server_name` (a DNS name is sent as SNI, an IP address is
+/// not). `Err` says where it failed: the handshake, or the request (with TLS 1.3 a
+/// server's refusal of the client certificate arrives after the client's handshake).
+async fn request(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    headers: &[(&str, &str)],
+) -> Result<Seen, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(server_name.to_owned()).expect("a DNS name or IP");
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     let (_, session) = tls.get_ref();
     let negotiated = session.alpn_protocol().unwrap_or_default().to_vec();
     let leaf = session
@@ -92,48 +145,52 @@ async fn get(ca: &Ca, addr: std::net::SocketAddr, alpn: &[u8]) -> Seen {
         .map(|c: &CertificateDer<'_>| c.to_vec())
         .expect("a server certificate");
     let io = TokioIo::new(tls);
-    let request = http::Request::get("https://localhost/echo")
-        .header("host", "localhost")
-        .body(Empty::<bytes::Bytes>::new())
-        .expect("request");
+    let mut request = http::Request::get("https://localhost/echo").header("host", "localhost");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Empty::<bytes::Bytes>::new()).expect("request");
     let response = if negotiated == b"h2" {
         let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
-            .expect("h2 handshake");
+            .map_err(|e| format!("h2 handshake: {e}"))?;
         tokio::spawn(conn);
-        sender.send_request(request).await.expect("h2 response")
+        sender.send_request(request).await
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .expect("http/1.1 handshake");
+            .map_err(|e| format!("http/1.1 handshake: {e}"))?;
         tokio::spawn(conn);
-        sender
-            .send_request(request)
-            .await
-            .expect("http/1.1 response")
-    };
+        sender.send_request(request).await
+    }
+    .map_err(|e| format!("request: {e}"))?;
     let version = response.version();
     let status = response.status().as_u16();
-    let forwarded_proto = response
-        .headers()
-        .get("x-echo-x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let forwarded_proto = header("x-echo-x-forwarded-proto");
+    let client_cert = header("x-echo-x-forwarded-client-cert");
     let body = response
         .into_body()
         .collect()
         .await
-        .expect("body")
+        .map_err(|e| format!("body: {e}"))?
         .to_bytes();
-    Seen {
+    Ok(Seen {
         alpn: negotiated,
         leaf,
         version,
         status,
         forwarded_proto,
+        client_cert,
         body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    })
 }
 
 fn write_pair(dir: &Path, cert: &str, key: &str) {
@@ -401,4 +458,201 @@ async fn pools_speak_tls_to_backends_and_refuse_untrusted_ones() {
         .await
         .expect("request");
     assert_eq!(r.status(), 200);
+}
+
+/// `listeners[].tls.certificates` and `strict_sni`: the certificate is chosen by the
+/// client's SNI, exactly or by a one-label wildcard, else the default one (also without
+/// SNI), or the handshake is refused under `strict_sni`. `client_ca`: a `required`
+/// listener refuses clients without a certificate from that CA, an `optional` one serves
+/// them; both replace a client's `X-Forwarded-Client-Cert` with the verified
+/// certificate's hash and names (a listener without `client_ca` passes it through).
+/// `pools.*.tls.certificate`: a node presents a client certificate to a backend that
+/// requires one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_chooses_certificates_and_client_certificates_are_verified_both_ways() {
+    use sha2::Digest;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let (cert, key, default_der) = ca.leaf("default");
+    write_pair(dir.path(), &cert, &key);
+    let pair = |stem: &str, names: &[&str], uris: &[&str], issuer: &Ca| {
+        let (cert, key, der) = issuer.leaf_for(stem, names, uris);
+        std::fs::write(dir.path().join(format!("{stem}.pem")), &cert).expect("write cert");
+        std::fs::write(dir.path().join(format!("{stem}.key")), &key).expect("write key");
+        (cert, key, der)
+    };
+    let (_, _, api_der) = pair("api", &["api.example.test"], &[], &ca);
+    let (_, _, wild_der) = pair("wild", &["*.apps.example.test"], &[], &ca);
+    let clients = Ca::new();
+    let (client_cert, client_key, client_der) = pair(
+        "client",
+        &["client.test"],
+        &["spiffe://fulcrum.test/client"],
+        &clients,
+    );
+    // Signed by the server CA, not the clients' one.
+    let (stranger_cert, stranger_key, _) = pair("stranger", &["stranger.test"], &[], &ca);
+    std::fs::write(dir.path().join("clients-ca.pem"), clients.issuer.pem()).expect("write CA");
+    std::fs::write(dir.path().join("ca.pem"), ca.issuer.pem()).expect("write CA");
+
+    let backend = Backend::start("b1", &[]);
+    let listener = |name: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    listen: 127.0.0.1:0\n    tls:\n      certificate: {}\n      private_key: {}\n{extra}    routes:\n      - pool: app\n",
+            file("cert.pem"),
+            file("key.pem")
+        )
+    };
+    let sni = format!(
+        "      certificates:\n        - {{ certificate: {}, private_key: {} }}\n        - {{ certificate: {}, private_key: {} }}\n",
+        file("api.pem"),
+        file("api.key"),
+        file("wild.pem"),
+        file("wild.key")
+    );
+    let client_ca = format!("      client_ca: {}\n", file("clients-ca.pem"));
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n{}{}{}{}pools:\n  app:\n    backends:\n      - address: {}\n",
+        listener("sni", &sni),
+        listener("strict", &format!("{sni}      strict_sni: true\n")),
+        listener("mtls", &client_ca),
+        listener(
+            "optional",
+            &format!("{client_ca}      client_auth: optional\n")
+        ),
+        backend.address()
+    ));
+    let anonymous = ca.client(b"http/1.1");
+
+    // SNI: exact name, wildcard of one label, else the default certificate.
+    for (server_name, expected, what) in [
+        ("api.example.test", &api_der, "exact name"),
+        ("x.apps.example.test", &wild_der, "wildcard"),
+        ("localhost", &default_der, "the default's own name"),
+        ("127.0.0.1", &default_der, "no SNI (an IP address)"),
+    ] {
+        let seen = request(&anonymous, node.listeners["sni"], server_name, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(seen.status, 200, "{what}: {}", seen.body);
+        assert_eq!(&seen.leaf, expected, "{what}: the certificate served");
+    }
+    // Names no certificate covers get the default certificate, which the client then
+    // refuses for the name (a wildcard covers one label only).
+    for unknown in [
+        "other.example.test",
+        "a.b.apps.example.test",
+        "apps.example.test",
+    ] {
+        let e = request(&anonymous, node.listeners["sni"], unknown, &[])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{unknown}: the default certificate does not name it"));
+        assert!(
+            e.contains("certificate not valid for name"),
+            "{unknown}: {e}"
+        );
+    }
+    // strict_sni: served for a known name, refused by the server otherwise.
+    let seen = request(
+        &anonymous,
+        node.listeners["strict"],
+        "api.example.test",
+        &[],
+    )
+    .await
+    .expect("strict_sni serves a known name");
+    assert_eq!(seen.leaf, api_der);
+    for unknown in ["other.example.test", "127.0.0.1"] {
+        let e = request(&anonymous, node.listeners["strict"], unknown, &[])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("strict_sni refuses {unknown}"));
+        assert!(
+            e.contains("handshake") && !e.contains("certificate not valid for name"),
+            "strict_sni: the server refuses {unknown}, not the client: {e}"
+        );
+    }
+    // Without client_ca the header is the client's own.
+    let spoof = [("x-forwarded-client-cert", "Hash=forged")];
+    let seen = request(&anonymous, node.listeners["sni"], "localhost", &spoof)
+        .await
+        .expect("request");
+    assert_eq!(seen.client_cert, "Hash=forged");
+
+    // client_ca, required: no certificate, or one from another CA, is refused; the
+    // clients' CA's certificate is served, with X-Forwarded-Client-Cert set by Fulcrum.
+    let expected_xfcc = format!(
+        "Hash={};URI=spiffe://fulcrum.test/client;DNS=client.test",
+        sha2::Sha256::digest(&client_der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let with_client = ca.client_with(b"http/1.1", Some((&client_cert, &client_key)));
+    let with_stranger = ca.client_with(b"h2", Some((&stranger_cert, &stranger_key)));
+    for (connector, what) in [
+        (&anonymous, "no certificate"),
+        (&with_stranger, "an untrusted one"),
+    ] {
+        let refused = request(connector, node.listeners["mtls"], "localhost", &[]).await;
+        assert!(refused.is_err(), "client_ca required refuses {what}");
+    }
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let connector = ca.client_with(alpn, Some((&client_cert, &client_key)));
+        let seen = request(&connector, node.listeners["mtls"], "localhost", &spoof)
+            .await
+            .expect("a client certificate from client_ca is accepted");
+        assert_eq!(seen.status, 200, "{}", seen.body);
+        assert_eq!(seen.client_cert, expected_xfcc, "{:?}", seen.alpn);
+    }
+
+    // client_ca, optional: served without a certificate (the forged header removed),
+    // with one (the header set), but an untrusted one is still refused.
+    let seen = request(&anonymous, node.listeners["optional"], "localhost", &spoof)
+        .await
+        .expect("optional serves clients without a certificate");
+    assert_eq!((seen.status, seen.client_cert.as_str()), (200, ""));
+    let seen = request(&with_client, node.listeners["optional"], "localhost", &[])
+        .await
+        .expect("optional serves a verified certificate");
+    assert_eq!(seen.client_cert, expected_xfcc);
+    let refused = request(&with_stranger, node.listeners["optional"], "localhost", &[]).await;
+    assert!(
+        refused.is_err(),
+        "optional still refuses an untrusted certificate"
+    );
+
+    // Towards backends: a node whose pool presents the client certificate passes the
+    // `mtls` listener; without it the backend refuses the handshake (502).
+    let front = |identity: &str| {
+        Node::start(&format!(
+            "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    tls: {{ ca_file: {}, server_name: localhost{identity} }}\n    retry: {{ attempts: 1 }}\n    backends:\n      - address: {}\n",
+            file("ca.pem"),
+            node.listeners["mtls"]
+        ))
+    };
+    let presenting = front(&format!(
+        ", certificate: {}, private_key: {}",
+        file("client.pem"),
+        file("client.key")
+    ));
+    let r = common::client()
+        .get(format!("{}/echo", presenting.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-echo-x-forwarded-client-cert"],
+        expected_xfcc.as_str()
+    );
+    let bare = front("");
+    let r = common::client()
+        .get(format!("{}/echo", bare.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 502);
 }
