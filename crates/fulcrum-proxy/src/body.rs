@@ -22,7 +22,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::forward::ActiveGuard;
-use crate::state::BackendRuntime;
+use crate::state::{BackendRuntime, Pool, PoolState};
 use crate::upstream::Conn;
 
 /// Error type of [`ProxyBody`]: a failure reading the backend's body.
@@ -53,18 +53,48 @@ pub struct EndpointRecord {
     pub server_error: bool,
 }
 
+/// A gRPC answer whose outcome is known only from its trailers (`grpc-status` after the
+/// messages, gRPC over HTTP/2 spec): the attempt's success or failure is recorded when
+/// they arrive, as Envoy defers a gRPC request's outcome for outlier detection.
+pub struct GrpcPending {
+    /// The pool of the attempt, for outlier detection.
+    pub pool: Arc<Pool>,
+    /// The pool state the attempt's backend index belongs to.
+    pub state: Arc<PoolState>,
+    /// The backend's index in `state`.
+    pub index: usize,
+    /// When the response head arrived, clock ns: the time a success is recorded at, so
+    /// the latency learnt is the head's, as for other responses.
+    pub head_ns: u64,
+}
+
+impl std::fmt::Debug for GrpcPending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcPending")
+            .field("pool", &self.pool.name())
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The attempt a streamed body belongs to; finished exactly once.
 struct Exchange {
     guard: InFlightGuard,
     conn: Option<Conn>,
     backend: Arc<BackendRuntime>,
     endpoint: Option<EndpointRecord>,
+    /// Set while the attempt's outcome waits for gRPC trailers.
+    grpc: Option<GrpcPending>,
 }
 
 impl Exchange {
     /// Records the total duration, returns the connection to its pool if the body was
     /// read to the end, and releases the in-flight count (by dropping the guard).
-    fn finish(self, complete: bool) {
+    fn finish(mut self, complete: bool) {
+        // Ended without trailers: a body that failed is the backend's failure; one the
+        // client stopped reading, or one complete without a status, is not held against
+        // it (the head arrived).
+        self.settle_grpc(None);
         let now = now_ns();
         let elapsed_ns = now.saturating_sub(self.guard.started_ns());
         self.backend.metrics.duration.observe_ns(elapsed_ns);
@@ -85,15 +115,37 @@ impl Exchange {
     }
 }
 
+impl Exchange {
+    /// Records a pending gRPC outcome once: a failure when `failed` is `Some(true)` (a
+    /// server-error `grpc-status` in the trailers, or the body failed), else a success
+    /// at the head's time. Nothing if no outcome is pending.
+    fn settle_grpc(&mut self, failed: Option<bool>) {
+        let Some(grpc) = self.grpc.take() else {
+            return;
+        };
+        if failed == Some(true) {
+            let consecutive = self.guard.failure(now_ns());
+            grpc.pool.maybe_eject(&grpc.state, grpc.index, consecutive);
+            if let Some(record) = &mut self.endpoint {
+                record.server_error = true;
+            }
+        } else {
+            self.guard.success(grpc.head_ns);
+        }
+    }
+}
+
 impl UpstreamBody {
     /// Wraps a backend body; `conn` (if any) is released to `backend`'s pool at
-    /// end-of-stream, and `endpoint` (if any) records the request's duration.
+    /// end-of-stream, `endpoint` (if any) records the request's duration, and `grpc`
+    /// (if any) is the attempt's outcome, recorded from the trailers.
     pub fn new(
         inner: Incoming,
         guard: InFlightGuard,
         conn: Option<Conn>,
         backend: Arc<BackendRuntime>,
         endpoint: Option<EndpointRecord>,
+        grpc: Option<GrpcPending>,
     ) -> Self {
         Self {
             inner,
@@ -102,7 +154,28 @@ impl UpstreamBody {
                 conn,
                 backend,
                 endpoint,
+                grpc,
             }),
+        }
+    }
+
+    /// Settles a pending gRPC outcome from a frame read from the backend (trailers) or a
+    /// failure reading it.
+    fn observe(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, BodyError>>>) {
+        let Some(exchange) = &mut self.exchange else {
+            return;
+        };
+        if exchange.grpc.is_none() {
+            return;
+        }
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    exchange.settle_grpc(Some(crate::headers::grpc_server_error(trailers)));
+                }
+            }
+            Poll::Ready(Some(Err(_))) => exchange.settle_grpc(Some(true)),
+            Poll::Ready(None) | Poll::Pending => {}
         }
     }
 
@@ -134,6 +207,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.observe(&polled);
         match &polled {
             Poll::Ready(None) => self.finish(true),
             Poll::Ready(Some(Err(_))) => self.finish(false),

@@ -42,7 +42,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::admission::{Admission, Refusal};
-use crate::body::{ClientBody, EndpointRecord, ProxyBody, UpstreamBody as ResponseBody};
+use crate::body::{
+    ClientBody, EndpointRecord, GrpcPending, ProxyBody, UpstreamBody as ResponseBody,
+};
 use crate::h1_guard::FramingVerdicts;
 use crate::headers;
 use crate::listener::ListenerRuntime;
@@ -375,21 +377,6 @@ impl Template {
     }
 }
 
-/// Whether a response head carries a gRPC status (a trailers-only response, gRPC over
-/// HTTP/2 spec) that is the server's failure: those Envoy maps to a 5xx for outlier
-/// detection (`grpc::Utility::grpcToHttpStatus`) — UNKNOWN (2), DEADLINE_EXCEEDED (4),
-/// UNIMPLEMENTED (12), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15). Codes that are
-/// the client's (INVALID_ARGUMENT, NOT_FOUND, …) are not.
-fn grpc_server_error<B>(response: &Response<B>) -> bool {
-    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-    response
-        .headers()
-        .get(&GRPC_STATUS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u8>().ok())
-        .is_some_and(|code| matches!(code, 2 | 4 | 12..=15))
-}
-
 /// Records a failed attempt and lets outlier detection act on it.
 fn record_failure(pool: &Pool, state: &PoolState, index: usize, guard: &InFlightGuard) {
     let consecutive = guard.failure(now_ns());
@@ -472,7 +459,7 @@ async fn attempt(
 struct Request0<'a> {
     ctx: &'a ConnContext,
     pool: &'a Arc<Pool>,
-    state: &'a PoolState,
+    state: &'a Arc<PoolState>,
     /// The backends the route allows (its required tags); `None` = all.
     allowed: Option<&'a [bool]>,
     /// Class and affinity key, decided once before the first pick; `now_ns` is when the
@@ -673,7 +660,7 @@ fn small_body(parts: &Parts, max: u64) -> bool {
 async fn forward(
     ctx: &ConnContext,
     pool: &Arc<Pool>,
-    state: &PoolState,
+    state: &Arc<PoolState>,
     allowed: Option<&[bool]>,
     info: RequestInfo,
     hedge_delay: Option<Duration>,
@@ -872,10 +859,12 @@ async fn forward_attempts(
                 let status = response.status();
                 backend.metrics.response(status.as_u16());
                 // Over HTTP/2 a gRPC server's failure may come as a "trailers-only"
-                // answer: status 200 with `grpc-status` in the head.
+                // answer (status 200 with `grpc-status` in the head) or in the trailers
+                // after the messages, when the outcome waits for them.
+                let grpc = settings.conn.protocol == UpstreamProtocol::Http2;
                 let failed = status.is_server_error()
-                    || (settings.conn.protocol == UpstreamProtocol::Http2
-                        && grpc_server_error(&response));
+                    || (grpc && headers::grpc_server_error(response.headers()));
+                let mut grpc_pending = None;
                 if failed {
                     record_failure(pool, state, id.0, &guard);
                     if template.is_some()
@@ -891,6 +880,13 @@ async fn forward_attempts(
                             continue;
                         }
                     }
+                } else if grpc && headers::grpc_status_in_trailers(response.headers()) {
+                    grpc_pending = Some(GrpcPending {
+                        pool: Arc::clone(pool),
+                        state: Arc::clone(state),
+                        index: id.0,
+                        head_ns: now_ns(),
+                    });
                 } else {
                     guard.success(now_ns());
                 }
@@ -907,6 +903,7 @@ async fn forward_attempts(
                     on_upgrade.take(),
                     client_h1,
                     record,
+                    grpc_pending,
                 );
             }
             Outcome::Failed {
@@ -1002,6 +999,7 @@ fn respond(
     client_upgrade: Option<OnUpgrade>,
     client_h1: bool,
     record: EndpointRecord,
+    grpc: Option<GrpcPending>,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -1041,6 +1039,7 @@ fn respond(
             Some(conn),
             Arc::clone(backend),
             Some(record),
+            grpc,
         )),
     )
 }

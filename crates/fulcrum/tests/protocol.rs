@@ -804,7 +804,9 @@ struct H2Seen {
 }
 
 /// An HTTP/2-only backend (as a gRPC server is: it refuses HTTP/1.1) that answers every
-/// request with its path as body and a `grpc-status: 0` trailer.
+/// request with its path as body and a `grpc-status: 0` trailer; except `/big` (64 MiB),
+/// `/unavailable` (UNAVAILABLE, trailers-only) and `/late-failure` (a message, then
+/// INTERNAL in the trailers).
 async fn h2_only_backend() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::Mutex<H2Seen>>,
@@ -874,6 +876,23 @@ async fn h2_only_backend() -> (
                                 .header("content-type", "application/grpc")
                                 .header("grpc-status", "14")
                                 .body(body)
+                                .expect("valid response"));
+                        }
+                        if path == "/late-failure" {
+                            // A message, then INTERNAL in the trailers.
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+                            let frames = vec![
+                                Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                                    bytes::Bytes::from_static(b"\0\0\0\0\x01x"),
+                                )),
+                                Ok(http_body::Frame::trailers(trailers)),
+                            ];
+                            return Ok(http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+                                    frames,
+                                )))
                                 .expect("valid response"));
                         }
                         // The request body is read to the end and its length echoed.
@@ -1303,5 +1322,76 @@ async fn requests_refused_by_an_http2_goaway_are_sent_again_and_not_blamed() {
         common::metric_value(&metrics, "fulcrum_ejections_total", "pool=\"app\""),
         Some(0.0),
         "{metrics}"
+    );
+}
+
+/// A gRPC status in the trailers after the messages decides the attempt's outcome (as
+/// Envoy defers a gRPC request's success): OK calls are successes, INTERNAL ones are the
+/// backend's failures — counted in its errors and its endpoint's, and ejected by
+/// outlier detection — though the client gets the backend's answer unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_status_in_trailers_is_the_attempts_outcome() {
+    let (backend, _) = h2_only_backend().await;
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: grpc\npools:\n  grpc:\n    protocol: http2\n    outlier_detection: {{ consecutive_failures: 3 }}\n    backends:\n      - address: {backend}\n"
+    ));
+    let counts = async || {
+        let v = node.api("/api/pools/grpc/backends").await;
+        let b = &v["backends"][0];
+        (
+            b["requests"].as_u64().unwrap_or(0),
+            b["errors"].as_u64().unwrap_or(0),
+            b["state"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    for i in 0..3 {
+        let r = client()
+            .post(format!("{}/pkg.Service/Ok{i}", node.url("web")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
+    }
+    let (requests, errors, state) =
+        common::eventually(common::DEADLINE, "the OK calls are recorded", async || {
+            let c = counts().await;
+            (c.0 == 3).then_some(c)
+        })
+        .await;
+    assert_eq!((requests, errors, state.as_str()), (3, 0, "healthy"));
+
+    for _ in 0..3 {
+        let r = client()
+            .post(format!("{}/late-failure", node.url("web")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200, "the client gets the backend's answer");
+        assert_eq!(r.bytes().await.expect("body").len(), 6);
+    }
+    let (requests, errors, state) = common::eventually(
+        common::DEADLINE,
+        "the failed calls are recorded",
+        async || {
+            let c = counts().await;
+            (c.0 == 6).then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(
+        (requests, errors, state.as_str()),
+        (6, 3, "ejected"),
+        "INTERNAL in the trailers is the backend's failure"
+    );
+    let v = node.api("/api/endpoints").await;
+    let endpoint = v["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["endpoint"] == "POST /late-failure"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no POST /late-failure endpoint: {v}"));
+    assert_eq!(
+        (endpoint["count"].as_u64(), endpoint["errors"].as_u64()),
+        (Some(3), Some(3))
     );
 }
