@@ -42,7 +42,8 @@ pub struct UpstreamBody {
     exchange: Option<Exchange>,
 }
 
-/// What a finished response contributes to its endpoint's statistics.
+/// What a finished response records: its endpoint's statistics and, for a gRPC answer,
+/// the attempt's outcome.
 #[derive(Debug)]
 pub struct EndpointRecord {
     /// The endpoint.
@@ -51,6 +52,8 @@ pub struct EndpointRecord {
     pub started_ns: u64,
     /// Whether the backend answered 5xx (recorded as an error).
     pub server_error: bool,
+    /// Set while the attempt's outcome waits for gRPC trailers.
+    pub grpc: Option<GrpcPending>,
 }
 
 /// A gRPC answer whose outcome is known only from its trailers (`grpc-status` after the
@@ -83,8 +86,6 @@ struct Exchange {
     conn: Option<Conn>,
     backend: Arc<BackendRuntime>,
     endpoint: Option<EndpointRecord>,
-    /// Set while the attempt's outcome waits for gRPC trailers.
-    grpc: Option<GrpcPending>,
 }
 
 impl Exchange {
@@ -120,15 +121,16 @@ impl Exchange {
     /// server-error `grpc-status` in the trailers, or the body failed), else a success
     /// at the head's time. Nothing if no outcome is pending.
     fn settle_grpc(&mut self, failed: Option<bool>) {
-        let Some(grpc) = self.grpc.take() else {
+        let Some(record) = &mut self.endpoint else {
+            return;
+        };
+        let Some(grpc) = record.grpc.take() else {
             return;
         };
         if failed == Some(true) {
+            record.server_error = true;
             let consecutive = self.guard.failure(now_ns());
             grpc.pool.maybe_eject(&grpc.state, grpc.index, consecutive);
-            if let Some(record) = &mut self.endpoint {
-                record.server_error = true;
-            }
         } else {
             self.guard.success(grpc.head_ns);
         }
@@ -137,15 +139,14 @@ impl Exchange {
 
 impl UpstreamBody {
     /// Wraps a backend body; `conn` (if any) is released to `backend`'s pool at
-    /// end-of-stream, `endpoint` (if any) records the request's duration, and `grpc`
-    /// (if any) is the attempt's outcome, recorded from the trailers.
+    /// end-of-stream, and `endpoint` (if any) records the request's duration (and a
+    /// gRPC outcome from the trailers).
     pub fn new(
         inner: Incoming,
         guard: InFlightGuard,
         conn: Option<Conn>,
         backend: Arc<BackendRuntime>,
         endpoint: Option<EndpointRecord>,
-        grpc: Option<GrpcPending>,
     ) -> Self {
         Self {
             inner,
@@ -154,7 +155,6 @@ impl UpstreamBody {
                 conn,
                 backend,
                 endpoint,
-                grpc,
             }),
         }
     }
@@ -165,7 +165,7 @@ impl UpstreamBody {
         let Some(exchange) = &mut self.exchange else {
             return;
         };
-        if exchange.grpc.is_none() {
+        if exchange.endpoint.as_ref().is_none_or(|r| r.grpc.is_none()) {
             return;
         }
         match polled {

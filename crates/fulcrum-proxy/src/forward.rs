@@ -894,6 +894,7 @@ async fn forward_attempts(
                     stats: Arc::clone(r.endpoint),
                     started_ns: first_started,
                     server_error: failed,
+                    grpc: grpc_pending,
                 };
                 return respond(
                     response,
@@ -903,7 +904,6 @@ async fn forward_attempts(
                     on_upgrade.take(),
                     client_h1,
                     record,
-                    grpc_pending,
                 );
             }
             Outcome::Failed {
@@ -999,7 +999,6 @@ fn respond(
     client_upgrade: Option<OnUpgrade>,
     client_h1: bool,
     record: EndpointRecord,
-    grpc: Option<GrpcPending>,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -1039,7 +1038,6 @@ fn respond(
             Some(conn),
             Arc::clone(backend),
             Some(record),
-            grpc,
         )),
     )
 }

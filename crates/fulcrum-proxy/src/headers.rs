@@ -432,6 +432,28 @@ pub fn prepare_response(parts: &mut response::Parts, upgrading: bool, to_h1: boo
     parts.version = Version::HTTP_11;
 }
 
+/// Whether `fields` (a response head, for a "trailers-only" answer, or trailers) carry a
+/// gRPC status that is the server's failure: those Envoy maps to a 5xx for outlier
+/// detection (`grpc::Utility::grpcToHttpStatus`) — UNKNOWN (2), DEADLINE_EXCEEDED (4),
+/// UNIMPLEMENTED (12), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15). Codes that are
+/// the client's (INVALID_ARGUMENT, NOT_FOUND, …) are not.
+pub fn grpc_server_error(fields: &HeaderMap) -> bool {
+    fields
+        .get(&GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u8>().ok())
+        .is_some_and(|code| matches!(code, 2 | 4 | 12..=15))
+}
+
+/// Whether a response head is a gRPC answer whose status comes in the trailers: content
+/// type `application/grpc` (or `application/grpc+proto`, …) and no `grpc-status` in the
+/// head (gRPC over HTTP/2 spec: "Response-Headers *Length-Prefixed-Message Trailers").
+pub fn grpc_status_in_trailers(head: &HeaderMap) -> bool {
+    head.get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        && !head.contains_key(&GRPC_STATUS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -726,26 +748,4 @@ mod tests {
         assert_eq!(request.uri(), "/");
         assert_eq!(request.headers()["host"], "bad host");
     }
-}
-
-/// Whether `fields` (a response head, for a "trailers-only" answer, or trailers) carry a
-/// gRPC status that is the server's failure: those Envoy maps to a 5xx for outlier
-/// detection (`grpc::Utility::grpcToHttpStatus`) — UNKNOWN (2), DEADLINE_EXCEEDED (4),
-/// UNIMPLEMENTED (12), INTERNAL (13), UNAVAILABLE (14), DATA_LOSS (15). Codes that are
-/// the client's (INVALID_ARGUMENT, NOT_FOUND, …) are not.
-pub fn grpc_server_error(fields: &HeaderMap) -> bool {
-    fields
-        .get(&GRPC_STATUS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u8>().ok())
-        .is_some_and(|code| matches!(code, 2 | 4 | 12..=15))
-}
-
-/// Whether a response head is a gRPC answer whose status comes in the trailers: content
-/// type `application/grpc` (or `application/grpc+proto`, …) and no `grpc-status` in the
-/// head (gRPC over HTTP/2 spec: "Response-Headers *Length-Prefixed-Message Trailers").
-pub fn grpc_status_in_trailers(head: &HeaderMap) -> bool {
-    head.get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-        && !head.contains_key(&GRPC_STATUS)
 }
