@@ -79,10 +79,13 @@ pub struct ClientTimeouts {
     pub idle: Duration,
 }
 
-const REPLY_CODES: [StatusCode; 6] = [
+/// Every status the data plane answers with itself (`fulcrum_local_replies_total{code}`).
+const REPLY_CODES: [StatusCode; 8] = [
     StatusCode::BAD_REQUEST,
     StatusCode::NOT_FOUND,
+    StatusCode::REQUEST_TIMEOUT,
     StatusCode::TOO_MANY_REQUESTS,
+    StatusCode::NOT_IMPLEMENTED,
     StatusCode::BAD_GATEWAY,
     StatusCode::SERVICE_UNAVAILABLE,
     StatusCode::GATEWAY_TIMEOUT,
@@ -107,7 +110,7 @@ pub struct ListenerRuntime {
     /// TLS termination (`tls` set): the server configuration new handshakes use, swapped
     /// on reload. `None` = plain text.
     pub tls: Option<SwappableTls>,
-    replies: [Counter; 6],
+    replies: [Counter; REPLY_CODES.len()],
     handshakes: [Counter; 3],
     /// `max_connections` (0 = unlimited).
     pub max_connections: u32,

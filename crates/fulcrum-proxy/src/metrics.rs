@@ -579,6 +579,35 @@ impl Metrics {
         self.cancelled.remove(&labels);
     }
 
+    /// Removes the series of a pool that left the configuration (its backends' go with
+    /// [`Metrics::remove_backend`]), so a deleted pool does not keep exporting its last
+    /// request rate and counters. Requests still in flight on it count into detached
+    /// series; a pool added again under the name starts from zero, which Prometheus
+    /// reads as a counter reset.
+    pub fn remove_pool(&self, pool: &str) {
+        let labels = PoolLabels {
+            pool: pool.to_owned(),
+        };
+        for family in [&self.retries, &self.hedges, &self.hedges_won, &self.queued] {
+            family.remove(&labels);
+        }
+        self.queue_length.remove(&labels);
+        self.rate.remove(&labels);
+        self.rate_forecast.remove(&labels);
+        for reason in ["full", "timeout"] {
+            self.queue_rejections.remove(&QueueRejectionLabels {
+                pool: pool.to_owned(),
+                reason,
+            });
+        }
+        for kind in ["spike", "drop"] {
+            self.anomalies.remove(&AnomalyLabels {
+                pool: pool.to_owned(),
+                kind,
+            });
+        }
+    }
+
     /// The series of one pool, resolved once.
     pub fn pool(&self, pool: &str) -> PoolMetrics {
         let labels = PoolLabels {

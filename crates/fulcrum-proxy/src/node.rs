@@ -567,16 +567,30 @@ impl Node {
             let state = pool.state();
             tokio::spawn(health::ejection_sweep(Arc::clone(pool), cancel.clone()));
             tokio::spawn(crate::analysis::pool_loop(Arc::clone(pool), cancel.clone()));
-            if let Some(check) = &state.settings.health_check {
+            let Some(check) = &state.settings.health_check else {
+                // No checks any more (removed by a reload): nothing would ever clear a
+                // failed check's verdict, so it goes with them — the backends are
+                // healthy until outlier detection says otherwise, as without checks.
                 for (backend, runtime) in state.backends.iter().zip(&state.runtimes) {
-                    tokio::spawn(health::check_loop(
-                        Arc::clone(pool),
-                        Arc::clone(runtime),
-                        backend.addr,
-                        check.clone(),
-                        cancel.clone(),
-                    ));
+                    if pool.clear_flag(&backend.live, BackendFlags::UNHEALTHY) {
+                        runtime.metrics.became_healthy.inc();
+                        tracing::info!(
+                            pool = %pool.name(),
+                            backend = %runtime.address,
+                            "health checks removed; backend no longer held unhealthy"
+                        );
+                    }
                 }
+                continue;
+            };
+            for (backend, runtime) in state.backends.iter().zip(&state.runtimes) {
+                tokio::spawn(health::check_loop(
+                    Arc::clone(pool),
+                    Arc::clone(runtime),
+                    backend.addr,
+                    check.clone(),
+                    cancel.clone(),
+                ));
             }
         }
     }
@@ -671,6 +685,11 @@ impl Node {
         for (pool, address) in reuse.keys() {
             if !kept.contains(&(pool.clone(), address.clone())) {
                 self.inner.metrics.remove_backend(pool, address);
+            }
+        }
+        for pool in current.iter() {
+            if !spec.pools.iter().any(|p| p.name == pool.name()) {
+                self.inner.metrics.remove_pool(pool.name());
             }
         }
         self.restart_checks();

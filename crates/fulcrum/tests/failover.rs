@@ -176,6 +176,28 @@ async fn panic_threshold_routes_to_all_when_too_few_are_healthy() {
     assert_eq!(counts.get("b1"), Some(&15), "{counts:?}");
 }
 
+/// A reload that removes `health_check` takes a failed check's verdict with it: the
+/// backend is back in rotation (as backends without checks are), not held out forever
+/// by a flag nothing clears any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_health_checks_readmits_a_backend_they_had_failed() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2], HEALTH));
+    b1.control("healthy=false").await;
+    eventually(DEADLINE, "b1 unhealthy", async || {
+        (node.backend_state("app", &b1.address()).await == "unhealthy").then_some(())
+    })
+    .await;
+    let (status, body) = node
+        .reload(&node.pin_addresses(&simple_config("round_robin", &[&b1, &b2], "")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(node.backend_state("app", &b1.address()).await, "healthy");
+    let counts = common::spread(&format!("{}/h", node.url("web")), 10).await;
+    assert_eq!(counts.get("b1"), Some(&5), "{counts:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_health_check_detects_a_dead_backend_and_readmits_it() {
     let b1 = Backend::start("b1", &[]);

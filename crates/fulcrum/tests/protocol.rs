@@ -51,6 +51,17 @@ async fn malformed_requests_get_400_and_never_reach_a_backend() {
     );
     assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
     assert!(answer.contains("unsupported_transfer_coding"), "{answer}");
+    // Fulcrum's own answers are counted by status.
+    let metrics = node.metrics().await;
+    let replies = |code: &str| {
+        common::metric_value(
+            &metrics,
+            "fulcrum_local_replies_total",
+            &format!(r#"listener="web",code="{code}""#),
+        )
+    };
+    assert_eq!(replies("501"), Some(1.0), "{metrics}");
+    assert!(replies("400").is_some_and(|n| n >= 4.0), "{metrics}");
     let stats = b.stats().await;
     assert_eq!(
         stats["requests"], 0,

@@ -322,6 +322,30 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
         ),
         "{body}"
     );
+
+    // A pool removed by a reload takes its series with it (its backends' and its own:
+    // no frozen request rate for a pool that is gone).
+    let with_old = next.replace(
+        "    routes:\n",
+        "    routes:\n      - match: { path_prefix: /old }\n        pool: old\n",
+    ) + &format!("  old:\n    backends:\n      - address: {}\n", b2.address());
+    let (status, body) = node.reload(&with_old).await;
+    assert_eq!(status, 200, "{body}");
+    let r = common::client()
+        .get(format!("{}/old", node.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(common::served_by(&r), "b2");
+    assert!(node.metrics().await.contains(r#"pool="old""#));
+    let (status, body) = node.reload(&next).await;
+    assert_eq!(status, 200, "{body}");
+    let metrics = node.metrics().await;
+    let stale: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains(r#"pool="old""#))
+        .collect();
+    assert!(stale.is_empty(), "series of the removed pool: {stale:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
