@@ -160,6 +160,20 @@ pub struct ListenerConfig {
     /// files readable PEM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Normalize request paths before routing, and forward them normalized (RFC 3986
+    /// §6.2.2: percent-encoded unreserved characters decoded, `.` and `..` segments
+    /// resolved; Envoy's `normalize_path`). Default true. `http` listeners only.
+    #[serde(default = "yes")]
+    pub normalize_path: bool,
+    /// Merge runs of `/` in request paths into one before routing, and forward them
+    /// merged (Envoy's `merge_slashes`). Default false: under RFC 3986 `//a` and `/a`
+    /// differ. `http` listeners only.
+    #[serde(default)]
+    pub merge_slashes: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `listeners[].tls`: TLS termination with rustls (HAProxy's `bind … ssl crt`, Envoy's
@@ -344,6 +358,8 @@ impl Default for ListenerConfig {
             max_connections: 0,
             routes: Vec::new(),
             tls: None,
+            normalize_path: true,
+            merge_slashes: false,
         }
     }
 }

@@ -361,6 +361,17 @@ impl Checker<'_> {
                 0..=10_000_000,
             );
             self.tls(l, &p);
+            if l.merge_slashes && l.protocol == Protocol::Tcp {
+                self.report(
+                    &format!("{p}.merge_slashes"),
+                    Anchor::Key,
+                    format!(
+                        "listener `{}` is `tcp`: it passes bytes through and has no request \
+                         paths to merge slashes in",
+                        l.name
+                    ),
+                );
+            }
             self.routes(config, l, &p);
         }
     }

@@ -230,6 +230,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
 
     let (pool, backend_tags) = {
         let router = ctx.listener.router.load();
+        router.path_normalization.apply(&mut parts.uri);
         match router.route(&parts) {
             Some(route) => {
                 if let Some(limit) = &route.rate_limit

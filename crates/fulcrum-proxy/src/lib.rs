@@ -20,6 +20,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod normalize;
 pub mod queue;
 pub mod ratelimit;
 pub mod router;

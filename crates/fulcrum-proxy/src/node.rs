@@ -62,6 +62,8 @@ pub struct ListenerSpec {
     /// Most client connections open at once (HAProxy's frontend `maxconn`); 0 =
     /// unlimited.
     pub max_connections: u32,
+    /// Request path normalization before routing (reloadable: it lives in the router).
+    pub path_normalization: crate::normalize::PathNormalization,
 }
 
 /// A pool as declared.
@@ -1234,5 +1236,5 @@ fn build_router(
             }),
         });
     }
-    Ok(Router::new(routes))
+    Ok(Router::new(routes).with_path_normalization(spec.path_normalization))
 }

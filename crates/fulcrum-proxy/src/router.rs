@@ -10,6 +10,7 @@ use std::sync::Arc;
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::request::Parts;
 
+use crate::normalize::PathNormalization;
 use crate::state::Pool;
 
 /// How a route matches the request host.
@@ -116,12 +117,24 @@ fn strip_port(host: &str) -> &str {
 #[derive(Clone, Debug, Default)]
 pub struct Router {
     routes: Vec<Route>,
+    /// How request paths are normalized before [`Router::route`].
+    pub path_normalization: PathNormalization,
 }
 
 impl Router {
-    /// A router over `routes`, tried in order.
+    /// A router over `routes`, tried in order, without path normalization.
     pub fn new(routes: Vec<Route>) -> Self {
-        Self { routes }
+        Self {
+            routes,
+            path_normalization: PathNormalization::default(),
+        }
+    }
+
+    /// The same router with `normalization` applied to request paths first.
+    #[must_use]
+    pub fn with_path_normalization(mut self, normalization: PathNormalization) -> Self {
+        self.path_normalization = normalization;
+        self
     }
 
     /// The first route matching the request, if any.

@@ -83,6 +83,10 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
             },
             tls: l.tls.clone(),
             max_connections: l.max_connections,
+            path_normalization: crate::normalize::PathNormalization {
+                normalize: l.normalize_path,
+                merge_slashes: l.merge_slashes,
+            },
             routes: l
                 .routes
                 .iter()

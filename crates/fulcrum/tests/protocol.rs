@@ -278,6 +278,86 @@ async fn routes_match_host_path_and_header_first_match_wins() {
     assert_eq!(body["error"]["code"], "no_route");
 }
 
+/// Paths are normalized before routing and forwarded normalized (RFC 3986: dot
+/// segments, encoded unreserved characters), so `/x/../admin` or `/%61dmin` cannot slip
+/// past a route meant for `/admin`; `merge_slashes` also folds `//`; `normalize_path:
+/// false` routes the path as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalized_before_routing() {
+    let admin = Backend::start("admin", &[]);
+    let web = Backend::start("web", &[]);
+    let yaml = |extra: &str| {
+        format!(
+            "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n{extra}    routes:\n      - match: {{ path_prefix: /admin }}\n        pool: admin\n      - pool: web\npools:\n  admin:\n    backends:\n      - address: {}\n  web:\n    backends:\n      - address: {}\n",
+            admin.addr, web.addr
+        )
+    };
+    let node = Node::start(&yaml(""));
+    let addr = node.listeners["web"];
+    // (backend, the path it was sent) for a raw request for `target`.
+    let ask = |target: &str| {
+        let answer = raw(
+            addr,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+        let header = |name: &str| {
+            answer
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_default();
+        (
+            header("x-backend:"),
+            v["path"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    for (target, path) in [
+        ("/x/../admin/panel", "/admin/panel"),
+        ("/./admin", "/admin"),
+        ("/%61dmin?next=/../x", "/admin"),
+        ("/static/%2e%2e/admin/", "/admin/"),
+        ("/../../admin", "/admin"),
+    ] {
+        assert_eq!(
+            ask(target),
+            ("admin".to_owned(), path.to_owned()),
+            "{target}"
+        );
+    }
+    // Under RFC 3986 `//admin` is another path: it stays so unless slashes merge.
+    assert_eq!(ask("//admin"), ("web".to_owned(), "//admin".to_owned()));
+    assert_eq!(ask("/a%2fb"), ("web".to_owned(), "/a%2Fb".to_owned()));
+
+    let (status, body) = node
+        .reload(&node.pin_addresses(&yaml("    merge_slashes: true\n")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        ask("//admin//x"),
+        ("admin".to_owned(), "/admin/x".to_owned())
+    );
+    let (status, body) = node
+        .reload(&node.pin_addresses(&yaml("    normalize_path: false\n")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        ask("/x/../admin"),
+        ("web".to_owned(), "/x/../admin".to_owned())
+    );
+
+    // Nothing to normalize on a tcp listener.
+    let (code, stderr, _) = common::check(
+        "listeners:\n  - name: raw\n    protocol: tcp\n    listen: 127.0.0.1:0\n    merge_slashes: true\n    routes:\n      - pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:1\n",
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("listeners[0].merge_slashes"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_listener_passes_bytes_through() {
     let b1 = Backend::start("b1", &[]);
