@@ -15,7 +15,16 @@
 //!   at least `ttl/3` to run in the store. The clock starts when a request is *sent*, so
 //!   the store's expiry is always later than the local deadline: a successor can only
 //!   acquire after the lease expired, by which time this node has stopped leading. This
-//!   assumes clocks that run at similar rates (not synchronised clocks), as any lease does.
+//!   assumes clocks that run at similar rates (not synchronised clocks), as any lease does;
+//! - a node that stepped down releases its lease (compare-and-delete, etcd lease
+//!   revocation) so that a successor need not wait for the TTL. When the store does not
+//!   answer (the usual reason for stepping down) the release is retried at the start of
+//!   every campaign round until it is answered, before the node campaigns or reads the
+//!   leader: etcd keeps a lease across its own restart and restarts its TTL, so an
+//!   unreleased lease would otherwise block every candidate for a full TTL after the
+//!   store came back, while naming a leader that no longer leads. The node publishes the
+//!   token of the lease it gave up in [`LeaderState::stepped_down`], so that those who
+//!   read it back from the store as the leader can tell.
 //!
 //! Transitions are logged at `info`.
 
@@ -38,8 +47,16 @@ pub struct LeaderState {
     pub leader: Option<String>,
     /// The leader's fencing token, alongside `leader`.
     pub token: Option<u64>,
-    /// The last store operation of the election loop got an answer.
+    /// The last store operation of the election loop got an answer (after stepping
+    /// down: the store handle's own view, [`Store::health`], since a step-down after a
+    /// pause of this process says nothing about the store).
     pub store_available: bool,
+    /// While not leading: the fencing token of the last lease this node held and gave up
+    /// (it stepped down, or found the lease lost). Until the release of a lease given up
+    /// while the store was unreachable reaches the store (or the lease expires), the store
+    /// still names this node leader with that token although it does not lead; peers
+    /// compare the two.
+    pub stepped_down: Option<u64>,
     /// Unix time in milliseconds of the last change of any field above.
     pub changed_ms: u64,
 }
@@ -101,6 +118,7 @@ impl Elector {
             leader: None,
             token: None,
             store_available: store.health().available,
+            stepped_down: None,
             changed_ms: now_ms(),
         });
         let campaign = Campaign {
@@ -109,6 +127,8 @@ impl Elector {
             ttl,
             tx,
             held: None,
+            unreleased: None,
+            given_up: None,
         };
         let handle = tokio::spawn(campaign.run(cancel));
         (rx, handle)
@@ -129,6 +149,10 @@ struct Campaign {
     ttl: Duration,
     tx: watch::Sender<LeaderState>,
     held: Option<Held>,
+    /// A lease given up by stepping down whose release the store has not confirmed.
+    unreleased: Option<Lease>,
+    /// Token of the last lease given up ([`LeaderState::stepped_down`]).
+    given_up: Option<u64>,
 }
 
 impl Campaign {
@@ -163,12 +187,36 @@ impl Campaign {
             let available = released.is_ok();
             self.publish(false, None, None, available);
         }
+        if let Some(lease) = self.unreleased.take()
+            && let Err(error) = self.store.release(&lease).await
+        {
+            tracing::debug!(node = %self.node_id, %error, "lease given up earlier not released; it will expire");
+        }
     }
 
-    /// One campaign round; returns when to run the next one.
+    /// One campaign round; returns when to run the next one. A lease given up earlier
+    /// is released first; while that fails the round does nothing else, so this node
+    /// never reads its own unreleased lease back as the leader.
     async fn campaign(&mut self) -> Instant {
         let started = Instant::now();
         let next = started + jittered(self.interval());
+        if let Some(lease) = &self.unreleased {
+            match self.store.release(lease).await {
+                Ok(()) => {
+                    tracing::info!(
+                        node = %self.node_id,
+                        token = lease.token,
+                        "released the lease given up when stepping down"
+                    );
+                    self.unreleased = None;
+                }
+                Err(error) => {
+                    tracing::debug!(node = %self.node_id, %error, "lease given up still not released");
+                    self.publish_unavailable();
+                    return next;
+                }
+            }
+        }
         match self.store.try_acquire(&self.node_id, self.ttl).await {
             Ok(Some(lease)) => {
                 tracing::info!(node = %self.node_id, token = lease.token, "became leader");
@@ -205,8 +253,10 @@ impl Campaign {
         let deadline = held.renewed_at + self.step_down_after();
         let started = Instant::now();
         if started >= deadline {
+            // Typically this process was paused (SIGSTOP, a frozen VM) past the deadline:
+            // campaign at once, which releases the lease and reads the current leader.
             self.step_down(held, "no renewal confirmed within 2/3 of the lease TTL");
-            return started + self.interval();
+            return Instant::now();
         }
         match tokio::time::timeout_at(deadline, self.store.renew(&held.lease, self.ttl)).await {
             Ok(Ok(true)) => {
@@ -222,6 +272,7 @@ impl Campaign {
                     token = held.lease.token,
                     "stepped down: lease lost"
                 );
+                self.given_up = Some(held.lease.token);
                 self.publish(false, None, None, true);
                 // Campaign again at once: the store may already name a successor.
                 Instant::now()
@@ -239,17 +290,17 @@ impl Campaign {
         }
     }
 
-    /// Stops leading before the lease can expire, and tries to release it in the
-    /// background (compare-and-delete, so harmless if a successor already holds it).
+    /// Stops leading before the lease can expire. The lease is released by the next
+    /// campaign round, retried until the store answers (compare-and-delete or lease
+    /// revocation, so harmless if a successor already holds the lead). Whether the store
+    /// is reachable is the store handle's view: a step-down after this process was paused
+    /// does not mean the store is down.
     fn step_down(&mut self, held: Held, reason: &'static str) {
         tracing::info!(node = %self.node_id, token = held.lease.token, reason, "stepped down");
-        self.publish(false, None, None, false);
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            if let Err(error) = store.release(&held.lease).await {
-                tracing::debug!(%error, "lease not released after stepping down; it will expire");
-            }
-        });
+        self.given_up = Some(held.lease.token);
+        self.unreleased = Some(held.lease);
+        let available = self.store.health().available;
+        self.publish(false, None, None, available);
     }
 
     /// Marks the store unreadable, keeping the last known leader unless it is this node.
@@ -271,11 +322,13 @@ impl Campaign {
         token: Option<u64>,
         store_available: bool,
     ) {
+        let stepped_down = if is_leader { None } else { self.given_up };
         self.tx.send_if_modified(|state| {
             let unchanged = state.is_leader == is_leader
                 && state.leader == leader
                 && state.token == token
-                && state.store_available == store_available;
+                && state.store_available == store_available
+                && state.stepped_down == stepped_down;
             if unchanged {
                 return false;
             }
@@ -292,6 +345,7 @@ impl Campaign {
                 leader,
                 token,
                 store_available,
+                stepped_down,
                 changed_ms: now_ms(),
             };
             true

@@ -76,6 +76,11 @@ pub const KEY_STATUS: &str = "status";
 /// Key: the shared configuration when coordination is `none`: [`ConfigDoc::encode`], the
 /// version, a newline, then the JSON document.
 pub const KEY_CONFIG_DOC: &str = "config_doc";
+/// Key: the node's hold on the leader lease of the coordination store: `leading:<token>`,
+/// `stepped_down:<token>` (it does not lead; the last lease it held, with that fencing
+/// token, it gave up — if the store still names it leader with that token, the release
+/// has not reached the store yet), or `none`.
+pub const KEY_LEASE: &str = "lease";
 /// Value of [`KEY_STATUS`] published by [`Membership::leave`]: the node is going away on
 /// purpose. Peers drop it from the live set at once and report `node_left`.
 pub const STATUS_LEFT: &str = "left";

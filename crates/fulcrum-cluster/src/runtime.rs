@@ -46,7 +46,7 @@ use crate::election::{Elector, LeaderState};
 use crate::health::{self, HealthMerge};
 use crate::membership::{
     BackendHealth, BackendSummary, ClusterEvent, KEY_ADMIN, KEY_CONFIG_DOC, KEY_CONFIG_VERSION,
-    KEY_LISTENERS, KEY_LOAD, KEY_STATUS, KEY_TAGS, Member, MemberState, Membership,
+    KEY_LEASE, KEY_LISTENERS, KEY_LOAD, KEY_STATUS, KEY_TAGS, Member, MemberState, Membership,
     MembershipSettings, NodeLoad, backends_of,
 };
 use crate::shared::{AdminState, Change, ChangeError, SharedConfig, effective_config};
@@ -122,9 +122,11 @@ pub enum ControlError {
     /// The coordination store could not be reached; nothing was changed.
     #[error("coordination store unavailable; nothing was changed: {0}")]
     StoreUnavailable(String),
-    /// Other writers kept winning the compare-and-set.
-    #[error("the shared configuration kept changing under this write ({0} attempts); retry")]
-    Conflict(u32),
+    /// The write lost to a concurrent one and was not applied: other writers kept winning
+    /// the store's compare-and-set, or (without a store) the change could not be
+    /// re-applied on top of the concurrent write that won.
+    #[error("write conflict: {0}")]
+    Conflict(String),
     /// The change was applied, but not every node required reported it in time.
     #[error(
         "version {version} applied here, but {missing} node(s) did not report it within \
@@ -155,8 +157,12 @@ pub struct WriteResult {
     pub version: u64,
     /// The consistency waited for.
     pub consistency: &'static str,
-    /// Live nodes that report the version (this one included).
+    /// Live nodes that run a shared configuration holding this write (this one
+    /// included): the document written, or a later one built on it.
     pub acknowledged: Vec<String>,
+    /// Members gossip reports `failed` or `left`: not waited for, and not counted in the
+    /// quorum (it is a majority of the live nodes).
+    pub skipped: Vec<String>,
 }
 
 /// One backend as the cluster sees it (`GET /api/cluster/status`).
@@ -208,12 +214,13 @@ pub struct NodeView {
 pub struct LeaderView {
     /// Leader node id, if one is known.
     pub leader: Option<String>,
-    /// The leader's membership state as this node's gossip sees it (`alive`, `failed`,
-    /// `left`; `null` without a leader or for a node gossip does not know). With a store,
-    /// a leader that died keeps its lease until the lease expires (`lease_ttl`): it is
-    /// still `leader` then, with `leader_state: failed`, and no other node can lead
-    /// before the lease is gone.
-    pub leader_state: Option<MemberState>,
+    /// The leader's state as this node sees it (`null` without a leader or for a node
+    /// gossip does not know). With a store, a leader that died keeps its lease until the
+    /// lease expires (`lease_ttl`): it is still `leader` then, with `leader_state:
+    /// failed`, and no other node can lead before the lease is gone; a leader that stepped
+    /// down while the store was unreachable is `stepped_down` until its release reaches
+    /// the store.
+    pub leader_state: Option<LeaderMemberState>,
     /// `true` while this node cannot reach the store: `leader` is the last one it read
     /// and may have stepped down since (a leader that cannot renew its lease steps down
     /// within two thirds of `lease_ttl`). Always `false` with `coordination: none`.
@@ -227,6 +234,44 @@ pub struct LeaderView {
     /// How the leader is chosen.
     pub method: &'static str,
 }
+
+/// The state of the node the store names leader (`leader_state` of [`LeaderView`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaderMemberState {
+    /// Alive by gossip, and not known to have given the lease up.
+    Alive,
+    /// Declared dead by the failure detector.
+    Failed,
+    /// Left the cluster gracefully.
+    Left,
+    /// Alive, but it says it does not lead: it stepped down (its renewals failed) and the
+    /// release of its lease has not reached the store yet, so the store still names it
+    /// until the release does or the lease expires. No node leads meanwhile.
+    SteppedDown,
+}
+
+impl From<MemberState> for LeaderMemberState {
+    fn from(state: MemberState) -> Self {
+        match state {
+            MemberState::Alive => LeaderMemberState::Alive,
+            MemberState::Failed => LeaderMemberState::Failed,
+            MemberState::Left => LeaderMemberState::Left,
+        }
+    }
+}
+
+/// A change written on this node, kept (without a store) so that it can be re-applied
+/// if a concurrent write wins over the document holding it.
+struct OwnWrite {
+    /// The version of this node's latest document holding it.
+    version: u64,
+    change: Change,
+}
+
+/// Most changes [`OwnWrite`] keeps: a concurrent write that wins over more of this node's
+/// writes (a long partition) loses the oldest of them.
+const OWN_WRITES_KEPT: usize = 1024;
 
 struct ClusterParts {
     config: ClusterConfig,
@@ -247,6 +292,8 @@ struct Inner {
     applied: Mutex<Option<Config>>,
     /// Serialises writes (compose + reload) on this node.
     write: tokio::sync::Mutex<()>,
+    /// Without a store: this node's writes, oldest first (see [`OwnWrite`]).
+    own_writes: Mutex<Vec<OwnWrite>>,
     /// Held by every path that composes `base` + `shared` + `discovered` and applies the
     /// result (a reload, an adopted or submitted overlay, a discovery answer), from reading
     /// the layers to storing the new one, so that each applies on top of the latest of the
@@ -340,6 +387,7 @@ impl ControlPlane {
                 discovered: Mutex::new(BTreeMap::new()),
                 applied: Mutex::new(Some(config.clone())),
                 write: tokio::sync::Mutex::new(()),
+                own_writes: Mutex::new(Vec::new()),
                 compose: Mutex::new(()),
                 cluster,
                 views: Mutex::new(Vec::new()),
@@ -441,6 +489,7 @@ impl ControlPlane {
                     leader: None,
                     token: None,
                     store_available: true,
+                    stepped_down: None,
                     changed_ms: unix_ms(),
                 });
                 let membership = membership.clone();
@@ -609,18 +658,18 @@ impl ControlPlane {
         }
     }
 
-    /// Adopts `doc` if it is newer than the applied overlay.
-    fn adopt(&self, doc: SharedConfig) {
+    /// Adopts `doc` if it is newer than the applied overlay. Without a store, this node's
+    /// own writes that `doc` does not hold are first re-applied on top of it
+    /// ([`Self::rebase_own_writes`]), so a write that lost a race is not dropped.
+    /// `seen` is the highest version any node reports.
+    fn adopt(&self, doc: SharedConfig, seen: u64) {
         let _compose = self.inner.compose.lock();
-        {
-            let current = self.inner.shared.lock();
-            let newer = (doc.version, &doc.written_by) > (current.version, &current.written_by);
-            if !newer {
-                return;
-            }
+        if !is_newer(&doc, &self.inner.shared.lock()) {
+            return;
         }
         let base = self.inner.base.lock().clone();
         let discovered = self.inner.discovered.lock().clone();
+        let doc = self.rebase_own_writes(doc, &base, &discovered, seen);
         match self.apply(&base, &doc, &discovered, false) {
             Ok(()) => {
                 tracing::info!(
@@ -636,6 +685,81 @@ impl ControlPlane {
                 tracing::error!(version = doc.version, %error, "shared configuration refused here");
             }
         }
+    }
+
+    /// `doc` with this node's writes it does not hold re-applied on top, as a new version
+    /// numbered after `doc` and `seen` and written by this node; `doc` itself when it
+    /// holds them all. Such writes exist only without a store, where two nodes can write
+    /// the same version at once (the higher `(version, node)` wins everywhere) or a node
+    /// can write before it has joined its peers (their newer document wins). A change that
+    /// no longer applies to `doc` (it names a backend `doc` removed, or would leave a pool
+    /// empty) is dropped with a warning; a write still waiting for its acknowledgements
+    /// then fails with `write_conflict`. Called with the compose lock held.
+    fn rebase_own_writes(
+        &self,
+        doc: SharedConfig,
+        base: &Config,
+        discovered: &BTreeMap<String, Vec<BackendConfig>>,
+        seen: u64,
+    ) -> SharedConfig {
+        let Some(me) = self.node_id() else {
+            return doc;
+        };
+        let generation = self.generation();
+        let held = |w: &OwnWrite| doc.includes(me, generation, w.version);
+        let mut own = self.inner.own_writes.lock();
+        // Versions only grow along the list: the last write is the one most likely missing.
+        if own.last().is_none_or(held) {
+            return doc;
+        }
+        let mut next = doc.clone();
+        own.retain(|w| {
+            if held(w) {
+                return true;
+            }
+            match next.with_change(base, discovered, &w.change) {
+                Ok(rebased) => {
+                    next = rebased;
+                    true
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        change = ?w.change,
+                        %error,
+                        winner = doc.version,
+                        written_by = %doc.written_by,
+                        "a change made here lost a concurrent write and no longer applies on top of it; dropped"
+                    );
+                    false
+                }
+            }
+        });
+        let rebased: Vec<&mut OwnWrite> = own.iter_mut().filter(|w| !held(w)).collect();
+        if rebased.is_empty() {
+            return doc;
+        }
+        let version = doc.version.max(seen) + 1;
+        next.stamp(version, me);
+        next.mark_write(me, generation, version);
+        tracing::info!(
+            changes = rebased.len(),
+            winner = doc.version,
+            written_by = %doc.written_by,
+            version,
+            "changes made here re-applied on top of a concurrent write that won"
+        );
+        for w in rebased {
+            w.version = version;
+        }
+        next
+    }
+
+    /// This node's gossip generation (0 without a cluster).
+    fn generation(&self) -> u64 {
+        self.inner
+            .cluster
+            .as_ref()
+            .map_or(0, |c| c.membership.generation())
     }
 
     fn set_applied_version(&self, doc: &SharedConfig) {
@@ -665,80 +789,127 @@ impl ControlPlane {
         consistency: Consistency,
     ) -> Result<WriteResult, ControlError> {
         let _serial = self.inner.write.lock().await;
-        let base = self.inner.base.lock().clone();
-        let discovered = self.inner.discovered.lock().clone();
         let me = self.node_id().unwrap_or("local").to_owned();
+        let generation = self.generation();
         // A write is numbered after every version a node reports, so none ignores it.
-        let seen = match &self.inner.cluster {
-            Some(c) => highest_gossiped_version(&c.membership.members().await),
-            None => 0,
+        let members = match &self.inner.cluster {
+            Some(c) => c.membership.members().await,
+            None => Vec::new(),
         };
-        let doc = match self.inner.cluster.as_ref().and_then(|c| c.store.clone()) {
+        let seen = highest_gossiped_version(&members);
+        let version = match self.inner.cluster.as_ref().and_then(|c| c.store.clone()) {
             Some(store) => {
-                let mut attempts = 0;
-                loop {
-                    attempts += 1;
-                    let (stored_version, stored) = match store.config().await {
-                        Ok(Some((version, text))) => {
-                            (version, SharedConfig::from_json(&text).unwrap_or_default())
-                        }
-                        Ok(None) => (0, SharedConfig::default()),
-                        Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
-                    };
-                    // A store that lost the configuration (Redis restarted empty) or went
-                    // back to an older one (a restored snapshot) is behind what this node
-                    // runs: build on the newer document, so neither the earlier changes
-                    // nor the version go backwards (nodes ignore documents older than
-                    // theirs, and a write numbered below them would be lost).
-                    let local = self.inner.shared.lock().clone();
-                    let current = if local.version > stored.version {
-                        local
-                    } else {
-                        stored
-                    };
-                    let mut next = current.with_change(&base, &discovered, &change)?;
-                    next.stamp(current.version.max(seen).max(stored_version) + 1, &me);
-                    match store
-                        .put_config(stored_version, next.version, &next.to_json())
-                        .await
-                    {
-                        Ok(PutConfig::Written(_)) => break next,
-                        Ok(PutConfig::Conflict { .. }) if attempts < 5 => continue,
-                        Ok(PutConfig::Conflict { .. }) => {
-                            return Err(ControlError::Conflict(attempts));
-                        }
-                        Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
-                    }
-                }
+                self.write_to_store(&store, &change, &me, generation, seen, &members)
+                    .await?
             }
             None => {
-                let current = self.inner.shared.lock().clone();
-                let mut next = current.with_change(&base, &discovered, &change)?;
-                next.stamp(current.version.max(seen) + 1, &me);
-                next
-            }
-        };
-        {
-            // On the layers as they are now: a reload or discovery answer may have landed
-            // during the store round trips above, and the store's watch may already have
-            // made this node adopt `doc` or a newer document.
-            let _compose = self.inner.compose.lock();
-            let current = self.inner.shared.lock().clone();
-            if (doc.version, &doc.written_by) > (current.version, &current.written_by) {
+                // Composed, applied and recorded under the compose lock, so that a document
+                // adopted from gossip meanwhile cannot slip under this one: the change is
+                // built on exactly the document it replaces here, and if a concurrent
+                // write elsewhere wins over it, the gossip loop re-applies it on top.
+                let _compose = self.inner.compose.lock();
                 let base = self.inner.base.lock().clone();
                 let discovered = self.inner.discovered.lock().clone();
-                self.apply(&base, &doc, &discovered, false)
+                let current = self.inner.shared.lock().clone();
+                let mut next = current.with_change(&base, &discovered, &change)?;
+                let version = current.version.max(seen) + 1;
+                next.stamp(version, &me);
+                next.mark_write(&me, generation, version);
+                self.apply(&base, &next, &discovered, false)
                     .map_err(ControlError::Apply)?;
-                self.set_applied_version(&doc);
+                self.set_applied_version(&next);
+                if self.inner.cluster.is_some() {
+                    let mut own = self.inner.own_writes.lock();
+                    own.push(OwnWrite {
+                        version,
+                        change: change.clone(),
+                    });
+                    let excess = own.len().saturating_sub(OWN_WRITES_KEPT);
+                    own.drain(..excess);
+                }
+                version
             }
-        }
-        tracing::info!(version = doc.version, ?change, "run-time change applied");
-        self.wait_for(doc.version, consistency).await
+        };
+        tracing::info!(version, ?change, "run-time change applied");
+        self.wait_for(&me, generation, version, consistency).await
     }
 
-    /// Waits until enough live nodes report shared configuration `version`.
+    /// Writes `change` to the store by compare-and-set, retried a few times when another
+    /// writer wins, and applies the result here; returns the version written.
+    async fn write_to_store(
+        &self,
+        store: &Store,
+        change: &Change,
+        me: &str,
+        generation: u64,
+        seen: u64,
+        members: &[Member],
+    ) -> Result<u64, ControlError> {
+        let base = self.inner.base.lock().clone();
+        let discovered = self.inner.discovered.lock().clone();
+        let mut attempts = 0;
+        let doc = loop {
+            attempts += 1;
+            let (stored_version, stored) = match store.config().await {
+                Ok(Some((version, text))) => {
+                    (version, SharedConfig::from_json(&text).unwrap_or_default())
+                }
+                Ok(None) => (0, SharedConfig::default()),
+                Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
+            };
+            // A store that lost the configuration (Redis restarted empty) or went back to
+            // an older one (a restored snapshot) is behind what the cluster runs: build on
+            // the newest document of the store, this node and its live peers, so neither
+            // the earlier changes nor the version go backwards (nodes ignore documents
+            // older than theirs, and a write numbered below them would be lost).
+            // On a tie the store's copy wins (`max_by` keeps the last of equals).
+            let local = self.inner.shared.lock().clone();
+            let current = [newest_gossiped_doc(members, 0), Some(local), Some(stored)]
+                .into_iter()
+                .flatten()
+                .max_by(|a, b| (a.version, &a.written_by).cmp(&(b.version, &b.written_by)))
+                .unwrap_or_default();
+            let mut next = current.with_change(&base, &discovered, change)?;
+            let version = current.version.max(seen).max(stored_version) + 1;
+            next.stamp(version, me);
+            next.mark_write(me, generation, version);
+            match store
+                .put_config(stored_version, next.version, &next.to_json())
+                .await
+            {
+                Ok(PutConfig::Written(_)) => break next,
+                Ok(PutConfig::Conflict { .. }) if attempts < 5 => continue,
+                Ok(PutConfig::Conflict { current }) => {
+                    return Err(ControlError::Conflict(format!(
+                        "other writers kept changing the shared configuration (now at \
+                         version {current}) during {attempts} attempts; nothing was changed, retry"
+                    )));
+                }
+                Err(e) => return Err(ControlError::StoreUnavailable(e.to_string())),
+            }
+        };
+        // On the layers as they are now: a reload or discovery answer may have landed
+        // during the store round trips above, and the store's watch may already have made
+        // this node adopt `doc` or a newer document.
+        let _compose = self.inner.compose.lock();
+        if is_newer(&doc, &self.inner.shared.lock()) {
+            let base = self.inner.base.lock().clone();
+            let discovered = self.inner.discovered.lock().clone();
+            self.apply(&base, &doc, &discovered, false)
+                .map_err(ControlError::Apply)?;
+            self.set_applied_version(&doc);
+        }
+        Ok(doc.version)
+    }
+
+    /// Waits until enough live nodes run a shared configuration holding write `version`
+    /// of this node (`me` running as `generation`): the document written or one built on
+    /// it. A node that reports the same version number but runs another document (a
+    /// concurrent write elsewhere) does not count.
     async fn wait_for(
         &self,
+        me: &str,
+        generation: u64,
         version: u64,
         consistency: Consistency,
     ) -> Result<WriteResult, ControlError> {
@@ -752,26 +923,48 @@ impl ControlPlane {
                 version,
                 consistency: name,
                 acknowledged: vec!["local".to_owned()],
+                skipped: Vec::new(),
             });
         };
         let timeout = c.config.consistency_timeout;
         let deadline = Instant::now() + timeout;
         loop {
+            let local = self.inner.shared.lock().clone();
+            if !local.includes(me, generation, version) {
+                return Err(ControlError::Conflict(format!(
+                    "version {version} written here lost to a concurrent write (version {} by \
+                     {}) and no longer applies on top of it; the change was not kept, retry",
+                    local.version, local.written_by
+                )));
+            }
             let members = c.membership.members().await;
             let alive: Vec<&Member> = members
                 .iter()
                 .filter(|m| m.state == MemberState::Alive)
                 .collect();
-            let reported = |m: &Member| {
+            let skipped: Vec<String> = members
+                .iter()
+                .filter(|m| m.state != MemberState::Alive)
+                .map(|m| m.node_id.clone())
+                .collect();
+            let holds = |m: &Member| {
                 m.is_self
-                    || m.values
-                        .get(KEY_CONFIG_VERSION)
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .is_some_and(|v| v >= version)
+                    || match gossiped_doc(m) {
+                        Some(doc) => doc.includes(me, generation, version),
+                        // A document too large to gossip: with a store, versions are
+                        // written by compare-and-set, one document per number.
+                        None => {
+                            c.store.is_some()
+                                && m.values
+                                    .get(KEY_CONFIG_VERSION)
+                                    .and_then(|v| v.parse::<u64>().ok())
+                                    .is_some_and(|v| v >= version)
+                        }
+                    }
             };
             let acknowledged: Vec<String> = alive
                 .iter()
-                .filter(|m| reported(m))
+                .filter(|m| holds(m))
                 .map(|m| m.node_id.clone())
                 .collect();
             let needed = match consistency {
@@ -781,21 +974,28 @@ impl ControlPlane {
             };
             if acknowledged.len() >= needed {
                 return Ok(WriteResult {
-                    version,
+                    // A write re-applied on top of a concurrent one has a new version.
+                    version: local.latest_write(me, generation).unwrap_or(version),
                     consistency: name,
                     acknowledged,
+                    skipped,
                 });
             }
             if Instant::now() >= deadline {
                 let lagging = alive
                     .iter()
-                    .filter(|m| !reported(m))
+                    .filter(|m| !holds(m))
                     .map(|m| {
-                        format!(
-                            "{} (at version {})",
-                            m.node_id,
-                            m.values.get(KEY_CONFIG_VERSION).map_or("?", String::as_str)
-                        )
+                        let runs = gossiped_doc(m).map_or_else(
+                            || {
+                                m.values
+                                    .get(KEY_CONFIG_VERSION)
+                                    .map_or("?", String::as_str)
+                                    .to_owned()
+                            },
+                            |doc| format!("{} by {}", doc.version, doc.written_by),
+                        );
+                        format!("{} (at version {runs})", m.node_id)
                     })
                     .collect::<Vec<_>>()
                     .join(", ");
@@ -1000,21 +1200,24 @@ impl ControlPlane {
 
     // ------------------------------------------------------------------- cluster --
 
-    /// Before serving as a member: adopt the shared configuration in the store (or
-    /// gossip) and prime endpoint classes from persisted statistics (warm start).
+    /// Before serving as a member: adopt the shared configuration in the store — or,
+    /// when the store cannot be read, the newest one the peers run — and prime endpoint
+    /// classes from persisted statistics (warm start). Without a store the gossip loop
+    /// adopts the peers' document.
     async fn startup_sync(&self) {
         let Some(c) = &self.inner.cluster else { return };
         if let Some(store) = &c.store {
             match store.config().await {
                 Ok(Some((_, text))) => match SharedConfig::from_json(&text) {
-                    Ok(doc) => self.adopt(doc),
+                    Ok(doc) => self.adopt(doc, 0),
                     Err(error) => {
                         tracing::error!(%error, "shared configuration in the store is unreadable")
                     }
                 },
                 Ok(None) => {}
                 Err(error) => {
-                    tracing::warn!(%error, "coordination store unavailable at start; serving the file configuration")
+                    tracing::warn!(%error, "coordination store unavailable at start; adopting the shared configuration the peers run");
+                    self.adopt_from_peers(c).await;
                 }
             }
             match store.load_stats().await {
@@ -1029,6 +1232,41 @@ impl ControlPlane {
                 }
                 Err(error) => tracing::debug!(%error, "no persisted statistics"),
             }
+        }
+    }
+
+    /// Waits (at most ten gossip intervals, and at least a second) for a live peer to
+    /// report the shared configuration it runs, then adopts the newest document the live
+    /// peers gossip. The gossip loop keeps adopting newer ones while the store stays
+    /// unreadable.
+    async fn adopt_from_peers(&self, c: &ClusterParts) {
+        let wait = (c.config.gossip.interval * 10).max(Duration::from_secs(1));
+        let deadline = Instant::now() + wait;
+        loop {
+            let members = c.membership.members().await;
+            let heard = members.iter().any(|m| {
+                !m.is_self
+                    && m.state == MemberState::Alive
+                    && m.values.contains_key(KEY_CONFIG_VERSION)
+            });
+            if heard || Instant::now() >= deadline {
+                match newest_gossiped_doc(&members, 0) {
+                    Some(doc) => {
+                        tracing::info!(
+                            version = doc.version,
+                            written_by = %doc.written_by,
+                            "shared configuration adopted from the peers"
+                        );
+                        self.adopt(doc, highest_gossiped_version(&members));
+                    }
+                    None if heard => {}
+                    None => tracing::warn!(
+                        "no peer reported a shared configuration; serving the file configuration until the store or a peer answers"
+                    ),
+                }
+                return;
+            }
+            tokio::time::sleep(c.config.gossip.interval.min(Duration::from_millis(100))).await;
         }
     }
 
@@ -1125,7 +1363,7 @@ impl ControlPlane {
                         let current = rx.borrow_and_update().clone();
                         if let Some((_, text)) = current {
                             match SharedConfig::from_json(&text) {
-                                Ok(doc) => plane.adopt(doc),
+                                Ok(doc) => plane.adopt(doc, 0),
                                 Err(error) => {
                                     tracing::error!(%error, "unreadable shared configuration in the store")
                                 }
@@ -1165,6 +1403,8 @@ impl ControlPlane {
         let mut alive_since: HashMap<String, Instant> = HashMap::new();
         // Peers seen failed or gone at least once.
         let mut returned: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // The last version whose document was too large to gossip (warned once).
+        let mut unpublished: Option<u64> = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -1232,22 +1472,40 @@ impl ControlPlane {
                 last_requests = total_requests;
                 last_load = now;
             }
-            // 2. The shared configuration this node runs: its version, and without a store
-            // the document itself, which is how it spreads.
+            // 2. The shared configuration this node runs: its version and the document
+            // itself. Without a store the document spreads this way; with one, it is what
+            // a node that cannot read the store adopts, and what tells a writer which
+            // nodes run its write.
             let (version, doc) = {
                 let shared = self.inner.shared.lock();
                 (
                     shared.version,
-                    (c.store.is_none() && shared.version > 0)
+                    (shared.version > 0)
                         .then(|| format!("{}\n{}", shared.version, shared.to_json())),
                 )
             };
             c.membership
                 .set(KEY_CONFIG_VERSION, &version.to_string())
                 .await;
-            if let Some(doc) = doc {
-                c.membership.set(KEY_CONFIG_DOC, &doc).await;
+            if let Some(doc) = doc
+                && let Err(error) = c.membership.try_set(KEY_CONFIG_DOC, &doc).await
+            {
+                // Not an older document in its place: peers would take it for what runs here.
+                c.membership.delete(KEY_CONFIG_DOC).await;
+                if unpublished != Some(version) {
+                    unpublished = Some(version);
+                    tracing::warn!(version, %error, "the shared configuration is too large to gossip");
+                }
             }
+            let lease = {
+                let leader = c.leader.borrow();
+                match (leader.is_leader, leader.token, leader.stepped_down) {
+                    (true, Some(token), _) => format!("leading:{token}"),
+                    (false, _, Some(token)) => format!("stepped_down:{token}"),
+                    _ => "none".to_owned(),
+                }
+            };
+            c.membership.set(KEY_LEASE, &lease).await;
             // 3. Merge the cluster's views and flag backends down here.
             let members = c.membership.members().await;
             for m in &members {
@@ -1279,11 +1537,21 @@ impl ControlPlane {
                 .collect();
             self.merge_health(rule, &members, &settled);
             self.update_member_metrics(&members);
-            // 4. Without a store, the shared configuration spreads by gossip.
-            if c.store.is_none()
+            // 4. Without a store, the shared configuration spreads by gossip; with one, a
+            // node that cannot read the store adopts the newest document its peers run
+            // (they all had it from the store), so that one started during an outage does
+            // not serve without the cluster's changes.
+            let store_unreadable = c.store.as_ref().is_some_and(|s| !s.health().available);
+            if (c.store.is_none() || store_unreadable)
                 && let Some(doc) = newest_gossiped_doc(&members, version)
             {
-                self.adopt(doc);
+                if store_unreadable && is_newer(&doc, &self.inner.shared.lock()) {
+                    tracing::info!(
+                        version = doc.version,
+                        "coordination store unreadable; adopting the shared configuration the peers run"
+                    );
+                }
+                self.adopt(doc, highest_gossiped_version(&members));
             }
         }
     }
@@ -1563,7 +1831,7 @@ impl ControlPlane {
                 .await
                 .into_iter()
                 .find(|m| &m.node_id == id)
-                .map(|m| m.state),
+                .map(|m| leader_member_state(&m, &state)),
             None => None,
         };
         let (coordination, method) = match c.config.coordination.backend {
@@ -1736,6 +2004,26 @@ fn node_view(m: Member, leader: Option<&str>) -> NodeView {
     }
 }
 
+/// The state of member `m`, whom `state` names leader: `stepped_down` when it is alive but
+/// says it gave up that lease (this node: it does not hold it), else its membership state.
+fn leader_member_state(m: &Member, state: &LeaderState) -> LeaderMemberState {
+    if m.state != MemberState::Alive {
+        return m.state.into();
+    }
+    let not_leading = if m.is_self {
+        !state.is_leader
+    } else {
+        state.token.is_some_and(|token| {
+            m.values.get(KEY_LEASE).map(String::as_str) == Some(&format!("stepped_down:{token}"))
+        })
+    };
+    if not_leading {
+        LeaderMemberState::SteppedDown
+    } else {
+        LeaderMemberState::Alive
+    }
+}
+
 /// The highest shared-configuration version any member reports.
 fn highest_gossiped_version(members: &[Member]) -> u64 {
     members
@@ -1758,6 +2046,17 @@ fn newest_gossiped_doc(members: &[Member], at_least: u64) -> Option<SharedConfig
         .filter(|(version, _)| version.parse::<u64>().is_ok_and(|v| v >= at_least))
         .filter_map(|(_, json)| SharedConfig::from_json(json).ok())
         .max_by(|a, b| (a.version, &a.written_by).cmp(&(b.version, &b.written_by)))
+}
+
+/// The shared configuration member `m` gossips, if any and readable.
+fn gossiped_doc(m: &Member) -> Option<SharedConfig> {
+    let (_, json) = m.values.get(KEY_CONFIG_DOC)?.split_once('\n')?;
+    SharedConfig::from_json(json).ok()
+}
+
+/// Whether `doc` wins over `current`: every node runs the highest `(version, writer)`.
+fn is_newer(doc: &SharedConfig, current: &SharedConfig) -> bool {
+    (doc.version, &doc.written_by) > (current.version, &current.written_by)
 }
 
 #[cfg(test)]

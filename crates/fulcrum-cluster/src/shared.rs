@@ -6,8 +6,10 @@
 //! The overlay is a JSON document. With a coordination store it is written with
 //! compare-and-set on its version ([`crate::store::Store::put_config`]), so two concurrent
 //! writers cannot lose each other's change; with `coordination: none` it spreads by
-//! gossip and the highest `(version, written_by)` wins (last writer wins, not
-//! partition-safe). [`effective_config`] folds the overlay and the discovered backends
+//! gossip and the highest `(version, written_by)` wins, and the node whose write lost
+//! re-applies it on top of the winner (the control plane's rebase, which
+//! [`SharedConfig::writes`] makes possible: it tells which writes a document holds).
+//! [`effective_config`] folds the overlay and the discovered backends
 //! into the file's [`Config`]; the result is validated as a whole before anything is
 //! applied, so a change that would leave a pool without backends or name an unknown
 //! strategy is refused with the validator's message rather than half-applied.
@@ -31,6 +33,21 @@ pub struct SharedConfig {
     pub written_ms: u64,
     /// Changes per pool name.
     pub pools: BTreeMap<String, PoolOverlay>,
+    /// Per writing node, its latest write this document builds on: a write `(node,
+    /// generation, version)` is part of the document when the entry of `node` has that
+    /// generation and a version at least as high (see [`SharedConfig::includes`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub writes: BTreeMap<String, WriteMark>,
+}
+
+/// The latest write of one node (one process: its gossip generation) a document builds on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WriteMark {
+    /// The writing process's gossip generation (its start time, Unix ms).
+    pub generation: u64,
+    /// The version it wrote.
+    pub version: u64,
 }
 
 /// Run-time changes to one pool.
@@ -175,6 +192,40 @@ impl SharedConfig {
         self.version = version;
         by.clone_into(&mut self.written_by);
         self.written_ms = crate::store::now_ms();
+    }
+
+    /// Records that this document holds write `version` of node `by` running as
+    /// `generation`. Each node builds every write on a document holding all of its own
+    /// earlier writes (a write that loses a race is re-applied on top of the winner), so
+    /// the mark of a node's latest write stands for all of its earlier ones.
+    pub fn mark_write(&mut self, by: &str, generation: u64, version: u64) {
+        self.writes.insert(
+            by.to_owned(),
+            WriteMark {
+                generation,
+                version,
+            },
+        );
+    }
+
+    /// Whether this document holds write `version` of node `by` running as `generation`:
+    /// it was written on top of it (or is it). A mark of a later generation counts as
+    /// holding it too: a node id is one process at a time, so only two processes
+    /// misconfigured with the same id can ask about an older one — and answering no there
+    /// would make each re-apply its writes over the other's without end.
+    pub fn includes(&self, by: &str, generation: u64, version: u64) -> bool {
+        self.writes.get(by).is_some_and(|m| {
+            m.generation > generation || (m.generation == generation && m.version >= version)
+        })
+    }
+
+    /// The version of the latest write of node `by` running as `generation` this
+    /// document holds, if any.
+    pub fn latest_write(&self, by: &str, generation: u64) -> Option<u64> {
+        self.writes
+            .get(by)
+            .filter(|m| m.generation == generation)
+            .map(|m| m.version)
     }
 
     /// The document as compact JSON.
@@ -515,6 +566,53 @@ mod tests {
             }
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_document_holds_the_writes_it_was_built_on() {
+        let base = base();
+        let none = BTreeMap::new();
+        let mut first = SharedConfig::default()
+            .with_change(
+                &base,
+                &none,
+                &Change::Strategy {
+                    pool: "app".into(),
+                    strategy: StrategyKind::P2c,
+                },
+            )
+            .expect("valid");
+        first.stamp(1, "node-1");
+        first.mark_write("node-1", 100, 1);
+        // node-2 builds on it: the new document holds both writes.
+        let mut second = first
+            .with_change(
+                &base,
+                &none,
+                &Change::Weight {
+                    pool: "app".into(),
+                    address: "127.0.0.1:9001".into(),
+                    weight: 3,
+                },
+            )
+            .expect("valid");
+        second.stamp(2, "node-2");
+        second.mark_write("node-2", 200, 2);
+        assert!(second.includes("node-1", 100, 1));
+        assert!(second.includes("node-2", 200, 2));
+        assert!(!second.includes("node-2", 200, 3), "a later write");
+        // A restarted node-1 (a later generation) has not written into it.
+        assert!(!second.includes("node-1", 300, 1));
+        assert_eq!(second.latest_write("node-1", 100), Some(1));
+        assert_eq!(second.latest_write("node-1", 300), None);
+        // The marks travel with the document.
+        let back = SharedConfig::from_json(&second.to_json()).expect("json");
+        assert!(back.includes("node-1", 100, 1));
+        // A concurrent write of the same version on another base does not hold it.
+        let mut concurrent = SharedConfig::default();
+        concurrent.stamp(1, "node-3");
+        concurrent.mark_write("node-3", 400, 1);
+        assert!(!concurrent.includes("node-1", 100, 1));
     }
 
     #[test]

@@ -566,6 +566,55 @@ async fn outage_steps_down_and_recovers(mut server: Server) {
     cancel.cancel();
 }
 
+/// A leader that stepped down while the store was down could not release its lease then.
+/// etcd keeps leases across its restart (and restarts their TTL), so the lease would
+/// outlive the outage by a full TTL, naming as leader a node that does not lead. The
+/// elector releases it as soon as the store answers again: it never reads its own given-up
+/// lease back as the leader, and leads again with a new token.
+async fn a_lease_given_up_during_an_outage_is_released_when_the_store_returns(mut server: Server) {
+    let ttl = server.lease_ttl();
+    let store = server.store().await;
+    let cancel = CancellationToken::new();
+    let (mut state, _task) =
+        Elector::spawn_with_handle(store.clone(), "node-0".to_owned(), ttl, cancel.clone());
+    let first = tokio::time::timeout(DEADLINE, state.wait_for(|s| s.is_leader))
+        .await
+        .expect("leader in time")
+        .expect("elector alive")
+        .token
+        .expect("a leader has a token");
+    server.kill();
+    let stepped_down = tokio::time::timeout(DEADLINE, state.wait_for(|s| !s.is_leader))
+        .await
+        .expect("stepped down in time")
+        .expect("elector alive")
+        .clone();
+    assert_eq!(stepped_down.stepped_down, Some(first), "{stepped_down:?}");
+    server.restart();
+    // Every state published from now on, until it leads again.
+    let mut seen = Vec::new();
+    let again = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let now = state.borrow_and_update().clone();
+            if now.is_leader {
+                return now;
+            }
+            seen.push(now);
+            state.changed().await.expect("elector alive");
+        }
+    })
+    .await
+    .expect("leader again in time");
+    assert!(again.token > Some(first), "{again:?}");
+    for s in &seen {
+        assert!(
+            !(s.store_available && s.leader.as_deref() == Some("node-0")),
+            "read its own given-up lease back as the leader: {s:?} (all: {seen:?})"
+        );
+    }
+    cancel.cancel();
+}
+
 async fn connects_before_the_server_is_up(mut server: Server) {
     server.kill();
     let store = Store::connect(&server.settings())
@@ -802,5 +851,10 @@ mod etcd {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connects_before_the_server_is_up() {
         super::connects_before_the_server_is_up(server()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_given_up_during_an_outage_is_released_when_the_store_returns() {
+        super::a_lease_given_up_during_an_outage_is_released_when_the_store_returns(server()).await;
     }
 }

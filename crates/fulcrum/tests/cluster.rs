@@ -1204,3 +1204,366 @@ async fn a_write_names_the_nodes_that_lag_behind_its_consistency() {
     })
     .await;
 }
+
+/// Weight of backend `address` of pool `app` as `node` runs it.
+async fn weight(node: &Node, address: &str) -> u64 {
+    let b = node.backend("app", address).await;
+    b["weight"].as_u64().expect("weight")
+}
+
+/// Without a store, two nodes writing at the same moment both write the next version;
+/// every node runs the higher `(version, node)`. Both writers answered 200 with all three
+/// nodes acknowledging, while the losing change was dropped everywhere. Now the loser is
+/// re-applied on top of the winner, and a node counts as acknowledging only when it runs
+/// a document holding the write, so once both calls answered every node runs both changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_writes_on_two_nodes_both_land_without_a_store() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let cluster = Cluster::start(3, &Coordination::None, &[&b1, &b2], &[]);
+    all_alive(&cluster, 3).await;
+    let weight_path = format!(
+        "/api/pools/app/backends/{}/weight?consistency=all",
+        b1.address()
+    );
+    for round in 1..=10u64 {
+        // Node-2 toggles b2 between drained and enabled while node-1 sets b1's weight.
+        let (action, expected) = if round % 2 == 1 {
+            ("drain", "draining")
+        } else {
+            ("enable", "healthy")
+        };
+        let admin_path = format!(
+            "/api/pools/app/backends/{}/{action}?consistency=all",
+            b2.address()
+        );
+        let ((s1, body1), (s2, body2)) = tokio::join!(
+            cluster
+                .node(0)
+                .api_post(&weight_path, Some(json!({ "weight": round + 1 }))),
+            cluster.node(1).api_post(&admin_path, None),
+        );
+        assert_eq!(s1, 200, "round {round}: {body1}");
+        assert_eq!(s2, 200, "round {round}: {body2}");
+        for body in [&body1, &body2] {
+            assert_eq!(
+                body["write"]["acknowledged"].as_array().map(Vec::len),
+                Some(3),
+                "round {round}: {body}"
+            );
+        }
+        // Both answered with every node acknowledging: every node runs both changes.
+        for (i, node) in cluster.running().enumerate() {
+            assert_eq!(
+                weight(node, &b1.address()).await,
+                round + 1,
+                "round {round}: node-{} lost the weight change ({body1} / {body2})",
+                i + 1
+            );
+            assert_eq!(
+                node.backend_state("app", &b2.address()).await,
+                expected,
+                "round {round}: node-{} lost the {action} ({body1} / {body2})",
+                i + 1
+            );
+        }
+    }
+}
+
+/// A node restarted without seeds writes a change while it knows no peer (version 1,
+/// acknowledged by itself alone); when it joins, it adopts the cluster's newer document.
+/// The change it made must survive that: it is re-applied on top, and reaches every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_made_before_joining_survives_the_join() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let mut cluster = Cluster::start(3, &Coordination::None, &[&b1, &b2], &[]);
+    all_alive(&cluster, 3).await;
+    // The cluster's own changes: a strategy, then a weight (version 2).
+    let (status, body) = cluster
+        .node(0)
+        .api_post(
+            "/api/pools/app/strategy?consistency=all",
+            Some(json!({"strategy": "least_connections"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let path = format!(
+        "/api/pools/app/backends/{}/weight?consistency=all",
+        b1.address()
+    );
+    let (status, body) = cluster
+        .node(1)
+        .api_post(&path, Some(json!({"weight": 4})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let cluster_version = body["write"]["version"].as_u64().expect("version");
+
+    // node-3 comes back on a new gossip port with no seeds: nobody knows where it is.
+    cluster.kill(2);
+    let alone = Node::start(&node_yaml(
+        "node-3",
+        free_udp_port(),
+        &[],
+        &Coordination::None,
+        &[&b1, &b2],
+        "",
+    ));
+    let path = format!(
+        "/api/pools/app/backends/{}/disable?consistency=all",
+        b2.address()
+    );
+    let (status, body) = alone.api_post(&path, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["write"]["version"].as_u64() < Some(cluster_version),
+        "written before joining: {body}"
+    );
+    let seed = cluster.node(0).api("/api/cluster/status").await["gossip_addr"]
+        .as_str()
+        .expect("gossip_addr")
+        .to_owned();
+    let (status, body) = alone
+        .api_post("/api/cluster/join", Some(json!({ "seed": seed })))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Every node ends with the cluster's changes and node-3's.
+    for node in [cluster.node(0), cluster.node(1), &alone] {
+        eventually(
+            DEADLINE,
+            "every node runs both sides' changes",
+            async || {
+                let v = node.api("/api/cluster/status").await;
+                let version = v["config_version"].as_u64()?;
+                (version > cluster_version
+                    && node.backend_state("app", &b2.address()).await == "disabled")
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_eq!(strategy(node).await, "least_connections");
+        assert_eq!(weight(node, &b1.address()).await, 4);
+    }
+}
+
+/// A write with `?consistency=all` while a member is down is acknowledged by the live
+/// nodes only; the answer names the member it did not wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_names_the_members_it_skipped() {
+    let b = Backend::start("b1", &[]);
+    let mut cluster = Cluster::start(3, &Coordination::None, &[&b], &[]);
+    all_alive(&cluster, 3).await;
+    cluster.kill(2);
+    eventually(DEADLINE, "node-1 sees node-3 failed", async || {
+        let m = members(cluster.node(0)).await;
+        m.contains(&("node-3".to_owned(), "failed".to_owned()))
+            .then_some(())
+    })
+    .await;
+    let (status, body) = cluster
+        .node(0)
+        .api_post(
+            "/api/pools/app/strategy?consistency=all",
+            Some(json!({"strategy": "p2c"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["write"]["acknowledged"],
+        json!(["node-1", "node-2"]),
+        "{body}"
+    );
+    assert_eq!(body["write"]["skipped"], json!(["node-3"]), "{body}");
+}
+
+/// `(version, written_by)` of the shared configuration in the store.
+async fn stored_config(settings: &fulcrum_cluster::store::StoreSettings) -> Option<(u64, String)> {
+    let store = fulcrum_cluster::store::Store::connect(settings)
+        .await
+        .ok()?;
+    let (version, text) = store.config().await.ok()??;
+    let doc: Value = serde_json::from_str(&text).ok()?;
+    Some((version, doc["written_by"].as_str()?.to_owned()))
+}
+
+/// A node started while the store is down cannot read the shared configuration from it:
+/// it adopts the newest one its peers run (gossiped), so a backend disabled cluster-wide
+/// stays out of rotation on it too; when the store returns, the store keeps (or gets back)
+/// that document, not an older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_while_the_store_is_down_runs_the_peers_configuration() {
+    let mut redis = RedisServer::start();
+    let settings = fulcrum_cluster::store::StoreSettings::redis(redis.url());
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let mut cluster = Cluster::start(3, &Coordination::Redis(redis.url()), &[&b1, &b2], &[]);
+    all_alive(&cluster, 3).await;
+    let path = format!(
+        "/api/pools/app/backends/{}/disable?consistency=all",
+        b1.address()
+    );
+    let (status, body) = cluster.node(0).api_post(&path, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = cluster
+        .node(1)
+        .api_post(
+            "/api/pools/app/strategy?consistency=all",
+            Some(json!({"strategy": "least_connections"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let version = body["write"]["version"].as_u64().expect("version");
+    assert_eq!(
+        stored_config(&settings).await,
+        Some((version, "node-2".to_owned()))
+    );
+
+    redis.kill();
+    for node in cluster.running() {
+        eventually(DEADLINE, "the outage is reported", async || {
+            let v = node.api("/api/cluster/status").await;
+            (v["coordination"]["available"] == false).then_some(())
+        })
+        .await;
+    }
+    cluster.restart(2);
+    let restarted = cluster.node(2);
+    eventually(
+        DEADLINE,
+        "the restarted node runs the peers' configuration",
+        async || {
+            let v = restarted.api("/api/cluster/status").await;
+            (v["config_version"].as_u64() == Some(version)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(strategy(restarted).await, "least_connections");
+    assert_eq!(
+        restarted.backend_state("app", &b1.address()).await,
+        "disabled"
+    );
+    let served = common::spread(&restarted.url("web"), 20).await;
+    assert_eq!(served.get("b2"), Some(&20), "{served:?}");
+
+    // The store comes back (empty: no persistence); the cluster's document goes back into
+    // it, and no node replaces it with an older one.
+    redis.restart();
+    eventually(
+        DEADLINE,
+        "the store holds the cluster's configuration again",
+        async || {
+            (stored_config(&settings).await == Some((version, "node-2".to_owned()))).then_some(())
+        },
+    )
+    .await;
+    for node in cluster.running() {
+        eventually(DEADLINE, "the store is back", async || {
+            let v = node.api("/api/cluster/status").await;
+            (v["coordination"]["available"] == true).then_some(())
+        })
+        .await;
+        let v = node.api("/api/cluster/status").await;
+        assert_eq!(v["config_version"].as_u64(), Some(version), "{v}");
+        assert_eq!(node.backend_state("app", &b1.address()).await, "disabled");
+    }
+    assert_eq!(
+        stored_config(&settings).await,
+        Some((version, "node-2".to_owned()))
+    );
+}
+
+/// etcd keeps a lease across its own restart and restarts its TTL. A leader that stepped
+/// down while etcd was down (its renewals failed) could not release its lease then; it
+/// must release it once etcd answers again, and meanwhile no node may call it an `alive`
+/// leader: it says itself that it does not lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_stepped_down_during_an_etcd_restart_is_not_reported_alive() {
+    let mut etcd = EtcdServer::start();
+    let b = Backend::start("b1", &[]);
+    let cluster = Cluster::start(3, &Coordination::Etcd(etcd.endpoints()), &[&b], &[]);
+    all_alive(&cluster, 3).await;
+    let (first, token) = eventually(DEADLINE, "a leader is elected", async || {
+        let (l, t) = leader(cluster.node(0)).await;
+        Some((l?, t?))
+    })
+    .await;
+    let leader_index = first
+        .trim_start_matches("node-")
+        .parse::<usize>()
+        .expect("node-N")
+        - 1;
+    etcd.kill();
+    eventually(DEADLINE, "the leader steps down", async || {
+        let v = cluster.node(leader_index).api("/api/cluster/leader").await;
+        (v["is_self"] == false).then_some(())
+    })
+    .await;
+    etcd.restart();
+    // Until a leader with a new lease is reported everywhere, no node may name the old
+    // lease's holder as an alive leader with a current (not stale) view.
+    let mut settled = [false; 3];
+    let mut samples = 0;
+    let start = Instant::now();
+    while settled.iter().any(|s| !s) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no new leader after etcd came back"
+        );
+        for (i, node) in cluster.running().enumerate() {
+            let v = node.api("/api/cluster/leader").await;
+            samples += 1;
+            let old_lease = v["leader"] == first.as_str() && v["token"].as_u64() == Some(token);
+            if old_lease && v["stale"] == false && v["leader_state"] == "alive" {
+                // Right only if the old leader leads again, in a new term this view has
+                // not read yet (it released its lease and won the next election).
+                let own = cluster.node(leader_index).api("/api/cluster/leader").await;
+                assert!(
+                    own["is_self"] == true && own["token"].as_u64() > Some(token),
+                    "node-{} names {first} an alive leader with the lease it gave up: {v} \
+                     ({first} itself says {own})",
+                    i + 1
+                );
+            }
+            if v["leader"].is_string() && v["token"].as_u64() > Some(token) {
+                settled[i] = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "a new leader everywhere {:?} after etcd came back ({samples} samples)",
+        start.elapsed()
+    );
+}
+
+/// A leader paused (SIGSTOP) past its lease steps down when it wakes. The store was
+/// reachable throughout, so its leader view must never say `stale` (which means "cannot
+/// reach the store").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_woken_from_a_pause_is_not_stale() {
+    let redis = RedisServer::start();
+    let b = Backend::start("b1", &[]);
+    let cluster = Cluster::start(2, &Coordination::Redis(redis.url()), &[&b], &[]);
+    all_alive(&cluster, 2).await;
+    let (first, token) = eventually(DEADLINE, "a leader is elected", async || {
+        let (l, t) = leader(cluster.node(0)).await;
+        Some((l?, t?))
+    })
+    .await;
+    let (paused, other) = if first == "node-1" { (0, 1) } else { (1, 0) };
+    cluster.node(paused).signal("STOP");
+    eventually(DEADLINE, "the other node takes over", async || {
+        let (l, t) = leader(cluster.node(other)).await;
+        (l.as_deref() != Some(first.as_str()) && t > Some(token)).then_some(())
+    })
+    .await;
+    cluster.node(paused).signal("CONT");
+    // Sampled until the woken node names the new leader.
+    let view = eventually(DEADLINE, "the woken node sees the new leader", async || {
+        let v = cluster.node(paused).api("/api/cluster/leader").await;
+        assert_eq!(v["stale"], false, "the store is reachable: {v}");
+        (v["token"].as_u64() > Some(token)).then_some(v)
+    })
+    .await;
+    assert_eq!(view["is_self"], false, "{view}");
+}
