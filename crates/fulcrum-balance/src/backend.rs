@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -175,6 +175,9 @@ pub struct LiveBackend {
     cancelled: AtomicU64,
     failures: AtomicU64,
     consecutive_failures: AtomicU32,
+    /// A failure was recorded after its response head (see
+    /// [`InFlightGuard::body_failure`]): outlier detection has not looked at it yet.
+    late_failure: AtomicBool,
     flags: AtomicU32,
     latency: PeakEwma,
     histogram: WindowedHistogram,
@@ -230,6 +233,7 @@ impl LiveBackend {
             cancelled: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
+            late_failure: AtomicBool::new(false),
             flags: AtomicU32::new(0),
             latency: PeakEwma::new(config.ewma_decay, config.ewma_initial, now_ns),
             histogram: WindowedHistogram::new(config.latency_window, LATENCY_SLOTS),
@@ -348,6 +352,13 @@ impl LiveBackend {
     /// Failures since the last success.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether a failure was recorded after its response head since the last call
+    /// (clearing it): outlier detection's periodic sweep then decides on ejection, as
+    /// the forwarder does for failures it sees itself.
+    pub fn take_late_failure(&self) -> bool {
+        self.late_failure.swap(false, Ordering::AcqRel)
     }
 
     /// How many times outlier detection has ejected this backend since start.
@@ -482,7 +493,8 @@ impl LiveBackend {
         InFlightGuard {
             backend: Arc::clone(self),
             started_ns: now_ns,
-            recorded: AtomicBool::new(false),
+            outcome: AtomicU8::new(OUTCOME_NONE),
+            reset_failures: AtomicU32::new(0),
             long,
             slot,
         }
@@ -565,15 +577,68 @@ impl LiveBackend {
 pub struct InFlightGuard {
     backend: Arc<LiveBackend>,
     started_ns: u64,
-    recorded: AtomicBool,
+    /// [`OUTCOME_NONE`], [`OUTCOME_SUCCESS`] or [`OUTCOME_OTHER`] (failure, cancel).
+    outcome: AtomicU8,
+    /// The consecutive failures a success at the head reset (restored if the body then
+    /// fails, so a backend that cuts every response short still accumulates them).
+    reset_failures: AtomicU32,
     long: bool,
     slot: u8,
 }
+
+const OUTCOME_NONE: u8 = 0;
+const OUTCOME_SUCCESS: u8 = 1;
+const OUTCOME_OTHER: u8 = 2;
 
 impl InFlightGuard {
     /// When the attempt started (clock nanoseconds).
     pub fn started_ns(&self) -> u64 {
         self.started_ns
+    }
+
+    /// Sets the attempt's outcome if none is set yet; whether it was.
+    fn record(&self, outcome: u8) -> bool {
+        self.outcome
+            .compare_exchange(OUTCOME_NONE, outcome, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Records that the response failed while its body streamed — the backend closed or
+    /// reset the connection (or the HTTP/2 stream) before the body's end, so the client
+    /// got a truncated answer — at `now_ns`. An attempt recorded as a success at its head
+    /// becomes a failure of the same request: `failures` and the consecutive failures
+    /// go up (not `requests`; the consecutive failures its head's success reset are
+    /// restored), and the latency estimate is penalized as for any failure.
+    /// An attempt without an outcome yet is recorded as a failure; one already failed or
+    /// cancelled counts once. Outlier detection looks at it on its next sweep
+    /// ([`LiveBackend::take_late_failure`]), not here: the body has no pool at hand.
+    /// Returns the consecutive failures.
+    pub fn body_failure(&self, now_ns: u64) -> u32 {
+        let b = &self.backend;
+        let upgraded = self
+            .outcome
+            .compare_exchange(
+                OUTCOME_SUCCESS,
+                OUTCOME_OTHER,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok();
+        let consecutive = if upgraded {
+            b.failures.fetch_add(1, Ordering::Relaxed);
+            b.latency
+                .penalize(now_ns.saturating_sub(self.started_ns), now_ns);
+            let restored = self.reset_failures.load(Ordering::Relaxed) + 1;
+            b.consecutive_failures
+                .fetch_add(restored, Ordering::Relaxed)
+                + restored
+        } else if self.outcome.load(Ordering::Relaxed) == OUTCOME_NONE {
+            self.failure(now_ns)
+        } else {
+            return b.consecutive_failures();
+        };
+        b.late_failure.store(true, Ordering::Release);
+        consecutive
     }
 
     /// The backend this attempt went to.
@@ -584,13 +649,18 @@ impl InFlightGuard {
     /// Records a successful response head at `now_ns`: feeds the latency estimate and
     /// window, and resets the consecutive-failure count. Only the first outcome counts.
     pub fn success(&self, now_ns: u64) {
-        if self.recorded.swap(true, Ordering::Relaxed) {
+        if !self.record(OUTCOME_SUCCESS) {
             return;
         }
         let rtt = now_ns.saturating_sub(self.started_ns);
         let b = &self.backend;
         b.requests.fetch_add(1, Ordering::Relaxed);
-        b.consecutive_failures.store(0, Ordering::Relaxed);
+        // Written only when non-zero: the common case leaves the shared line alone.
+        let failures = b.consecutive_failures.load(Ordering::Relaxed);
+        if failures != 0 {
+            b.consecutive_failures.store(0, Ordering::Relaxed);
+            self.reset_failures.store(failures, Ordering::Relaxed);
+        }
         b.latency.observe(rtt, now_ns);
         b.histogram.record(rtt, now_ns);
     }
@@ -601,7 +671,7 @@ impl InFlightGuard {
     /// is a lower bound of the backend's latency, which can only raise the estimate
     /// ([`fulcrum_stats::PeakEwma::observe_at_least`]). Only the first outcome counts.
     pub fn cancel(&self, now_ns: u64) {
-        if self.recorded.swap(true, Ordering::Relaxed) {
+        if !self.record(OUTCOME_OTHER) {
             return;
         }
         let b = &self.backend;
@@ -616,7 +686,7 @@ impl InFlightGuard {
     /// counts; a repeated call returns the current count without recording.
     pub fn failure(&self, now_ns: u64) -> u32 {
         let b = &self.backend;
-        if self.recorded.swap(true, Ordering::Relaxed) {
+        if !self.record(OUTCOME_OTHER) {
             return b.consecutive_failures();
         }
         let rtt = now_ns.saturating_sub(self.started_ns);

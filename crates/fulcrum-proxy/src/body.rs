@@ -159,22 +159,29 @@ impl UpstreamBody {
         }
     }
 
-    /// Settles a pending gRPC outcome from a frame read from the backend (trailers) or a
-    /// failure reading it.
+    /// Settles the attempt's outcome from what was read from the backend: a pending gRPC
+    /// outcome from the trailers, and a failure to read the body — the backend cut the
+    /// response short — as the backend's failure (counted in `errors`, the endpoint's
+    /// errors and `fulcrum_upstream_errors_total{kind="body"}`; outlier detection sees it
+    /// on its next sweep).
     fn observe(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, BodyError>>>) {
         let Some(exchange) = &mut self.exchange else {
             return;
         };
-        if exchange.endpoint.as_ref().is_none_or(|r| r.grpc.is_none()) {
-            return;
-        }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     exchange.settle_grpc(Some(crate::headers::grpc_server_error(trailers)));
                 }
             }
-            Poll::Ready(Some(Err(_))) => exchange.settle_grpc(Some(true)),
+            Poll::Ready(Some(Err(_))) => {
+                exchange.settle_grpc(Some(true));
+                exchange.guard.body_failure(now_ns());
+                exchange.backend.metrics.body_failures.inc();
+                if let Some(record) = &mut exchange.endpoint {
+                    record.server_error = true;
+                }
+            }
             Poll::Ready(None) | Poll::Pending => {}
         }
     }

@@ -252,6 +252,13 @@ pub async fn ejection_sweep(pool: Arc<Pool>, cancel: CancellationToken) {
             _ = ticker.tick() => {
                 pool.sweep_ejections();
                 let state = pool.state();
+                // Failures recorded after a response head (a body cut short) had no pool
+                // at hand: outlier detection decides on them here.
+                for (i, backend) in state.backends.iter().enumerate() {
+                    if backend.live.take_late_failure() {
+                        pool.maybe_eject(&state, i, backend.live.consecutive_failures());
+                    }
+                }
                 for runtime in &state.runtimes {
                     runtime.conns.evict_idle(state.settings.conn.idle_timeout);
                 }

@@ -530,6 +530,7 @@ impl Metrics {
             responses: CODE_CLASSES.map(response),
             connect_failures: error("connect_failure"),
             resets: error("reset"),
+            body_failures: error("body"),
             timeouts: error("timeout"),
             duration: self.duration.get_or_create_owned(&labels),
             ejections: self.ejections.get_or_create_owned(&labels),
@@ -560,7 +561,7 @@ impl Metrics {
                 code_class,
             });
         }
-        for kind in ["connect_failure", "reset", "timeout"] {
+        for kind in ["connect_failure", "reset", "timeout", "body"] {
             self.upstream_errors.remove(&ErrorLabels {
                 pool: pool.to_owned(),
                 backend: backend.to_owned(),
@@ -742,6 +743,8 @@ pub struct BackendMetrics {
     pub connect_failures: Counter,
     /// Failures after connecting, before a response head.
     pub resets: Counter,
+    /// Responses the backend cut short after their head (closed or reset mid-body).
+    pub body_failures: Counter,
     /// Response header timeouts.
     pub timeouts: Counter,
     /// Exchange durations.

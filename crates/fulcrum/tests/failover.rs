@@ -298,3 +298,76 @@ async fn sent_requests_with_small_bodies_are_retried_with_their_body() {
         .expect("put");
     assert_eq!(response.status(), 502);
 }
+
+/// A backend that answers every request with `200`, `Content-Length: 100` and 3 bytes,
+/// then closes the connection: a response cut short after its head.
+fn truncating_backend() -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let mut stream = reader.into_inner();
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
+        }
+    });
+    addr
+}
+
+/// A response the backend cuts short (fewer bytes than its `Content-Length`, then the
+/// connection closed) is the backend's failure, though its head was a 200: counted in
+/// its errors and `fulcrum_upstream_errors_total{kind="body"}`, its endpoint's errors,
+/// and outlier detection ejects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_short_is_the_backends_failure() {
+    let backend = truncating_backend();
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    outlier_detection: {{ consecutive_failures: 2 }}\n    backends:\n      - address: {backend}\n"
+    ));
+    for _ in 0..2 {
+        let r = common::client()
+            .get(format!("{}/cut", node.url("web")))
+            .send()
+            .await
+            .expect("the head arrives");
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.bytes().await.is_err(),
+            "the client sees the body cut short"
+        );
+    }
+    eventually(DEADLINE, "the truncating backend is ejected", async || {
+        (node.backend_state("app", &backend.to_string()).await == "ejected").then_some(())
+    })
+    .await;
+    let b = node.backend("app", &backend.to_string()).await;
+    assert_eq!(
+        (b["requests"].as_u64(), b["errors"].as_u64()),
+        (Some(2), Some(2)),
+        "{b}"
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "fulcrum_upstream_errors_total",
+            &format!(r#"pool="app",backend="{backend}",kind="body""#)
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    let v = node.api("/api/endpoints").await;
+    let endpoint = v["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["endpoint"] == "GET /cut"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no GET /cut endpoint: {v}"));
+    assert_eq!(endpoint["errors"].as_u64(), Some(2), "{endpoint}");
+}
