@@ -65,7 +65,8 @@ pub struct Route {
 impl Route {
     fn matches(&self, parts: &Parts) -> bool {
         if let Some(host) = &self.host {
-            match request_host(parts) {
+            // A fully qualified `api.example.com.` is the same host (RFC 1034 §3.1).
+            match request_host(parts).map(|h| h.strip_suffix('.').unwrap_or(h)) {
                 Some(h) if host.matches(h) => {}
                 _ => return false,
             }
@@ -76,10 +77,14 @@ impl Route {
             return false;
         }
         if let Some((name, value)) = &self.header {
-            match (parts.headers.get(name), value) {
-                (None, _) => return false,
-                (Some(got), Some(want)) if got != want => return false,
-                _ => {}
+            // Any of the header's fields may match (HAProxy's `hdr()`): the order in
+            // which a client repeats a header does not decide the route.
+            let matched = match value {
+                None => parts.headers.contains_key(name),
+                Some(want) => parts.headers.get_all(name).iter().any(|got| got == want),
+            };
+            if !matched {
+                return false;
             }
         }
         true
@@ -277,5 +282,26 @@ mod tests {
         assert_eq!(strip_port("[::1]:8080"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
         assert_eq!(strip_port("example.com"), "example.com");
+    }
+
+    #[test]
+    fn a_trailing_dot_and_any_repeated_header_field_match() {
+        let r = router();
+        assert_eq!(
+            routed(&r, &parts("/v2/x", Some("api.example.com.:443"), None)).as_deref(),
+            Some("api-v2")
+        );
+        assert_eq!(routed(&r, &parts("/", Some(".example.com"), None)), None);
+        for order in [["0", "1"], ["1", "0"]] {
+            let p = Request::get("/x")
+                .header("host", "other.org")
+                .header("x-canary", order[0])
+                .header("x-canary", order[1])
+                .body(())
+                .expect("valid request")
+                .into_parts()
+                .0;
+            assert_eq!(routed(&r, &p).as_deref(), Some("canary"), "{order:?}");
+        }
     }
 }
