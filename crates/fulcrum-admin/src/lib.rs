@@ -141,7 +141,41 @@ pub fn router(state: AdminState) -> Router {
         .merge(mutating)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Turns an error that axum's extractors answered in plain text (a path segment that is
+/// not UTF-8, a malformed query string) into the API's JSON error shape, keeping the
+/// status and the text as the message, so every error a client sees is JSON.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    // Extractor rejections are one short line; anything longer is cut.
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        _ if status.is_client_error() => "bad_request",
+        _ => "internal_error",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 /// Serves the admin API on `listener` until `shutdown` is cancelled.
@@ -356,7 +390,16 @@ struct StrategyChange {
     strategy: String,
 }
 
+/// The error for a body that is not the JSON expected: 413 `payload_too_large` for one
+/// over the admin API's body limit (axum's 2 MiB default), else 400 `bad_request`.
 pub(crate) fn bad_body(rejection: JsonRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body too large: {}", rejection.body_text()),
+        );
+    }
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "bad_request",

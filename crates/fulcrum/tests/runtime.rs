@@ -132,6 +132,34 @@ async fn admin_api_errors_are_json_with_the_right_status() {
         .api_post("/api/pools/app/strategy", Some(json!({ "strat": "p2c" })))
         .await;
     assert_eq!(status, 400, "{body}");
+    // 413: a body over the limit; and what axum's extractors refuse (a path segment
+    // that is not UTF-8) is JSON too.
+    let response = c
+        .post(node.admin_url("/api/pools/app/strategy"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"strategy\": \"{}\"}}", "x".repeat(3 << 20)))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    // (A new client: the server closed the connection it refused the big body on.)
+    let response = client()
+        .get(node.admin_url("/api/pools/%ff/backends"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("UTF-8"),
+        "{body}"
+    );
 
     // 404: unknown pool, unknown backend, unknown path.
     let (status, body) = node
