@@ -569,6 +569,18 @@ impl Node {
             let state = pool.state();
             tokio::spawn(health::ejection_sweep(Arc::clone(pool), cancel.clone()));
             tokio::spawn(crate::analysis::pool_loop(Arc::clone(pool), cancel.clone()));
+            if state.settings.outlier.consecutive_failures == 0 {
+                // Outlier detection turned off: its running ejections end with it.
+                for (backend, runtime) in state.backends.iter().zip(&state.runtimes) {
+                    if pool.lift_ejection(&backend.live) {
+                        tracing::info!(
+                            pool = %pool.name(),
+                            backend = %runtime.address,
+                            "outlier detection off; ejection lifted"
+                        );
+                    }
+                }
+            }
             let Some(check) = &state.settings.health_check else {
                 // No checks any more (removed by a reload): nothing would ever clear a
                 // failed check's verdict, so it goes with them — the backends are

@@ -198,6 +198,32 @@ async fn removing_health_checks_readmits_a_backend_they_had_failed() {
     assert_eq!(counts.get("b1"), Some(&5), "{counts:?}");
 }
 
+/// A reload that turns outlier detection off ends its running ejections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_outlier_detection_off_lifts_its_ejections() {
+    let b1 = Backend::start("b1", &[]);
+    let bad = Backend::start("bad", &[]);
+    let outlier = |n: u32| {
+        format!("    outlier_detection: {{ consecutive_failures: {n}, base_ejection_time: 5m }}\n")
+    };
+    let node = Node::start(&simple_config("round_robin", &[&b1, &bad], &outlier(1)));
+    bad.control("fail=1").await;
+    eventually(DEADLINE, "bad ejected", async || {
+        let _ = common::client()
+            .get(format!("{}/o", node.url("web")))
+            .send()
+            .await;
+        (node.backend_state("app", &bad.address()).await == "ejected").then_some(())
+    })
+    .await;
+    bad.control("fail=0").await;
+    let (status, body) = node
+        .reload(&node.pin_addresses(&simple_config("round_robin", &[&b1, &bad], &outlier(0))))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(node.backend_state("app", &bad.address()).await, "healthy");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_health_check_detects_a_dead_backend_and_readmits_it() {
     let b1 = Backend::start("b1", &[]);
