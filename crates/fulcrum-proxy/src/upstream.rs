@@ -188,7 +188,10 @@ pub enum UpstreamError {
     /// The client's request body failed while it was being sent (the client aborted the
     /// upload, or its chunked framing is malformed): the client's fault, not the
     /// backend's.
-    #[error("the request body could not be read from the client: {source}")]
+    #[error(
+        "the request body could not be read from the client: {}",
+        root_cause(source)
+    )]
     ClientBody {
         /// The underlying error.
         source: hyper::Error,
@@ -202,12 +205,25 @@ pub enum UpstreamError {
     },
 }
 
+/// The innermost error of `error`'s source chain: what actually went wrong, rather than
+/// hyper's wrapper ("error from user's Body stream").
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
 impl UpstreamError {
     /// What kind of failure this was, in words fit for a client (no address, no
     /// transport detail).
     pub fn kind_text(&self) -> &'static str {
         match self {
             UpstreamError::Connect { .. } => "could not connect to a backend",
+            UpstreamError::Reset { source, .. } if source.is_parse() => {
+                "the backend's response is not valid HTTP"
+            }
             UpstreamError::Reset { .. } => "the backend closed the connection before responding",
             UpstreamError::Timeout { .. } => "no response head in time",
             UpstreamError::ClientBody { .. } => "the request body could not be read",

@@ -662,6 +662,8 @@ async fn request_body_problems_are_the_clients_not_the_backends() {
         b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The message says what was wrong, not hyper's wrapper around it.
+    assert!(answer.contains("Invalid chunk size line"), "{answer}");
 
     // An upload the client abandons half-way.
     for _ in 0..3 {
