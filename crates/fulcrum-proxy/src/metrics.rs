@@ -221,6 +221,7 @@ pub struct Metrics {
     pub endpoints: Family<PoolLabels, Gauge>,
     ejections: Family<BackendLabels, Counter>,
     cancelled: Family<BackendLabels, Counter>,
+    tcp_connections: Family<BackendLabels, Counter>,
     health_transitions: Family<HealthLabels, Counter>,
     /// `fulcrum_backend_up`: 1 when the backend may receive traffic, set at scrape time.
     pub backend_up: Family<BackendLabels, Gauge>,
@@ -380,6 +381,12 @@ impl Metrics {
             "Attempts abandoned before their response head because another attempt of the request answered first (hedge losers)",
             cancelled.clone(),
         );
+        let tcp_connections = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "fulcrum_tcp_connections",
+            "Connections of tcp listeners spliced to the backend that ended without the backend failing (its failures are in fulcrum_upstream_errors_total)",
+            tcp_connections.clone(),
+        );
         let health_transitions = Family::<HealthLabels, Counter>::default();
         registry.register(
             "fulcrum_health_transitions",
@@ -495,6 +502,7 @@ impl Metrics {
             endpoints,
             ejections,
             cancelled,
+            tcp_connections,
             health_transitions,
             backend_up,
             backend_in_flight,
@@ -535,6 +543,7 @@ impl Metrics {
             duration: self.duration.get_or_create_owned(&labels),
             ejections: self.ejections.get_or_create_owned(&labels),
             cancelled: self.cancelled.get_or_create_owned(&labels),
+            tcp_connections: self.tcp_connections.get_or_create_owned(&labels),
             became_healthy: self.health_transitions.get_or_create_owned(&HealthLabels {
                 pool: pool.to_owned(),
                 backend: backend.to_owned(),
@@ -578,6 +587,7 @@ impl Metrics {
         self.duration.remove(&labels);
         self.ejections.remove(&labels);
         self.cancelled.remove(&labels);
+        self.tcp_connections.remove(&labels);
     }
 
     /// Removes the series of a pool that left the configuration (its backends' go with
@@ -753,6 +763,8 @@ pub struct BackendMetrics {
     pub ejections: Counter,
     /// Attempts abandoned because another attempt answered first (hedge losers).
     pub cancelled: Counter,
+    /// TCP-mode connections that ended without the backend failing.
+    pub tcp_connections: Counter,
     /// Transitions to healthy by active checks.
     pub became_healthy: Counter,
     /// Transitions to unhealthy by active checks.

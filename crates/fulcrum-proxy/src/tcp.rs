@@ -112,6 +112,7 @@ pub async fn serve(listener: Arc<ListenerRuntime>, client: TcpStream, peer: Sock
                     let consecutive = guard.failure(now_ns());
                     pool.maybe_eject(&state, id.0, consecutive);
                 } else {
+                    backend.metrics.tcp_connections.inc();
                     guard.success(connected_ns);
                 }
                 return;

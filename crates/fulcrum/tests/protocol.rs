@@ -390,6 +390,17 @@ async fn tcp_listener_passes_bytes_through() {
         !metrics.contains(r#"fulcrum_local_replies_total{listener="tcp""#),
         "{metrics}"
     );
+    // Each finished connection is counted against its backend (two each), once it is
+    // recorded, just after the client saw the close.
+    for b in [&b1, &b2] {
+        let labels = format!(r#"pool="app",backend="{}""#, b.address());
+        common::eventually(common::DEADLINE, "tcp connections counted", async || {
+            let metrics = node.metrics().await;
+            (common::metric_value(&metrics, "fulcrum_tcp_connections_total", &labels) == Some(2.0))
+                .then_some(())
+        })
+        .await;
+    }
 }
 
 /// Reads until the peer closes the connection; returns what arrived.
