@@ -244,10 +244,69 @@ fn reload_from(
             Ok(_) => error,
         }
     })?;
-    Ok(format!(
-        "{pools} pool(s), {backends} configured backend(s) from {}",
+    let overrides = runtime_overrides(&config, &control.shared());
+    for what in &overrides {
+        tracing::warn!(%what, "a run-time change made through the admin API overrides the file");
+    }
+    let mut summary = format!(
+        "{pools} pool(s), {backends} backend(s) from {}",
         path.display()
-    ))
+    );
+    if !overrides.is_empty() {
+        summary.push_str(&format!(
+            "; {} run-time change(s) made through the admin API override the file (undo them through the API): {}",
+            overrides.len(),
+            overrides.join("; ")
+        ));
+    }
+    Ok(summary)
+}
+
+/// Where the run-time overlay (changes made through the admin API, kept across reloads
+/// and, in a cluster, shared) makes the node run something else than `config` says: a
+/// strategy or weight that differs from the file's, a backend of the file removed, and
+/// changes kept for a pool the file no longer has (they apply again if it comes back).
+/// Drain and disable states and backends added at run time are left out: they add to
+/// the file rather than contradict it.
+fn runtime_overrides(
+    config: &Config,
+    shared: &fulcrum_cluster::shared::SharedConfig,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, changes) in &shared.pools {
+        let Some(pool) = config.pools.get(name) else {
+            out.push(format!(
+                "pool `{name}` is not in the file, but run-time changes to it are kept and apply again if it comes back"
+            ));
+            continue;
+        };
+        if let Some(strategy) = &changes.strategy
+            && strategy != pool.strategy.name()
+        {
+            out.push(format!(
+                "pools.{name}.strategy: `{}` in the file, `{strategy}` set at run time",
+                pool.strategy.name()
+            ));
+        }
+        for (address, change) in &changes.backends {
+            let Some(backend) = pool.backends.iter().find(|b| b.address == *address) else {
+                continue;
+            };
+            if change.removed {
+                out.push(format!(
+                    "pools.{name} backend `{address}`: in the file, removed at run time"
+                ));
+            } else if let Some(weight) = change.weight
+                && weight != backend.weight
+            {
+                out.push(format!(
+                    "pools.{name} backend `{address}`: weight {} in the file, {weight} set at run time",
+                    backend.weight
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Waits for SIGTERM or SIGINT, reloading on SIGHUP meanwhile.

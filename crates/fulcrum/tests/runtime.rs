@@ -374,6 +374,46 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
         .filter(|l| l.contains(r#"pool="old""#))
         .collect();
     assert!(stale.is_empty(), "series of the removed pool: {stale:?}");
+
+    // Run-time changes win over the file, and the reload says where: a weight and a
+    // strategy set through the API stay when the file changes them.
+    let (status, body) = node
+        .api_post(
+            &format!("/api/pools/app/backends/{}/weight", b2.address()),
+            Some(json!({ "weight": 5 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = node
+        .api_post(
+            "/api/pools/app/strategy",
+            Some(json!({ "strategy": "random" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = node
+        .reload(&next.replace(
+            &format!("address: {}\n", b2.address()),
+            &format!("address: {}\n        weight: 3\n", b2.address()),
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let summary = body["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.contains("2 run-time change(s)")
+            && summary.contains(&format!(
+                "backend `{}`: weight 3 in the file, 5 set at run time",
+                b2.address()
+            ))
+            && summary.contains("pools.app.strategy: `p2c` in the file, `random` set at run time"),
+        "{summary}"
+    );
+    let backends = node.api("/api/pools/app/backends").await;
+    let weight = backends["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["address"] == b2.address()))
+        .map(|b| b["weight"].clone());
+    assert_eq!(weight, Some(json!(5)), "{backends}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
