@@ -52,8 +52,9 @@ pub struct EndpointRecord {
     pub started_ns: u64,
     /// Whether the backend answered 5xx (recorded as an error).
     pub server_error: bool,
-    /// Set while the attempt's outcome waits for gRPC trailers.
-    pub grpc: Option<GrpcPending>,
+    /// Set while the attempt's outcome waits for gRPC trailers. Boxed: every response
+    /// body carries the field and is moved several times on its way to the client.
+    pub grpc: Option<Box<GrpcPending>>,
 }
 
 /// A gRPC answer whose outcome is known only from its trailers (`grpc-status` after the
@@ -120,6 +121,7 @@ impl Exchange {
     /// Records a pending gRPC outcome once: a failure when `failed` is `Some(true)` (a
     /// server-error `grpc-status` in the trailers, or the body failed), else a success
     /// at the head's time. Nothing if no outcome is pending.
+    #[inline]
     fn settle_grpc(&mut self, failed: Option<bool>) {
         let Some(record) = &mut self.endpoint else {
             return;

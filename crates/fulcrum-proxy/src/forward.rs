@@ -882,12 +882,12 @@ async fn forward_attempts(
                         }
                     }
                 } else if grpc && headers::grpc_status_in_trailers(response.headers()) {
-                    grpc_pending = Some(GrpcPending {
+                    grpc_pending = Some(Box::new(GrpcPending {
                         pool: Arc::clone(pool),
                         state: Arc::clone(state),
                         index: id.0,
                         head_ns: now_ns(),
-                    });
+                    }));
                 } else {
                     guard.success(now_ns());
                 }
