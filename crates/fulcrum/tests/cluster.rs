@@ -356,15 +356,7 @@ async fn gossip_only_changes_reach_every_node() {
         assert_eq!(strategy(node).await, "least_connections");
     }
     // A weight change and a drain, through node-3.
-    let path = format!(
-        "/api/pools/app/backends/{}/weight?consistency=all",
-        b2.address()
-    );
-    let (status, body) = cluster
-        .node(2)
-        .api_post(&path, Some(json!({"weight": 5})))
-        .await;
-    assert_eq!(status, 200, "{body}");
+    set_weight(cluster.node(2), &b2.address(), 5).await;
     let path = format!(
         "/api/pools/app/backends/{}/drain?consistency=all",
         b1.address()
@@ -537,15 +529,7 @@ async fn redis_outage_fails_no_request_and_recovers() {
         load.wait_for_more(50).await;
     }
     // A change made before the outage, which the restarted (empty) Redis will not hold.
-    let path = format!(
-        "/api/pools/app/backends/{}/weight?consistency=all",
-        b2.address()
-    );
-    let (status, body) = cluster
-        .node(0)
-        .api_post(&path, Some(json!({"weight": 5})))
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_weight(cluster.node(0), &b2.address(), 5).await;
     let before = body["write"]["version"].as_u64().expect("version");
     redis.kill();
     for node in cluster.running() {
@@ -986,14 +970,8 @@ async fn a_restarted_node_starts_warm_from_persisted_statistics() {
     })
     .await;
     cluster.restart(0);
-    let v = cluster.node(0).api("/api/endpoints").await;
-    let e = v["endpoints"]
-        .as_array()
-        .expect("endpoints")
-        .iter()
-        .find(|e| e["endpoint"] == "GET /report/{id}")
-        .cloned()
-        .unwrap_or_else(|| panic!("the endpoint is known before any request: {v}"));
+    // Known before any request, from the persisted statistics.
+    let e = cluster.node(0).endpoint("app", "GET /report/{id}").await;
     assert_eq!(e["class"], "long", "{e}");
     assert_eq!(e["count"], 0, "{e}");
 }
@@ -1205,6 +1183,17 @@ async fn a_write_names_the_nodes_that_lag_behind_its_consistency() {
     .await;
 }
 
+/// Sets backend `address`'s weight in pool `app` through `node`, waiting for every live
+/// node (`?consistency=all`); asserts 200 and returns the answer.
+async fn set_weight(node: &Node, address: &str, weight: u32) -> Value {
+    let path = format!("/api/pools/app/backends/{address}/weight?consistency=all");
+    let (status, body) = node
+        .api_post(&path, Some(json!({ "weight": weight })))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 /// Weight of backend `address` of pool `app` as `node` runs it.
 async fn weight(node: &Node, address: &str) -> u64 {
     let b = node.backend("app", address).await;
@@ -1288,15 +1277,7 @@ async fn a_write_made_before_joining_survives_the_join() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let path = format!(
-        "/api/pools/app/backends/{}/weight?consistency=all",
-        b1.address()
-    );
-    let (status, body) = cluster
-        .node(1)
-        .api_post(&path, Some(json!({"weight": 4})))
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_weight(cluster.node(1), &b1.address(), 4).await;
     let cluster_version = body["write"]["version"].as_u64().expect("version");
 
     // node-3 comes back on a new gossip port with no seeds: nobody knows where it is.

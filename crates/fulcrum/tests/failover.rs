@@ -389,11 +389,6 @@ async fn a_response_cut_short_is_the_backends_failure() {
         Some(2.0),
         "{metrics}"
     );
-    let v = node.api("/api/endpoints").await;
-    let endpoint = v["endpoints"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["endpoint"] == "GET /cut"))
-        .cloned()
-        .unwrap_or_else(|| panic!("no GET /cut endpoint: {v}"));
+    let endpoint = node.endpoint("app", "GET /cut").await;
     assert_eq!(endpoint["errors"].as_u64(), Some(2), "{endpoint}");
 }

@@ -1286,13 +1286,8 @@ async fn empty_responses_reuse_the_upstream_connection_and_are_recorded() {
     }
     // One worker: one upstream connection for all twenty.
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let endpoints = node.api("/api/endpoints").await;
-    let empty = endpoints["endpoints"]
-        .as_array()
-        .and_then(|all| all.iter().find(|e| e["endpoint"] == "GET /empty"))
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(empty["count"], 20, "{endpoints}");
+    let empty = node.endpoint("app", "GET /empty").await;
+    assert_eq!(empty["count"], 20, "{empty}");
 }
 
 /// Over an HTTP/2 pool, clients that stop reading large downloads hold only their own
@@ -1488,12 +1483,7 @@ async fn a_grpc_status_in_trailers_is_the_attempts_outcome() {
         (6, 3, "ejected"),
         "INTERNAL in the trailers is the backend's failure"
     );
-    let v = node.api("/api/endpoints").await;
-    let endpoint = v["endpoints"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["endpoint"] == "POST /late-failure"))
-        .cloned()
-        .unwrap_or_else(|| panic!("no POST /late-failure endpoint: {v}"));
+    let endpoint = node.endpoint("grpc", "POST /late-failure").await;
     assert_eq!(
         (endpoint["count"].as_u64(), endpoint["errors"].as_u64()),
         (Some(3), Some(3))

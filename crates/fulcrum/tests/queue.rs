@@ -96,12 +96,8 @@ async fn short_overtakes_long(priority: &str) -> bool {
         let (status, _, _) = spawn_get(long.clone()).await.expect("warm-up");
         assert_eq!(status, 200);
     }
-    let endpoints = node.api("/api/endpoints").await;
-    let class = endpoints["endpoints"]
-        .as_array()
-        .and_then(|all| all.iter().find(|e| e["endpoint"] == "GET /long"))
-        .map(|e| e["class"].clone());
-    assert_eq!(class, Some(Value::from("long")), "{endpoints}");
+    let stats = node.endpoint("app", "GET /long").await;
+    assert_eq!(stats["class"], "long", "{stats}");
 
     let blocker = spawn_get(format!("{web}/long?delay_ms=1500"));
     eventually(DEADLINE, "the blocker at the backend", async || {
@@ -182,12 +178,7 @@ async fn a_full_or_timed_out_queue_answers_503_naming_the_pool() {
     assert_eq!(rejected("full"), 1.0, "{metrics}");
     assert_eq!(rejected("timeout"), 1.0, "{metrics}");
     // Refusals count as errors of their endpoints without a duration.
-    let endpoints = node.api("/api/endpoints").await;
-    let wait = endpoints["endpoints"]
-        .as_array()
-        .and_then(|all| all.iter().find(|e| e["endpoint"] == "GET /wait"))
-        .cloned()
-        .expect("GET /wait tracked");
+    let wait = node.endpoint("app", "GET /wait").await;
     assert_eq!(wait["errors"], 1, "{wait}");
     assert_eq!(wait["max_ms"], 0.0, "no duration: {wait}");
     assert_eq!(wait["class"], "unknown", "{wait}");

@@ -366,6 +366,19 @@ impl Node {
             .unwrap_or_else(|| panic!("backend {address} not in pool {pool}: {v}"))
     }
 
+    /// The `GET /api/endpoints` entry of `endpoint` (e.g. `GET /v1/users/{id}`) in
+    /// `pool`; panics if it is not tracked.
+    pub async fn endpoint(&self, pool: &str, endpoint: &str) -> Value {
+        let v = self.api("/api/endpoints").await;
+        v["endpoints"]
+            .as_array()
+            .expect("endpoints array")
+            .iter()
+            .find(|e| e["pool"] == pool && e["endpoint"] == endpoint)
+            .cloned()
+            .unwrap_or_else(|| panic!("endpoint `{endpoint}` of pool {pool} not tracked: {v}"))
+    }
+
     /// The state of backend `address` of `pool`, from the admin API.
     pub async fn backend_state(&self, pool: &str, address: &str) -> String {
         let b = self.backend(pool, address).await;
