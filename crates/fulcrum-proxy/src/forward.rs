@@ -189,6 +189,25 @@ fn rate_limited(
     response
 }
 
+/// Whether the request target's form is wrong for its method (RFC 9112 §3.2): the
+/// asterisk form (`*`) is for `OPTIONS` only, the authority form (`host:port`) for
+/// `CONNECT` only. Otherwise `GET *` would go out as is, and `GET admin` as `GET /` with
+/// its Host replaced by `admin`.
+#[inline]
+fn target_form_problem(method: &http::Method, uri: &http::Uri) -> Option<&'static str> {
+    if uri.scheme().is_none() && uri.authority().is_some() && method != http::Method::CONNECT {
+        return Some(
+            "an authority-form request target is valid only with CONNECT (RFC 9112 §3.2.3)",
+        );
+    }
+    if uri == "*" && method != http::Method::OPTIONS {
+        return Some(
+            "the asterisk-form request target `*` is valid only with OPTIONS (RFC 9112 §3.2.4)",
+        );
+    }
+    None
+}
+
 /// A request refused before routing or forwarding (smuggling framing, a bad `Host`, an
 /// unsupported transfer coding), closing the connection: its body, if any, is left
 /// unread, so the connection cannot carry another request.
@@ -215,12 +234,16 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     if client_h1 && let Some(fault) = ctx.verdicts.fault(index) {
         return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request", &fault);
     }
+    if let Some(problem) = target_form_problem(req.method(), req.uri()) {
+        return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request", &problem);
+    }
     let on_upgrade =
         (client_h1 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if let ForwardedClientCert::Set(value) = &ctx.client_cert {
         // Before routing, so a route matching this header sees Fulcrum's value only.
         parts.headers.remove(&headers::X_FORWARDED_CLIENT_CERT);
+        headers::remove_underscore_twin(&mut parts.headers, "x-forwarded-client-cert");
         if let Some(value) = value {
             parts
                 .headers

@@ -432,6 +432,28 @@ pub fn prepare_response(parts: &mut response::Parts, upgrading: bool, to_h1: boo
     parts.version = Version::HTTP_11;
 }
 
+/// Removes the fields whose name is `name` (lowercase, with `-`) spelt with `_` in
+/// place of one or more `-` (`X_Forwarded_Client_Cert`): CGI-style servers (PHP, WSGI)
+/// map both spellings to the same variable, so a client could pass a forged value past
+/// a proxy that removed only the dashed one.
+pub fn remove_underscore_twin(headers: &mut HeaderMap, name: &str) {
+    let twins: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.len() == name.len()
+                && k.contains('_')
+                && k.bytes()
+                    .zip(name.bytes())
+                    .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+        })
+        .cloned()
+        .collect();
+    for twin in twins {
+        headers.remove(&twin);
+    }
+}
+
 /// Whether `fields` (a response head, for a "trailers-only" answer, or trailers) carry a
 /// gRPC status that is the server's failure: those Envoy maps to a 5xx for outlier
 /// detection (`grpc::Utility::grpcToHttpStatus`) — UNKNOWN (2), DEADLINE_EXCEEDED (4),
@@ -747,5 +769,25 @@ mod tests {
         to_h2_request(&mut request, false);
         assert_eq!(request.uri(), "/");
         assert_eq!(request.headers()["host"], "bad host");
+    }
+
+    #[test]
+    fn underscore_spellings_of_a_header_are_removed() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_forwarded_client_cert",
+            "x-forwarded_client-cert",
+            "x-forwarded-client-certs",
+            "x_forwarded_for",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).expect("valid name"),
+                HeaderValue::from_static("Hash=evil"),
+            );
+        }
+        remove_underscore_twin(&mut h, "x-forwarded-client-cert");
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-forwarded-client-certs", "x_forwarded_for"]);
     }
 }

@@ -687,7 +687,19 @@ impl Node {
             })
             .collect();
         for (pool, state) in swaps {
+            // TLS to the backends changed, or its files were read again (they may hold a
+            // new client certificate or CA): pooled connections made with the old
+            // identity or trust go, as health checks already use the new one.
+            let tls_settings =
+                |s: &PoolState| s.settings.conn.tls.as_ref().map(|t| t.settings().clone());
+            let renewed = tls_settings(&pool.state()) != tls_settings(&state)
+                || (reread_certificates && state.settings.conn.tls.is_some());
             pool.swap_state(state);
+            if renewed {
+                for runtime in &pool.state().runtimes {
+                    runtime.conns.close_all();
+                }
+            }
         }
         self.inner.pools.store(Arc::new(next_pools));
         for ((listener, router), tls) in self.inner.listeners.iter().zip(routers).zip(tls) {
@@ -776,15 +788,18 @@ impl Node {
                     pool: pool.name().to_owned(),
                     message,
                 })?;
-                upstream.push((tls.clone(), connector));
+                upstream.push((Arc::clone(pool), tls.clone(), connector));
             }
         }
         let count = next.len() + upstream.len();
         for (tls, state) in next {
             tls.store(Arc::new(state));
         }
-        for (tls, connector) in upstream {
+        for (pool, tls, connector) in upstream {
             tls.install(connector);
+            for runtime in &pool.state().runtimes {
+                runtime.conns.close_all();
+            }
         }
         Ok(count)
     }

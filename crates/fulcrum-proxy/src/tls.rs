@@ -110,6 +110,12 @@ fn certified_key(
         .map_err(|e| format!("`{}`: {e}", certificate.display()))?;
     let key = CertifiedKey::from_der(material.certificates, material.private_key, provider)
         .map_err(|e| {
+            let e = match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                    "the private key does not belong to the certificate's leaf".to_owned()
+                }
+                other => other.to_string(),
+            };
             format!(
                 "certificate `{}` with key `{}`: {e}",
                 certificate.display(),
@@ -117,6 +123,19 @@ fn certified_key(
             )
         })?;
     Ok((key, names))
+}
+
+/// Checks that PEM files `certificate` and `private_key` hold a chain and the key of
+/// its leaf, as a listener or pool would load them (for `fulcrum check`).
+///
+/// # Errors
+/// As [`build`]: a file that cannot be used, or a key that does not match.
+pub fn check_pair(
+    certificate: &std::path::Path,
+    private_key: &std::path::Path,
+) -> Result<(), String> {
+    let provider = rustls::crypto::ring::default_provider();
+    certified_key(certificate, private_key, &provider).map(|_| ())
 }
 
 /// Chooses a listener's certificate by the client's SNI (RFC 6066 §3): the certificate
@@ -168,6 +187,8 @@ impl SniResolver {
         let Some(name) = sni else {
             return self.fallback.clone();
         };
+        // A fully qualified `a.example.com.` names the same host.
+        let name = name.strip_suffix('.').unwrap_or(name);
         if let Some(key) = self.by_name.get(name) {
             return Some(Arc::clone(key));
         }
@@ -255,8 +276,13 @@ impl UpstreamTls {
         client_connector(&self.settings, self.protocol)
     }
 
+    /// The settings it was built from.
+    pub fn settings(&self) -> &UpstreamTlsConfig {
+        &self.settings
+    }
+
     /// Installs a connector made by [`UpstreamTls::rebuild`]; new connections use it,
-    /// open ones are unaffected.
+    /// open ones are unaffected (the caller closes pooled ones).
     pub fn install(&self, connector: tokio_rustls::TlsConnector) {
         self.connector.store(Arc::new(connector));
     }

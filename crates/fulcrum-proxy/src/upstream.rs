@@ -603,6 +603,19 @@ impl ConnPool {
         }
     }
 
+    /// Drops every pooled connection, idle HTTP/1.1 ones and each worker's HTTP/2 one
+    /// (requests in flight keep theirs until they end), so the next requests connect
+    /// anew: after the pool's TLS identity or trust changed, no request goes out on a
+    /// connection made with the old one.
+    pub fn close_all(&self) {
+        for partition in self.idle.iter() {
+            partition.lock().clear();
+        }
+        for slot in self.shared.iter() {
+            *slot.lock() = None;
+        }
+    }
+
     /// Drops every idle connection older than `idle_timeout` or already closed.
     pub fn evict_idle(&self, idle_timeout: Duration) {
         let now = now_ns();

@@ -171,6 +171,19 @@ pub(crate) fn spec_located(
     file: Option<&std::path::Path>,
     threads: Option<usize>,
 ) -> Result<NodeSpec, String> {
+    // Listener certificates with keys that do not match them (the validator reads the
+    // files but has no TLS library to compare keys), located at the key.
+    for (i, listener) in config.listeners.iter().enumerate() {
+        for (at, certificate, private_key) in listener.tls.iter().flat_map(|t| t.pairs()) {
+            if let Err(message) = fulcrum_proxy::tls::check_pair(certificate, private_key) {
+                let path = format!("listeners[{i}].tls.{at}private_key");
+                return Err(match file {
+                    Some(file) => fulcrum_config::diagnostic_at(file, &path, message).to_string(),
+                    None => format!("fulcrum: {path}: {message}"),
+                });
+            }
+        }
+    }
     node_spec(config, threads).map_err(|error| {
         let Some(file) = file else {
             return format!("fulcrum: {error}");

@@ -39,6 +39,8 @@ async fn malformed_requests_get_400_and_never_reach_a_backend() {
         ("invalid Host", b"GET /a HTTP/1.1\r\nHost: evil.com/.x\r\n\r\n"),
         ("Host port out of range", b"GET /a HTTP/1.1\r\nHost: x:99999\r\n\r\n"),
         ("HTTP/1.1 without Host", b"GET /a HTTP/1.1\r\n\r\n"),
+        ("asterisk-form with GET", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("authority-form with GET", b"GET admin:80 HTTP/1.1\r\nHost: x\r\n\r\n"),
     ];
     for (what, request) in cases {
         let answer = raw(addr, request);

@@ -307,7 +307,11 @@ async fn https_with_alpn_renewal_on_reload_and_bad_files_refused() {
     assert_eq!(status, 422, "{body}");
     let message = body["error"]["message"].as_str().expect("message");
     assert!(message.contains("key.pem"), "{message}");
-    assert!(message.contains("listener `web`"), "{message}");
+    assert!(
+        message.contains("listeners[0].tls.private_key")
+            && message.contains("does not belong to the certificate"),
+        "{message}"
+    );
     // An unreadable key file is named too.
     std::fs::remove_file(dir.path().join("key.pem")).expect("remove key");
     let (status, body) = node.api_post("/api/reload", None).await;
@@ -338,6 +342,25 @@ fn check_names_a_missing_certificate_at_its_line() {
     );
     assert!(
         stderr.contains("cannot read `/nonexistent/cert.pem`"),
+        "{stderr}"
+    );
+
+    // A key that is not the certificate's: found by `check` too, at the key's line.
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, _, _) = ca.leaf("one");
+    let (_, other_key, _) = ca.leaf("two");
+    write_pair(dir.path(), &cert, &other_key);
+    let (code, stderr, _) = common::check(&format!(
+        "listeners:\n  - name: web\n    listen: 127.0.0.1:0\n    tls:\n      certificate: {}\n      private_key: {}\n    routes:\n      - pool: app\npools:\n  app:\n    backends:\n      - address: {backend_free}\n",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    ));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(":6:")
+            && stderr.contains("listeners[0].tls.private_key")
+            && stderr.contains("does not belong to the certificate"),
         "{stderr}"
     );
 }
@@ -647,6 +670,30 @@ async fn sni_chooses_certificates_and_client_certificates_are_verified_both_ways
     assert_eq!(
         r.headers()["x-echo-x-forwarded-client-cert"],
         expected_xfcc.as_str()
+    );
+    // The client certificate replaced by one the backend does not trust, and reloaded:
+    // the pooled connection made with the old one is not used again.
+    std::fs::copy(
+        dir.path().join("stranger.pem"),
+        dir.path().join("client.pem"),
+    )
+    .expect("copy");
+    std::fs::copy(
+        dir.path().join("stranger.key"),
+        dir.path().join("client.key"),
+    )
+    .expect("copy");
+    let (status, body) = presenting.api_post("/api/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let r = common::client()
+        .get(format!("{}/echo", presenting.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        r.status(),
+        502,
+        "the reloaded identity is refused, not the old one reused"
     );
     let bare = front("");
     let r = common::client()
