@@ -339,14 +339,7 @@ async fn gossip_only_changes_reach_every_node() {
     let b2 = Backend::start("b2", &[]);
     let cluster = Cluster::start(3, &Coordination::None, &[&b1, &b2], &[]);
     all_alive(&cluster, 3).await;
-    let (status, body) = cluster
-        .node(1)
-        .api_post(
-            "/api/pools/app/strategy?consistency=all",
-            Some(json!({"strategy": "least_connections"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_strategy(cluster.node(1), "least_connections").await;
     assert_eq!(
         body["write"]["acknowledged"].as_array().map(Vec::len),
         Some(3),
@@ -407,14 +400,7 @@ async fn store_backed_cluster(coordination: Coordination) {
     }
 
     // A strategy change on node-1 with ?consistency=all returns once all three report it.
-    let (status, body) = cluster
-        .node(0)
-        .api_post(
-            "/api/pools/app/strategy?consistency=all",
-            Some(json!({"strategy": "p2c"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_strategy(cluster.node(0), "p2c").await;
     let version = body["write"]["version"].as_u64().expect("version");
     assert_eq!(
         body["write"]["acknowledged"].as_array().map(Vec::len),
@@ -597,14 +583,7 @@ async fn redis_outage_fails_no_request_and_recovers() {
     // And writes go through again: numbered after what the nodes run (not from the
     // empty store's 0, which every node would ignore as old), applied everywhere, and
     // built on the overlay the nodes run, so the weight change made before survives.
-    let (status, body) = cluster
-        .node(1)
-        .api_post(
-            "/api/pools/app/strategy?consistency=all",
-            Some(json!({"strategy": "p2c"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_strategy(cluster.node(1), "p2c").await;
     let after = body["write"]["version"].as_u64().expect("version");
     assert!(
         after > before,
@@ -1183,6 +1162,17 @@ async fn a_write_names_the_nodes_that_lag_behind_its_consistency() {
     .await;
 }
 
+/// Switches pool `app` to `strategy` through `node`, waiting for every live node
+/// (`?consistency=all`); asserts 200 and returns the answer.
+async fn set_strategy(node: &Node, strategy: &str) -> Value {
+    let path = "/api/pools/app/strategy?consistency=all";
+    let (status, body) = node
+        .api_post(path, Some(json!({ "strategy": strategy })))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 /// Sets backend `address`'s weight in pool `app` through `node`, waiting for every live
 /// node (`?consistency=all`); asserts 200 and returns the answer.
 async fn set_weight(node: &Node, address: &str, weight: u32) -> Value {
@@ -1269,14 +1259,7 @@ async fn a_write_made_before_joining_survives_the_join() {
     let mut cluster = Cluster::start(3, &Coordination::None, &[&b1, &b2], &[]);
     all_alive(&cluster, 3).await;
     // The cluster's own changes: a strategy, then a weight (version 2).
-    let (status, body) = cluster
-        .node(0)
-        .api_post(
-            "/api/pools/app/strategy?consistency=all",
-            Some(json!({"strategy": "least_connections"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    set_strategy(cluster.node(0), "least_connections").await;
     let body = set_weight(cluster.node(1), &b1.address(), 4).await;
     let cluster_version = body["write"]["version"].as_u64().expect("version");
 
@@ -1341,14 +1324,7 @@ async fn a_write_names_the_members_it_skipped() {
             .then_some(())
     })
     .await;
-    let (status, body) = cluster
-        .node(0)
-        .api_post(
-            "/api/pools/app/strategy?consistency=all",
-            Some(json!({"strategy": "p2c"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_strategy(cluster.node(0), "p2c").await;
     assert_eq!(
         body["write"]["acknowledged"],
         json!(["node-1", "node-2"]),
@@ -1385,14 +1361,7 @@ async fn a_node_started_while_the_store_is_down_runs_the_peers_configuration() {
     );
     let (status, body) = cluster.node(0).api_post(&path, None).await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = cluster
-        .node(1)
-        .api_post(
-            "/api/pools/app/strategy?consistency=all",
-            Some(json!({"strategy": "least_connections"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let body = set_strategy(cluster.node(1), "least_connections").await;
     let version = body["write"]["version"].as_u64().expect("version");
     assert_eq!(
         stored_config(&settings).await,
