@@ -93,10 +93,10 @@ impl Exchange {
     /// Records the total duration, returns the connection to its pool if the body was
     /// read to the end, and releases the in-flight count (by dropping the guard).
     fn finish(mut self, complete: bool) {
-        // Ended without trailers: a body that failed is the backend's failure; one the
-        // client stopped reading, or one complete without a status, is not held against
-        // it (the head arrived).
-        self.settle_grpc(None);
+        // A gRPC answer still waiting ended without trailers: complete without a status,
+        // or dropped by the client, which is not held against the backend (its head
+        // arrived). One that failed was settled as a failure when the error was read.
+        self.settle_grpc(false);
         let now = now_ns();
         let elapsed_ns = now.saturating_sub(self.guard.started_ns());
         self.backend.metrics.duration.observe_ns(elapsed_ns);
@@ -115,21 +115,19 @@ impl Exchange {
             self.backend.conns.release(conn, now);
         }
     }
-}
 
-impl Exchange {
-    /// Records a pending gRPC outcome once: a failure when `failed` is `Some(true)` (a
-    /// server-error `grpc-status` in the trailers, or the body failed), else a success
-    /// at the head's time. Nothing if no outcome is pending.
+    /// Records a pending gRPC outcome once: a failure when `failed` (a server-error
+    /// `grpc-status` in the trailers, or the body failed), else a success at the head's
+    /// time. Nothing if no outcome is pending.
     #[inline]
-    fn settle_grpc(&mut self, failed: Option<bool>) {
+    fn settle_grpc(&mut self, failed: bool) {
         let Some(record) = &mut self.endpoint else {
             return;
         };
         let Some(grpc) = record.grpc.take() else {
             return;
         };
-        if failed == Some(true) {
+        if failed {
             record.server_error = true;
             let consecutive = self.guard.failure(now_ns());
             grpc.pool.maybe_eject(&grpc.state, grpc.index, consecutive);
@@ -173,11 +171,11 @@ impl UpstreamBody {
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    exchange.settle_grpc(Some(crate::headers::grpc_server_error(trailers)));
+                    exchange.settle_grpc(crate::headers::grpc_server_error(trailers));
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                exchange.settle_grpc(Some(true));
+                exchange.settle_grpc(true);
                 exchange.guard.body_failure(now_ns());
                 exchange.backend.metrics.body_failures.inc();
                 if let Some(record) = &mut exchange.endpoint {
