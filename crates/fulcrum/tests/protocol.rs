@@ -1397,7 +1397,15 @@ async fn requests_refused_by_an_http2_goaway_are_sent_again_and_not_blamed() {
         "admin:\n  listen: 127.0.0.1:0\nruntime:\n  threads: 1\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    protocol: http2\n    retry: {{ attempts: 2, budget_percent: 0, min_retry_concurrency: 0 }}\n    outlier_detection: {{ consecutive_failures: 2 }}\n    backends:\n      - address: {backend}\n"
     ));
     let client = client();
-    for round in 0..10 {
+    let refused = async || {
+        let metrics = node.metrics().await;
+        common::metric_value(&metrics, "fulcrum_upstream_errors_total", "kind=\"reset\"")
+            .unwrap_or(0.0)
+    };
+    // At least ten rounds of 20 concurrent requests, and more until a stream was refused
+    // (whether one is depends on how the requests race the GOAWAY), up to 200 rounds.
+    let mut round = 0;
+    loop {
         let batch = (0..20).map(|i| {
             client
                 .get(format!("{}/r/{round}/{i}", node.url("web")))
@@ -1409,6 +1417,10 @@ async fn requests_refused_by_an_http2_goaway_are_sent_again_and_not_blamed() {
             let body = response.text().await.unwrap_or_default();
             assert_eq!(status, 200, "round {round}: {body}");
         }
+        round += 1;
+        if round >= 10 && (refused().await > 0.0 || round >= 200) {
+            break;
+        }
     }
     // Connections were closed by GOAWAY, and streams were refused (counted as resets,
     // not as the backend's failures).
@@ -1416,9 +1428,10 @@ async fn requests_refused_by_an_http2_goaway_are_sent_again_and_not_blamed() {
     let state = node.backend_state("app", &backend.to_string()).await;
     assert_eq!(state, "healthy");
     let metrics = node.metrics().await;
-    let refused = common::metric_value(&metrics, "fulcrum_upstream_errors_total", "kind=\"reset\"")
-        .unwrap_or(0.0);
-    assert!(refused > 0.0, "no stream was refused: {metrics}");
+    assert!(
+        refused().await > 0.0,
+        "no stream was refused in {round} rounds: {metrics}"
+    );
     assert_eq!(
         common::metric_value(&metrics, "fulcrum_ejections_total", "pool=\"app\""),
         Some(0.0),
