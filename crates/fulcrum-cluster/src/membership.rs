@@ -111,6 +111,14 @@ const LEAVE_PUSHES: u32 = 3;
 const DISCOVERY_ROUNDS: u32 = 10;
 /// Shortest time [`Membership::join`] waits for the seed to answer.
 const MIN_JOIN_WAIT: Duration = Duration::from_secs(2);
+/// Gossip rounds after first learning of an identity before a heartbeat of it counts as
+/// proof that it runs: a node that died still has heartbeats in flight between peers for
+/// a few rounds (see [`NodeIdConflict`]).
+const CONFLICT_ROUNDS: u32 = 10;
+/// How long after start a node that finds an older live node with its id reports it as
+/// [`Membership::startup_conflict`] (the operator started a copy; it should not serve).
+/// Later conflicts (two partitions with the same id meeting) are only listed and logged.
+const STARTUP_CONFLICT_WINDOW: Duration = Duration::from_secs(30);
 
 /// What [`Membership::start`] needs. [`MembershipSettings::new`] fills in the defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -295,6 +303,34 @@ pub struct EventCounts {
     pub left: u64,
     /// `node_failed` events.
     pub failed: u64,
+}
+
+/// Another live node gossiping under this node's id: `cluster.node_id` was given to two
+/// nodes (a copied configuration file, or the host-name default on two nodes of one host).
+/// Peers would see one member flapping between the two, whose backend views, load and
+/// statistics overwrite each other.
+///
+/// Detection: an identity (node id, generation, gossip address) with this node's id but
+/// another gossip address whose heartbeat this node saw advance at least
+/// `CONFLICT_ROUNDS` (10) gossip intervals after it first learned of it, and within the
+/// last 10 intervals. A restart on the same address is never a conflict (two processes
+/// cannot hold one UDP address), and a previous generation that died — after a restart on
+/// another port — stops advancing: its last heartbeats reach this node within a few
+/// rounds of relaying, before the 10 have passed. (Consul refuses a node whose id a live
+/// member already uses in the same way.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdConflict {
+    /// The id both nodes use.
+    pub node_id: String,
+    /// The other node's gossip address.
+    pub gossip_addr: SocketAddr,
+    /// The other node's generation (its start time, Unix milliseconds).
+    pub generation: u64,
+    /// This node started after the other (a newer generation; on a tie, the higher gossip
+    /// address): it is the copy that should go.
+    pub this_node_is_newer: bool,
+    /// When this node found the conflict, Unix milliseconds.
+    pub since_ms: u64,
 }
 
 /// This node's membership in a cluster: a running chitchat instance plus the event feed.
@@ -558,13 +594,34 @@ impl Membership {
                 last_seen_ms,
             };
             match newest.get(&member.node_id) {
-                Some(listed) if listed.generation >= member.generation => {}
+                Some(listed) if listing_rank(listed) >= listing_rank(&member) => {}
                 _ => {
                     newest.insert(member.node_id.clone(), member);
                 }
             }
         }
         newest.into_values().collect()
+    }
+
+    /// Live nodes gossiping under this node's id, as [`NodeIdConflict`] describes; empty
+    /// in a well-configured cluster.
+    pub fn node_id_conflicts(&self) -> Vec<NodeIdConflict> {
+        self.inner
+            .shared
+            .tracker
+            .lock()
+            .conflicts
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The first [`NodeIdConflict`] found within 30 s of this node's start in which this
+    /// node is the newer one: an operator started a second node with an id a live node
+    /// already uses, and this copy should stop (`fulcrum run` exits with status 2). `None`
+    /// otherwise; once set it stays set.
+    pub fn startup_conflict(&self) -> Option<NodeIdConflict> {
+        self.inner.shared.tracker.lock().startup_conflict.clone()
     }
 
     /// A receiver of every [`ClusterEvent`] from now on. A receiver more than 256 events
@@ -719,8 +776,19 @@ impl Membership {
     }
 }
 
+/// Which of several identities of one node id [`Membership::members`] lists: self, then an
+/// alive one, then the newest generation. (A restart's new generation is alive and newest;
+/// a copy refused for its duplicate id is newest but gone, while the original lives on.)
+fn listing_rank(member: &Member) -> (bool, bool, u64) {
+    (
+        member.is_self,
+        member.state == MemberState::Alive,
+        member.generation,
+    )
+}
+
 /// Turns changes of chitchat's live set into events, and samples heartbeats every gossip
-/// interval for [`Member::last_seen_ms`]. Ends when the membership is dropped or leaves.
+/// interval for [`Member::last_seen_ms`] and [`NodeIdConflict`]s. Ends when the membership is dropped or leaves.
 async fn track_live_set(
     shared: Arc<Shared>,
     chitchat: Arc<AsyncMutex<Chitchat>>,
@@ -729,6 +797,7 @@ async fn track_live_set(
     interval: Duration,
     stop: CancellationToken,
 ) {
+    let started = Instant::now();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -738,10 +807,12 @@ async fn track_live_set(
                 if changed.is_err() {
                     return;
                 }
+                // Other identities with this node's id are not peers: they are this
+                // node's earlier generations or a copy (`NodeIdConflict`).
                 let live: Vec<ChitchatId> = live_nodes
                     .borrow_and_update()
                     .keys()
-                    .filter(|id| **id != self_id)
+                    .filter(|id| id.node_id != self_id.node_id)
                     .cloned()
                     .collect();
                 let events = {
@@ -761,7 +832,16 @@ async fn track_live_set(
             }
             _ = tick.tick() => {
                 let chitchat = chitchat.lock().await;
-                shared.tracker.lock().observe(&chitchat, &self_id, Instant::now(), unix_ms());
+                let now = Instant::now();
+                let mut tracker = shared.tracker.lock();
+                tracker.observe(&chitchat, &self_id, now, unix_ms());
+                tracker.find_conflicts(
+                    &self_id,
+                    now,
+                    interval * CONFLICT_ROUNDS,
+                    now.duration_since(started) <= STARTUP_CONFLICT_WINDOW,
+                    unix_ms(),
+                );
             }
         }
     }
@@ -794,6 +874,10 @@ struct Tracker {
     recent: VecDeque<ClusterEvent>,
     counts: EventCounts,
     last_seq: u64,
+    /// Current [`NodeIdConflict`]s, by the other identity.
+    conflicts: BTreeMap<ChitchatId, NodeIdConflict>,
+    /// [`Membership::startup_conflict`].
+    startup_conflict: Option<NodeIdConflict>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -802,6 +886,8 @@ struct Seen {
     heartbeat: u64,
     last_seen_ms: Option<u64>,
     was_alive: bool,
+    /// When [`Tracker::observe`] last saw the heartbeat change (not the first sight).
+    advanced_at: Option<Instant>,
 }
 
 impl Seen {
@@ -811,7 +897,16 @@ impl Seen {
             heartbeat: state.heartbeat().into(),
             last_seen_ms: None,
             was_alive: false,
+            advanced_at: None,
         }
+    }
+
+    /// Whether this identity provably runs: its heartbeat advanced at least `lag` after
+    /// this node first learned of it, and again within the last `lag`.
+    fn runs(&self, now: Instant, lag: Duration) -> bool {
+        self.advanced_at.is_some_and(|at| {
+            at.duration_since(self.first_seen) >= lag && now.duration_since(at) <= lag
+        })
     }
 }
 
@@ -832,6 +927,7 @@ impl Tracker {
                 heartbeat: 0,
                 last_seen_ms: None,
                 was_alive: false,
+                advanced_at: None,
             });
             seen.was_alive = true;
             seen.last_seen_ms.get_or_insert(now_ms);
@@ -912,6 +1008,7 @@ impl Tracker {
             if heartbeat != seen.heartbeat {
                 seen.heartbeat = heartbeat;
                 seen.last_seen_ms = Some(now_ms);
+                seen.advanced_at = Some(now);
             }
         }
         let before = self.seen.len();
@@ -924,6 +1021,56 @@ impl Tracker {
         }
         self.forgotten
             .retain(|node_id, _| states.keys().any(|id| *id.node_id == **node_id));
+    }
+
+    /// Updates [`Tracker::conflicts`] from the heartbeats [`Tracker::observe`] recorded:
+    /// identities with `self_id`'s node id and another gossip address that run (see
+    /// [`Seen::runs`], with `lag`). Logs each new one; records the first in which this
+    /// node is the newer as the startup conflict while `at_startup`.
+    fn find_conflicts(
+        &mut self,
+        self_id: &ChitchatId,
+        now: Instant,
+        lag: Duration,
+        at_startup: bool,
+        now_ms: u64,
+    ) {
+        let running: Vec<ChitchatId> = self
+            .seen
+            .iter()
+            .filter(|(id, seen)| {
+                id.node_id == self_id.node_id
+                    && id.gossip_advertise_addr != self_id.gossip_advertise_addr
+                    && seen.runs(now, lag)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.conflicts.retain(|id, _| running.contains(id));
+        for id in running {
+            if self.conflicts.contains_key(&id) {
+                continue;
+            }
+            let this_node_is_newer = (self_id.generation_id, self_id.gossip_advertise_addr)
+                > (id.generation_id, id.gossip_advertise_addr);
+            let conflict = NodeIdConflict {
+                node_id: id.node_id.to_string(),
+                gossip_addr: id.gossip_advertise_addr,
+                generation: id.generation_id,
+                this_node_is_newer,
+                since_ms: now_ms,
+            };
+            error!(
+                node_id = %id.node_id,
+                other_gossip_addr = %id.gossip_advertise_addr,
+                other_generation = id.generation_id,
+                this_node_is_newer,
+                "another live node uses this node's id: give every node its own cluster.node_id"
+            );
+            if at_startup && this_node_is_newer && self.startup_conflict.is_none() {
+                self.startup_conflict = Some(conflict.clone());
+            }
+            self.conflicts.insert(id, conflict);
+        }
     }
 
     fn is_forgotten(&self, id: &ChitchatId) -> bool {
@@ -1295,6 +1442,116 @@ mod tests {
         assert!(
             t.apply_live_set(&[id("a", 2)], never_left, now, 3)
                 .is_empty()
+        );
+    }
+
+    fn at(node: &str, generation: u64, port: u16) -> ChitchatId {
+        ChitchatId::new(node, generation, ([127, 0, 0, 1], port).into())
+    }
+
+    fn seen_at(first_seen: Instant, advanced_at: Option<Instant>) -> Seen {
+        Seen {
+            first_seen,
+            heartbeat: 1,
+            last_seen_ms: None,
+            was_alive: true,
+            advanced_at,
+        }
+    }
+
+    #[test]
+    fn a_live_copy_of_this_node_id_is_a_conflict() {
+        let lag = Duration::from_secs(2);
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(5);
+        let me = at("a", 20, 7000);
+        let mut t = Tracker::default();
+        // An older live node with our id on another address: it advanced 3 s after we
+        // learned of it, and 100 ms ago.
+        let older = at("a", 10, 7001);
+        t.seen.insert(
+            older.clone(),
+            seen_at(
+                t0 + Duration::from_secs(1),
+                Some(now - Duration::from_millis(100)),
+            ),
+        );
+        // Our previous generation on the same address, still advancing: a restart, not a
+        // copy (two processes cannot share the address).
+        t.seen.insert(at("a", 5, 7000), seen_at(t0, Some(now)));
+        // Another previous generation that moved ports and died: its last heartbeats
+        // arrived within the lag of learning of it.
+        t.seen.insert(
+            at("a", 6, 7002),
+            seen_at(
+                t0 + Duration::from_secs(4),
+                Some(now - Duration::from_millis(500)),
+            ),
+        );
+        // Another node, advancing.
+        t.seen.insert(at("b", 1, 7003), seen_at(t0, Some(now)));
+
+        t.find_conflicts(&me, now, lag, true, 99);
+        let conflicts: Vec<&NodeIdConflict> = t.conflicts.values().collect();
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert_eq!(conflicts[0].gossip_addr, older.gossip_advertise_addr);
+        assert!(conflicts[0].this_node_is_newer);
+        assert_eq!(conflicts[0].since_ms, 99);
+        assert_eq!(t.startup_conflict.as_ref(), Some(conflicts[0]));
+
+        // It stops advancing: the conflict clears; the startup conflict stays latched.
+        t.seen.get_mut(&older).expect("inserted").advanced_at = Some(now);
+        t.find_conflicts(&me, now + lag * 2, lag, true, 100);
+        assert!(t.conflicts.is_empty());
+        assert!(t.startup_conflict.is_some());
+    }
+
+    #[test]
+    fn the_older_node_of_a_conflict_and_late_conflicts_do_not_stop_this_one() {
+        let lag = Duration::from_secs(2);
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(5);
+        let mut t = Tracker::default();
+        t.seen.insert(at("a", 30, 7001), seen_at(t0, Some(now)));
+        // This node is older: listed, not a startup conflict.
+        t.find_conflicts(&at("a", 20, 7000), now, lag, true, 1);
+        assert_eq!(t.conflicts.len(), 1);
+        assert!(!t.conflicts.values().all(|c| c.this_node_is_newer));
+        assert!(t.startup_conflict.is_none());
+        // Newer, but past the startup window: listed only.
+        let mut t = Tracker::default();
+        t.seen.insert(at("a", 10, 7001), seen_at(t0, Some(now)));
+        t.find_conflicts(&at("a", 20, 7000), now, lag, false, 1);
+        assert_eq!(t.conflicts.len(), 1);
+        assert!(t.startup_conflict.is_none());
+    }
+
+    #[test]
+    fn members_list_self_then_the_alive_then_the_newest_identity() {
+        let member = |generation, state, is_self| Member {
+            node_id: "a".into(),
+            gossip_addr: ([127, 0, 0, 1], 7000).into(),
+            generation,
+            state,
+            is_self,
+            values: BTreeMap::new(),
+            last_seen_ms: None,
+        };
+        let rank = |m: &Member| listing_rank(m);
+        // A restart: the new generation wins.
+        assert!(
+            rank(&member(2, MemberState::Alive, false))
+                > rank(&member(1, MemberState::Failed, false))
+        );
+        // A copy that left after its refusal does not hide the live original.
+        assert!(
+            rank(&member(1, MemberState::Alive, false))
+                > rank(&member(2, MemberState::Left, false))
+        );
+        // This node is listed as itself whatever a copy's generation.
+        assert!(
+            rank(&member(1, MemberState::Alive, true))
+                > rank(&member(2, MemberState::Alive, false))
         );
     }
 

@@ -1886,12 +1886,38 @@ impl ControlPlane {
                 "left": count(MemberState::Left),
             },
             "events": { "joined": events.joined, "left": events.left, "failed": events.failed },
+            "node_id_conflicts": c.membership.node_id_conflicts(),
             "leader": self.leader().await,
             "coordination": store.unwrap_or_else(|| serde_json::json!({ "kind": "none", "available": true })),
             "health_merge": format!("{:?}", c.config.health_merge).to_lowercase(),
             "config_version": self.inner.shared.lock().version,
             "backends": *self.inner.views.lock(),
         })
+    }
+
+    /// Completes with an error message when this node must stop serving as a member: it
+    /// was started with a `cluster.node_id` that a live node already uses
+    /// ([`Membership::startup_conflict`]). Never completes otherwise, nor without a
+    /// cluster. `fulcrum run` exits with status 2 on it, leaving the cluster gracefully.
+    pub async fn fatal_error(&self) -> String {
+        let Some(c) = &self.inner.cluster else {
+            return std::future::pending().await;
+        };
+        loop {
+            if let Some(conflict) = c.membership.startup_conflict() {
+                return format!(
+                    "cluster: node_id `{}` is already used by the live node gossiping at {} \
+                     (started {} ms before this one): every node needs its own \
+                     cluster.node_id; this node leaves the cluster and stops",
+                    conflict.node_id,
+                    conflict.gossip_addr,
+                    c.membership
+                        .generation()
+                        .saturating_sub(conflict.generation),
+                );
+            }
+            tokio::time::sleep(c.config.gossip.interval).await;
+        }
     }
 
     /// Recent membership events (oldest first) and a receiver for new ones.

@@ -62,6 +62,7 @@ pub fn serve(
             return ExitCode::from(2);
         }
     };
+    raise_open_file_limit(&config);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -139,7 +140,15 @@ pub fn serve(
         print_ready(&node, admin_addr);
         on_ready(&node, admin_addr);
 
-        wait_for_shutdown(reload).await;
+        let mut exit = ExitCode::SUCCESS;
+        tokio::select! {
+            () = wait_for_shutdown(reload) => {}
+            error = control.fatal_error() => {
+                tracing::error!(%error, "stopping");
+                eprintln!("fulcrum: {error}");
+                exit = ExitCode::from(2);
+            }
+        }
         stop_watching.cancel();
         control.shutdown().await;
         let drain = tokio::spawn({
@@ -158,8 +167,64 @@ pub fn serve(
         }
         admin_shutdown.cancel();
         let _ = admin.await;
-        ExitCode::SUCCESS
+        exit
     })
+}
+
+/// File descriptors kept aside, beyond two per client connection, for what is not a
+/// proxied connection: the admin API and its clients, health checks, gossip, the
+/// coordination store, log and configuration files.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit, as Go's
+/// runtime does at start and HAProxy does for its `maxconn`: the usual soft default of
+/// 1024 would cap a proxy at about 500 client connections (each may hold a backend
+/// connection too), while the hard limit is what the operator allowed. Then warns when
+/// the listeners' `max_connections` add up to more than the limit can hold: two
+/// descriptors per client connection plus [`RESERVED_DESCRIPTORS`]. Beyond the limit,
+/// accepting fails with EMFILE (the listener backs off and retries) and so do backend
+/// connections (502). Listeners without `max_connections` are unbounded and not counted.
+fn raise_open_file_limit(config: &Config) {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(%error, "cannot raise the open-file limit (ulimit -n)");
+            match before {
+                Some((soft, _)) => soft,
+                None => return,
+            }
+        }
+    };
+    if let Some((soft, hard)) = before
+        && limit > soft
+    {
+        tracing::info!(
+            from = soft,
+            to = limit,
+            hard,
+            "raised the open-file soft limit (ulimit -n) to the hard limit"
+        );
+    }
+    let clients: u64 = config
+        .listeners
+        .iter()
+        .map(|l| u64::from(l.max_connections))
+        .sum();
+    let needed = clients
+        .saturating_mul(2)
+        .saturating_add(RESERVED_DESCRIPTORS);
+    if clients > 0 && needed > limit {
+        tracing::warn!(
+            max_connections = clients,
+            needed,
+            open_file_limit = limit,
+            "the listeners' max_connections need up to {needed} open files (two per client \
+             connection, plus {RESERVED_DESCRIPTORS}) but the limit is {limit}: raise the \
+             hard limit (ulimit -Hn, LimitNOFILE= in systemd) or lower max_connections, or \
+             connections beyond it will fail"
+        );
+    }
 }
 
 /// The node spec of `config`, or why it cannot be built (what validation cannot know: a

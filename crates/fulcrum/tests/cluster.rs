@@ -1517,3 +1517,82 @@ async fn a_leader_woken_from_a_pause_is_not_stale() {
     .await;
     assert_eq!(view["is_self"], false, "{view}");
 }
+
+/// `(state, gossip_addr)` of member `node_id` as `node` lists it.
+async fn member_entry(node: &Node, node_id: &str) -> Option<(String, String)> {
+    let v = node.api("/api/cluster/nodes").await;
+    v["nodes"]
+        .as_array()
+        .expect("nodes array")
+        .iter()
+        .find(|n| n["node_id"] == node_id)
+        .map(|n| {
+            (
+                n["state"].as_str().unwrap_or_default().to_owned(),
+                n["gossip_addr"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_started_with_a_used_node_id_stops_and_the_first_stays_listed() {
+    let b = Backend::start("b1", &[]);
+    let cluster = Cluster::start(2, &Coordination::None, &[&b], &[]);
+    all_alive(&cluster, 2).await;
+    let first = cluster.node(0).api("/api/cluster/status").await["gossip_addr"]
+        .as_str()
+        .expect("gossip_addr")
+        .to_owned();
+    let first_port: u16 = first
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+
+    // A copy of node-1's configuration on another gossip port.
+    let mut copy = Node::start(&node_yaml(
+        "node-1",
+        free_udp_port(),
+        &[first_port],
+        &Coordination::None,
+        &[&b],
+        "",
+    ));
+    let code = tokio::task::block_in_place(|| copy.wait_exit(DEADLINE));
+    assert_eq!(
+        code,
+        Some(2),
+        "the copy exits with status 2; logs:\n{}",
+        copy.logs()
+    );
+    let logs = copy.logs();
+    assert!(
+        logs.contains(&format!(
+            "node_id `node-1` is already used by the live node gossiping at {first}"
+        )),
+        "the copy names the node it conflicts with:\n{logs}"
+    );
+
+    // Both the original and its peer list node-1 as the original, alive.
+    for node in cluster.running() {
+        eventually(
+            DEADLINE,
+            "node-1 is listed alive at its own address",
+            async || {
+                (member_entry(node, "node-1").await == Some(("alive".to_owned(), first.clone())))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let status = cluster.node(0).api("/api/cluster/status").await;
+    assert_eq!(status["members"]["alive"], 2, "{status}");
+    assert!(status["node_id_conflicts"].is_array(), "{status}");
+    // The original keeps serving.
+    let response = client()
+        .get(format!("{}/", cluster.node(0).url("web")))
+        .send()
+        .await
+        .expect("request through the original");
+    assert_eq!(response.status(), 200);
+}

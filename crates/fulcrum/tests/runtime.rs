@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{Backend, DEADLINE, Load, Node, assert_all_ok, client, eventually, simple_config};
+use common::{
+    Backend, DEADLINE, Load, Node, Spawned, assert_all_ok, client, eventually, fulcrum_bin,
+    simple_config,
+};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,4 +466,86 @@ async fn a_change_of_the_file_reloads_it_and_a_bad_one_is_refused() {
         (strategy().await.as_deref() == Some("least_connections")).then_some(())
     })
     .await;
+}
+
+/// The `Max open files` soft and hard limits of process `pid`, from `/proc/PID/limits`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// Runs `fulcrum run` on `yaml` under `ulimit -Sn soft -Hn hard`.
+fn run_with_open_file_limits(
+    yaml: &str,
+    soft: u64,
+    hard: u64,
+) -> (Spawned, tempfile::NamedTempFile) {
+    let config = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp config");
+    std::fs::write(config.path(), yaml).expect("write config");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" run --config \"$1\" --threads 1 --no-watch"
+        ))
+        .arg(fulcrum_bin())
+        .arg(config.path())
+        .env("RUST_LOG", "info");
+    (Spawned::start("fulcrum run (ulimit)", cmd), config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_and_max_connections_beyond_it_is_reported() {
+    let b = Backend::start("b1", &[]);
+    let yaml = simple_config("round_robin", &[&b], "").replacen(
+        "    routes:",
+        "    max_connections: 300\n    routes:",
+        1,
+    );
+
+    // The soft limit rises to the hard one; 300 connections fit in 1024 or more
+    // descriptors (raising the hard limit needs root: stay within the test's own).
+    let hard = open_file_limits(std::process::id()).1.min(4096);
+    assert!(
+        hard >= 1024,
+        "this test needs a hard open-file limit of 1024 or more"
+    );
+    let (node, _config) = run_with_open_file_limits(&yaml, 256, hard);
+    assert_eq!(open_file_limits(node.pid()), (hard, hard));
+    let listen = node.ready["listeners"][0]["listen"]
+        .as_str()
+        .expect("listen")
+        .to_owned();
+    let response = client()
+        .get(format!("http://{listen}/"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert!(
+        !node.logs().contains("max_connections need"),
+        "{}",
+        node.logs()
+    );
+    drop(node);
+
+    // A hard limit of 512 cannot hold 300 client connections and their backend ones.
+    let (node, _config) = run_with_open_file_limits(&yaml, 512, 512);
+    assert_eq!(open_file_limits(node.pid()), (512, 512));
+    let logs = node.logs();
+    assert!(
+        logs.contains("the listeners' max_connections need up to 856 open files")
+            && logs.contains("the limit is 512"),
+        "the node warns that the limit is too low:\n{logs}"
+    );
 }

@@ -147,7 +147,7 @@ impl Drop for Proc {
 
 /// Any `fulcrum` command that prints a JSON ready line, killed on drop.
 pub struct Spawned {
-    _proc: Proc,
+    proc: Proc,
     /// The ready line.
     pub ready: Value,
 }
@@ -156,7 +156,17 @@ impl Spawned {
     /// Runs `cmd` and waits for its ready line.
     pub fn start(label: &str, cmd: Command) -> Spawned {
         let (proc, ready) = Proc::spawn(label, cmd);
-        Spawned { _proc: proc, ready }
+        Spawned { proc, ready }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Everything the process wrote to standard error so far.
+    pub fn logs(&self) -> String {
+        self.proc.stderr.lock().expect("log lock").clone()
     }
 }
 
