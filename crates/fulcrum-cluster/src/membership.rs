@@ -22,7 +22,11 @@
 //! with the defaults (200 ms, φ = 8): a killed node is reported failed after 0.8 s in a
 //! 3-node cluster and 1.2 s with 7 nodes; at a 1 s interval, after 5 s; φ = 12 at 200 ms,
 //! 1.4 s. A node that stalls longer than that (CPU starvation, a paused VM) is reported
-//! failed, then joined again when it resumes: raise φ or the interval on busy hosts. A new
+//! failed, then joined again when it resumes: raise φ or the interval on busy hosts. The
+//! stalled node itself hears nothing meanwhile either, and its detector takes that for
+//! its peers' silence; it notices the gap in its own ticks (more than three intervals)
+//! and for the next ten intervals lists peers that look silent as alive and reports
+//! them failed only if they are still silent then (`Tracker::hold_deadline`). A new
 //! node is reported alive after three heartbeats, a few gossip rounds (3 nodes converge in
 //! about 0.6 s at 200 ms).
 //!
@@ -115,6 +119,11 @@ const MIN_JOIN_WAIT: Duration = Duration::from_secs(2);
 /// proof that it runs: a node that died still has heartbeats in flight between peers for
 /// a few rounds (see [`NodeIdConflict`]).
 const CONFLICT_ROUNDS: u32 = 10;
+/// A gap of more than this many gossip intervals between two of this node's own ticks
+/// means it did not run (a stopped process, a paused VM, CPU starvation). Its failure
+/// detector then took its own silence for the peers': failures are held back for
+/// `DISCOVERY_ROUNDS` intervals while fresh heartbeats arrive.
+const STALL_ROUNDS: u32 = 3;
 /// How long after start a node that finds an older live node with its id reports it as
 /// [`Membership::startup_conflict`] (the operator started a copy; it should not serve).
 /// Later conflicts (two partitions with the same id meeting) are only listed and logged.
@@ -556,7 +565,7 @@ impl Membership {
         let mut newest: BTreeMap<String, Member> = BTreeMap::new();
         for (id, state) in chitchat.node_states() {
             let is_self = *id == self.inner.self_id;
-            let alive = is_self || live.contains(id);
+            let alive = is_self || live.contains(id) || tracker.is_held(id);
             let seen = tracker
                 .seen
                 .entry(id.clone())
@@ -822,7 +831,10 @@ async fn track_live_set(
                             .node_state(id)
                             .is_some_and(|state| state.get(KEY_STATUS) == Some(STATUS_LEFT))
                     };
-                    shared.tracker.lock().apply_live_set(&live, left, Instant::now(), unix_ms())
+                    let now = Instant::now();
+                    let mut tracker = shared.tracker.lock();
+                    let hold = tracker.hold_deadline(now, interval);
+                    tracker.apply_live_set(&live, left, now, unix_ms(), hold)
                 };
                 for (event, id) in events {
                     log_event(&event, &id);
@@ -834,6 +846,22 @@ async fn track_live_set(
                 let chitchat = chitchat.lock().await;
                 let now = Instant::now();
                 let mut tracker = shared.tracker.lock();
+                tracker.hold_deadline(now, interval);
+                let live: Vec<ChitchatId> = live_nodes
+                    .borrow()
+                    .keys()
+                    .filter(|id| id.node_id != self_id.node_id)
+                    .cloned()
+                    .collect();
+                let left = |id: &ChitchatId| {
+                    chitchat
+                        .node_state(id)
+                        .is_some_and(|state| state.get(KEY_STATUS) == Some(STATUS_LEFT))
+                };
+                for (event, id) in tracker.expire_held(&live, left, now, unix_ms()) {
+                    log_event(&event, &id);
+                    let _ = shared.events.send(event);
+                }
                 tracker.observe(&chitchat, &self_id, now, unix_ms());
                 tracker.find_conflicts(
                     &self_id,
@@ -878,6 +906,14 @@ struct Tracker {
     conflicts: BTreeMap<ChitchatId, NodeIdConflict>,
     /// [`Membership::startup_conflict`].
     startup_conflict: Option<NodeIdConflict>,
+    /// Peers that dropped out of the live set while failures were held back after a stall
+    /// of this node (see `STALL_ROUNDS`), by node id: kept in `live`, listed alive, and
+    /// reported failed only if still silent at the deadline.
+    held: BTreeMap<String, Instant>,
+    /// When [`Tracker::hold_deadline`] last ran.
+    last_tick: Option<Instant>,
+    /// Failures are held back until then (set when a stall is found).
+    hold_until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -911,13 +947,76 @@ impl Seen {
 }
 
 impl Tracker {
-    /// Diffs the new live set (self excluded) against the previous one, by node id.
+    /// Called on every tick and live-set change with the gossip `interval`: finds a stall
+    /// of this node — more than `STALL_ROUNDS` intervals since the last call, time in which
+    /// the failure detector heard nothing because this node did not run — and then holds
+    /// failures back for `DISCOVERY_ROUNDS` intervals. Returns the deadline of failures
+    /// found now, if they are to be held.
+    fn hold_deadline(&mut self, now: Instant, interval: Duration) -> Option<Instant> {
+        if let Some(last) = self.last_tick {
+            let gap = now.saturating_duration_since(last);
+            if gap > interval * STALL_ROUNDS {
+                let until = now + interval * DISCOVERY_ROUNDS;
+                self.hold_until = Some(until);
+                warn!(
+                    stalled_ms = gap.as_millis() as u64,
+                    "this node did not run for a while (paused, or starved of CPU): peers that \
+                     look silent are not reported failed until they had time to be heard again"
+                );
+            }
+        }
+        self.last_tick = Some(now);
+        self.hold_until.filter(|&until| now < until)
+    }
+
+    /// Whether `id` is a held peer ([`Tracker::held`]): listed alive meanwhile.
+    fn is_held(&self, id: &ChitchatId) -> bool {
+        self.held.contains_key(&*id.node_id) && self.live.get(&*id.node_id) == Some(id)
+    }
+
+    /// Reports the held peers whose deadline passed and that are still not in `live`
+    /// (self excluded) as failed (or left), and stops holding them.
+    fn expire_held(
+        &mut self,
+        live: &[ChitchatId],
+        has_left: impl Fn(&ChitchatId) -> bool,
+        now: Instant,
+        now_ms: u64,
+    ) -> Vec<(ClusterEvent, ChitchatId)> {
+        let due: Vec<String> = self
+            .held
+            .iter()
+            .filter(|&(_, &deadline)| deadline <= now)
+            .map(|(node_id, _)| node_id.clone())
+            .collect();
+        let mut events = Vec::new();
+        for node_id in due {
+            self.held.remove(&node_id);
+            if live.iter().any(|id| *id.node_id == *node_id) {
+                continue;
+            }
+            if let Some(id) = self.live.remove(&node_id) {
+                let kind = if has_left(&id) {
+                    EventKind::NodeLeft
+                } else {
+                    EventKind::NodeFailed
+                };
+                events.push((self.event(kind, &node_id, now_ms), id));
+            }
+        }
+        events
+    }
+
+    /// Diffs the new live set (self excluded) against the previous one, by node id. With
+    /// `hold`, a peer that dropped out without announcing its leave is not reported yet:
+    /// it stays in the live set, held until the deadline ([`Tracker::expire_held`]).
     fn apply_live_set(
         &mut self,
         live: &[ChitchatId],
         has_left: impl Fn(&ChitchatId) -> bool,
         now: Instant,
         now_ms: u64,
+        hold: Option<Instant>,
     ) -> Vec<(ClusterEvent, ChitchatId)> {
         let previous = std::mem::take(&mut self.live);
         let mut current: BTreeMap<String, ChitchatId> = BTreeMap::new();
@@ -958,10 +1057,22 @@ impl Tracker {
                 ));
             }
         }
+        self.held
+            .retain(|node_id, _| !current.contains_key(node_id));
         for (node_id, id) in &previous {
             if current.contains_key(node_id) {
                 continue;
             }
+            if let Some(deadline) = hold
+                && !has_left(id)
+            {
+                self.held.entry(node_id.clone()).or_insert(deadline);
+            }
+            if self.held.contains_key(node_id) && !has_left(id) {
+                current.insert(node_id.clone(), id.clone());
+                continue;
+            }
+            self.held.remove(node_id);
             let kind = if has_left(id) {
                 EventKind::NodeLeft
             } else {
@@ -1399,22 +1510,22 @@ mod tests {
         let mut t = Tracker::default();
         let now = Instant::now();
         let never_left = |_: &ChitchatId| false;
-        let e = t.apply_live_set(&[id("a", 1), id("b", 1)], never_left, now, 10);
+        let e = t.apply_live_set(&[id("a", 1), id("b", 1)], never_left, now, 10, None);
         assert_eq!(
             kinds(&e),
             [(EventKind::NodeJoined, "a"), (EventKind::NodeJoined, "b")]
         );
         // A value change re-sends the same live set: no event.
         assert!(
-            t.apply_live_set(&[id("a", 1), id("b", 1)], never_left, now, 11)
+            t.apply_live_set(&[id("a", 1), id("b", 1)], never_left, now, 11, None)
                 .is_empty()
         );
-        let e = t.apply_live_set(&[id("a", 1)], never_left, now, 12);
+        let e = t.apply_live_set(&[id("a", 1)], never_left, now, 12, None);
         assert_eq!(kinds(&e), [(EventKind::NodeFailed, "b")]);
-        let e = t.apply_live_set(&[], |id: &ChitchatId| &*id.node_id == "a", now, 13);
+        let e = t.apply_live_set(&[], |id: &ChitchatId| &*id.node_id == "a", now, 13, None);
         assert_eq!(kinds(&e), [(EventKind::NodeLeft, "a")]);
         // Back from a failure (a healed partition) is a join, as in memberlist.
-        let e = t.apply_live_set(&[id("b", 1)], never_left, now, 14);
+        let e = t.apply_live_set(&[id("b", 1)], never_left, now, 14, None);
         assert_eq!(kinds(&e), [(EventKind::NodeJoined, "b")]);
 
         assert_eq!(
@@ -1434,13 +1545,13 @@ mod tests {
         let mut t = Tracker::default();
         let now = Instant::now();
         let never_left = |_: &ChitchatId| false;
-        t.apply_live_set(&[id("a", 1)], never_left, now, 1);
-        let e = t.apply_live_set(&[id("a", 1), id("a", 2)], never_left, now, 2);
+        t.apply_live_set(&[id("a", 1)], never_left, now, 1, None);
+        let e = t.apply_live_set(&[id("a", 1), id("a", 2)], never_left, now, 2, None);
         assert_eq!(kinds(&e), [(EventKind::NodeJoined, "a")]);
         assert_eq!(e[0].1.generation_id, 2);
         // The old generation times out while the new one is alive: nothing to report.
         assert!(
-            t.apply_live_set(&[id("a", 2)], never_left, now, 3)
+            t.apply_live_set(&[id("a", 2)], never_left, now, 3, None)
                 .is_empty()
         );
     }
@@ -1556,6 +1667,64 @@ mod tests {
     }
 
     #[test]
+    fn failures_right_after_a_stall_of_this_node_are_held_until_the_peers_had_time() {
+        let interval = Duration::from_millis(100);
+        let never_left = |_: &ChitchatId| false;
+        let t0 = Instant::now();
+        let mut t = Tracker::default();
+        assert_eq!(t.hold_deadline(t0, interval), None);
+        t.apply_live_set(&[id("a", 1), id("b", 1)], never_left, t0, 1, None);
+        // Ticks on time: nothing held.
+        assert_eq!(t.hold_deadline(t0 + interval, interval), None);
+
+        // This node did not run for 3 s; on waking its detector drops both peers.
+        let woke = t0 + Duration::from_secs(3);
+        let hold = t.hold_deadline(woke, interval);
+        assert_eq!(hold, Some(woke + interval * DISCOVERY_ROUNDS));
+        assert!(t.apply_live_set(&[], never_left, woke, 2, hold).is_empty());
+        assert!(t.is_held(&id("a", 1)) && t.is_held(&id("b", 1)));
+        // `a` is heard again: no event, no longer held.
+        let later = woke + interval * 3;
+        let hold = t.hold_deadline(later, interval);
+        assert!(
+            t.apply_live_set(&[id("a", 1)], never_left, later, 3, hold)
+                .is_empty()
+        );
+        assert!(!t.is_held(&id("a", 1)));
+        // Before the deadline `b` stays held; after it, `b` is reported failed, once.
+        assert!(
+            t.expire_held(&[id("a", 1)], never_left, later, 4)
+                .is_empty()
+        );
+        let deadline = woke + interval * DISCOVERY_ROUNDS;
+        let e = t.expire_held(&[id("a", 1)], never_left, deadline, 5);
+        assert_eq!(kinds(&e), [(EventKind::NodeFailed, "b")]);
+        assert!(
+            t.expire_held(&[id("a", 1)], never_left, deadline, 6)
+                .is_empty()
+        );
+        // Outside a hold, failures are reported at once.
+        let e = t.apply_live_set(&[], never_left, deadline + interval, 7, None);
+        assert_eq!(kinds(&e), [(EventKind::NodeFailed, "a")]);
+    }
+
+    #[test]
+    fn a_peer_that_left_during_a_hold_is_reported_at_once() {
+        let t0 = Instant::now();
+        let mut t = Tracker::default();
+        t.apply_live_set(&[id("a", 1)], |_: &ChitchatId| false, t0, 1, None);
+        let e = t.apply_live_set(
+            &[],
+            |_: &ChitchatId| true,
+            t0,
+            2,
+            Some(t0 + Duration::from_secs(1)),
+        );
+        assert_eq!(kinds(&e), [(EventKind::NodeLeft, "a")]);
+        assert!(t.held.is_empty());
+    }
+
+    #[test]
     fn the_event_history_is_bounded() {
         let mut t = Tracker::default();
         for i in 0..(RECENT_EVENTS as u64 + 10) {
@@ -1574,7 +1743,13 @@ mod tests {
         assert!(t.is_forgotten(&id("a", 4)));
         assert!(!t.is_forgotten(&id("a", 6)));
         assert!(!t.is_forgotten(&id("b", 1)));
-        t.apply_live_set(&[id("a", 5)], |_: &ChitchatId| false, Instant::now(), 1);
+        t.apply_live_set(
+            &[id("a", 5)],
+            |_: &ChitchatId| false,
+            Instant::now(),
+            1,
+            None,
+        );
         assert!(!t.is_forgotten(&id("a", 5)), "alive again: listed again");
     }
 

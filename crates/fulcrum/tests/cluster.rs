@@ -1596,3 +1596,43 @@ async fn a_second_node_started_with_a_used_node_id_stops_and_the_first_stays_lis
         .expect("request through the original");
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_woken_from_a_pause_does_not_report_its_live_peers_failed() {
+    let b = Backend::start("b1", &[]);
+    let cluster = Cluster::start(3, &Coordination::None, &[&b], &[]);
+    all_alive(&cluster, 3).await;
+    let paused = cluster.node(0);
+    let before = paused.api("/api/cluster/status").await["events"].clone();
+
+    // Paused for 3 s: ten times the failure detector's timeout (phi 6 × 100 ms).
+    paused.signal("STOP");
+    let peer = cluster.node(1);
+    eventually(
+        DEADLINE,
+        "the peers report the paused node failed",
+        async || (member_entry(peer, "node-1").await?.0 == "failed").then_some(()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    paused.signal("CONT");
+
+    all_alive(&cluster, 3).await;
+    // Long enough for failures held back after the pause to be reported, had any peer
+    // stayed silent (ten gossip intervals), and for any late event to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = paused.api("/api/cluster/status").await["events"].clone();
+    assert_eq!(
+        after["failed"], before["failed"],
+        "the woken node reported no peer failed: before {before}, after {after}"
+    );
+    assert_eq!(after["joined"], before["joined"], "nor rejoined: {after}");
+    assert!(
+        members(paused).await.iter().all(|(_, s)| s == "alive"),
+        "{:?}",
+        members(paused).await
+    );
+    // The peers saw it fail and come back, as they should.
+    let peer_events = peer.api("/api/cluster/status").await["events"].clone();
+    assert!(peer_events["failed"].as_u64() >= Some(1), "{peer_events}");
+}
