@@ -797,7 +797,8 @@ fn listing_rank(member: &Member) -> (bool, bool, u64) {
 }
 
 /// Turns changes of chitchat's live set into events, and samples heartbeats every gossip
-/// interval for [`Member::last_seen_ms`] and [`NodeIdConflict`]s. Ends when the membership is dropped or leaves.
+/// interval for [`Member::last_seen_ms`] and [`NodeIdConflict`]s. Ends when the
+/// membership is dropped or leaves.
 async fn track_live_set(
     shared: Arc<Shared>,
     chitchat: Arc<AsyncMutex<Chitchat>>,
