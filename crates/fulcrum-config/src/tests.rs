@@ -1369,6 +1369,14 @@ fn pool_tls_errors_name_the_field() {
     assert!(d[0].3.contains("holds no certificate"), "{d:?}");
     assert_eq!(d[1].2, "pools.app.tls.server_name");
     assert!(d[1].3.contains("not a DNS name or IP address"), "{d:?}");
+    // A directory opens but cannot be read: said so, not "not valid PEM".
+    let d = diags(&with_pool_keys(&format!(
+        "    tls: {{ ca_file: {} }}\n",
+        dir.path().display()
+    )));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].3.starts_with("cannot read"), "{d:?}");
+    assert!(d[0].3.contains("directory"), "{d:?}");
 }
 
 /// A self-signed certificate for `names` (DNS names or IP addresses) written to

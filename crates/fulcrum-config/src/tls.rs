@@ -131,7 +131,11 @@ fn read_certificates(
     let certificates = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read `{shown}`: {}", describe(&e)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("`{shown}` is not valid PEM: {}", describe(&e)))?;
+        .map_err(|e| match e {
+            // Opening succeeds on a directory; reading it fails.
+            pem::Error::Io(_) => format!("cannot read `{shown}`: {}", describe(&e)),
+            _ => format!("`{shown}` is not valid PEM: {}", describe(&e)),
+        })?;
     if certificates.is_empty() {
         return Err(format!(
             "`{shown}` holds no certificate (expected `-----BEGIN CERTIFICATE-----` blocks{order})"
