@@ -294,6 +294,9 @@ struct Inner {
     write: tokio::sync::Mutex<()>,
     /// Without a store: this node's writes, oldest first (see [`OwnWrite`]).
     own_writes: Mutex<Vec<OwnWrite>>,
+    /// The last shared configuration this node refused (its composition with this node's
+    /// file is invalid here), until one is applied or the file is reloaded.
+    refused: Mutex<Option<RefusedConfig>>,
     /// Held by every path that composes `base` + `shared` + `discovered` and applies the
     /// result (a reload, an adopted or submitted overlay, a discovery answer), from reading
     /// the layers to storing the new one, so that each applies on top of the latest of the
@@ -308,6 +311,21 @@ struct Inner {
     /// tasks running them (replaced when a reload changes the settings).
     discovery: Mutex<(BTreeMap<String, DiscoveryConfig>, CancellationToken)>,
     cancel: CancellationToken,
+}
+
+/// A shared configuration version this node could not apply (`config_refused` in
+/// `GET /api/cluster/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefusedConfig {
+    /// Its version.
+    pub version: u64,
+    /// The node that wrote it.
+    pub written_by: String,
+    /// Why: the validator's or the node's message about the composition with this node's
+    /// file (e.g. a removal that leaves one of its pools without backends).
+    pub error: String,
+    /// When it was refused, Unix milliseconds.
+    pub at_ms: u64,
 }
 
 /// The node's control plane; cheap to clone.
@@ -388,6 +406,7 @@ impl ControlPlane {
                 applied: Mutex::new(Some(config.clone())),
                 write: tokio::sync::Mutex::new(()),
                 own_writes: Mutex::new(Vec::new()),
+                refused: Mutex::new(None),
                 compose: Mutex::new(()),
                 cluster,
                 views: Mutex::new(Vec::new()),
@@ -586,6 +605,8 @@ impl ControlPlane {
                 .is_some_and(|p| p.discovery.source != DiscoverySource::Static)
         });
         self.apply(&config, &shared, &discovered, true)?;
+        // The new file may take what the old one could not: offer it again.
+        *self.inner.refused.lock() = None;
         *self.inner.discovered.lock() = discovered;
         self.spawn_discovery(&config);
         *self.inner.base.lock() = config;
@@ -667,6 +688,18 @@ impl ControlPlane {
         if !is_newer(&doc, &self.inner.shared.lock()) {
             return;
         }
+        // Offered again on every gossip round (or store watch): refused once until the
+        // file is reloaded.
+        if self
+            .inner
+            .refused
+            .lock()
+            .as_ref()
+            .is_some_and(|r| (r.version, &r.written_by) == (doc.version, &doc.written_by))
+        {
+            return;
+        }
+        let offered = (doc.version, doc.written_by.clone());
         let base = self.inner.base.lock().clone();
         let discovered = self.inner.discovered.lock().clone();
         let doc = self.rebase_own_writes(doc, &base, &discovered, seen);
@@ -677,12 +710,25 @@ impl ControlPlane {
                     written_by = %doc.written_by,
                     "shared configuration applied"
                 );
+                *self.inner.refused.lock() = None;
                 self.set_applied_version(&doc);
             }
             Err(error) => {
-                // Keep the version so the node does not retry the same document forever;
-                // the operator sees the error in the log and the version lag in the API.
-                tracing::error!(version = doc.version, %error, "shared configuration refused here");
+                // All or nothing: the node keeps the version it runs. Remembered so that
+                // the same document is not retried (and logged) on every gossip round;
+                // the operator sees it in the log and in `GET /api/cluster/status`.
+                tracing::error!(
+                    version = offered.0,
+                    written_by = %offered.1,
+                    %error,
+                    "shared configuration refused here; this node keeps the version it runs"
+                );
+                *self.inner.refused.lock() = Some(RefusedConfig {
+                    version: offered.0,
+                    written_by: offered.1,
+                    error,
+                    at_ms: unix_ms(),
+                });
             }
         }
     }
@@ -1719,6 +1765,7 @@ impl ControlPlane {
             "node_id": node_id,
             "updated_ms": unix_ms(),
             "config_version": self.inner.shared.lock().version,
+            "config_refused": *self.inner.refused.lock(),
             "uptime_secs": self.inner.node.uptime().as_secs(),
             "pools": pools,
         });
@@ -1891,6 +1938,7 @@ impl ControlPlane {
             "coordination": store.unwrap_or_else(|| serde_json::json!({ "kind": "none", "available": true })),
             "health_merge": format!("{:?}", c.config.health_merge).to_lowercase(),
             "config_version": self.inner.shared.lock().version,
+            "config_refused": *self.inner.refused.lock(),
             "backends": *self.inner.views.lock(),
         })
     }

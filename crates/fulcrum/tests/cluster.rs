@@ -1636,3 +1636,101 @@ async fn a_node_woken_from_a_pause_does_not_report_its_live_peers_failed() {
     let peer_events = peer.api("/api/cluster/status").await["events"].clone();
     assert!(peer_events["failed"].as_u64() >= Some(1), "{peer_events}");
 }
+
+/// `config_version` and `config_refused` of `node`'s cluster status.
+async fn config_state(node: &Node) -> (u64, Value) {
+    let status = node.api("/api/cluster/status").await;
+    (
+        status["config_version"].as_u64().expect("config_version"),
+        status["config_refused"].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_change_a_node_cannot_take_is_refused_once_reported_and_lifted_when_undone() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let (p1, p2) = (free_udp_port(), free_udp_port());
+    // node-2's file has only b1, so removing b1 cluster-wide would leave its pool empty.
+    let writer = Node::start(&node_yaml(
+        "node-1",
+        p1,
+        &[p2],
+        &Coordination::None,
+        &[&b1, &b2],
+        "",
+    ));
+    let narrow = Node::start(&node_yaml(
+        "node-2",
+        p2,
+        &[p1],
+        &Coordination::None,
+        &[&b1],
+        "",
+    ));
+    for node in [&writer, &narrow] {
+        eventually(DEADLINE, "both nodes alive", async || {
+            (members(node)
+                .await
+                .iter()
+                .filter(|(_, s)| s == "alive")
+                .count()
+                == 2)
+                .then_some(())
+        })
+        .await;
+    }
+
+    let (status, body) = delete(
+        &writer,
+        &format!("/api/pools/app/backends/{}", b1.address()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (removed, _) = config_state(&writer).await;
+    let refused = eventually(
+        DEADLINE,
+        "node-2 reports the version it refused",
+        async || {
+            let (_, refused) = config_state(&narrow).await;
+            (refused["version"].as_u64() == Some(removed)).then_some(refused)
+        },
+    )
+    .await;
+    assert_eq!(refused["written_by"], "node-1", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pools.app.backends")),
+        "the reason names the setting: {refused}"
+    );
+    // node-2 keeps serving with what it had: b1.
+    let spread = common::spread(&narrow.url("web"), 4).await;
+    assert_eq!(spread.get("b1"), Some(&4), "{spread:?}");
+    // Refused once, not on every gossip round (10 a second).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logged = narrow
+        .logs()
+        .matches("shared configuration refused here")
+        .count();
+    assert_eq!(logged, 1, "logged once:\n{}", narrow.logs());
+
+    // Undone on node-1 (b1 added back): node-2 takes the newer version and clears it.
+    let (status, body) = writer
+        .api_post(
+            "/api/pools/app/backends",
+            Some(json!({"address": b1.address()})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (restored, _) = config_state(&writer).await;
+    eventually(
+        DEADLINE,
+        "node-2 applies the version that undoes it",
+        async || {
+            let (version, refused) = config_state(&narrow).await;
+            (version == restored && refused.is_null()).then_some(())
+        },
+    )
+    .await;
+}
