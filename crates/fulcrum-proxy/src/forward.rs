@@ -570,8 +570,12 @@ struct QueueRefused;
 /// backend — when the hedge budget and the strategy (SLO-aware strategies veto hedges
 /// while their latency target is met) allow it. The first response head wins; the other
 /// attempt is cancelled by dropping it, which closes its connection and releases its
-/// in-flight count without recording an outcome. A failure of one copy is recorded and the
-/// other awaited; when both fail, the later failure is returned for the caller to record.
+/// in-flight count without recording an outcome. A failure of one copy — a transport
+/// failure, or a server-error answer (5xx; a gRPC server error in an HTTP/2 head) — does
+/// not end the race: it is recorded and the other copy awaited, so a hedge never turns a
+/// success into an error, and only a successful second copy counts as a hedge won. When
+/// both fail, the caller gets the later error answer if either copy answered, else the
+/// later transport failure, unrecorded, to record (and retry as it would any attempt).
 #[allow(clippy::too_many_arguments)]
 async fn hedged(
     r: &Request0<'_>,
@@ -626,47 +630,93 @@ async fn hedged(
 
     // The attempt that loses the race is dropped (its connection is closed, so the
     // backend sees the request cancelled); it is recorded as abandoned, not failed.
-    let abandon = |loser: BackendId, guard: &InFlightGuard| {
+    let abandon = |loser: BackendId, guard: InFlightGuard| {
         guard.cancel(now_ns());
         state.runtimes[loser.0].metrics.cancelled.inc();
     };
-    let (mut first_failed, mut second_failed) = (false, false);
+    let ids = [first, second];
+    let mut guards = [Some(first_guard), Some(second_guard)];
+    let mut copies = [Copy::Running, Copy::Running];
     loop {
-        tokio::select! {
-            outcome = &mut primary, if !first_failed => match outcome {
-                Outcome::Response(..) => {
-                    if !second_failed {
-                        abandon(second, &second_guard);
-                    }
-                    return (first, first_guard, outcome);
-                }
-                Outcome::Failed { .. } if second_failed => return (first, first_guard, outcome),
-                Outcome::Failed { keepalive_race, .. } => {
-                    if !keepalive_race {
-                        record_failure(r.pool, state, first.0, &first_guard);
-                    }
-                    first_failed = true;
-                }
-            },
-            outcome = &mut secondary, if !second_failed => match outcome {
-                Outcome::Response(..) => {
+        let (i, outcome) = tokio::select! {
+            outcome = &mut primary, if matches!(copies[0], Copy::Running) => (0, outcome),
+            outcome = &mut secondary, if matches!(copies[1], Copy::Running) => (1, outcome),
+        };
+        let j = 1 - i;
+        let guard = |guards: &mut [Option<InFlightGuard>; 2], k: usize| {
+            guards[k]
+                .take()
+                .expect("a copy's guard is taken once, when the race ends or it is settled")
+        };
+        match outcome {
+            Outcome::Response(ref response, _) if !failure_head(settings, response) => {
+                if i == 1 {
                     r.pool.metrics().hedges_won.inc();
                     state.strategy.note_hedge(true);
-                    if !first_failed {
-                        abandon(first, &first_guard);
-                    }
-                    return (second, second_guard, outcome);
                 }
-                Outcome::Failed { .. } if first_failed => return (second, second_guard, outcome),
-                Outcome::Failed { keepalive_race, .. } => {
-                    if !keepalive_race {
-                        record_failure(r.pool, state, second.0, &second_guard);
+                match std::mem::replace(&mut copies[j], Copy::Failed) {
+                    Copy::Running => abandon(ids[j], guard(&mut guards, j)),
+                    Copy::Held(_) => {
+                        record_failure(r.pool, state, ids[j].0, &guard(&mut guards, j));
                     }
-                    second_failed = true;
+                    Copy::Failed => {}
+                }
+                return (ids[i], guard(&mut guards, i), outcome);
+            }
+            // A server error: the other copy may still succeed, so the client waits for
+            // it (a hedge must never turn a success into an error).
+            Outcome::Response(..) => match std::mem::replace(&mut copies[j], Copy::Failed) {
+                Copy::Running => {
+                    copies[j] = Copy::Running;
+                    copies[i] = Copy::Held(Box::new(outcome));
+                }
+                Copy::Failed => return (ids[i], guard(&mut guards, i), outcome),
+                Copy::Held(_) => {
+                    record_failure(r.pool, state, ids[j].0, &guard(&mut guards, j));
+                    return (ids[i], guard(&mut guards, i), outcome);
                 }
             },
+            Outcome::Failed { keepalive_race, .. } => {
+                match std::mem::replace(&mut copies[j], Copy::Failed) {
+                    Copy::Running => {
+                        copies[j] = Copy::Running;
+                        if !keepalive_race {
+                            record_failure(r.pool, state, ids[i].0, &guard(&mut guards, i));
+                        }
+                        copies[i] = Copy::Failed;
+                    }
+                    Copy::Failed => return (ids[i], guard(&mut guards, i), outcome),
+                    // The other copy's error answer goes to the client, which learns
+                    // more from it than from a transport failure.
+                    Copy::Held(held) => {
+                        if !keepalive_race {
+                            record_failure(r.pool, state, ids[i].0, &guard(&mut guards, i));
+                        }
+                        return (ids[j], guard(&mut guards, j), *held);
+                    }
+                }
+            }
         }
     }
+}
+
+/// One copy of a hedged request, in [`hedged`]'s race.
+enum Copy {
+    /// No response head yet.
+    Running,
+    /// Failed, or settled otherwise; its failure is recorded (or, for a keep-alive race,
+    /// not the backend's).
+    Failed,
+    /// Answered with a server error, held back (unrecorded) while the other copy runs.
+    Held(Box<Outcome>),
+}
+
+/// Whether a response head is a failure of the backend: a 5xx status, or over HTTP/2 a
+/// gRPC server error answered "trailers-only" (`grpc-status` in the head).
+fn failure_head(settings: &PoolSettings, response: &Response<Incoming>) -> bool {
+    response.status().is_server_error()
+        || (settings.conn.protocol == UpstreamProtocol::Http2
+            && headers::grpc_server_error(response.headers()))
 }
 
 /// Whether the request's body can be buffered for replay (hedges, retries): a declared
@@ -700,15 +750,24 @@ async fn forward(
     let upgrading = on_upgrade.is_some();
     let body_empty = body.is_end_stream();
     let idempotent = is_idempotent(&parts.method);
-    let hedge_delay = hedge_delay.filter(|_| idempotent && !upgrading);
+    // `hedge.max_body_bytes` bounds what a hedge may send twice, whatever else buffers
+    // the body (a retry's larger `max_body_bytes`).
+    let hedge_delay = hedge_delay.filter(|_| {
+        idempotent
+            && !upgrading
+            && (body_empty
+                || settings
+                    .hedge
+                    .as_ref()
+                    .is_some_and(|policy| small_body(&parts, policy.max_body_bytes)))
+    });
 
     // A small body of a request that may be sent again — hedged, or retried once sent —
     // is buffered so it can be replayed; other bodies stream and are sent once.
     let replayable = !upgrading && (idempotent || retry.non_idempotent);
     let buffer = !body_empty
-        && (settings.hedge.as_ref().is_some_and(|policy| {
-            hedge_delay.is_some() && small_body(&parts, policy.max_body_bytes)
-        }) || (replayable && retry.attempts > 0 && small_body(&parts, retry.max_body_bytes)));
+        && (hedge_delay.is_some()
+            || (replayable && retry.attempts > 0 && small_body(&parts, retry.max_body_bytes)));
     let request = Request0 {
         ctx,
         pool,
@@ -886,8 +945,7 @@ async fn forward_attempts(
                 // answer (status 200 with `grpc-status` in the head) or in the trailers
                 // after the messages, when the outcome waits for them.
                 let grpc = settings.conn.protocol == UpstreamProtocol::Http2;
-                let failed = status.is_server_error()
-                    || (grpc && headers::grpc_server_error(response.headers()));
+                let failed = failure_head(settings, &response);
                 let mut grpc_pending = None;
                 if failed {
                     record_failure(pool, state, id.0, &guard);

@@ -120,6 +120,90 @@ async fn hedged_get_completes_from_the_fast_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_that_fails_never_turns_a_slow_success_into_an_error() {
+    let slow = Backend::start("slow", &["--latency", "fixed:300ms"]);
+    let failing = Backend::start("failing", &["--fail-rate", "1"]);
+    let node = Node::start(&simple_config(
+        "round_robin",
+        &[&slow, &failing],
+        "    hedge: { delay: 50ms, budget_percent: 100 }\n    retry: { attempts: 1, retry_on: [connect_failure, reset, 503] }\n    outlier_detection: { consecutive_failures: 0 }\n",
+    ));
+    let client = client();
+    let url = format!("{}/item", node.url("web"));
+    // Every request whose first attempt goes to the slow backend is hedged to the failing
+    // one after 50 ms, which answers 503 at once: the client still gets the slow 200.
+    // Those that start on the failing backend are retried (on 503) on the slow one.
+    for _ in 0..6 {
+        let response = client.get(&url).send().await.expect("request");
+        assert_eq!(response.status(), 200);
+        assert_eq!(served_by(&response), "slow");
+    }
+    let metrics = node.metrics().await;
+    let value = |name: &str| metric_value(&metrics, name, "pool=\"app\"").unwrap_or(0.0);
+    assert!(value("fulcrum_hedges_total") >= 3.0, "{metrics}");
+    assert_eq!(
+        value("fulcrum_hedges_won_total"),
+        0.0,
+        "a failed hedge is not won: {metrics}"
+    );
+    // The slow backend served every request once: nothing was cancelled or sent twice.
+    let slow_status = node.backend("app", &slow.address()).await;
+    assert_eq!(slow_status["cancelled"], 0, "{slow_status}");
+    assert_eq!(slow.stats().await["requests"], 6, "{slow_status}");
+    // The failing backend's answers count as its failures.
+    let failing_status = node.backend("app", &failing.address()).await;
+    assert!(
+        failing_status["errors"].as_u64() >= Some(6),
+        "{failing_status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_bodies_within_the_hedge_limit_are_hedged() {
+    let slow = Backend::start("slow", &["--latency", "fixed:300ms"]);
+    let fast = Backend::start("fast", &["--latency", "fixed:2ms"]);
+    // Retries buffer bodies up to 64 KiB (the default); hedges only up to 1 KiB.
+    let node = Node::start(&simple_config(
+        "round_robin",
+        &[&slow, &fast],
+        "    hedge: { delay: 50ms, budget_percent: 100, max_body_bytes: 1024 }\n",
+    ));
+    let client = client();
+    let url = format!("{}/item", node.url("web"));
+    let hedges = async || {
+        metric_value(
+            &node.metrics().await,
+            "fulcrum_hedges_total",
+            "pool=\"app\"",
+        )
+        .unwrap_or(0.0)
+    };
+    // Two PUTs each: one of them starts on the slow backend.
+    for size in [5000, 1025] {
+        for _ in 0..2 {
+            let response = client
+                .put(&url)
+                .body(vec![b'x'; size])
+                .send()
+                .await
+                .expect("put");
+            assert_eq!(response.status(), 200);
+        }
+        assert_eq!(hedges().await, 0.0, "a {size}-byte body is not hedged");
+    }
+    for _ in 0..2 {
+        let response = client
+            .put(&url)
+            .body(vec![b'x'; 1024])
+            .send()
+            .await
+            .expect("put");
+        assert_eq!(served_by(&response), "fast");
+    }
+    assert_eq!(hedges().await, 1.0, "a 1024-byte body is hedged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_aware_moves_traffic_off_a_stalled_backend() {
     let b1 = Backend::start("b1", &["--latency", "fixed:2ms"]);
     let b2 = Backend::start("b2", &["--latency", "fixed:2ms"]);
