@@ -17,6 +17,12 @@
 //! Nothing else changes: empty segments (`//`), a trailing slash, percent-encoding and case
 //! are kept, so distinct routes stay distinct. The query string is not part of the path:
 //! callers pass the path without it.
+//!
+//! The normalised path is bounded, so that a client sending long random paths cannot make
+//! each tracked endpoint (and the API listing them) arbitrarily large: after
+//! [`MAX_SEGMENTS`] segments, or where the next segment would take it over
+//! [`MAX_PATH_BYTES`] bytes, the rest of the path becomes one [`REST_SEGMENT`]
+//! (`/a/b/…/p/{rest}`). Hashing stops there too.
 
 /// What an identifier segment is replaced with.
 pub const ID_SEGMENT: &str = "{id}";
@@ -27,6 +33,17 @@ pub const MAX_SEGMENT_LEN: usize = 64;
 /// Hex-only segments at least this many characters long are identifiers (a 64-bit id in
 /// hex has 16).
 pub const MIN_HEX_ID_LEN: usize = 16;
+
+/// What the rest of a path beyond the bounds becomes.
+pub const REST_SEGMENT: &str = "{rest}";
+
+/// Segments of a normalised path (the empty one before a leading `/` included) before the
+/// rest becomes [`REST_SEGMENT`].
+pub const MAX_SEGMENTS: usize = 16;
+
+/// Bytes of a normalised path, separators included, that segments may fill before the
+/// rest becomes [`REST_SEGMENT`] (which may take the path 7 bytes over).
+pub const MAX_PATH_BYTES: usize = 256;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -109,15 +126,25 @@ fn for_each_piece(method: &str, path: &str, mut f: impl FnMut(&str)) {
 #[inline]
 fn for_each_path_piece(path: &str, mut f: impl FnMut(&str)) {
     let mut rest = path;
+    let (mut segments, mut bytes) = (0, 0);
     loop {
         let (segment, tail) = match rest.as_bytes().iter().position(|&b| b == b'/') {
             Some(i) => (&rest[..i], Some(&rest[i + 1..])),
             None => (rest, None),
         };
-        f(if is_id(segment) { ID_SEGMENT } else { segment });
+        let piece = if is_id(segment) { ID_SEGMENT } else { segment };
+        // The first segment is at most MAX_SEGMENT_LEN bytes: the bound never cuts it.
+        if segments == MAX_SEGMENTS || bytes + piece.len() > MAX_PATH_BYTES {
+            f(REST_SEGMENT);
+            return;
+        }
+        f(piece);
+        segments += 1;
+        bytes += piece.len();
         match tail {
             Some(tail) => {
                 f("/");
+                bytes += 1;
                 rest = tail;
             }
             None => return,
@@ -233,7 +260,25 @@ mod tests {
     }
 
     fn path() -> impl Strategy<Value = String> {
-        proptest::collection::vec(segment(), 0..8).prop_map(|s| s.join("/"))
+        proptest::collection::vec(segment(), 0..24).prop_map(|s| s.join("/"))
+    }
+
+    #[test]
+    fn long_paths_are_cut_to_a_bounded_key() {
+        let many: String = (0..5000).map(|i| format!("/seg{}x", i % 7)).collect();
+        let key = endpoint_key("GET", &many);
+        // The empty segment before the leading `/` and 15 more.
+        assert_eq!(key, format!("GET {}/{{rest}}", &many[..15 * 6]));
+        let wide: String = (0..100).map(|_| format!("/{}", "a".repeat(60))).collect();
+        let key = endpoint_key("GET", &wide);
+        assert!(
+            key.len() <= "GET ".len() + MAX_PATH_BYTES + "/{rest}".len(),
+            "{key}"
+        );
+        assert!(key.ends_with("/{rest}"), "{key}");
+        assert_eq!(norm(&norm(&wide)), norm(&wide));
+        // Short paths are untouched.
+        assert_eq!(norm("/a/b/c/"), "/a/b/c/");
     }
 
     proptest! {
@@ -249,6 +294,7 @@ mod tests {
             prop_assert_eq!(&key, &format!("{method} {normalised}"));
             prop_assert_eq!(norm(&normalised), normalised.clone());
             prop_assert_eq!(endpoint_hash(&method, &p), endpoint_hash(&method, &normalised));
+            prop_assert!(normalised.len() <= MAX_PATH_BYTES + REST_SEGMENT.len() + 1);
         }
 
         #[test]
