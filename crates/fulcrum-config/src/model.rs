@@ -1096,7 +1096,7 @@ pub struct DurationClassConfig {
     pub mode: DurationClassMode,
     /// Addresses of the backends dedicated to short requests; empty (default) = the
     /// first backend. Validated: each is the address of a backend of this pool, listed
-    /// once; not every backend when the pool has two or more.
+    /// once; not every backend when the pool has two or more; empty with `mode: adaptive`.
     pub short_backends: Vec<String>,
 }
 
@@ -1108,8 +1108,8 @@ pub enum DurationClassMode {
     #[default]
     Static,
     /// `adaptive`: a share of backends proportional to the long requests' share of the
-    /// work is reserved for long requests, recomputed every 100 ms; `short_backends` is
-    /// not used.
+    /// work is reserved for long requests, recomputed every 100 ms; `short_backends` must
+    /// be empty.
     Adaptive,
 }
 

@@ -394,7 +394,7 @@ fn full_config_has_every_value() {
     assert_eq!(
         app.duration_class,
         DurationClassConfig {
-            mode: DurationClassMode::Adaptive,
+            mode: DurationClassMode::Static,
             short_backends: vec!["[::1]:8082".into()],
         }
     );

@@ -12,8 +12,8 @@ use crate::error::Diagnostic;
 use crate::locate::{Anchor, Pos, SourceIndex};
 use crate::model::{
     ClusterConfig, Config, CoordinationBackend, DiscoveryConfig, DiscoverySource, DnsRecord,
-    HashConfig, HashKey, HealthCheckConfig, HealthCheckKind, HedgeConfig, ListenerConfig,
-    MAX_REQUESTS_LIMIT, PoolConfig, Protocol, RouteMatch, UpstreamProtocol,
+    DurationClassMode, HashConfig, HashKey, HealthCheckConfig, HealthCheckKind, HedgeConfig,
+    ListenerConfig, MAX_REQUESTS_LIMIT, PoolConfig, Protocol, RouteMatch, UpstreamProtocol,
 };
 use crate::scalar::{HedgeDelay, check_backend_addr, check_dns_name};
 
@@ -952,6 +952,18 @@ impl Checker<'_> {
         seen: &HashMap<String, usize>,
     ) {
         let sp = format!("{p}.duration_class.short_backends");
+        if pool.duration_class.mode == DurationClassMode::Adaptive
+            && !pool.duration_class.short_backends.is_empty()
+        {
+            self.report(
+                &sp,
+                Anchor::Key,
+                "applies to `mode: static` only: adaptive mode chooses which backends serve \
+                 long requests itself; remove `short_backends` or set `mode: static`"
+                    .to_owned(),
+            );
+            return;
+        }
         // Backend key → index of its first entry in `short_backends`.
         let mut listed: HashMap<String, usize> = HashMap::new();
         for (i, address) in pool.duration_class.short_backends.iter().enumerate() {

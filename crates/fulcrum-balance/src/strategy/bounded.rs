@@ -379,7 +379,9 @@ const SKETCH_WIDTH: usize = 1024;
 const HOT_SLOTS: usize = 32;
 /// One keyed pick in this many is sampled into the sketch.
 const SAMPLE_ONE_IN: u32 = 8;
-/// Sampled picks needed in the window before any key is called hot.
+/// Sampled picks needed in the window before any key is called hot. The halving window
+/// holds about `2 × rate / SAMPLE_ONE_IN` samples at steady state, so no key is called hot
+/// below about 256 keyed picks per second.
 const MIN_SAMPLES: u64 = 64;
 /// The lowest share of sampled picks that can make a key hot, whatever the pool size: 1 %.
 const MIN_HOT_SHARE: f64 = 0.01;
