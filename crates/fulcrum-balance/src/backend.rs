@@ -2,8 +2,9 @@
 //!
 //! A [`Backend`] is one upstream server of a pool as the current configuration describes it
 //! (address, weight). Its [`LiveBackend`] holds what the data plane learns about it at run
-//! time: requests in flight, totals, the peak-EWMA latency estimate, a windowed latency
-//! histogram, health and ejection flags. Live state is shared (`Arc`) and keyed by address
+//! time: requests in flight, totals, the peak-EWMA latency estimate (penalised by
+//! failures, for the strategies), the plain latency average of successful attempts (for
+//! dynamic weights and the API), a windowed latency histogram, health and ejection flags. Live state is shared (`Arc`) and keyed by address
 //! by the proxy, so it survives configuration reloads and strategy switches.
 //!
 //! Every counter is an atomic: strategies read it on the hot path without locks, and the
@@ -17,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fulcrum_stats::clock::duration_ns;
-use fulcrum_stats::{PeakEwma, WindowedHistogram};
+use fulcrum_stats::{BackendSignal, Ewma, PeakEwma, WindowedHistogram};
 use parking_lot::Mutex;
 
 use crate::outlier::OutlierPolicy;
@@ -126,7 +127,8 @@ impl fmt::Debug for BackendFlags {
 /// Parameters of a backend's live statistics.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LiveBackendConfig {
-    /// Decay time τ of the peak-EWMA latency estimate (Finagle and Linkerd use 10 s).
+    /// Decay time τ of the peak-EWMA latency estimate (Finagle and Linkerd use 10 s) and
+    /// of the plain latency average of successful attempts.
     pub ewma_decay: Duration,
     /// Latency assumed before the first observation.
     pub ewma_initial: Duration,
@@ -153,8 +155,9 @@ pub const RECENT_LATENCY_SLOTS: usize = 2;
 
 /// How many in-flight attempts per backend have their start time tracked, for
 /// [`LiveBackend::oldest_in_flight_ns`]. Beyond this many concurrent attempts the oldest
-/// age is a lower bound (the untracked attempts started later than some tracked one or
-/// are simply not seen); the in-flight count itself still covers them.
+/// age is a lower bound: an attempt that starts while every slot is taken is not seen,
+/// but a slot freed by an ending attempt is taken by the next one to start, so while
+/// attempts are in flight some are tracked. The in-flight count itself covers them all.
 pub const TRACKED_IN_FLIGHT: usize = 16;
 
 /// Marks an [`InFlightGuard`] that holds no start-time slot.
@@ -179,7 +182,12 @@ pub struct LiveBackend {
     /// [`InFlightGuard::body_failure`]): outlier detection has not looked at it yet.
     late_failure: AtomicBool,
     flags: AtomicU32,
+    /// Peak-EWMA cost estimate: peak-sensitive, decays toward 0 while idle, at least
+    /// doubled by every failure (what `peak_ewma` and its relatives read).
     latency: PeakEwma,
+    /// Plain time-decayed average of the time to the response head of successful
+    /// attempts, without failure penalty (what dynamic weights and the API read).
+    success_latency: Ewma,
     histogram: WindowedHistogram,
     ejection: Mutex<Ejection>,
     ejections_total: AtomicU64,
@@ -236,6 +244,7 @@ impl LiveBackend {
             late_failure: AtomicBool::new(false),
             flags: AtomicU32::new(0),
             latency: PeakEwma::new(config.ewma_decay, config.ewma_initial, now_ns),
+            success_latency: Ewma::new(config.ewma_decay),
             histogram: WindowedHistogram::new(config.latency_window, LATENCY_SLOTS),
             ejection: Mutex::new(Ejection::default()),
             ejections_total: AtomicU64::new(0),
@@ -367,10 +376,43 @@ impl LiveBackend {
     }
 
     /// The peak-EWMA latency estimate in nanoseconds at `now_ns`
-    /// (see [`fulcrum_stats::PeakEwma`]).
+    /// (see [`fulcrum_stats::PeakEwma`]). It includes the failure penalty (every failure
+    /// at least doubles it, up to 60 s), so it is a cost for choosing between backends,
+    /// not a measured latency: see [`LiveBackend::success_latency_ns`] for that.
     #[inline]
     pub fn latency_estimate_ns(&self, now_ns: u64) -> f64 {
         self.latency.estimate_ns(now_ns)
+    }
+
+    /// The time-decayed average (τ = [`LiveBackendConfig::ewma_decay`], see
+    /// [`fulcrum_stats::Ewma`]) of the time to the response head of successful attempts,
+    /// in nanoseconds; `None` before the first success. Failures do not enter it: they
+    /// are counted by [`LiveBackend::failures`] (a backend that fails fast would otherwise
+    /// look faster), and it carries no failure penalty, unlike
+    /// [`LiveBackend::latency_estimate_ns`].
+    #[inline]
+    pub fn success_latency_ns(&self) -> Option<f64> {
+        self.success_latency.value_ns()
+    }
+
+    /// This backend's input to [`fulcrum_stats::DynamicWeights::update`] at `now_ns`: its
+    /// completed and failed attempt counters, the latency average of its successful
+    /// attempts ([`LiveBackend::success_latency_ns`], 0 = unknown), and the age of its
+    /// oldest attempt in flight ([`LiveBackend::head_age_ns`]), a lower bound of its
+    /// current latency that makes a backend which stopped answering visible before any
+    /// of its requests completes. The failure penalty of the peak-EWMA estimate is left
+    /// out on purpose: the dynamic-weight formula has its own error term.
+    pub fn dynamic_weight_signal(&self, now_ns: u64) -> BackendSignal {
+        BackendSignal {
+            requests_total: self.requests(),
+            failures_total: self.failures(),
+            latency_ewma_ns: self.success_latency_ns().unwrap_or(0.0),
+            in_flight_age_ns: if self.in_flight() == 0 {
+                0
+            } else {
+                self.head_age_ns(now_ns)
+            },
+        }
     }
 
     /// The latency to expect of this backend now, in nanoseconds: the peak-EWMA estimate,
@@ -474,20 +516,23 @@ impl LiveBackend {
             self.long_in_flight.fetch_add(1, Ordering::Relaxed);
         }
         // Claim a free start-time slot, probing from a position that spreads concurrent
-        // claims; 0 marks a free slot, so a start time of 0 is stored as 1.
+        // claims; 0 marks a free slot, so a start time of 0 is stored as 1. Probed even
+        // when more attempts than slots are in flight: once the tracked attempts end
+        // while untracked ones remain (a stalled backend whose clients give up), the
+        // freed slots must be taken again, or the backend would show no age at all. A
+        // load before the compare-and-swap leaves taken slots' cache lines shared.
         let stamp = now_ns.max(1);
         let mut slot = NO_SLOT;
         let n = TRACKED_IN_FLIGHT as u64;
-        if before < n {
-            for k in 0..n {
-                let i = ((before + k) % n) as usize;
-                if self.started[i]
+        for k in 0..n {
+            let i = ((before + k) % n) as usize;
+            if self.started[i].load(Ordering::Relaxed) == 0
+                && self.started[i]
                     .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
-                {
-                    slot = i as u8;
-                    break;
-                }
+            {
+                slot = i as u8;
+                break;
             }
         }
         InFlightGuard {
@@ -646,8 +691,9 @@ impl InFlightGuard {
         &self.backend
     }
 
-    /// Records a successful response head at `now_ns`: feeds the latency estimate and
-    /// window, and resets the consecutive-failure count. Only the first outcome counts.
+    /// Records a successful response head at `now_ns`: feeds the latency estimate, the
+    /// success latency average and the window, and resets the consecutive-failure count.
+    /// Only the first outcome counts.
     pub fn success(&self, now_ns: u64) {
         if !self.record(OUTCOME_SUCCESS) {
             return;
@@ -662,6 +708,7 @@ impl InFlightGuard {
             self.reset_failures.store(failures, Ordering::Relaxed);
         }
         b.latency.observe(rtt, now_ns);
+        b.success_latency.observe(rtt, now_ns);
         b.histogram.record(rtt, now_ns);
     }
 
@@ -826,6 +873,22 @@ mod tests {
     }
 
     #[test]
+    fn slots_freed_beyond_the_tracked_count_are_taken_by_later_attempts() {
+        let b = live();
+        let mut tracked: Vec<_> = (0..16).map(|i| b.begin(i * MS + 1)).collect();
+        let untracked: Vec<_> = (16..40).map(|i| b.begin(i * MS + 1)).collect();
+        // The tracked attempts end (their clients gave up); the untracked ones hang on.
+        tracked.clear();
+        assert_eq!(b.in_flight(), 24);
+        assert_eq!(b.oldest_in_flight_ns(), None, "nothing tracked right now");
+        let later = b.begin(100 * MS);
+        assert_eq!(b.oldest_in_flight_ns(), Some(100 * MS));
+        assert_eq!(b.head_age_ns(3_000 * MS), 2_900 * MS);
+        drop((later, untracked));
+        assert_eq!(b.oldest_in_flight_ns(), None);
+    }
+
+    #[test]
     fn effective_weight_ignores_nonsense() {
         let b = live();
         assert_eq!(b.effective_weight(), None);
@@ -900,5 +963,150 @@ mod tests {
         // After a long calm period the multiplier decays back to 1.
         assert_eq!(b.eject(&policy, 500 * s), Some(Duration::from_secs(5)));
         assert_eq!(b.ejections_total(), 5);
+    }
+
+    /// Three backends under simulated traffic, feeding dynamic weights as the proxy does
+    /// ([`LiveBackend::dynamic_weight_signal`]) every second of simulated time.
+    mod dynamic_weights {
+        use super::*;
+        use fulcrum_stats::{DynamicWeightConfig, DynamicWeights};
+
+        const SECOND: u64 = 1_000 * MS;
+        /// Attempts per backend per interval (about the operator's 100 req/s over 3
+        /// backends).
+        const PER_INTERVAL: u64 = 30;
+        /// The client gives up (the attempt is dropped without an outcome) after this.
+        const CLIENT_TIMEOUT: u64 = 3 * SECOND;
+
+        /// How one backend behaves during an interval.
+        #[derive(Clone, Copy)]
+        enum Behaviour {
+            /// Answers in 5 ms; every `n`-th attempt fails (also in 5 ms), 0 = never.
+            Answers { fail_every: u64 },
+            /// Accepts attempts and never answers.
+            Stalled,
+        }
+
+        struct Pool {
+            backends: Vec<Arc<LiveBackend>>,
+            hanging: Vec<InFlightGuard>,
+            weights: DynamicWeights,
+            factors: Vec<f64>,
+            interval: u64,
+        }
+
+        impl Pool {
+            /// Three backends, `interval: 1s, smoothing: 0.5` (the operator's settings);
+            /// the first update records the counters.
+            fn new() -> Self {
+                let backends = (0..3).map(|_| live()).collect::<Vec<_>>();
+                let mut pool = Self {
+                    backends,
+                    hanging: Vec::new(),
+                    weights: DynamicWeights::new(DynamicWeightConfig {
+                        smoothing: 0.5,
+                        ..DynamicWeightConfig::default()
+                    }),
+                    factors: vec![1.0; 3],
+                    interval: 0,
+                };
+                pool.update();
+                pool
+            }
+
+            /// One interval of traffic with `behaviour[i]` for backend `i`, then an update;
+            /// returns the factors.
+            fn run(&mut self, behaviour: [Behaviour; 3]) -> Vec<f64> {
+                let start = self.interval * SECOND;
+                for j in 0..PER_INTERVAL {
+                    let t = start + j * (SECOND / PER_INTERVAL);
+                    self.hanging
+                        .retain(|g| t.saturating_sub(g.started_ns()) < CLIENT_TIMEOUT);
+                    for (b, behaviour) in self.backends.iter().zip(behaviour) {
+                        let guard = b.begin(t);
+                        match behaviour {
+                            Behaviour::Answers { fail_every } => {
+                                if fail_every != 0 && j % fail_every == 0 {
+                                    guard.failure(t + 5 * MS);
+                                } else {
+                                    guard.success(t + 5 * MS);
+                                }
+                            }
+                            Behaviour::Stalled => self.hanging.push(guard),
+                        }
+                    }
+                }
+                self.interval += 1;
+                self.update();
+                self.factors.clone()
+            }
+
+            fn update(&mut self) {
+                let now = self.interval * SECOND;
+                let signals: Vec<_> = self
+                    .backends
+                    .iter()
+                    .map(|b| b.dynamic_weight_signal(now))
+                    .collect();
+                self.weights.update(&signals, &mut self.factors);
+            }
+        }
+
+        const HEALTHY: Behaviour = Behaviour::Answers { fail_every: 0 };
+
+        #[test]
+        fn stalled_backend_falls_below_the_healthy_ones_within_a_few_intervals() {
+            let mut pool = Pool::new();
+            for _ in 0..5 {
+                pool.run([HEALTHY; 3]);
+            }
+            // Its requests never complete: nothing but their age shows the stall.
+            let mut f = Vec::new();
+            for _ in 0..2 {
+                f = pool.run([HEALTHY, HEALTHY, Behaviour::Stalled]);
+            }
+            assert!(
+                f[2] < f[0] && f[2] < f[1] && f[2] < 0.5,
+                "2 intervals into the stall: {f:?}"
+            );
+            for _ in 0..6 {
+                f = pool.run([HEALTHY, HEALTHY, Behaviour::Stalled]);
+            }
+            assert!(f[2] < 0.15, "at the floor after 8 intervals: {f:?}");
+            assert!(f[0] > 1.0 && f[1] > 1.0, "{f:?}");
+        }
+
+        #[test]
+        fn ten_percent_errors_at_normal_latency_give_about_0_81_not_the_floor() {
+            let mut pool = Pool::new();
+            let mut f = Vec::new();
+            for _ in 0..20 {
+                f = pool.run([HEALTHY, HEALTHY, Behaviour::Answers { fail_every: 10 }]);
+            }
+            // The documented target relative to a healthy backend: (1 − 0.1)² = 0.81.
+            let relative = f[2] / f[0];
+            assert!(
+                (relative - 0.81).abs() < 0.02,
+                "relative factor {relative}: {f:?}"
+            );
+            assert!(f[2] > 0.5, "{f:?}");
+        }
+
+        #[test]
+        fn backend_recovers_within_bounded_intervals_after_errors_stop() {
+            let mut pool = Pool::new();
+            let mut f = Vec::new();
+            for _ in 0..15 {
+                f = pool.run([HEALTHY, HEALTHY, Behaviour::Answers { fail_every: 2 }]);
+            }
+            assert!(f[2] < 0.5 * f[0], "failing half its requests: {f:?}");
+            for _ in 0..10 {
+                f = pool.run([HEALTHY; 3]);
+            }
+            assert!(
+                f[2] > 0.9 && f[0] < 1.1,
+                "10 intervals after the errors stopped: {f:?}"
+            );
+        }
     }
 }

@@ -7,7 +7,9 @@
 //! [`fulcrum_balance::TICK_INTERVAL`], off the request path:
 //!
 //! 1. **Dynamic weights** (seed 001, opt-in): every `dynamic_weights.interval`, the
-//!    backends' request/failure counters and latency estimates feed
+//!    backends' request/failure counters, success latency averages (without the peak-EWMA
+//!    failure penalty) and oldest in-flight ages
+//!    ([`fulcrum_balance::LiveBackend::dynamic_weight_signal`]) feed
 //!    [`fulcrum_stats::DynamicWeights`], which moves each backend's factor (bounded to
 //!    0.1..=10 × the configured weight) toward a target from its latency and error trend.
 //! 2. **Effective weights**: configured weight × dynamic factor × slow-start factor
@@ -103,11 +105,7 @@ fn update_dynamic_weights(state: &PoolState, analysis: &mut Analysis, now: u64) 
     let signals: Vec<BackendSignal> = state
         .backends
         .iter()
-        .map(|b| BackendSignal {
-            requests_total: b.live.requests(),
-            failures_total: b.live.failures(),
-            latency_ewma_ns: b.live.latency_estimate_ns(now),
-        })
+        .map(|b| b.live.dynamic_weight_signal(now))
         .collect();
     let Analysis {
         weights, factors, ..

@@ -202,8 +202,16 @@ pub enum AdminError {
 /// Latency figures of a backend, in milliseconds.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct LatencyMs {
-    /// Peak-EWMA estimate.
-    pub ewma: f64,
+    /// Time-decayed average (τ = `stats.ewma_decay`) of the time to the response head of
+    /// successful attempts, without failure penalty
+    /// ([`fulcrum_balance::LiveBackend::success_latency_ns`]); `null` before the first
+    /// success. What dynamic weights read.
+    pub ewma: Option<f64>,
+    /// The peak-EWMA cost estimate the `peak_ewma`-family strategies read, decayed to now
+    /// ([`fulcrum_balance::LiveBackend::latency_estimate_ns`]): jumps to a slower
+    /// response at once and is at least doubled by every failure (up to 60 000 ms), so
+    /// it is not a measured latency.
+    pub peak_ewma: f64,
     /// Median over the latency window; `null` without data.
     pub p50: Option<f64>,
     /// 99th percentile over the latency window; `null` without data.
@@ -954,7 +962,8 @@ impl Node {
                         .ejected_until_ns()
                         .map(|until| until.saturating_sub(now) as f64 / 1e9),
                     latency_ms: LatencyMs {
-                        ewma: live.latency_estimate_ns(now) / 1e6,
+                        ewma: live.success_latency_ns().map(|ns| ns / 1e6),
+                        peak_ewma: live.latency_estimate_ns(now) / 1e6,
                         p50: live.latency_quantile_ns(0.5, now).map(ms),
                         p99: live.latency_quantile_ns(0.99, now).map(ms),
                     },

@@ -3,15 +3,16 @@
 //! (Fulcrum design seed 001, "dynamic load adjustment").
 //!
 //! A pool's background task calls [`DynamicWeights::update`] on a fixed interval (e.g.
-//! every second) with each backend's cumulative counters and latency EWMA; the strategies
-//! read the resulting factors. The rule is a feedback loop in the spirit of Envoy's
+//! every second) with each backend's cumulative counters, the latency average of its
+//! successful attempts and the age of its oldest request in flight; the strategies read
+//! the resulting factors. The rule is a feedback loop in the spirit of Envoy's
 //! least-request weights and NGINX Plus' slow-start/`least_time`: scores relative to the
 //! pool median rather than absolute thresholds, so it is independent of the pool's latency
 //! scale, and a smoothed step so one noisy interval cannot swing traffic.
 
-/// Share of the smoothing step used for backends without traffic in an interval: they
-/// drift back toward 1 at a quarter of the normal speed, so a backend that was starved
-/// because it looked bad is eventually tried again.
+/// Share of the smoothing step used for backends without traffic in an interval (nothing
+/// completed, nothing in flight): they drift back toward 1 at a quarter of the normal
+/// speed, so a backend that was starved because it looked bad is eventually tried again.
 pub const IDLE_RECOVERY: f64 = 0.25;
 
 /// Settings of [`DynamicWeights`]; `Default` gives the documented defaults.
@@ -47,39 +48,57 @@ impl Default for DynamicWeightConfig {
 }
 
 /// One backend's input to an update: cumulative counters (monotonic; a decrease is read
-/// as a counter reset) and its current latency estimate.
+/// as a counter reset), its latency average and the age of its oldest request in flight.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BackendSignal {
     /// Requests completed since the backend was created.
     pub requests_total: u64,
     /// Of those, failed requests.
     pub failures_total: u64,
-    /// Latency EWMA in nanoseconds; 0 or non-finite means unknown (neutral score).
+    /// Latency average in nanoseconds, of successful requests and without any failure
+    /// penalty (errors are the error term's job; a penalised estimate here would count
+    /// them twice); 0 or non-finite means unknown.
     pub latency_ewma_ns: f64,
+    /// Age in nanoseconds of the backend's oldest request in flight now, 0 when none: a
+    /// lower bound of its current latency (a right-censored observation), so a backend
+    /// that stopped answering is seen before any of its requests completes.
+    pub in_flight_age_ns: u64,
 }
 
 /// The dynamic weight controller of one pool. Owned by one task (`&mut self`).
 ///
-/// Each [`update`](DynamicWeights::update), for every backend `i` with requests in the
-/// interval since the previous update ("active"):
+/// Each [`update`](DynamicWeights::update), for every backend `i` that completed requests
+/// in the interval since the previous update or has one in flight ("active"):
 ///
 /// ```text
-/// eᵢ  ← eᵢ + s·(failuresᵢ/requestsᵢ − eᵢ)                  (smoothed error rate)
+/// eᵢ  ← eᵢ + s·(failuresᵢ/requestsᵢ − eᵢ)                  (smoothed error rate; only
+///                                                           if requests completed)
+/// Lᵢ  = max(latencyᵢ, ageᵢ)                                 (latency input)
 /// tᵢ  = (L̃ / Lᵢ)^p · (1 − eᵢ)^q                             (raw target)
 /// tᵢ  ← clamp(tᵢ / mean_active(t), min_factor, max_factor)  (mean target 1)
 /// fᵢ  ← clamp(fᵢ + s·(tᵢ − fᵢ), min_factor, max_factor)     (smoothed step)
 /// ```
 ///
-/// where `Lᵢ` is the backend's latency EWMA, `L̃` the median latency of the active
-/// backends, `p = latency_exponent`, `q = error_exponent` and `s = smoothing`. A backend
-/// twice as slow as the median gets half the target of a median one (with `p = 1`); one
-/// failing 50 % of its requests a quarter (with `q = 2`). Backends with unknown latency get
-/// latency score 1; if every active target is 0 (all failing), all targets are 1, as
-/// nothing distinguishes them.
+/// where `latencyᵢ` is the backend's latency average ([`BackendSignal::latency_ewma_ns`],
+/// unpenalised), `ageᵢ` the age of its oldest request in flight, `L̃` the median of `Lᵢ`
+/// over the active backends with a known latency, `p = latency_exponent`,
+/// `q = error_exponent` and `s = smoothing`. A backend twice as slow as the median gets
+/// half the target of a median one (with `p = 1`); one failing 50 % of its requests a
+/// quarter and one failing 10 % `0.9² = 0.81` (with `q = 2`), relative to a healthy
+/// backend of median latency. Errors enter only through `eᵢ`. A backend with unknown
+/// latency counts as the median, or as its in-flight age when that is larger:
+/// `(L̃ / max(L̃, ageᵢ))^p`. If no active backend has a known latency, every latency
+/// score is 1; if every active target is 0 (all failing), all targets are 1, as nothing
+/// distinguishes them.
 ///
-/// A backend without requests in the interval keeps its error rate and moves toward 1:
-/// `fᵢ ← fᵢ + s·IDLE_RECOVERY·(1 − fᵢ)`. When the number of backends changes, the state is
-/// reset and every factor is set to 1 (the first interval only records the counters).
+/// Counting the in-flight age (as the `peak_ewma` strategy does, and NGINX Plus's
+/// `least_time … inflight`) is what makes a stalled backend visible: its requests never
+/// complete, so without it the backend would look idle and drift back toward 1.
+///
+/// A backend with nothing completed and nothing in flight in the interval keeps its error
+/// rate and moves toward 1: `fᵢ ← fᵢ + s·IDLE_RECOVERY·(1 − fᵢ)`. When the number of
+/// backends changes, the state is reset and every factor is set to 1 (the first interval
+/// only records the counters).
 #[derive(Clone, Debug)]
 pub struct DynamicWeights {
     config: DynamicWeightConfig,
@@ -163,15 +182,15 @@ impl DynamicWeights {
             if requests > 0 {
                 let rate = failures as f64 / requests as f64;
                 self.error_rates[i] += c.smoothing * (rate - self.error_rates[i]);
-                active[i] = true;
             }
+            active[i] = requests > 0 || s.in_flight_age_ns > 0;
         }
 
         let mut latencies: Vec<f64> = signals
             .iter()
             .zip(&active)
             .filter(|&(s, &a)| a && known_latency(s.latency_ewma_ns))
-            .map(|(s, _)| s.latency_ewma_ns)
+            .map(|(s, _)| latency_input(s))
             .collect();
         let median_latency = median(&mut latencies);
 
@@ -179,10 +198,13 @@ impl DynamicWeights {
             .iter()
             .zip(&self.error_rates)
             .map(|(s, &e)| {
+                let latency = if known_latency(s.latency_ewma_ns) {
+                    latency_input(s)
+                } else {
+                    median_latency.map_or(0.0, |m| m.max(s.in_flight_age_ns as f64))
+                };
                 let latency_score = match median_latency {
-                    Some(m) if known_latency(s.latency_ewma_ns) => {
-                        (m / s.latency_ewma_ns).powf(c.latency_exponent)
-                    }
+                    Some(m) if known_latency(latency) => (m / latency).powf(c.latency_exponent),
                     _ => 1.0,
                 };
                 latency_score * (1.0 - e).clamp(0.0, 1.0).powf(c.error_exponent)
@@ -221,6 +243,11 @@ impl DynamicWeights {
 
 fn known_latency(ns: f64) -> bool {
     ns.is_finite() && ns > 0.0
+}
+
+/// `Lᵢ = max(latencyᵢ, ageᵢ)` of a backend with a known latency average.
+fn latency_input(s: &BackendSignal) -> f64 {
+    s.latency_ewma_ns.max(s.in_flight_age_ns as f64)
 }
 
 /// `x` clamped to `lo..=hi`; NaN reads as 1 (then clamped).
@@ -314,6 +341,7 @@ mod tests {
             requests_total: 10,
             failures_total: 10,
             latency_ewma_ns: MS,
+            in_flight_age_ns: 0,
         };
         let mut f = vec![0.5, 7.0];
         w.update(&[s, s], &mut f);
@@ -328,13 +356,13 @@ mod tests {
         let mut w = DynamicWeights::new(DynamicWeightConfig::default());
         let busy = |n: u64| BackendSignal {
             requests_total: n,
-            failures_total: 0,
             latency_ewma_ns: MS,
+            ..BackendSignal::default()
         };
         let idle = BackendSignal {
             requests_total: 5,
-            failures_total: 0,
             latency_ewma_ns: 100.0 * MS,
+            ..BackendSignal::default()
         };
         let mut f = vec![1.0, 0.2];
         w.update(&[busy(0), idle], &mut f);
@@ -360,6 +388,7 @@ mod tests {
             requests_total: r,
             failures_total: fl,
             latency_ewma_ns: l,
+            in_flight_age_ns: 0,
         };
         w.update(&[sig(100, 0, MS), sig(100, 0, MS)], &mut f);
         f[0] = f64::NAN;
@@ -372,11 +401,72 @@ mod tests {
         }
     }
 
-    fn signal() -> impl Strategy<Value = (u64, u64, f64)> {
+    #[test]
+    fn stalled_backend_with_requests_in_flight_falls_below_the_healthy_ones() {
+        let mut w = DynamicWeights::new(DynamicWeightConfig {
+            smoothing: 0.5,
+            ..DynamicWeightConfig::default()
+        });
+        let sig = |requests, age_ms: u64| BackendSignal {
+            requests_total: requests,
+            latency_ewma_ns: 5.0 * MS,
+            in_flight_age_ns: age_ms * 1_000_000,
+            ..BackendSignal::default()
+        };
+        let mut f = vec![1.0; 3];
+        w.update(&[sig(0, 0), sig(0, 0), sig(0, 0)], &mut f);
+        // Backend 2 completes nothing more; its oldest request in flight ages 1 s a round
+        // (then stays at the clients' 3-s timeout).
+        for round in 1..=8u64 {
+            let age = (round * 1_000).min(3_000);
+            w.update(
+                &[sig(round * 30, 2), sig(round * 30, 4), sig(0, age)],
+                &mut f,
+            );
+            assert!(f[2] < f[0] && f[2] < f[1], "round {round}: {f:?}");
+        }
+        assert!((f[2] - 0.1).abs() < 0.01, "at the floor: {f:?}");
+        // Once nothing is in flight any more it is idle and drifts back up.
+        let before = f[2];
+        w.update(&[sig(270, 0), sig(270, 0), sig(0, 0)], &mut f);
+        assert!(f[2] > before, "{f:?}");
+    }
+
+    #[test]
+    fn unknown_latency_counts_as_the_median_or_its_in_flight_age() {
+        let mut w = DynamicWeights::new(DynamicWeightConfig {
+            smoothing: 1.0,
+            ..DynamicWeightConfig::default()
+        });
+        let sig = |requests, latency_ms: f64, age_ms: u64| BackendSignal {
+            requests_total: requests,
+            latency_ewma_ns: latency_ms * MS,
+            in_flight_age_ns: age_ms * 1_000_000,
+            ..BackendSignal::default()
+        };
+        let mut f = vec![1.0; 3];
+        w.update(&[sig(0, 10.0, 0); 3], &mut f);
+        // A young request on a backend without a latency average yet proves nothing:
+        // it counts as the median, not as a 1-ms backend.
+        w.update(
+            &[sig(10, 10.0, 0), sig(10, 10.0, 0), sig(0, 0.0, 1)],
+            &mut f,
+        );
+        assert!(f.iter().all(|&x| (x - 1.0).abs() < 1e-12), "{f:?}");
+        // One waiting 40 ms, four times the median, counts as 40 ms: targets 1, 1, 1/4.
+        w.update(
+            &[sig(20, 10.0, 0), sig(20, 10.0, 0), sig(0, 0.0, 40)],
+            &mut f,
+        );
+        assert!((f[2] - 0.25 / 0.75).abs() < 1e-9, "{f:?}");
+    }
+
+    fn signal() -> impl Strategy<Value = (u64, u64, f64, u64)> {
         (
             0u64..1_000,
             0u64..1_000,
             prop_oneof![Just(0.0), 1e3f64..1e10],
+            prop_oneof![Just(0u64), 1u64..100_000_000_000],
         )
     }
 
@@ -396,13 +486,14 @@ mod tests {
                 let signals: Vec<BackendSignal> = round
                     .iter()
                     .zip(totals.iter_mut())
-                    .map(|(&(req, fail, latency), total)| {
+                    .map(|(&(req, fail, latency, age), total)| {
                         total.0 += req;
                         total.1 += fail.min(req);
                         BackendSignal {
                             requests_total: total.0,
                             failures_total: total.1,
                             latency_ewma_ns: latency,
+                            in_flight_age_ns: age,
                         }
                     })
                     .collect();

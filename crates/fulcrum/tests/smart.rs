@@ -316,3 +316,81 @@ async fn dynamic_weights_lower_a_slow_backend_next_to_its_configured_weight() {
         assert!((0.1..=10.0).contains(&effective), "bounded: {b}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_weights_lower_a_stalled_backend_whose_requests_never_complete() {
+    let backends: Vec<Backend> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|name| Backend::start(name, &["--latency", "fixed:2ms"]))
+        .collect();
+    let node = Node::start(&simple_config(
+        "weighted_round_robin",
+        &backends.iter().collect::<Vec<_>>(),
+        "    dynamic_weights: { enabled: true, interval: 200ms, smoothing: 0.5 }\n    outlier_detection: { consecutive_failures: 0 }\n",
+    ));
+    // Clients that give up after 1 s, as the operator's did: an abandoned request leaves
+    // no outcome, so only the age of the requests in flight shows the stall.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = format!("{}/d", node.url("web"));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, url) = (std::sync::Arc::clone(&stop), url.clone());
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(1))
+                .build()
+                .expect("client");
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(response) = client.get(&url).send().await {
+                        let _ = response.bytes().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let factors = async || -> Option<Vec<(String, f64)>> {
+        let analysis = node.api("/api/pools/app/analysis").await;
+        analysis["weights"]
+            .as_array()?
+            .iter()
+            .map(|w| {
+                Some((
+                    w["address"].as_str()?.to_owned(),
+                    w["dynamic_factor"].as_f64()?,
+                ))
+            })
+            .collect()
+    };
+    // Traffic flows through all three first.
+    eventually(DEADLINE, "requests on every backend", async || {
+        let backends = node.api("/api/pools/app/backends").await;
+        let all = backends["backends"].as_array()?;
+        all.iter()
+            .all(|b| b["requests"].as_u64().unwrap_or(0) >= 20)
+            .then_some(())
+    })
+    .await;
+
+    backends[2].control("latency=fixed:60s").await;
+    let stalled = backends[2].address();
+    let seen = eventually(
+        DEADLINE,
+        "the stalled backend's factor to fall below the healthy ones",
+        async || {
+            let factors = factors().await?;
+            let (own, others): (Vec<_>, Vec<_>) =
+                factors.iter().partition(|(address, _)| *address == stalled);
+            let own = own.first()?.1;
+            (own < 0.5 && others.iter().all(|(_, f)| *f > own)).then_some(factors)
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client task");
+    }
+    for (address, factor) in &seen {
+        assert!((0.1..=10.0).contains(factor), "{address}: {factor} bounded");
+    }
+}
