@@ -1336,7 +1336,8 @@ pub struct BackendSummary {
     pub address: String,
     /// This node's view of its health.
     pub health: BackendHealth,
-    /// Latency EWMA, milliseconds (encoded to 0.1 ms).
+    /// Latency EWMA of the backend's successful attempts (time to the response head),
+    /// milliseconds, encoded to 0.1 ms; 0 before the first success.
     pub ewma_ms: f64,
     /// Recent error rate, 0 to 1 (encoded to 0.001).
     pub error_rate: f64,

@@ -34,7 +34,6 @@ use fulcrum_config::{
 };
 use fulcrum_proxy::Node;
 use fulcrum_proxy::spec::node_spec;
-use fulcrum_stats::clock::now_ns;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -1457,7 +1456,6 @@ impl ControlPlane {
                 _ = tick.tick() => {}
             }
             let now = Instant::now();
-            let now_n = now_ns();
             let full = now.duration_since(last_load) >= c.config.publish_interval;
             // 1. Publish this node's view of its backends.
             let mut keys = std::collections::HashSet::new();
@@ -1472,7 +1470,9 @@ impl ControlPlane {
                         pool: pool.name().to_owned(),
                         address: b.address.to_string(),
                         health,
-                        ewma_ms: live.latency_estimate_ns(now_n) / 1e6,
+                        // The measured latency, as the backends API's `latency_ms.ewma`
+                        // (not the failure-penalised peak-EWMA cost).
+                        ewma_ms: live.success_latency_ns().unwrap_or(0.0) / 1e6,
                         error_rate: 0.0,
                         in_flight: live.in_flight(),
                     };
