@@ -19,15 +19,19 @@
 //!    their parameters, table-based ones rebuild after weight changes.
 //! 4. **Rate analysis**: each complete second's request count feeds the pool's
 //!    [`fulcrum_stats::RateAnalyzer`] (moving averages, Holt forecast, robust anomaly
-//!    detection); anomalies are logged, counted in `fulcrum_traffic_anomalies_total` and
-//!    kept for `GET /api/pools/{pool}/analysis`.
+//!    detection). Anomalies come as episodes (one per incident, not one per anomalous
+//!    second): each is logged when it starts (warn) and when it ends (info), counted once
+//!    in `fulcrum_traffic_anomalies_total` when it starts, and kept for
+//!    `GET /api/pools/{pool}/analysis`.
 
 use std::sync::Arc;
 
 use fulcrum_balance::slow_start::effective_weight;
 use fulcrum_balance::{PoolView, TICK_INTERVAL};
 use fulcrum_stats::clock::{duration_ns, now_ns};
-use fulcrum_stats::{BackendSignal, DynamicWeights, RateAnalyzer};
+use fulcrum_stats::{
+    AnomalyEpisode, AnomalyEvent, AnomalyKind, BackendSignal, DynamicWeights, RateAnalyzer,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{Analysis, Pool, PoolState};
@@ -117,26 +121,24 @@ fn update_dynamic_weights(state: &PoolState, analysis: &mut Analysis, now: u64) 
 
 fn analyse_rate(pool: &Pool, state: &PoolState, analysis: &mut Analysis, now: u64) {
     if analysis.rate_config != state.settings.analysis {
+        // The new analyzer starts without history: an ongoing episode ends here.
+        if let Some(e) = analysis.rate.ongoing() {
+            report(
+                pool,
+                &AnomalyEvent::Ended(AnomalyEpisode {
+                    ended: true,
+                    ..e.clone()
+                }),
+            );
+        }
         analysis.rate_config = state.settings.analysis.clone();
         analysis.rate = RateAnalyzer::new(analysis.rate_config.clone());
     }
     let since = analysis.last_second.unwrap_or(0);
     let seconds = pool.rate().completed_seconds(since, now);
     for &(second, count) in &seconds {
-        if let Some(anomaly) = analysis.rate.push(second, count) {
-            let metrics = pool.metrics();
-            match anomaly.kind {
-                fulcrum_stats::AnomalyKind::Spike => metrics.spikes.inc(),
-                fulcrum_stats::AnomalyKind::Drop => metrics.drops.inc(),
-            };
-            tracing::warn!(
-                pool = %pool.name(),
-                kind = anomaly.kind.name(),
-                observed = anomaly.observed,
-                forecast = anomaly.forecast,
-                score = anomaly.score,
-                "request-rate anomaly"
-            );
+        for event in analysis.rate.push(second, count) {
+            report(pool, &event);
         }
         analysis.last_second = Some(second);
     }
@@ -146,5 +148,39 @@ fn analyse_rate(pool: &Pool, state: &PoolState, analysis: &mut Analysis, now: u6
         if let Some(forecast) = analysis.rate.forecast() {
             metrics.rate_forecast.set(forecast);
         }
+    }
+}
+
+/// Logs an anomaly episode's start (warn) or end (info, with its duration and peak), and
+/// counts its start in `fulcrum_traffic_anomalies_total`.
+fn report(pool: &Pool, event: &AnomalyEvent) {
+    match event {
+        AnomalyEvent::Started(e) => {
+            let metrics = pool.metrics();
+            match e.kind {
+                AnomalyKind::Spike => metrics.spikes.inc(),
+                AnomalyKind::Drop => metrics.drops.inc(),
+            };
+            tracing::warn!(
+                pool = %pool.name(),
+                kind = e.kind.name(),
+                second = e.start,
+                observed = e.observed,
+                forecast = e.forecast,
+                score = e.score,
+                "request-rate anomaly started"
+            );
+        }
+        AnomalyEvent::Ended(e) => tracing::info!(
+            pool = %pool.name(),
+            kind = e.kind.name(),
+            second = e.start,
+            duration_secs = e.duration_secs(),
+            anomalous_secs = e.seconds,
+            peak = e.peak,
+            forecast = e.forecast,
+            max_score = e.score,
+            "request-rate anomaly ended"
+        ),
     }
 }

@@ -55,7 +55,7 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
-/// Labels of traffic anomalies.
+/// Labels of traffic anomaly episodes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AnomalyLabels {
     /// Pool name.
@@ -342,7 +342,7 @@ impl Metrics {
         let anomalies = Family::<AnomalyLabels, Counter>::default();
         registry.register(
             "fulcrum_traffic_anomalies",
-            "Request-rate anomalies (spikes and drops against the Holt forecast)",
+            "Request-rate anomaly episodes (spikes and drops against the Holt forecast), counted once when each starts",
             anomalies.clone(),
         );
         let rate = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
@@ -735,9 +735,9 @@ pub struct PoolMetrics {
     pub queue_timeouts: Counter,
     /// Requests waiting in the pool queue now.
     pub queue_length: Gauge,
-    /// Rate spikes detected.
+    /// Rate spike episodes started (one per episode, not per anomalous second).
     pub spikes: Counter,
-    /// Rate drops detected.
+    /// Rate drop episodes started (one per episode, not per anomalous second).
     pub drops: Counter,
     /// Last complete second's request rate.
     pub rate: Gauge<f64, AtomicU64>,

@@ -297,21 +297,33 @@ pub struct RatePoint {
     pub requests: u64,
 }
 
-/// A detected request-rate anomaly.
+/// A request-rate anomaly episode: consecutive anomalous seconds in one direction (see
+/// [`fulcrum_stats::anomaly`]). Rates are in requests per second.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct AnomalyStatus {
-    /// Second index of the node's monotonic clock.
+    /// Its first anomalous second (index of the node's monotonic clock, in seconds).
     pub second: u64,
-    /// How many seconds ago (at the time of the API call).
+    /// How many seconds ago it started (at the time of the API call).
     pub age_secs: u64,
     /// `spike` or `drop`.
     pub kind: &'static str,
-    /// Requests observed in that second.
+    /// Requests observed in its first second.
     pub observed: f64,
-    /// Requests the Holt forecast expected.
+    /// Requests the Holt forecast expected for its first second.
     pub forecast: f64,
-    /// Robust z-score (|observed − forecast| / MAD-based scale).
+    /// Largest robust z-score (|observed − forecast| / MAD-based scale) of its seconds.
     pub score: f64,
+    /// Whether it is still going on.
+    pub ongoing: bool,
+    /// Its last anomalous second once it has ended; `None` (null) while ongoing.
+    pub end_second: Option<u64>,
+    /// Seconds from its first to its last anomalous second so far, both included.
+    pub duration_secs: u64,
+    /// Anomalous seconds in it (at most `duration_secs`: one normal second may be
+    /// tolerated between two anomalous ones).
+    pub seconds: u64,
+    /// Highest (spike) or lowest (drop) count among its anomalous seconds.
+    pub peak_rate: f64,
 }
 
 /// A backend's weights, as `GET /api/pools/{pool}/analysis` shows them.
@@ -345,9 +357,9 @@ pub struct PoolAnalysis {
     pub trend: Option<f64>,
     /// Holt forecast of the next second's rate.
     pub forecast: Option<f64>,
-    /// Recent anomalies, oldest first.
+    /// Recent anomaly episodes (at most 100), oldest first; the ongoing one, if any, last.
     pub anomalies: Vec<AnomalyStatus>,
-    /// Anomalies since the analysis (re)started.
+    /// Anomaly episodes started since the analysis (re)started.
     pub anomalies_total: u64,
     /// Whether dynamic weights are on.
     pub dynamic_weights: bool,
@@ -1037,12 +1049,17 @@ impl Node {
                 .anomalies
                 .iter()
                 .map(|a| AnomalyStatus {
-                    second: a.second,
-                    age_secs: current_second.saturating_sub(a.second),
+                    second: a.start,
+                    age_secs: current_second.saturating_sub(a.start),
                     kind: a.kind.name(),
                     observed: a.observed,
                     forecast: a.forecast,
                     score: a.score,
+                    ongoing: !a.ended,
+                    end_second: a.end(),
+                    duration_secs: a.duration_secs(),
+                    seconds: a.seconds,
+                    peak_rate: a.peak,
                 })
                 .collect(),
             anomalies_total: snapshot.anomalies_total,

@@ -47,6 +47,15 @@ impl Holt {
         });
     }
 
+    /// Restarts the smoother at `level` with `trend` (units of the series per step), as if
+    /// its state had just been estimated; non-finite values are ignored. For a level
+    /// shift, which the smoothing alone would absorb only over many steps.
+    pub fn restart(&mut self, level: f64, trend: f64) {
+        if level.is_finite() && trend.is_finite() {
+            self.state = Some((level, trend));
+        }
+    }
+
     /// The forecast for the next observation, `ℓ + b`; `None` before the first one.
     pub fn forecast(&self) -> Option<f64> {
         self.state.map(|(level, trend)| level + trend)
@@ -107,6 +116,21 @@ mod tests {
         assert!((trend - 3.0).abs() < 0.01, "trend {trend}");
         // Next value is 100 + 3·200 = 700.
         assert!((forecast - 700.0).abs() < 0.1, "forecast {forecast}");
+    }
+
+    #[test]
+    fn restart_replaces_level_and_trend() {
+        let mut h = Holt::new(0.5, 0.1);
+        h.restart(5.0, 1.0);
+        assert_eq!(h.forecast(), Some(6.0));
+        for t in 0..50 {
+            h.update(10.0 + f64::from(t));
+        }
+        h.restart(200.0, 0.5);
+        h.restart(f64::NAN, 0.0);
+        assert_eq!((h.level(), h.trend()), (Some(200.0), Some(0.5)));
+        h.update(200.5);
+        assert_eq!(h.forecast(), Some(201.0));
     }
 
     #[test]

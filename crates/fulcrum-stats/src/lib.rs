@@ -34,7 +34,9 @@ pub mod path;
 pub mod rate;
 pub mod weights;
 
-pub use anomaly::{AnalysisConfig, Anomaly, AnomalyKind, RateAnalyzer, RateSnapshot};
+pub use anomaly::{
+    AnalysisConfig, AnomalyEpisode, AnomalyEvent, AnomalyKind, RateAnalyzer, RateSnapshot,
+};
 pub use classify::{Classifier, RequestClass};
 pub use endpoint::{EndpointConfig, EndpointSnapshot, EndpointStats, EndpointTable};
 pub use ewma::{Ewma, PeakEwma};

@@ -281,6 +281,22 @@ async fn an_injected_rate_spike_is_reported_as_an_anomaly() {
         analysis["series"].as_array().is_some_and(|s| s.len() >= 10),
         "{analysis}"
     );
+    // Reported as an episode: its span, whether it is over, and its peak.
+    let spike = analysis["anomalies"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["kind"] == "spike"))
+        .expect("a spike, found above");
+    assert!(
+        spike["peak_rate"].as_f64() >= spike["forecast"].as_f64(),
+        "{spike}"
+    );
+    assert!(spike["duration_secs"].as_u64() >= Some(1), "{spike}");
+    assert!(spike["seconds"].as_u64() >= Some(1), "{spike}");
+    assert_eq!(
+        spike["ongoing"].as_bool(),
+        Some(spike["end_second"].is_null()),
+        "{spike}"
+    );
     assert!(
         node.metrics()
             .await
