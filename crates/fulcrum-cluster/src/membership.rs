@@ -817,52 +817,25 @@ async fn track_live_set(
                 if changed.is_err() {
                     return;
                 }
-                // Other identities with this node's id are not peers: they are this
-                // node's earlier generations or a copy (`NodeIdConflict`).
-                let live: Vec<ChitchatId> = live_nodes
-                    .borrow_and_update()
-                    .keys()
-                    .filter(|id| id.node_id != self_id.node_id)
-                    .cloned()
-                    .collect();
+                let live = peers(&live_nodes.borrow_and_update(), &self_id);
                 let events = {
                     let chitchat = chitchat.lock().await;
-                    let left = |id: &ChitchatId| {
-                        chitchat
-                            .node_state(id)
-                            .is_some_and(|state| state.get(KEY_STATUS) == Some(STATUS_LEFT))
-                    };
                     let now = Instant::now();
                     let mut tracker = shared.tracker.lock();
                     let hold = tracker.hold_deadline(now, interval);
-                    tracker.apply_live_set(&live, left, now, unix_ms(), hold)
+                    tracker.apply_live_set(&live, |id| has_left(&chitchat, id), now, unix_ms(), hold)
                 };
-                for (event, id) in events {
-                    log_event(&event, &id);
-                    // No receiver is fine: the history keeps it.
-                    let _ = shared.events.send(event);
-                }
+                publish(&shared, events);
             }
             _ = tick.tick() => {
                 let chitchat = chitchat.lock().await;
                 let now = Instant::now();
                 let mut tracker = shared.tracker.lock();
                 tracker.hold_deadline(now, interval);
-                let live: Vec<ChitchatId> = live_nodes
-                    .borrow()
-                    .keys()
-                    .filter(|id| id.node_id != self_id.node_id)
-                    .cloned()
-                    .collect();
-                let left = |id: &ChitchatId| {
-                    chitchat
-                        .node_state(id)
-                        .is_some_and(|state| state.get(KEY_STATUS) == Some(STATUS_LEFT))
-                };
-                for (event, id) in tracker.expire_held(&live, left, now, unix_ms()) {
-                    log_event(&event, &id);
-                    let _ = shared.events.send(event);
-                }
+                let live = peers(&live_nodes.borrow(), &self_id);
+                let events =
+                    tracker.expire_held(&live, |id| has_left(&chitchat, id), now, unix_ms());
+                publish(&shared, events);
                 tracker.observe(&chitchat, &self_id, now, unix_ms());
                 tracker.find_conflicts(
                     &self_id,
@@ -873,6 +846,32 @@ async fn track_live_set(
                 );
             }
         }
+    }
+}
+
+/// The live identities of `live_set` other than this node's. Other identities with this
+/// node's id are not peers either: they are its earlier generations or a copy
+/// ([`NodeIdConflict`]).
+fn peers(live_set: &BTreeMap<ChitchatId, NodeState>, self_id: &ChitchatId) -> Vec<ChitchatId> {
+    live_set
+        .keys()
+        .filter(|id| id.node_id != self_id.node_id)
+        .cloned()
+        .collect()
+}
+
+/// Whether `id` published `status=left` ([`Membership::leave`]).
+fn has_left(chitchat: &Chitchat, id: &ChitchatId) -> bool {
+    chitchat
+        .node_state(id)
+        .is_some_and(|state| state.get(KEY_STATUS) == Some(STATUS_LEFT))
+}
+
+/// Logs `events` and sends them to the subscribers (none is fine: the history keeps them).
+fn publish(shared: &Shared, events: Vec<(ClusterEvent, ChitchatId)>) {
+    for (event, id) in events {
+        log_event(&event, &id);
+        let _ = shared.events.send(event);
     }
 }
 
