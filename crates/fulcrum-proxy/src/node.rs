@@ -147,6 +147,40 @@ pub enum NodeError {
     },
 }
 
+/// A listener change a reload cannot apply ([`Node::listener_change`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerChange {
+    /// The listener's index in `listeners`; `None` when their number changed.
+    pub index: Option<usize>,
+    /// The changed key of that listener (`listen`, `tls`, ...); empty with no index.
+    pub key: &'static str,
+    /// What changed, naming the listener.
+    pub what: String,
+}
+
+impl ListenerChange {
+    /// The configuration path of the change: `listeners[0].listen`, or `listeners`.
+    pub fn path(&self) -> String {
+        match self.index {
+            Some(i) => format!("listeners[{i}].{}", self.key),
+            None => "listeners".to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenerChange {
+    /// What changed, and that the running configuration stays until a restart.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; the running configuration stays (listener names, addresses, protocols, \
+             timeouts, `max_connections` and TLS on or off take effect on restart; routes, \
+             rate limits and certificates reload)",
+            self.what
+        )
+    }
+}
+
 /// Reads listener `name`'s certificate and key per `settings` and builds its TLS state.
 fn listener_tls(
     name: &str,
@@ -744,40 +778,57 @@ impl Node {
     }
 
     fn check_listeners_unchanged(&self, spec: &NodeSpec) -> Result<(), NodeError> {
+        match self.listener_change(spec) {
+            Some(change) => Err(NodeError::ListenersChanged(change.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// What `spec` changes in the running listeners that only a restart can apply (their
+    /// number, and per listener its name, address, protocol, timeouts, `max_connections`,
+    /// TLS on or off), the first such change in configured order; `None` when a reload
+    /// can take `spec`'s listeners. [`Node::reload`] refuses a `spec` with a change.
+    pub fn listener_change(&self, spec: &NodeSpec) -> Option<ListenerChange> {
         let running = &self.inner.listeners;
         if running.len() != spec.listeners.len() {
-            return Err(NodeError::ListenersChanged(format!(
-                "{} listener(s) running, {} configured",
-                running.len(),
-                spec.listeners.len()
-            )));
+            return Some(ListenerChange {
+                index: None,
+                key: "",
+                what: format!(
+                    "{} listener(s) running, {} configured",
+                    running.len(),
+                    spec.listeners.len()
+                ),
+            });
         }
-        for (r, s) in running.iter().zip(&spec.listeners) {
+        for (index, (r, s)) in running.iter().zip(&spec.listeners).enumerate() {
             let same_addr = s.listen == r.local_addr
                 || (s.listen.port() == 0 && s.listen.ip() == r.local_addr.ip());
-            let what = if *r.name != *s.name {
-                Some(format!("`name` (running `{}`)", r.name))
+            let (key, what) = if *r.name != *s.name {
+                ("name", format!("`name` changed (running `{}`)", r.name))
             } else if !same_addr {
-                Some(format!("`listen` (running on {})", r.local_addr))
+                (
+                    "listen",
+                    format!("`listen` changed (running on {})", r.local_addr),
+                )
             } else if r.protocol != s.protocol {
-                Some("`protocol`".to_owned())
+                ("protocol", "`protocol` changed".to_owned())
             } else if r.timeouts != s.timeouts {
-                Some("`timeouts`".to_owned())
+                ("timeouts", "`timeouts` changed".to_owned())
             } else if r.max_connections != s.max_connections {
-                Some("`max_connections`".to_owned())
+                ("max_connections", "`max_connections` changed".to_owned())
             } else if r.tls.is_some() != s.tls.is_some() {
-                Some("`tls` on or off".to_owned())
+                ("tls", "`tls` turned on or off".to_owned())
             } else {
-                None
+                continue;
             };
-            if let Some(what) = what {
-                return Err(NodeError::ListenersChanged(format!(
-                    "listener `{}`: {what} changed; the running configuration stays (listener names, addresses, protocols, timeouts, `max_connections` and TLS on or off take effect on restart; routes, rate limits and certificates reload)",
-                    s.name
-                )));
-            }
+            return Some(ListenerChange {
+                index: Some(index),
+                key,
+                what: format!("listener `{}`: {what}", s.name),
+            });
         }
-        Ok(())
+        None
     }
 
     /// Re-reads the certificate and key files of every TLS listener and the CA file (or

@@ -316,10 +316,17 @@ fn reload_from(
     let backends: usize = config.pools.values().map(|p| p.backends.len()).sum();
     control.set_base(config.clone()).map_err(|error| {
         // Located in the file when the file itself is at fault (a backend name that does
-        // not resolve): resolved again only on this error path.
+        // not resolve, a listener change that needs a restart): resolved again only on
+        // this error path.
         match spec_located(&config, Some(path), Some(1)) {
             Err(located) => located,
-            Ok(_) => error,
+            Ok(spec) => match control.node().listener_change(&spec) {
+                Some(change) => {
+                    fulcrum_config::diagnostic_at(path, &change.path(), change.to_string())
+                        .to_string()
+                }
+                None => error,
+            },
         }
     })?;
     let overrides = runtime_overrides(&config, &control.shared());

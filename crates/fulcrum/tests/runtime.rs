@@ -340,6 +340,13 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
         message.contains("listener `web`: `timeouts` changed"),
         "{body}"
     );
+    // Located at the key, as every other refusal of the file is: the `timeouts` key is
+    // on line 6 of the file (admin: 2 lines, listeners:, - name:, listen:).
+    let located = format!(
+        "{}:6:15: listeners[0].timeouts: listener `web`",
+        node.config.path().display()
+    );
+    assert!(message.contains(&located), "expected `{located}` in {body}");
 
     // A backend name that does not resolve: refused, located at its field in the file.
     let (status, body) = node
