@@ -573,9 +573,11 @@ struct QueueRefused;
 /// in-flight count without recording an outcome. A failure of one copy — a transport
 /// failure, or a server-error answer (5xx; a gRPC server error in an HTTP/2 head) — does
 /// not end the race: it is recorded and the other copy awaited, so a hedge never turns a
-/// success into an error, and only a successful second copy counts as a hedge won. When
-/// both fail, the caller gets the later error answer if either copy answered, else the
-/// later transport failure, unrecorded, to record (and retry as it would any attempt).
+/// success into an error, and only a successful second copy counts as a hedge won. An
+/// error answer's failure is recorded when it arrives, with its own latency. When both
+/// fail, the caller gets the later error answer if either copy answered (already
+/// recorded: the guard ignores a second outcome), else the later transport failure,
+/// unrecorded; it records and retries it as it would any attempt.
 #[allow(clippy::too_many_arguments)]
 async fn hedged(
     r: &Request0<'_>,
@@ -634,6 +636,15 @@ async fn hedged(
         guard.cancel(now_ns());
         state.runtimes[loser.0].metrics.cancelled.inc();
     };
+    // A held error answer that does not go to the client is counted as a response, like
+    // a 5xx that is retried (its failure was recorded when it arrived).
+    let discard = |copy: BackendId, held: Outcome| {
+        if let Outcome::Response(response, _) = held {
+            state.runtimes[copy.0]
+                .metrics
+                .response(response.status().as_u16());
+        }
+    };
     let ids = [first, second];
     let mut guards = [Some(first_guard), Some(second_guard)];
     let mut copies = [Copy::Running, Copy::Running];
@@ -656,23 +667,27 @@ async fn hedged(
                 }
                 match std::mem::replace(&mut copies[j], Copy::Failed) {
                     Copy::Running => abandon(ids[j], guard(&mut guards, j)),
-                    Copy::Held(_) => {
-                        record_failure(r.pool, state, ids[j].0, &guard(&mut guards, j));
-                    }
+                    Copy::Held(held) => discard(ids[j], *held),
                     Copy::Failed => {}
                 }
                 return (ids[i], guard(&mut guards, i), outcome);
             }
             // A server error: the other copy may still succeed, so the client waits for
-            // it (a hedge must never turn a success into an error).
+            // it (a hedge must never turn a success into an error). Its failure is
+            // recorded now, with its own latency; if it reaches the client after all,
+            // the caller's recording of it is ignored (a guard records one outcome).
             Outcome::Response(..) => match std::mem::replace(&mut copies[j], Copy::Failed) {
                 Copy::Running => {
                     copies[j] = Copy::Running;
+                    let held = guards[i]
+                        .as_ref()
+                        .expect("a copy's guard is taken once, when the race ends");
+                    record_failure(r.pool, state, ids[i].0, held);
                     copies[i] = Copy::Held(Box::new(outcome));
                 }
                 Copy::Failed => return (ids[i], guard(&mut guards, i), outcome),
-                Copy::Held(_) => {
-                    record_failure(r.pool, state, ids[j].0, &guard(&mut guards, j));
+                Copy::Held(held) => {
+                    discard(ids[j], *held);
                     return (ids[i], guard(&mut guards, i), outcome);
                 }
             },
@@ -707,7 +722,8 @@ enum Copy {
     /// Failed, or settled otherwise; its failure is recorded (or, for a keep-alive race,
     /// not the backend's).
     Failed,
-    /// Answered with a server error, held back (unrecorded) while the other copy runs.
+    /// Answered with a server error (its failure recorded), held back while the other
+    /// copy runs.
     Held(Box<Outcome>),
 }
 

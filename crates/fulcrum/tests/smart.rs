@@ -150,11 +150,15 @@ async fn a_hedge_that_fails_never_turns_a_slow_success_into_an_error() {
     let slow_status = node.backend("app", &slow.address()).await;
     assert_eq!(slow_status["cancelled"], 0, "{slow_status}");
     assert_eq!(slow.stats().await["requests"], 6, "{slow_status}");
-    // The failing backend's answers count as its failures.
+    // The failing backend's answers count as its failures, and as 5xx responses in the
+    // metrics, the held-back ones included: 3 first attempts (retried) and 3 hedges.
     let failing_status = node.backend("app", &failing.address()).await;
-    assert!(
-        failing_status["errors"].as_u64() >= Some(6),
-        "{failing_status}"
+    assert_eq!(failing_status["errors"], 6, "{failing_status}");
+    let failing_5xx = format!("backend=\"{}\",code_class=\"5xx\"", failing.address());
+    assert_eq!(
+        metric_value(&metrics, "fulcrum_requests_total", &failing_5xx),
+        Some(6.0),
+        "{metrics}"
     );
 }
 
