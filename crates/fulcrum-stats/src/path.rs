@@ -37,8 +37,8 @@ pub const MIN_HEX_ID_LEN: usize = 16;
 /// What the rest of a path beyond the bounds becomes.
 pub const REST_SEGMENT: &str = "{rest}";
 
-/// Segments of a normalised path (the empty one before a leading `/` included) before the
-/// rest becomes [`REST_SEGMENT`].
+/// Segments of a normalised path after its first `/` (`/a/b` has two) before the rest
+/// becomes [`REST_SEGMENT`].
 pub const MAX_SEGMENTS: usize = 16;
 
 /// Bytes of a normalised path, separators included, that segments may fill before the
@@ -133,8 +133,9 @@ fn for_each_path_piece(path: &str, mut f: impl FnMut(&str)) {
             None => (rest, None),
         };
         let piece = if is_id(segment) { ID_SEGMENT } else { segment };
-        // The first segment is at most MAX_SEGMENT_LEN bytes: the bound never cuts it.
-        if segments == MAX_SEGMENTS || bytes + piece.len() > MAX_PATH_BYTES {
+        // The first segment (before the first `/`, empty in an origin-form path) is at
+        // most MAX_SEGMENT_LEN bytes and not counted: the bound never cuts it.
+        if segments > MAX_SEGMENTS || bytes + piece.len() > MAX_PATH_BYTES {
             f(REST_SEGMENT);
             return;
         }
@@ -267,8 +268,11 @@ mod tests {
     fn long_paths_are_cut_to_a_bounded_key() {
         let many: String = (0..5000).map(|i| format!("/seg{}x", i % 7)).collect();
         let key = endpoint_key("GET", &many);
-        // The empty segment before the leading `/` and 15 more.
-        assert_eq!(key, format!("GET {}/{{rest}}", &many[..15 * 6]));
+        // Sixteen segments, then the rest.
+        assert_eq!(key, format!("GET {}/{{rest}}", &many[..16 * 6]));
+        let sixteen: String = (0..16).map(|i| format!("/s{i}")).collect();
+        assert_eq!(norm(&sixteen), sixteen);
+        assert_eq!(norm(&format!("{sixteen}/x")), format!("{sixteen}/{{rest}}"));
         let wide: String = (0..100).map(|_| format!("/{}", "a".repeat(60))).collect();
         let key = endpoint_key("GET", &wide);
         assert!(
