@@ -271,6 +271,33 @@ fn status_table(body: &Value) -> String {
         ("health merge", s(&body["health_merge"])),
         ("config version", s(&body["config_version"])),
     ];
+    let mut kv = kv;
+    let refused = &body["config_refused"];
+    if refused.is_object() {
+        kv.push((
+            "REFUSED config",
+            format!(
+                "version {} by {}: {}",
+                s(&refused["version"]),
+                s(&refused["written_by"]),
+                s(&refused["error"])
+            ),
+        ));
+    }
+    for conflict in body["node_id_conflicts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        kv.push((
+            "NODE ID CONFLICT",
+            format!(
+                "another live node uses this node's id at {} (generation {})",
+                s(&conflict["gossip_addr"]),
+                s(&conflict["generation"])
+            ),
+        ));
+    }
     for (k, v) in kv {
         out.push_str(&format!("{k:<15} {v}\n"));
     }
@@ -419,5 +446,31 @@ mod tests {
         assert!(text.contains("n1 (self)"), "{text}");
         assert!(text.contains("alive"), "{text}");
         assert!(text.contains("10.0"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_a_refused_configuration_and_node_id_conflicts() {
+        let status = serde_json::json!({
+            "node_id": "n3", "cluster_id": "c", "config_version": 4,
+            "members": {"alive": 3, "failed": 0, "left": 0},
+            "leader": {"leader": "n1", "token": null},
+            "coordination": {"kind": "none", "available": true},
+            "config_refused": {"version": 5, "written_by": "n1", "error": "pools.app.backends: empty", "at_ms": 1},
+            "node_id_conflicts": [{"node_id": "n3", "gossip_addr": "127.0.0.1:7947", "generation": 42}],
+            "backends": []
+        });
+        let text = status_table(&status);
+        assert!(
+            text.contains("REFUSED config  version 5 by n1: pools.app.backends: empty"),
+            "{text}"
+        );
+        assert!(text.contains("NODE ID CONFLICT"), "{text}");
+        assert!(text.contains("127.0.0.1:7947 (generation 42)"), "{text}");
+        let quiet = serde_json::json!({"config_refused": null, "node_id_conflicts": []});
+        let text = status_table(&quiet);
+        assert!(
+            !text.contains("REFUSED") && !text.contains("CONFLICT"),
+            "{text}"
+        );
     }
 }
