@@ -23,6 +23,10 @@
 //!    second): each is logged when it starts (warn) and when it ends (info), counted once
 //!    in `fulcrum_traffic_anomalies_total` when it starts, and kept for
 //!    `GET /api/pools/{pool}/analysis`.
+//! 5. **Endpoint table sweep**: every 10 s a full endpoint table drops the endpoints seen
+//!    once and idle, or idle for the latency window
+//!    ([`fulcrum_stats::EndpointTable::evict_when_full`]), counted in
+//!    `fulcrum_endpoints_evicted_total`.
 
 use std::sync::Arc;
 
@@ -68,7 +72,23 @@ pub fn tick(pool: &Pool, now: u64) {
         PoolView::new(&state.backends, &[], panic).with_total_in_flight(pool.active_requests());
     state.strategy.tick(&view, now);
     analyse_rate(pool, &state, &mut analysis, now);
+    if now.saturating_sub(analysis.endpoints_swept_ns) >= duration_ns(ENDPOINT_SWEEP) {
+        analysis.endpoints_swept_ns = now;
+        let evicted = state.endpoints.evict_when_full(now);
+        if evicted > 0 {
+            pool.metrics().endpoints_evicted.inc_by(evicted as u64);
+            tracing::info!(
+                pool = %pool.name(),
+                evicted,
+                kept = state.endpoints.len(),
+                "endpoint table was full: endpoints seen once or idle were dropped to make room"
+            );
+        }
+    }
 }
+
+/// How often a full endpoint table is swept ([`fulcrum_stats::EndpointTable::evict_when_full`]).
+const ENDPOINT_SWEEP: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn update_dynamic_weights(state: &PoolState, analysis: &mut Analysis, now: u64) {
     let same_backends = analysis.factor_addresses.len() == state.backends.len()

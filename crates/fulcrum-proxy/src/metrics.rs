@@ -210,6 +210,7 @@ pub struct Metrics {
     hedges: Family<PoolLabels, Counter>,
     hedges_won: Family<PoolLabels, Counter>,
     queued: Family<PoolLabels, Counter>,
+    endpoints_evicted: Family<PoolLabels, Counter>,
     queue_rejections: Family<QueueRejectionLabels, Counter>,
     queue_length: Family<PoolLabels, Gauge>,
     anomalies: Family<AnomalyLabels, Counter>,
@@ -338,6 +339,12 @@ impl Metrics {
             "fulcrum_pool_queue_length",
             "Requests waiting in the pool queue now",
             queue_length.clone(),
+        );
+        let endpoints_evicted = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "fulcrum_endpoints_evicted",
+            "Endpoints dropped from a full endpoint table (seen once and idle 10 s, or idle for the latency window) to make room for new ones",
+            endpoints_evicted.clone(),
         );
         let anomalies = Family::<AnomalyLabels, Counter>::default();
         registry.register(
@@ -490,6 +497,7 @@ impl Metrics {
             duration,
             upstream_errors,
             retries,
+            endpoints_evicted,
             hedges,
             hedges_won,
             queued,
@@ -599,7 +607,13 @@ impl Metrics {
         let labels = PoolLabels {
             pool: pool.to_owned(),
         };
-        for family in [&self.retries, &self.hedges, &self.hedges_won, &self.queued] {
+        for family in [
+            &self.retries,
+            &self.hedges,
+            &self.hedges_won,
+            &self.queued,
+            &self.endpoints_evicted,
+        ] {
             family.remove(&labels);
         }
         self.queue_length.remove(&labels);
@@ -635,6 +649,7 @@ impl Metrics {
             hedges: self.hedges.get_or_create_owned(&labels),
             hedges_won: self.hedges_won.get_or_create_owned(&labels),
             queued: self.queued.get_or_create_owned(&labels),
+            endpoints_evicted: self.endpoints_evicted.get_or_create_owned(&labels),
             queue_full: self
                 .queue_rejections
                 .get_or_create_owned(&QueueRejectionLabels {
@@ -729,6 +744,8 @@ pub struct PoolMetrics {
     pub hedges_won: Counter,
     /// Requests that waited in the pool queue.
     pub queued: Counter,
+    /// Endpoints evicted from the pool's full endpoint table.
+    pub endpoints_evicted: Counter,
     /// Requests refused because the pool queue was full.
     pub queue_full: Counter,
     /// Requests refused after waiting `queue.timeout`.

@@ -400,6 +400,8 @@ pub struct Analysis {
     pub factor_addresses: Vec<Arc<str>>,
     /// When dynamic weights were last updated, clock ns.
     pub weights_updated_ns: u64,
+    /// When the endpoint table was last swept, clock ns.
+    pub endpoints_swept_ns: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -429,6 +431,7 @@ impl Pool {
                 factors: Vec::new(),
                 factor_addresses: Vec::new(),
                 weights_updated_ns: 0,
+                endpoints_swept_ns: 0,
             }),
             state: ArcSwap::from_pointee(state),
             health_generation: AtomicU64::new(1),

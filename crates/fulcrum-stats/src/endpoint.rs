@@ -14,9 +14,12 @@
 //!
 //! The table is bounded: after [`EndpointConfig::max_endpoints`] distinct endpoints, new
 //! ones share one overflow entry (key [`OVERFLOW_KEY`]), so a client requesting random
-//! URLs cannot grow memory. Endpoints are never evicted; a pool's table lives as long as
-//! the pool.
+//! URLs cannot grow memory. A full table is swept by the pool's background task
+//! ([`EndpointTable::evict_when_full`]): endpoints seen once and not since
+//! [`EVICTION_GRACE`], or not used within the latency window, make room again, so a
+//! past scan of random URLs does not keep new real endpoints out for good.
 
+use arc_swap::ArcSwap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -44,6 +47,10 @@ const HISTOGRAM_SLOTS: usize = 4;
 
 /// An empty slot of the duration ring (durations are clamped below it).
 const EMPTY: u64 = u64::MAX;
+
+/// How long after its last use an endpoint of a full table is kept even if it was seen
+/// only once (10 s): long enough for its first request to complete and a second to come.
+pub const EVICTION_GRACE: Duration = Duration::from_secs(10);
 
 /// Per-endpoint statistics settings; `Default` gives the seed-000 values.
 #[derive(Clone, Debug, PartialEq)]
@@ -120,6 +127,8 @@ pub struct EndpointStats {
     histogram: WindowedHistogram,
     class: AtomicU8,
     classifier: Classifier,
+    /// Clock ns of the last record, or of the creation before any.
+    last_used_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for EndpointStats {
@@ -154,6 +163,7 @@ impl EndpointStats {
             histogram: WindowedHistogram::new(config.latency_window, HISTOGRAM_SLOTS),
             class: AtomicU8::new(RequestClass::Unknown.to_u8()),
             classifier: config.classifier,
+            last_used_ns: AtomicU64::new(crate::clock::now_ns()),
         }
     }
 
@@ -178,6 +188,7 @@ impl EndpointStats {
         self.max_ns.fetch_max(duration_ns, Ordering::Relaxed);
         self.ewma.observe(duration_ns, now_ns);
         self.histogram.record(duration_ns, now_ns);
+        self.last_used_ns.store(now_ns, Ordering::Relaxed);
 
         let previous = self.class.load(Ordering::Relaxed);
         let next = self
@@ -294,18 +305,35 @@ impl EndpointStats {
 /// lookup is lock-free and performs no shared write on the table: it hashes the request
 /// with [`endpoint_hash`], probes with acquire loads, and confirms the key by streaming
 /// comparison (no allocation). Slots are filled once and never cleared, so no reader can
-/// see a slot change under it. The slot index mixes the FNV hash with a per-table random
+/// see a slot change under it; [`EndpointTable::evict_when_full`] builds a new slot array
+/// and swaps it in whole (`arc-swap`: a lookup loads the current array without a lock). The slot index mixes the FNV hash with a per-table random
 /// seed, so a client cannot choose paths that pile up in one probe run.
 pub struct EndpointTable {
     config: EndpointConfig,
-    slots: Box<[OnceLock<Arc<EndpointStats>>]>,
-    /// `slots.len() - 1` (a power of two minus one).
+    /// The slots; replaced whole by [`EndpointTable::evict_when_full`].
+    slots: ArcSwap<Slots>,
+    /// Slots per array minus one (a power of two minus one).
     mask: usize,
     seed: u64,
     max_endpoints: usize,
-    len: AtomicUsize,
     overflow: Arc<EndpointStats>,
     overflowed: AtomicU64,
+    evicted: AtomicU64,
+}
+
+/// One generation of the table's slots and how many are taken.
+struct Slots {
+    slots: Box<[OnceLock<Arc<EndpointStats>>]>,
+    len: AtomicUsize,
+}
+
+impl Slots {
+    fn new(capacity: usize) -> Self {
+        Self {
+            slots: (0..capacity).map(|_| OnceLock::new()).collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for EndpointTable {
@@ -326,13 +354,13 @@ impl EndpointTable {
         let max_endpoints = config.max_endpoints.min(MAX_ENDPOINTS_LIMIT);
         let capacity = (max_endpoints * 2).next_power_of_two().max(2);
         Self {
-            slots: (0..capacity).map(|_| OnceLock::new()).collect(),
+            slots: ArcSwap::from_pointee(Slots::new(capacity)),
             mask: capacity - 1,
             seed: RandomState::new().hash_one(0x5eed_u64),
             max_endpoints,
-            len: AtomicUsize::new(0),
             overflow: Arc::new(EndpointStats::new(OVERFLOW_KEY.to_string(), &config)),
             overflowed: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             config,
         }
     }
@@ -346,24 +374,32 @@ impl EndpointTable {
     /// exists (cloning the returned `Arc` increments the endpoint's own reference count).
     pub fn get(&self, method: &str, path: &str) -> Arc<EndpointStats> {
         let hash = endpoint_hash(method, path);
+        let table = self.slots.load();
         let mut i = self.index_of(hash);
-        for _ in 0..self.slots.len() {
-            match self.slots[i].get() {
+        for _ in 0..table.slots.len() {
+            match table.slots[i].get() {
                 Some(stats) if stats.hash == hash && key_matches(&stats.key, method, path) => {
                     return Arc::clone(stats);
                 }
                 Some(_) => i = (i + 1) & self.mask,
-                None => return self.insert(i, hash, method, path),
+                None => return self.insert(&table, i, hash, method, path),
             }
         }
         self.overflow()
     }
 
-    /// Inserts the endpoint at the first free slot from `start`, or finds it there if
-    /// another thread inserted it meanwhile.
+    /// Inserts the endpoint at the first free slot of `table` from `start`, or finds it
+    /// there if another thread inserted it meanwhile.
     #[cold]
-    fn insert(&self, start: usize, hash: u64, method: &str, path: &str) -> Arc<EndpointStats> {
-        let reserved = self
+    fn insert(
+        &self,
+        table: &Slots,
+        start: usize,
+        hash: u64,
+        method: &str,
+        path: &str,
+    ) -> Arc<EndpointStats> {
+        let reserved = table
             .len
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_endpoints).then_some(n + 1)
@@ -373,9 +409,9 @@ impl EndpointTable {
             return self.overflow();
         }
         let mut i = start;
-        for _ in 0..self.slots.len() {
+        for _ in 0..table.slots.len() {
             let mut created = false;
-            let stats = self.slots[i].get_or_init(|| {
+            let stats = table.slots[i].get_or_init(|| {
                 created = true;
                 Arc::new(EndpointStats::with_hash(
                     endpoint_key(method, path),
@@ -388,14 +424,56 @@ impl EndpointTable {
             }
             if stats.hash == hash && key_matches(&stats.key, method, path) {
                 // Another thread created it first: give the reservation back.
-                self.len.fetch_sub(1, Ordering::AcqRel);
+                table.len.fetch_sub(1, Ordering::AcqRel);
                 return Arc::clone(stats);
             }
             i = (i + 1) & self.mask;
         }
         // Unreachable while len ≤ max_endpoints < slots.len(); degrade, do not panic.
-        self.len.fetch_sub(1, Ordering::AcqRel);
+        table.len.fetch_sub(1, Ordering::AcqRel);
         self.overflow()
+    }
+
+    /// When the table is full, replaces its slots with only the endpoints worth keeping:
+    /// those used within [`EVICTION_GRACE`], and those seen at least twice and used within
+    /// the latency window ([`EndpointConfig::latency_window`]). The rest — typically the
+    /// single requests of a scan of random URLs — are dropped, so that new endpoints get
+    /// their own statistics again instead of sharing the overflow entry. Kept endpoints
+    /// keep their statistics (the same objects move). Returns how many were evicted (0
+    /// when the table is not full). For the pool's background task, off the request path:
+    /// O(slots), allocates a new slot array. An endpoint created by a request while the
+    /// sweep runs may be dropped with the old slots; its next request creates it again.
+    pub fn evict_when_full(&self, now_ns: u64) -> usize {
+        let current = self.slots.load_full();
+        let before = current.len.load(Ordering::Acquire);
+        if before < self.max_endpoints {
+            return 0;
+        }
+        let grace = crate::clock::duration_ns(EVICTION_GRACE);
+        let window = crate::clock::duration_ns(self.config.latency_window);
+        let next = Slots::new(current.slots.len());
+        let mut kept = 0;
+        for stats in current.slots.iter().filter_map(OnceLock::get) {
+            let idle = now_ns.saturating_sub(stats.last_used_ns.load(Ordering::Relaxed));
+            if idle > grace && (stats.count() < 2 || idle > window) {
+                continue;
+            }
+            let mut i = self.index_of(stats.hash);
+            while next.slots[i].set(Arc::clone(stats)).is_err() {
+                i = (i + 1) & self.mask;
+            }
+            kept += 1;
+        }
+        next.len.store(kept, Ordering::Release);
+        self.slots.store(Arc::new(next));
+        let evicted = before.saturating_sub(kept);
+        self.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+        evicted
+    }
+
+    /// Endpoints evicted by [`EndpointTable::evict_when_full`] since the table was built.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     fn overflow(&self) -> Arc<EndpointStats> {
@@ -421,7 +499,7 @@ impl EndpointTable {
 
     /// Distinct endpoints tracked (excluding the overflow entry); at most `max_endpoints`.
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
+        self.slots.load().len.load(Ordering::Acquire)
     }
 
     /// Whether no endpoint has been seen yet.
@@ -438,6 +516,8 @@ impl EndpointTable {
     /// by request count, highest first (ties by key). Allocates; for the admin API.
     pub fn snapshot(&self, now_ns: u64) -> Vec<EndpointSnapshot> {
         let mut all: Vec<EndpointSnapshot> = self
+            .slots
+            .load()
             .slots
             .iter()
             .filter_map(OnceLock::get)
@@ -566,6 +646,49 @@ mod tests {
 
         let z = table(0);
         assert_eq!(z.get("GET", "/a").key(), OVERFLOW_KEY);
+    }
+
+    #[test]
+    fn a_full_table_evicts_one_off_and_idle_endpoints_and_keeps_the_rest() {
+        let t = table(4);
+        let now = crate::clock::now_ns();
+        let grace = crate::clock::duration_ns(EVICTION_GRACE);
+        let window = crate::clock::duration_ns(EndpointConfig::default().latency_window);
+        // A real endpoint, used often and recently.
+        let users = t.get("GET", "/users");
+        users.record(5 * MS, false, now);
+        users.record(5 * MS, false, now + 2 * grace);
+        // A scan: one request each.
+        for path in ["/x1", "/x2", "/x3"] {
+            t.get("GET", path).record(MS, false, now);
+        }
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.get("GET", "/orders").key(), OVERFLOW_KEY, "full");
+        // Not full: nothing to do.
+        assert_eq!(table(4).evict_when_full(now), 0);
+
+        // Within the grace period everything stays.
+        assert_eq!(t.evict_when_full(now + grace / 2), 0);
+        // After it, the one-off requests go; the repeated endpoint stays, with its data.
+        let later = now + 2 * grace;
+        assert_eq!(t.evict_when_full(later), 3);
+        assert_eq!(t.evicted(), 3);
+        assert_eq!(t.len(), 1);
+        let kept = t.get("GET", "/users");
+        assert!(Arc::ptr_eq(&kept, &users), "the same statistics moved");
+        assert_eq!(kept.count(), 2);
+        // New endpoints get their own entries again.
+        assert_eq!(t.get("GET", "/orders").key(), "GET /orders");
+        assert_eq!(t.len(), 2);
+        // A repeated endpoint idle for longer than the latency window goes too.
+        for path in ["/a", "/b"] {
+            t.get("GET", path);
+        }
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.evict_when_full(later + window + grace), 4);
+        assert!(t.is_empty());
+        let keys: Vec<String> = t.snapshot(later).into_iter().map(|s| s.key).collect();
+        assert!(!keys.contains(&"GET /users".to_string()), "{keys:?}");
     }
 
     #[test]

@@ -243,6 +243,49 @@ async fn tail_aware_moves_traffic_off_a_stalled_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_endpoint_table_makes_room_after_a_scan() {
+    let b = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config(
+        "round_robin",
+        &[&b],
+        "    stats: { max_endpoints: 3 }\n",
+    ));
+    let client = client();
+    let get = async |path: &str| {
+        let response = client
+            .get(format!("{}{path}", node.url("web")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+    };
+    // A real endpoint, used twice; then a scan fills the table.
+    get("/users").await;
+    get("/users").await;
+    for path in ["/scan-a", "/scan-b", "/scan-c"] {
+        get(path).await;
+    }
+    get("/orders").await;
+    assert_eq!(node.endpoint("app", "* {other}").await["count"], 2);
+    // The table holds /users and the first two scanned paths. Within two sweeps (10 s
+    // grace, 10 s period) the two one-off requests leave; the real endpoint stays with
+    // its statistics and the next new one gets its own entry.
+    eventually(
+        Duration::from_secs(60),
+        "the scan's endpoints are evicted",
+        async || {
+            let metrics = node.metrics().await;
+            (metric_value(&metrics, "fulcrum_endpoints_evicted_total", "pool=\"app\"")? == 2.0)
+                .then_some(())
+        },
+    )
+    .await;
+    get("/orders").await;
+    assert_eq!(node.endpoint("app", "GET /orders").await["count"], 1);
+    assert_eq!(node.endpoint("app", "GET /users").await["count"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injected_rate_spike_is_reported_as_an_anomaly() {
     let b1 = Backend::start("b1", &["--latency", "fixed:1ms"]);
     let node = Node::start(&simple_config(
