@@ -602,8 +602,11 @@ impl Membership {
                     .collect(),
                 last_seen_ms,
             };
+            let incumbent = tracker.live.get(&*id.node_id) == Some(id);
             match newest.get(&member.node_id) {
-                Some(listed) if listing_rank(listed) >= listing_rank(&member) => {}
+                Some(listed)
+                    if listing_rank(listed, listed_incumbent(&tracker, listed))
+                        >= listing_rank(&member, incumbent) => {}
                 _ => {
                     newest.insert(member.node_id.clone(), member);
                 }
@@ -785,15 +788,25 @@ impl Membership {
     }
 }
 
-/// Which of several identities of one node id [`Membership::members`] lists: self, then an
+/// Which of several identities of one node id [`Membership::members`] lists: self, then the
+/// one the event feed lists as live (`incumbent`: see [`Tracker::apply_live_set`]), then an
 /// alive one, then the newest generation. (A restart's new generation is alive and newest;
-/// a copy refused for its duplicate id is newest but gone, while the original lives on.)
-fn listing_rank(member: &Member) -> (bool, bool, u64) {
+/// a copy refused for its duplicate id is newest, but the original is the incumbent while
+/// it lives, and the copy is gone afterwards.)
+fn listing_rank(member: &Member, incumbent: bool) -> (bool, bool, bool, u64) {
     (
         member.is_self,
+        incumbent,
         member.state == MemberState::Alive,
         member.generation,
     )
+}
+
+/// Whether `member` is the identity `tracker` lists as live for its node id.
+fn listed_incumbent(tracker: &Tracker, member: &Member) -> bool {
+    tracker.live.get(&member.node_id).is_some_and(|id| {
+        id.generation_id == member.generation && id.gossip_advertise_addr == member.gossip_addr
+    })
 }
 
 /// Turns changes of chitchat's live set into events, and samples heartbeats every gossip
@@ -1035,6 +1048,19 @@ impl Tracker {
                 _ => {
                     current.insert(id.node_id.to_string(), id.clone());
                 }
+            }
+        }
+        // A newer identity on another address while the listed one is still live is a
+        // restart on a new port (the old identity times out within the failure
+        // detector's bound) or a copy with the same id, which stops on its own
+        // (`NodeIdConflict`): the listed one stays until it drops out, so a copy never
+        // shows as a join.
+        for (node_id, listed) in &previous {
+            if let Some(newest) = current.get_mut(node_id)
+                && newest.gossip_advertise_addr != listed.gossip_advertise_addr
+                && live.contains(listed)
+            {
+                *newest = listed.clone();
             }
         }
 
@@ -1649,7 +1675,7 @@ mod tests {
             values: BTreeMap::new(),
             last_seen_ms: None,
         };
-        let rank = |m: &Member| listing_rank(m);
+        let rank = |m: &Member| listing_rank(m, false);
         // A restart: the new generation wins.
         assert!(
             rank(&member(2, MemberState::Alive, false))
@@ -1723,6 +1749,33 @@ mod tests {
         );
         assert_eq!(kinds(&e), [(EventKind::NodeLeft, "a")]);
         assert!(t.held.is_empty());
+    }
+
+    #[test]
+    fn a_copy_on_another_address_is_no_join_and_a_restart_on_a_new_port_joins_late() {
+        let mut t = Tracker::default();
+        let now = Instant::now();
+        let never_left = |_: &ChitchatId| false;
+        let e = t.apply_live_set(&[at("a", 1, 7000)], never_left, now, 1, None);
+        assert_eq!(kinds(&e), [(EventKind::NodeJoined, "a")]);
+        // A copy with the same id appears, then stops: no event, the original stays listed.
+        let both = [at("a", 1, 7000), at("a", 2, 7001)];
+        assert!(t.apply_live_set(&both, never_left, now, 2, None).is_empty());
+        assert_eq!(t.live["a"], at("a", 1, 7000));
+        assert!(
+            t.apply_live_set(&[at("a", 1, 7000)], never_left, now, 3, None)
+                .is_empty()
+        );
+        // A restart on a new port: the new generation joins once the old one times out.
+        let both = [at("a", 1, 7000), at("a", 3, 7002)];
+        assert!(t.apply_live_set(&both, never_left, now, 4, None).is_empty());
+        let e = t.apply_live_set(&[at("a", 3, 7002)], never_left, now, 5, None);
+        assert_eq!(kinds(&e), [(EventKind::NodeJoined, "a")]);
+        assert_eq!(e[0].1, at("a", 3, 7002));
+        // A restart on the same address joins at once, as before.
+        let both = [at("a", 3, 7002), at("a", 4, 7002)];
+        let e = t.apply_live_set(&both, never_left, now, 6, None);
+        assert_eq!(kinds(&e), [(EventKind::NodeJoined, "a")]);
     }
 
     #[test]

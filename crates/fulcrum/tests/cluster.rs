@@ -1548,6 +1548,7 @@ async fn a_second_node_started_with_a_used_node_id_stops_and_the_first_stays_lis
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port");
+    let peer_events = cluster.node(1).api("/api/cluster/status").await["events"].clone();
 
     // A copy of node-1's configuration on another gossip port.
     let mut copy = Node::start(&node_yaml(
@@ -1588,6 +1589,9 @@ async fn a_second_node_started_with_a_used_node_id_stops_and_the_first_stays_lis
     let status = cluster.node(0).api("/api/cluster/status").await;
     assert_eq!(status["members"]["alive"], 2, "{status}");
     assert!(status["node_id_conflicts"].is_array(), "{status}");
+    // The copy never showed as a join (or a departure) on the peer.
+    let after = cluster.node(1).api("/api/cluster/status").await["events"].clone();
+    assert_eq!(after, peer_events, "no membership event for the copy");
     // The original keeps serving.
     let response = client()
         .get(format!("{}/", cluster.node(0).url("web")))
