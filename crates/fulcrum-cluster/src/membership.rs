@@ -628,6 +628,14 @@ impl Membership {
             .collect()
     }
 
+    /// How long after start this node has usually found a live node already using its id,
+    /// if there is one ([`Membership::startup_conflict`]): `CONFLICT_ROUNDS` (10) gossip
+    /// intervals of proof plus three for the first exchanges. Writes in this node's name
+    /// that a copy must not make (its record in the coordination store) wait this long.
+    pub fn conflict_check_time(&self) -> Duration {
+        self.inner.interval * (CONFLICT_ROUNDS + 3)
+    }
+
     /// The first [`NodeIdConflict`] found within 30 s of this node's start in which this
     /// node is the newer one: an operator started a second node with an id a live node
     /// already uses, and this copy should stop (`fulcrum run` exits with status 2). `None`

@@ -1683,6 +1683,7 @@ impl ControlPlane {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heartbeat: Option<Instant> = None;
+        let started = Instant::now();
         let mut last_persist = Instant::now();
         let mut last_chores = Instant::now();
         let mut was_up = true;
@@ -1702,7 +1703,11 @@ impl ControlPlane {
             }
             was_up = health.available;
             let now = Instant::now();
-            if last_heartbeat.is_none_or(|t| now.duration_since(t) >= heartbeat_every) {
+            // A copy started with a live node's id finds out within the conflict check
+            // time and stops: until then it must not overwrite that node's record.
+            let settled = now.duration_since(started) >= c.membership.conflict_check_time()
+                && c.membership.startup_conflict().is_none();
+            if settled && last_heartbeat.is_none_or(|t| now.duration_since(t) >= heartbeat_every) {
                 let record = NodeRecord {
                     node_id: c.config.node_id.clone(),
                     admin: c.admin.clone(),
