@@ -562,7 +562,8 @@ impl Membership {
         let now = Instant::now();
         let now_ms = unix_ms();
         let mut tracker = self.inner.shared.tracker.lock();
-        let mut newest: BTreeMap<String, Member> = BTreeMap::new();
+        // Per node id, the identity listed so far and its rank.
+        let mut newest: BTreeMap<String, (ListingRank, Member)> = BTreeMap::new();
         for (id, state) in chitchat.node_states() {
             let is_self = *id == self.inner.self_id;
             let alive = is_self || live.contains(id) || tracker.is_held(id);
@@ -602,17 +603,15 @@ impl Membership {
                     .collect(),
                 last_seen_ms,
             };
-            let incumbent = tracker.live.get(&*id.node_id) == Some(id);
+            let rank = listing_rank(&member, tracker.live.get(&*id.node_id) == Some(id));
             match newest.get(&member.node_id) {
-                Some(listed)
-                    if listing_rank(listed, listed_incumbent(&tracker, listed))
-                        >= listing_rank(&member, incumbent) => {}
+                Some((listed, _)) if *listed >= rank => {}
                 _ => {
-                    newest.insert(member.node_id.clone(), member);
+                    newest.insert(member.node_id.clone(), (rank, member));
                 }
             }
         }
-        newest.into_values().collect()
+        newest.into_values().map(|(_, member)| member).collect()
     }
 
     /// Live nodes gossiping under this node's id, as [`NodeIdConflict`] describes; empty
@@ -801,7 +800,7 @@ impl Membership {
 /// alive one, then the newest generation. (A restart's new generation is alive and newest;
 /// a copy refused for its duplicate id is newest, but the original is the incumbent while
 /// it lives, and the copy is gone afterwards.)
-fn listing_rank(member: &Member, incumbent: bool) -> (bool, bool, bool, u64) {
+fn listing_rank(member: &Member, incumbent: bool) -> ListingRank {
     (
         member.is_self,
         incumbent,
@@ -810,12 +809,8 @@ fn listing_rank(member: &Member, incumbent: bool) -> (bool, bool, bool, u64) {
     )
 }
 
-/// Whether `member` is the identity `tracker` lists as live for its node id.
-fn listed_incumbent(tracker: &Tracker, member: &Member) -> bool {
-    tracker.live.get(&member.node_id).is_some_and(|id| {
-        id.generation_id == member.generation && id.gossip_advertise_addr == member.gossip_addr
-    })
-}
+/// [`listing_rank`]: self, incumbent, alive, generation; higher is listed.
+type ListingRank = (bool, bool, bool, u64);
 
 /// Turns changes of chitchat's live set into events, and samples heartbeats every gossip
 /// interval for [`Member::last_seen_ms`] and [`NodeIdConflict`]s. Ends when the

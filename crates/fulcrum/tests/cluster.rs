@@ -143,6 +143,14 @@ async fn members(node: &Node) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The gossip address `node` reports for itself.
+async fn gossip_addr(node: &Node) -> String {
+    node.api("/api/cluster/status").await["gossip_addr"]
+        .as_str()
+        .expect("gossip_addr")
+        .to_owned()
+}
+
 async fn all_alive(cluster: &Cluster, n: usize) {
     for node in cluster.running() {
         eventually(DEADLINE, "every node lists every node alive", async || {
@@ -970,10 +978,7 @@ async fn a_node_without_seeds_joins_through_the_api() {
         "",
     ));
     assert_eq!(members(&lonely).await.len(), 1);
-    let seed = cluster.node(0).api("/api/cluster/status").await["gossip_addr"]
-        .as_str()
-        .expect("gossip_addr")
-        .to_owned();
+    let seed = gossip_addr(cluster.node(0)).await;
     let (status, body) = lonely
         .api_post("/api/cluster/join", Some(json!({ "seed": seed })))
         .await;
@@ -1283,10 +1288,7 @@ async fn a_write_made_before_joining_survives_the_join() {
         body["write"]["version"].as_u64() < Some(cluster_version),
         "written before joining: {body}"
     );
-    let seed = cluster.node(0).api("/api/cluster/status").await["gossip_addr"]
-        .as_str()
-        .expect("gossip_addr")
-        .to_owned();
+    let seed = gossip_addr(cluster.node(0)).await;
     let (status, body) = alone
         .api_post("/api/cluster/join", Some(json!({ "seed": seed })))
         .await;
@@ -1539,10 +1541,7 @@ async fn a_second_node_started_with_a_used_node_id_stops_and_the_first_stays_lis
     let b = Backend::start("b1", &[]);
     let cluster = Cluster::start(2, &Coordination::None, &[&b], &[]);
     all_alive(&cluster, 2).await;
-    let first = cluster.node(0).api("/api/cluster/status").await["gossip_addr"]
-        .as_str()
-        .expect("gossip_addr")
-        .to_owned();
+    let first = gossip_addr(cluster.node(0)).await;
     let first_port: u16 = first
         .rsplit(':')
         .next()
