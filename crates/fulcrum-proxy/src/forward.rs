@@ -665,10 +665,10 @@ async fn hedged(
                     r.pool.metrics().hedges_won.inc();
                     state.strategy.note_hedge(true);
                 }
-                match std::mem::replace(&mut copies[j], Copy::Failed) {
-                    Copy::Running => abandon(ids[j], guard(&mut guards, j)),
-                    Copy::Held(held) => discard(ids[j], *held),
-                    Copy::Failed => {}
+                if let Some(held) = copies[j].take_held() {
+                    discard(ids[j], *held);
+                } else if matches!(copies[j], Copy::Running) {
+                    abandon(ids[j], guard(&mut guards, j));
                 }
                 return (ids[i], guard(&mut guards, i), outcome);
             }
@@ -676,39 +676,33 @@ async fn hedged(
             // it (a hedge must never turn a success into an error). Its failure is
             // recorded now, with its own latency; if it reaches the client after all,
             // the caller's recording of it is ignored (a guard records one outcome).
-            Outcome::Response(..) => match std::mem::replace(&mut copies[j], Copy::Failed) {
-                Copy::Running => {
-                    copies[j] = Copy::Running;
+            Outcome::Response(..) => {
+                if matches!(copies[j], Copy::Running) {
                     let held = guards[i]
                         .as_ref()
                         .expect("a copy's guard is taken once, when the race ends");
                     record_failure(r.pool, state, ids[i].0, held);
                     copies[i] = Copy::Held(Box::new(outcome));
+                    continue;
                 }
-                Copy::Failed => return (ids[i], guard(&mut guards, i), outcome),
-                Copy::Held(held) => {
+                // Both answered errors: the later goes to the client.
+                if let Some(held) = copies[j].take_held() {
                     discard(ids[j], *held);
+                }
+                return (ids[i], guard(&mut guards, i), outcome);
+            }
+            Outcome::Failed { keepalive_race, .. } => {
+                if matches!(copies[j], Copy::Failed) {
                     return (ids[i], guard(&mut guards, i), outcome);
                 }
-            },
-            Outcome::Failed { keepalive_race, .. } => {
-                match std::mem::replace(&mut copies[j], Copy::Failed) {
-                    Copy::Running => {
-                        copies[j] = Copy::Running;
-                        if !keepalive_race {
-                            record_failure(r.pool, state, ids[i].0, &guard(&mut guards, i));
-                        }
-                        copies[i] = Copy::Failed;
-                    }
-                    Copy::Failed => return (ids[i], guard(&mut guards, i), outcome),
-                    // The other copy's error answer goes to the client, which learns
-                    // more from it than from a transport failure.
-                    Copy::Held(held) => {
-                        if !keepalive_race {
-                            record_failure(r.pool, state, ids[i].0, &guard(&mut guards, i));
-                        }
-                        return (ids[j], guard(&mut guards, j), *held);
-                    }
+                if !keepalive_race {
+                    record_failure(r.pool, state, ids[i].0, &guard(&mut guards, i));
+                }
+                copies[i] = Copy::Failed;
+                // The other copy's error answer goes to the client, which learns more
+                // from it than from a transport failure.
+                if let Some(held) = copies[j].take_held() {
+                    return (ids[j], guard(&mut guards, j), *held);
                 }
             }
         }
@@ -725,6 +719,20 @@ enum Copy {
     /// Answered with a server error (its failure recorded), held back while the other
     /// copy runs.
     Held(Box<Outcome>),
+}
+
+impl Copy {
+    /// The held answer, leaving the copy `Failed`; `None` (and the copy unchanged) when
+    /// it holds none.
+    fn take_held(&mut self) -> Option<Box<Outcome>> {
+        match std::mem::replace(self, Copy::Failed) {
+            Copy::Held(held) => Some(held),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
 }
 
 /// Whether a response head is a failure of the backend: a 5xx status, or over HTTP/2 a
