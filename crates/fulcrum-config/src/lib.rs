@@ -38,7 +38,6 @@
 //! );
 //! ```
 
-#![warn(missing_docs)]
 
 mod env;
 mod error;
