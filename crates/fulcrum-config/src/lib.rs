@@ -38,7 +38,6 @@
 //! );
 //! ```
 
-
 mod env;
 mod error;
 mod locate;

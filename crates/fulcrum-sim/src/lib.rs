@@ -22,7 +22,6 @@
 //! Every response carries `x-backend: <name>`. Errors use the project's shape
 //! `{"error":{"code":…,"message":…}}`.
 
-
 mod args;
 mod error;
 pub mod latency;
