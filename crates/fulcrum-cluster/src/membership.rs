@@ -78,8 +78,16 @@ pub const KEY_LOAD: &str = "load";
 /// Key: the node's lifecycle status; only [`STATUS_LEFT`] is interpreted.
 pub const KEY_STATUS: &str = "status";
 /// Key: the shared configuration when coordination is `none`: [`ConfigDoc::encode`], the
-/// version, a newline, then the JSON document.
+/// version, a newline, then the JSON document — when it fits in one entry
+/// ([`MAX_ENTRY_BYTES`]); a larger one is split over [`KEY_CONFIG_DOC_PART`] keys.
 pub const KEY_CONFIG_DOC: &str = "config_doc";
+/// Prefix of the keys of a shared configuration too large for [`KEY_CONFIG_DOC`]: part `i`
+/// is under `config_doc_part:<i>`, its value the version, a newline, `<i>/<count>`, a
+/// newline, then that slice of the JSON ([`ConfigDoc::entries`]).
+pub const KEY_CONFIG_DOC_PART: &str = "config_doc_part:";
+/// Most parts a shared configuration is split into: [`ConfigDoc::MAX_JSON_BYTES`] is
+/// this many parts of a little under [`MAX_ENTRY_BYTES`] (about 1.5 MiB in all).
+pub const MAX_CONFIG_DOC_PARTS: usize = 32;
 /// Key: the node's hold on the leader lease of the coordination store: `leading:<token>`,
 /// `stepped_down:<token>` (it does not lead; the last lease it held, with that fencing
 /// token, it gave up — if the store still names it leader with that token, the release
@@ -225,6 +233,17 @@ pub enum MembershipError {
         /// Key plus value length in bytes.
         len: usize,
         /// [`MAX_ENTRY_BYTES`].
+        max: usize,
+    },
+    /// A shared configuration document is larger than [`ConfigDoc::MAX_JSON_BYTES`].
+    #[error(
+        "the shared configuration is {len} bytes of JSON, over the {max}-byte limit of \
+         what gossip carries ({MAX_CONFIG_DOC_PARTS} parts)"
+    )]
+    DocumentTooLarge {
+        /// The document's JSON length in bytes.
+        len: usize,
+        /// [`ConfigDoc::MAX_JSON_BYTES`].
         max: usize,
     },
     /// Chitchat did not start.
@@ -1505,9 +1524,106 @@ impl ConfigDoc {
         })
     }
 
-    /// The config document a member publishes, if any and well-formed.
+    /// The config document a member publishes, if any and well-formed: whole under
+    /// [`KEY_CONFIG_DOC`], or reassembled from its [`KEY_CONFIG_DOC_PART`] keys when every
+    /// part of one version has arrived (gossip carries a node's keys one by one, so a peer
+    /// may hold some parts of a newer version beside others of an older one: then `None`).
     pub fn of(member: &Member) -> Option<ConfigDoc> {
-        ConfigDoc::decode(member.values.get(KEY_CONFIG_DOC)?)
+        ConfigDoc::from_values(&member.values)
+    }
+
+    /// [`ConfigDoc::of`] on a node's published key-values.
+    pub fn from_values(values: &BTreeMap<String, String>) -> Option<ConfigDoc> {
+        if let Some(whole) = values.get(KEY_CONFIG_DOC) {
+            return ConfigDoc::decode(whole);
+        }
+        let (version, first) = Self::part(values, 0)?;
+        let (_, count, text) = first;
+        let mut json = String::with_capacity(count * Self::PART_BYTES);
+        json.push_str(text);
+        for index in 1..count {
+            let (v, (i, c, text)) = Self::part(values, index)?;
+            if v != version || i != index || c != count {
+                return None;
+            }
+            json.push_str(text);
+        }
+        Some(ConfigDoc { version, json })
+    }
+
+    /// The version a node's key-values publish, without assembling or parsing the
+    /// document (the gossip loop looks at every peer's every 100 ms).
+    pub fn version_in(values: &BTreeMap<String, String>) -> Option<u64> {
+        let value = values
+            .get(KEY_CONFIG_DOC)
+            .or_else(|| values.get(&format!("{KEY_CONFIG_DOC_PART}0")))?;
+        value.split_once('\n')?.0.parse().ok()
+    }
+
+    /// Largest JSON slice per part: what is left of [`MAX_ENTRY_BYTES`] after the longest
+    /// key and header ([`u64`] version, `index/count`, two newlines), less a margin.
+    const PART_BYTES: usize = MAX_ENTRY_BYTES - 128;
+
+    /// Largest document gossip carries: [`MAX_CONFIG_DOC_PARTS`] parts.
+    pub const MAX_JSON_BYTES: usize = MAX_CONFIG_DOC_PARTS * Self::PART_BYTES;
+
+    /// The gossip entries (key, value) that publish this document: one under
+    /// [`KEY_CONFIG_DOC`] when it fits in [`MAX_ENTRY_BYTES`], else parts under
+    /// [`KEY_CONFIG_DOC_PART`]`0`… of at most `PART_BYTES` of JSON each, cut on character
+    /// boundaries. A publisher switching between the two forms deletes the other form's
+    /// keys (and parts past the new count).
+    ///
+    /// Errors: [`MembershipError::DocumentTooLarge`] over [`ConfigDoc::MAX_JSON_BYTES`].
+    pub fn entries(&self) -> Result<Vec<(String, String)>, MembershipError> {
+        let whole = self.encode();
+        if check_entry(KEY_CONFIG_DOC, &whole).is_ok() {
+            return Ok(vec![(KEY_CONFIG_DOC.to_owned(), whole)]);
+        }
+        if self.json.len() > Self::MAX_JSON_BYTES {
+            return Err(MembershipError::DocumentTooLarge {
+                len: self.json.len(),
+                max: Self::MAX_JSON_BYTES,
+            });
+        }
+        let mut slices = Vec::new();
+        let mut rest = self.json.as_str();
+        while !rest.is_empty() {
+            let mut end = Self::PART_BYTES.min(rest.len());
+            // A UTF-8 character is at most 4 bytes, so this steps back at most 3.
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            let (slice, tail) = rest.split_at(end);
+            slices.push(slice);
+            rest = tail;
+        }
+        let count = slices.len();
+        Ok(slices
+            .into_iter()
+            .enumerate()
+            .map(|(index, slice)| {
+                (
+                    format!("{KEY_CONFIG_DOC_PART}{index}"),
+                    format!("{}\n{index}/{count}\n{slice}", self.version),
+                )
+            })
+            .collect())
+    }
+
+    /// Part `index` of `values`: `(version, (index, count, text))`.
+    fn part(
+        values: &BTreeMap<String, String>,
+        index: usize,
+    ) -> Option<(u64, (usize, usize, &str))> {
+        let value = values.get(&format!("{KEY_CONFIG_DOC_PART}{index}"))?;
+        let (version, rest) = value.split_once('\n')?;
+        let (position, text) = rest.split_once('\n')?;
+        let (i, count) = position.split_once('/')?;
+        let (i, count): (usize, usize) = (i.parse().ok()?, count.parse().ok()?);
+        if i >= count || count > MAX_CONFIG_DOC_PARTS {
+            return None;
+        }
+        Some((version.parse().ok()?, (i, count, text)))
     }
 }
 
@@ -1893,5 +2009,83 @@ mod tests {
         assert_eq!(ConfigDoc::decode(&doc.encode()), Some(doc));
         assert_eq!(ConfigDoc::decode("x\n{}"), None);
         assert_eq!(ConfigDoc::decode("7"), None);
+    }
+
+    fn values_of(entries: &[(String, String)]) -> BTreeMap<String, String> {
+        entries.iter().cloned().collect()
+    }
+
+    #[test]
+    fn a_small_config_doc_is_one_entry_and_a_large_one_is_split_into_parts_that_reassemble() {
+        let small = ConfigDoc {
+            version: 3,
+            json: "{}".into(),
+        };
+        let entries = small.entries().expect("fits");
+        assert_eq!(
+            entries,
+            vec![(KEY_CONFIG_DOC.to_owned(), "3\n{}".to_owned())]
+        );
+        assert_eq!(ConfigDoc::from_values(&values_of(&entries)), Some(small));
+        // Two-byte characters across every part boundary, 2.5 entries long.
+        let json = format!("{{\"x\":\"{}\"}}", "é".repeat(MAX_ENTRY_BYTES * 5 / 4));
+        let large = ConfigDoc { version: 9, json };
+        let entries = large.entries().expect("within the parts limit");
+        assert_eq!(entries.len(), 3);
+        for (index, (key, value)) in entries.iter().enumerate() {
+            assert_eq!(key, &format!("config_doc_part:{index}"));
+            assert!(key.len() + value.len() <= MAX_ENTRY_BYTES, "part {index}");
+            assert!(value.starts_with(&format!("9\n{index}/3\n")));
+        }
+        let values = values_of(&entries);
+        assert_eq!(ConfigDoc::version_in(&values), Some(9));
+        assert_eq!(ConfigDoc::from_values(&values), Some(large.clone()));
+        // A part missing, or one of another version: not assembled.
+        let mut missing = values.clone();
+        missing.remove("config_doc_part:1");
+        assert_eq!(ConfigDoc::from_values(&missing), None);
+        let newer = ConfigDoc {
+            version: 10,
+            json: large.json.replace('é', "e"),
+        };
+        let mut mixed = values.clone();
+        let (key, value) = newer.entries().expect("within the parts limit")[0].clone();
+        assert_eq!(key, "config_doc_part:0");
+        mixed.insert(key, value);
+        assert_eq!(ConfigDoc::from_values(&mixed), None);
+        // The whole-document key wins over parts left from before.
+        let mut both = values;
+        both.insert(KEY_CONFIG_DOC.to_owned(), "11\n{}".to_owned());
+        assert_eq!(ConfigDoc::from_values(&both).map(|d| d.version), Some(11));
+        assert_eq!(ConfigDoc::version_in(&both), Some(11));
+    }
+
+    #[test]
+    fn a_config_doc_over_the_parts_limit_is_refused() {
+        let doc = ConfigDoc {
+            version: 1,
+            json: "x".repeat(ConfigDoc::MAX_JSON_BYTES + 1),
+        };
+        match doc.entries() {
+            Err(MembershipError::DocumentTooLarge { len, max }) => {
+                assert_eq!(
+                    (len, max),
+                    (ConfigDoc::MAX_JSON_BYTES + 1, ConfigDoc::MAX_JSON_BYTES)
+                );
+            }
+            other => panic!("expected DocumentTooLarge, got {other:?}"),
+        }
+        let at_limit = ConfigDoc {
+            version: u64::MAX,
+            json: "x".repeat(ConfigDoc::MAX_JSON_BYTES),
+        };
+        let entries = at_limit.entries().expect("at the limit");
+        assert_eq!(entries.len(), MAX_CONFIG_DOC_PARTS);
+        assert!(
+            entries
+                .iter()
+                .all(|(k, v)| k.len() + v.len() <= MAX_ENTRY_BYTES)
+        );
+        assert_eq!(ConfigDoc::from_values(&values_of(&entries)), Some(at_limit));
     }
 }

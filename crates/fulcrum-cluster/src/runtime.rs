@@ -44,9 +44,9 @@ use crate::discovery::Dns;
 use crate::election::{Elector, LeaderState};
 use crate::health::{self, HealthMerge};
 use crate::membership::{
-    BackendHealth, BackendSummary, ClusterEvent, KEY_ADMIN, KEY_CONFIG_DOC, KEY_CONFIG_VERSION,
-    KEY_LEASE, KEY_LISTENERS, KEY_LOAD, KEY_STATUS, KEY_TAGS, Member, MemberState, Membership,
-    MembershipSettings, NodeLoad, backends_of,
+    BackendHealth, BackendSummary, ClusterEvent, ConfigDoc, KEY_ADMIN, KEY_CONFIG_DOC,
+    KEY_CONFIG_DOC_PART, KEY_CONFIG_VERSION, KEY_LEASE, KEY_LISTENERS, KEY_LOAD, KEY_STATUS,
+    KEY_TAGS, Member, MemberState, Membership, MembershipSettings, NodeLoad, backends_of,
 };
 use crate::shared::{AdminState, Change, ChangeError, SharedConfig, effective_config};
 use crate::store::{
@@ -1448,8 +1448,10 @@ impl ControlPlane {
         let mut alive_since: HashMap<String, Instant> = HashMap::new();
         // Peers seen failed or gone at least once.
         let mut returned: std::collections::HashSet<String> = std::collections::HashSet::new();
-        // The last version whose document was too large to gossip (warned once).
-        let mut unpublished: Option<u64> = None;
+        // The shared configuration published last, `(version, written_by)`, and how many
+        // parts it took (0: one whole entry, or none).
+        let mut published_doc: Option<(u64, String)> = None;
+        let mut published_parts: usize = 0;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -1522,25 +1524,51 @@ impl ControlPlane {
             // itself. Without a store the document spreads this way; with one, it is what
             // a node that cannot read the store adopts, and what tells a writer which
             // nodes run its write.
+            // The document is serialised and published only when it changes.
             let (version, doc) = {
                 let shared = self.inner.shared.lock();
-                (
-                    shared.version,
-                    (shared.version > 0)
-                        .then(|| format!("{}\n{}", shared.version, shared.to_json())),
-                )
+                let id = (shared.version, shared.written_by.clone());
+                let changed = shared.version > 0 && published_doc.as_ref() != Some(&id);
+                let doc = changed.then(|| ConfigDoc {
+                    version: shared.version,
+                    json: shared.to_json(),
+                });
+                if changed {
+                    published_doc = Some(id);
+                }
+                (shared.version, doc)
             };
             c.membership
                 .set(KEY_CONFIG_VERSION, &version.to_string())
                 .await;
-            if let Some(doc) = doc
-                && let Err(error) = c.membership.try_set(KEY_CONFIG_DOC, &doc).await
-            {
-                // Not an older document in its place: peers would take it for what runs here.
-                c.membership.delete(KEY_CONFIG_DOC).await;
-                if unpublished != Some(version) {
-                    unpublished = Some(version);
-                    tracing::warn!(version, %error, "the shared configuration is too large to gossip");
+            if let Some(doc) = doc {
+                let entries = doc.entries();
+                let parts = match &entries {
+                    Ok(entries) if entries.len() > 1 || entries[0].0 != KEY_CONFIG_DOC => {
+                        entries.len()
+                    }
+                    _ => 0,
+                };
+                // The other form's keys, and parts past the new count, go first: peers
+                // must not take an older document for what runs here.
+                if parts > 0 || entries.is_err() {
+                    c.membership.delete(KEY_CONFIG_DOC).await;
+                }
+                for index in parts..published_parts {
+                    c.membership
+                        .delete(&format!("{KEY_CONFIG_DOC_PART}{index}"))
+                        .await;
+                }
+                published_parts = parts;
+                match entries {
+                    Ok(entries) => {
+                        for (key, value) in entries {
+                            c.membership.set(&key, &value).await;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(version, %error, "the shared configuration is too large to gossip");
+                    }
                 }
             }
             let lease = {
@@ -2120,17 +2148,15 @@ fn newest_gossiped_doc(members: &[Member], at_least: u64) -> Option<SharedConfig
     members
         .iter()
         .filter(|m| !m.is_self && m.state == MemberState::Alive)
-        .filter_map(|m| m.values.get(KEY_CONFIG_DOC))
-        .filter_map(|v| v.split_once('\n'))
-        .filter(|(version, _)| version.parse::<u64>().is_ok_and(|v| v >= at_least))
-        .filter_map(|(_, json)| SharedConfig::from_json(json).ok())
+        .filter(|m| ConfigDoc::version_in(&m.values).is_some_and(|v| v >= at_least))
+        .filter_map(ConfigDoc::of)
+        .filter_map(|doc| SharedConfig::from_json(&doc.json).ok())
         .max_by(|a, b| (a.version, &a.written_by).cmp(&(b.version, &b.written_by)))
 }
 
 /// The shared configuration member `m` gossips, if any and readable.
 fn gossiped_doc(m: &Member) -> Option<SharedConfig> {
-    let (_, json) = m.values.get(KEY_CONFIG_DOC)?.split_once('\n')?;
-    SharedConfig::from_json(json).ok()
+    SharedConfig::from_json(&ConfigDoc::of(m)?.json).ok()
 }
 
 /// Whether `doc` wins over `current`: every node runs the highest `(version, writer)`.

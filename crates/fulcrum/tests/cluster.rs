@@ -387,6 +387,52 @@ async fn gossip_only_changes_reach_every_node() {
     assert_eq!(body["error"]["code"], "unknown_backend");
 }
 
+/// Without a store, a shared configuration larger than one gossip entry (48 KiB) still
+/// reaches every node: it travels in parts, and back in one entry once it shrinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_configuration_larger_than_one_gossip_entry_reaches_every_node() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let b3 = Backend::start("b3", &[]);
+    let cluster = Cluster::start(2, &Coordination::None, &[&b1, &b2], &[]);
+    all_alive(&cluster, 2).await;
+    // 100 KB of tags in two-byte characters: the document takes three parts.
+    let note = "é".repeat(50_000);
+    let (status, body) = cluster
+        .node(0)
+        .api_post(
+            "/api/pools/app/backends?consistency=all",
+            Some(json!({"address": b3.address(), "tags": {"note": note}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["write"]["acknowledged"].as_array().map(Vec::len),
+        Some(2),
+        "{body}"
+    );
+    let added = cluster.node(1).backend("app", &b3.address()).await;
+    assert_eq!(added["state"], "healthy", "{added}");
+    // Removed again: the document fits in one entry, and the parts are withdrawn.
+    let path = format!("/api/pools/app/backends/{}?consistency=all", b3.address());
+    let (status, body) = delete(cluster.node(0), &path).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["write"]["acknowledged"].as_array().map(Vec::len),
+        Some(2),
+        "{body}"
+    );
+    let listed = cluster.node(1).api("/api/pools/app/backends").await;
+    let addresses: Vec<&str> = listed["backends"]
+        .as_array()
+        .expect("backends array")
+        .iter()
+        .filter_map(|b| b["address"].as_str())
+        .collect();
+    assert!(!addresses.contains(&b3.address().as_str()), "{listed}");
+    assert_eq!(addresses.len(), 2, "{listed}");
+}
+
 /// The election, config and outage checks shared by the Redis and etcd tests.
 async fn store_backed_cluster(coordination: Coordination) {
     let b1 = Backend::start("b1", &[]);
