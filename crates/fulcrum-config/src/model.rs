@@ -1042,8 +1042,14 @@ pub struct HashConfig {
     /// Size M of the Maglev lookup table (Eisenbud et al., 2016). Default 65537.
     /// Validated: a prime, 7..=1000003.
     pub table_size: u32,
-    /// Points on the Ketama ring of `ring_hash`, in total over all backends (at least
-    /// this many). Default 4096. Validated: 64..=1000000.
+    /// `ring_hash`: points each unit of a backend's weight places on the Ketama ring
+    /// (nginx's `hash … consistent` and libketama use 160). Default 160. Validated:
+    /// 1..=10000.
+    pub points_per_weight: u32,
+    /// `ring_hash`: minimum points on the ring in total; 0 = no minimum (the default). A
+    /// minimum makes every backend's point count depend on the pool's total weight, so
+    /// more than the changed backend's keys move when it decides. Validated: 0 or
+    /// 64..=1000000.
     pub ring_size: u32,
 }
 
@@ -1054,7 +1060,8 @@ impl Default for HashConfig {
             name: None,
             bounded_load: 1.25,
             table_size: 65537,
-            ring_size: 4096,
+            points_per_weight: 160,
+            ring_size: 0,
         }
     }
 }

@@ -134,7 +134,14 @@ fn minimal_config_gets_every_default() {
     assert_eq!(p.hash.key, HashKey::ClientIp);
     assert_eq!(p.hash.name, None);
     assert_eq!(p.hash.bounded_load, 1.25);
-    assert_eq!((p.hash.table_size, p.hash.ring_size), (65537, 4096));
+    assert_eq!(
+        (
+            p.hash.table_size,
+            p.hash.points_per_weight,
+            p.hash.ring_size
+        ),
+        (65537, 160, 0)
+    );
     assert_eq!(p.duration_class.mode, DurationClassMode::Static);
     assert!(p.duration_class.short_backends.is_empty());
     assert_eq!(p.tail_aware.target_p99, Duration::from_millis(200));
@@ -388,6 +395,7 @@ fn full_config_has_every_value() {
             name: Some("x-user-id".into()),
             bounded_load: 1.5,
             table_size: 655_373,
+            points_per_weight: 160,
             ring_size: 8192,
         }
     );
@@ -840,7 +848,17 @@ fn semantic_checks_of_pool_fields() {
         (
             "    hash: { ring_size: 1000001 }\n",
             "pools.app.hash.ring_size",
-            "1000001 is out of range; must be 64..=1000000",
+            "1000001 is out of range; must be 0 (no minimum) or 64..=1000000",
+        ),
+        (
+            "    hash: { ring_size: 63 }\n",
+            "pools.app.hash.ring_size",
+            "63 is out of range; must be 0 (no minimum) or 64..=1000000",
+        ),
+        (
+            "    hash: { points_per_weight: 0 }\n",
+            "pools.app.hash.points_per_weight",
+            "0 is out of range; must be 1..=10000",
         ),
         (
             "    duration_class: { short_backends: [\"127.0.0.1:8082\"] }\n",
@@ -923,6 +941,8 @@ fn edge_values_of_the_tuning_blocks_are_accepted() {
         "    slow_start: { window: 0s, aggression: 0.1, min_weight_percent: 100 }\n",
         "    hash: { key: path, bounded_load: 1, table_size: 7, ring_size: 64 }\n",
         "    hash: { bounded_load: 100, table_size: 1000003, ring_size: 1000000 }\n",
+        "    hash: { points_per_weight: 1, ring_size: 0 }\n",
+        "    hash: { points_per_weight: 10000 }\n",
         "    hash: { key: header, name: X-User-Id }\n",
         "    duration_class: { short_backends: [\"127.0.0.1:8081\"] }\n",
         "    tail_aware: { beta: 0, gamma: 0 }\n",

@@ -937,10 +937,20 @@ impl Checker<'_> {
             );
         }
         self.int_range(
-            &format!("{p}.ring_size"),
-            h.ring_size.into(),
-            64..=1_000_000,
+            &format!("{p}.points_per_weight"),
+            h.points_per_weight.into(),
+            1..=10_000,
         );
+        if h.ring_size != 0 && !(64..=1_000_000).contains(&h.ring_size) {
+            self.report(
+                &format!("{p}.ring_size"),
+                Anchor::Value,
+                format!(
+                    "{} is out of range; must be 0 (no minimum) or 64..=1000000",
+                    h.ring_size
+                ),
+            );
+        }
     }
 
     /// `seen` maps the pool's valid backend addresses ([`backend_key`]) to their index.

@@ -60,7 +60,9 @@ impl Admission<'_> {
         let mut info = self.info;
         info.now_ns = now;
         let view = PoolView::new(&self.state.backends, tried, panic)
-            .with_total_in_flight(self.pool.active_requests())
+            // The pool counts this request from its arrival (`Pool::enter`); the
+            // bounded-load rule's T is the load *before* it, and adds it itself.
+            .with_total_in_flight(self.pool.active_requests().saturating_sub(1))
             .with_allowed(self.allowed)
             .with_capacity_only(with_room);
         if tried.is_empty() {

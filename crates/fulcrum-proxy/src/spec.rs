@@ -276,6 +276,7 @@ fn strategy_params(p: &PoolConfig, backends: &[BackendSpec]) -> StrategyParams {
     StrategyParams {
         bounded_load: (p.hash.bounded_load > 0.0).then_some(p.hash.bounded_load),
         maglev_table_size: p.hash.table_size as usize,
+        ring_points_per_weight: p.hash.points_per_weight as usize,
         ring_size: p.hash.ring_size as usize,
         slow_start: SlowStart {
             window: p.slow_start.window,

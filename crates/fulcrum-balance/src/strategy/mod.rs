@@ -369,7 +369,12 @@ pub struct StrategyParams {
     pub bounded_load: Option<f64>,
     /// `maglev`: lookup table size, a prime (Eisenbud et al. use 65537).
     pub maglev_table_size: usize,
-    /// `ring_hash`: minimum total number of points on the Ketama ring.
+    /// `ring_hash`: points per unit of weight on the Ketama ring (nginx and libketama
+    /// use 160); at least 1.
+    pub ring_points_per_weight: usize,
+    /// `ring_hash`: minimum total number of points on the ring; 0 = none. A floor makes
+    /// every backend's point count depend on the total weight, so more keys move when it
+    /// decides (see `ring_hash`).
     pub ring_size: usize,
     /// Slow start of backends that (re)join, for the weight-based strategies (also
     /// applied to effective weights by the proxy; hashing strategies read it to warm up).
@@ -396,7 +401,8 @@ impl Default for StrategyParams {
         Self {
             bounded_load: Some(1.25),
             maglev_table_size: 65_537,
-            ring_size: 4096,
+            ring_points_per_weight: 160,
+            ring_size: 0,
             slow_start: SlowStart::default(),
             short_backends: Vec::new(),
             duration_class_mode: DurationClassMode::Static,

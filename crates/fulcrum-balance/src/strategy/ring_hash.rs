@@ -14,17 +14,26 @@
 //! backend depend only on its address and its own weight, and ties are broken by address
 //! hash, so every node builds the same ring whatever the order of its backend list.
 //!
-//! `p`, the points per unit of weight, is fixed at construction from the *configured*
-//! weights: the smallest power of two with `p × Σ weight ≥ max(ring_size,
-//! MIN_POINTS_PER_BACKEND × n)`, so the ring has at least `ring_size` points
-//! (`StrategyParams::ring_size`) and each backend about 100 (libketama uses 160; fewer
-//! points let a backend's share stray further from its weight, about `1 / √points`).
-//! Rounding `p` up to a power of two makes it the same for most pools that differ by one
-//! backend, so adding or removing a backend moves only the arcs of its own points: about
-//! `w / Σ w` of the keys. When `p` does change (the total weight crossed a power of two),
-//! every backend's point set grows or shrinks by a prefix and more keys move; that extra
-//! churn is the price of a ring whose resolution tracks the pool size. The ring is capped
-//! at `MAX_POINTS` points (Envoy's maximum ring size), where `p` is scaled down.
+//! `p`, the points per unit of weight, is fixed: `StrategyParams::ring_points_per_weight`
+//! (160 by default, the figure of nginx's `hash … consistent` and of libketama), so a
+//! backend's points depend only on its address and its own weight. Adding or removing a
+//! backend then moves only the arcs of its own points, `w / Σ w` of the keys, and a
+//! weight change moves keys only to or from that backend: the property consistent
+//! hashing exists for (Karger et al.). Envoy instead scales every backend's points so
+//! that the ring keeps `minimum_ring_size` points, which changes every backend's count
+//! when one joins or leaves; here such a floor is opt-in, `StrategyParams::ring_size`:
+//! then `p = max(points per weight, the smallest power of two with p × Σ configured
+//! weight ≥ ring_size)`, and when the second term decides, a change that makes the total
+//! weight cross a power of two grows or shrinks every backend's point set by a prefix,
+//! so more keys move. A backend's share strays from its weight by about `1 / √points`
+//! (8 % at 160), which the load bound absorbs. The ring is capped at `MAX_POINTS` points
+//! (Envoy's maximum ring size), where `p` is scaled down.
+//!
+//! Effective weights below the configured ones by a common factor — every backend
+//! ramping through slow start together, as after a node starts — are scaled back up
+//! before placing points (by `1 / max_i(w_eff_i / w_i)`, never down), so that a uniform
+//! ramp, which changes no backend's share, moves no key and every node maps a key alike
+//! whenever it started; a backend ramping alone still has fewer points.
 //!
 //! **Bounded load** (Mirrokni, Thorup & Zadimoghaddam, SODA 2018, forwarding along the
 //! ring): the
@@ -44,8 +53,6 @@ use super::{BackendId, Figure, PoolView, RequestInfo, Strategy, StrategyParams};
 use crate::backend::Backend;
 use crate::slow_start::SlowStart;
 
-/// Points per backend the ring aims for, at least (with equal weights).
-const MIN_POINTS_PER_BACKEND: usize = 100;
 /// Most points on a ring (Envoy's `maximum_ring_size` default, 8 M).
 const MAX_POINTS: usize = 1 << 23;
 /// Ring points walked past the key's point before falling back to the least loaded
@@ -59,6 +66,8 @@ const POINT_SEED: u64 = 0xbb67_ae85_84ca_a73b;
 #[derive(Debug)]
 pub struct RingHash {
     addr_hashes: Box<[u64]>,
+    /// The backends' configured weights (at least 1 each), for the ramp scaling.
+    configured: Box<[f64]>,
     /// Points per unit of weight (`p` in the module documentation).
     points_per_weight: f64,
     ring: SwappableTable<Ring>,
@@ -81,12 +90,28 @@ struct Ring {
 }
 
 impl Ring {
-    /// The ring of backends with address hashes `addr_hashes` and effective weights
-    /// `weights`, with `points_per_weight` points per unit of weight (capped at
-    /// `MAX_POINTS` points in all).
-    fn build(addr_hashes: &[u64], weights: Box<[f64]>, points_per_weight: f64) -> Self {
-        let total: f64 = weights.iter().sum();
-        let scale = points_per_weight.min(MAX_POINTS as f64 / total.max(1.0));
+    /// The ring of backends with address hashes `addr_hashes`, effective weights `weights`
+    /// and configured weights `configured`, with `points_per_weight` points per unit of
+    /// weight (capped at `MAX_POINTS` points in all); effective weights uniformly below
+    /// the configured ones are scaled up (module documentation).
+    fn build(
+        addr_hashes: &[u64],
+        weights: Box<[f64]>,
+        configured: &[f64],
+        points_per_weight: f64,
+    ) -> Self {
+        let ramp = weights
+            .iter()
+            .zip(configured)
+            .map(|(&w, &c)| w / c)
+            .fold(0.0, f64::max);
+        let lift = if ramp > 0.0 && ramp < 1.0 {
+            1.0 / ramp
+        } else {
+            1.0
+        };
+        let total: f64 = weights.iter().sum::<f64>() * lift;
+        let scale = lift * points_per_weight.min(MAX_POINTS as f64 / total.max(1.0));
         let mut placed: Vec<(u64, u64, u32)> = Vec::new();
         for (i, (&h, &w)) in addr_hashes.iter().zip(weights.iter()).enumerate() {
             let count = ((scale * w).round() as u64).max(1);
@@ -110,24 +135,31 @@ impl Ring {
 }
 
 impl RingHash {
-    /// A ring over `backends` with at least `params.ring_size` points, bounded by
+    /// A ring over `backends` with `params.ring_points_per_weight` points per unit of
+    /// weight (and at least `params.ring_size` points if that is not 0), bounded by
     /// `params.bounded_load`; `params.slow_start` feeds the `warmup_progress` figure.
     pub fn new(backends: &[Backend], params: &StrategyParams) -> Self {
         let addr_hashes = address_hashes(backends);
-        let configured: u64 = (0..backends.len())
-            .map(|i| PoolView::new(backends, &[], false).weight(i))
-            .sum();
-        let target = params
-            .ring_size
-            .max(MIN_POINTS_PER_BACKEND * backends.len()) as u64;
-        let points_per_weight = target.div_ceil(configured.max(1)).next_power_of_two() as f64;
+        let view = PoolView::new(backends, &[], false);
+        let configured: Box<[f64]> = (0..backends.len()).map(|i| view.weight(i) as f64).collect();
+        let total = (0..backends.len())
+            .map(|i| view.weight(i))
+            .sum::<u64>()
+            .max(1);
+        let floor = match params.ring_size as u64 {
+            0 => 0,
+            size => size.div_ceil(total).next_power_of_two(),
+        };
+        let points_per_weight = (params.ring_points_per_weight.max(1) as u64).max(floor) as f64;
         let ring = Ring::build(
             &addr_hashes,
-            effective_weights(&PoolView::new(backends, &[], false)),
+            effective_weights(&view),
+            &configured,
             points_per_weight,
         );
         Self {
             addr_hashes,
+            configured,
             points_per_weight,
             ring: SwappableTable::new(ring),
             bound: BoundedLoad::new(params.bounded_load),
@@ -199,7 +231,14 @@ impl Strategy for RingHash {
             pool,
             now_ns,
             |ring| &ring.weights,
-            |weights| Ring::build(&self.addr_hashes, weights, self.points_per_weight),
+            |weights| {
+                Ring::build(
+                    &self.addr_hashes,
+                    weights,
+                    &self.configured,
+                    self.points_per_weight,
+                )
+            },
         );
     }
 
@@ -221,11 +260,80 @@ mod tests {
         let b = backends(&[1, 3]);
         let s = RingHash::new(&b, &unbounded());
         let ring = s.ring.read();
-        assert!(ring.points.len() >= StrategyParams::default().ring_size);
+        assert_eq!(ring.points.len(), 4 * 160);
         assert!(ring.points.windows(2).all(|w| w[0] <= w[1]), "sorted");
         let light = ring.owners.iter().filter(|&&o| o == 0).count();
-        assert_eq!(ring.points.len(), 4 * light);
-        assert_eq!(s.points_per_weight, 1024.0, "4096 points over weight 4");
+        assert_eq!(light, 160);
+        // An opt-in floor on the ring size: 4096 points over weight 4.
+        let floored = RingHash::new(
+            &b,
+            &StrategyParams {
+                ring_size: 4096,
+                ..unbounded()
+            },
+        );
+        assert_eq!(floored.points_per_weight, 1024.0);
+    }
+
+    /// Which of the `keys` keys each backend address owns.
+    fn mapping(backends: &[Backend], keys: u64) -> Vec<String> {
+        owners(&RingHash::new(backends, &unbounded()), backends, keys)
+    }
+
+    #[test]
+    fn joining_leaving_and_reweighting_move_only_that_backends_keys_at_every_pool_size() {
+        // Every size from 2 to 33 crosses or meets a power of two of the total weight,
+        // where a ring normalised to a fixed size rescales every backend.
+        const KEYS: u64 = 4_000;
+        for n in 2..=33usize {
+            let all = backends(&vec![1; n]);
+            let before = mapping(&all, KEYS);
+            let mut rest = all.clone();
+            let gone = rest.remove(n / 2).address.to_string();
+            let after = mapping(&rest, KEYS);
+            for (x, y) in before.iter().zip(&after) {
+                assert!(x == y || *x == gone, "n={n}: a key moved {x} → {y}");
+            }
+            // Reweighting one backend: keys move only onto it.
+            let mut heavier = all.clone();
+            heavier[0].weight = 2;
+            let target = heavier[0].address.to_string();
+            let reweighted = mapping(&heavier, KEYS);
+            for (x, y) in before.iter().zip(&reweighted) {
+                assert!(x == y || *y == target, "n={n}: a key moved {x} → {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_uniform_slow_start_ramp_moves_no_key_and_a_lone_one_only_its_own() {
+        let b = backends(&[1, 2, 1, 1, 3]);
+        let s = RingHash::new(&b, &unbounded());
+        let view = PoolView::new(&b, &[], false);
+        let steady = owners(&s, &b, 3_000);
+        // All at 30 % of their weights, as right after a node starts.
+        for (i, backend) in b.iter().enumerate() {
+            backend
+                .live
+                .set_effective_weight(0.3 * view.weight(i) as f64);
+        }
+        s.tick(&view, 2_000_000_000);
+        assert_eq!(owners(&s, &b, 3_000), steady);
+        // Then only backend 3 ramps (it rejoined): only keys of backend 3 move, elsewhere.
+        for (i, backend) in b.iter().enumerate() {
+            let w = view.weight(i) as f64;
+            backend
+                .live
+                .set_effective_weight(if i == 3 { 0.2 * w } else { w });
+        }
+        s.tick(&view, 4_000_000_000);
+        let ramping = owners(&s, &b, 3_000);
+        let rejoined = b[3].address.to_string();
+        let moved = steady.iter().zip(&ramping).filter(|(x, y)| x != y).count();
+        assert!(moved > 0);
+        for (x, y) in steady.iter().zip(&ramping) {
+            assert!(x == y || *x == rejoined, "{x} → {y}");
+        }
     }
 
     #[test]
