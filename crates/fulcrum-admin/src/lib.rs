@@ -117,7 +117,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/cluster/join", post(cluster::join))
         .route("/api/cluster/nodes/{id}", delete(cluster::forget_node))
         .route("/api/cluster/rebalance", post(cluster::rebalance))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_cross_site,
+        ));
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(dashboard))
@@ -248,6 +252,127 @@ async fn require_token(
         }
     }
     next.run(request).await
+}
+
+/// Refuses a change that a web page could have sent on the operator's behalf, before the
+/// token check (OWASP's CSRF defences; Envoy's admin docs warn of the same risk):
+///
+/// - `Sec-Fetch-Site: cross-site` or `same-site` (the Fetch Metadata a browser attaches),
+///   or an `Origin` whose `host[:port]` is not the request's `Host`: 403 `cross_site`;
+/// - a body typed as a form (`application/x-www-form-urlencoded`, `multipart/form-data`,
+///   `text/plain`: the types a page can send without a CORS preflight), even an empty
+///   one: 415 `unsupported_media_type`;
+/// - with no `admin.token`, a `Host` that is neither an IP address nor `localhost`: 403
+///   `host_not_allowed`. That is DNS rebinding — a page whose name now resolves to this
+///   address is same-origin with the API, so neither check above sees it; a token stops
+///   it, since the page cannot know the token.
+///
+/// Requests from scripts and `curl` carry none of these, and the dashboard's are
+/// same-origin, so they pass.
+async fn refuse_cross_site(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    match cross_site_refusal(&headers, state.token.is_some()) {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// Why [`refuse_cross_site`] refuses a change with `headers`, if it does.
+fn cross_site_refusal(headers: &HeaderMap, has_token: bool) -> Option<ApiError> {
+    let text = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").trim())
+    };
+    let host = text(header::HOST);
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site"))
+        && (site.eq_ignore_ascii_case("cross-site") || site.eq_ignore_ascii_case("same-site"))
+    {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            format!("a change sent by a page of another site (Sec-Fetch-Site: {site}) is refused"),
+        ));
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let authority = origin.split_once("://").map(|(_, rest)| rest);
+        let same = authority
+            .zip(host)
+            .is_some_and(|(a, h)| a.eq_ignore_ascii_case(h));
+        if !same {
+            return Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                format!(
+                    "a change sent from origin `{origin}` to host `{}` is refused: only the \
+                     API's own pages (the dashboard) may send changes from a browser",
+                    host.unwrap_or("")
+                ),
+            ));
+        }
+    }
+    if let Some(content_type) = text(header::CONTENT_TYPE) {
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        let form = [
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+            "text/plain",
+        ];
+        if form.iter().any(|f| media.eq_ignore_ascii_case(f)) {
+            return Some(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "`Content-Type: {media}` is refused on changes (a web page can send it as \
+                     a form): send `application/json`, or no body"
+                ),
+            ));
+        }
+    }
+    if !has_token
+        && let Some(host) = host
+        && !is_address_host(host)
+    {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+            format!(
+                "admin.token is not set, so changes are taken only when addressed to an IP \
+                 address or localhost (a page could reach `{host}` by DNS rebinding): use the \
+                 address, or set admin.token"
+            ),
+        ));
+    }
+    None
+}
+
+/// Whether a `Host` value is an IP address or `localhost`, with or without a port.
+fn is_address_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`.
+        return rest.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty() || port.strip_prefix(':').is_some_and(is_port))
+        });
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+}
+
+/// Whether `s` is a decimal port number.
+fn is_port(s: &str) -> bool {
+    s.parse::<u16>().is_ok()
 }
 
 /// The token of an `Authorization: Bearer <token>` value; the scheme name is
@@ -553,6 +678,96 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    fn request_headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, header::HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    fn refusal(pairs: &[(&'static str, &'static str)], has_token: bool) -> Option<&'static str> {
+        cross_site_refusal(&request_headers(pairs), has_token).map(|e| e.code)
+    }
+
+    #[test]
+    fn changes_a_web_page_could_send_are_refused() {
+        let local = ("host", "127.0.0.1:9901");
+        // curl and scripts: no Origin, no fetch metadata.
+        assert_eq!(refusal(&[local], false), None);
+        assert_eq!(
+            refusal(&[local, ("content-type", "application/json")], false),
+            None
+        );
+        // The dashboard: same origin.
+        assert_eq!(
+            refusal(
+                &[
+                    local,
+                    ("origin", "http://127.0.0.1:9901"),
+                    ("sec-fetch-site", "same-origin")
+                ],
+                false
+            ),
+            None
+        );
+        // Another site, by fetch metadata or by origin.
+        assert_eq!(
+            refusal(&[local, ("sec-fetch-site", "cross-site")], true),
+            Some("cross_site")
+        );
+        assert_eq!(
+            refusal(&[local, ("sec-fetch-site", "same-site")], true),
+            Some("cross_site")
+        );
+        assert_eq!(
+            refusal(&[local, ("origin", "http://evil.example")], true),
+            Some("cross_site")
+        );
+        assert_eq!(
+            refusal(&[local, ("origin", "null")], true),
+            Some("cross_site")
+        );
+        // Form types, with or without a body.
+        for form in [
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "Text/Plain;charset=utf-8",
+        ] {
+            let headers = [local, ("content-type", form)];
+            assert_eq!(
+                refusal(&headers, true),
+                Some("unsupported_media_type"),
+                "{form}"
+            );
+        }
+        // DNS rebinding: a name, without a token.
+        assert_eq!(
+            refusal(&[("host", "evil.example:9901")], false),
+            Some("host_not_allowed")
+        );
+        assert_eq!(refusal(&[("host", "evil.example:9901")], true), None);
+        for host in [
+            "localhost:9901",
+            "LOCALHOST",
+            "a.localhost:1",
+            "[::1]:9901",
+            "[::1]",
+            "10.0.0.1",
+        ] {
+            assert!(is_address_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "127.0.0.1.nip.io:80",
+            "[::1]x",
+            "127.0.0.1:http",
+            "",
+        ] {
+            assert!(!is_address_host(host), "{host}");
+        }
     }
 
     #[test]

@@ -272,6 +272,93 @@ async fn mutating_calls_need_the_bearer_token() {
     node.api("/api/pools").await;
 }
 
+/// A change a web page could send on the operator's behalf — a cross-site form post, a
+/// fetch from another origin, a DNS-rebound name — is refused and changes nothing;
+/// `curl` and the dashboard's own requests still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_a_web_page_could_send_are_refused() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b1, &b2], ""));
+    let disable = node.admin_url(&format!("/api/pools/app/backends/{}/disable", b1.address()));
+    let port = disable
+        .split(':')
+        .nth(2)
+        .and_then(|rest| rest.split('/').next())
+        .expect("admin URL has a port")
+        .to_owned();
+    let attempts = [
+        (
+            vec![(
+                "content-type",
+                "application/x-www-form-urlencoded".to_owned(),
+            )],
+            Some("a=b"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            vec![("content-type", "text/plain".to_owned())],
+            None,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            vec![("origin", "http://evil.example".to_owned())],
+            None,
+            403,
+            "cross_site",
+        ),
+        (
+            vec![("sec-fetch-site", "cross-site".to_owned())],
+            None,
+            403,
+            "cross_site",
+        ),
+        (
+            vec![("host", format!("rebound.example:{port}"))],
+            None,
+            403,
+            "host_not_allowed",
+        ),
+    ];
+    for (headers, body, status, code) in attempts {
+        let mut request = client().post(&disable);
+        for (name, value) in &headers {
+            request = request.header(*name, value);
+        }
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status().as_u16(), status, "{headers:?}");
+        let body: serde_json::Value = response.json().await.expect("JSON error");
+        assert_eq!(body["error"]["code"], code, "{headers:?}: {body}");
+        let b1v = node.backend("app", &b1.address()).await;
+        assert_eq!(b1v["state"], "healthy", "{headers:?} changed it: {b1v}");
+    }
+    // The dashboard's request (same origin) and curl's (no origin, no type) pass.
+    let origin = format!("http://127.0.0.1:{port}");
+    let response = client()
+        .post(&disable)
+        .header("origin", &origin)
+        .header("sec-fetch-site", "same-origin")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        node.backend("app", &b1.address()).await["state"],
+        "disabled"
+    );
+    let enable = disable.replace("/disable", "/enable");
+    let response = client().post(&enable).send().await.expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(node.backend("app", &b1.address()).await["state"], "healthy");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     let b1 = Backend::start("b1", &[]);
