@@ -6,6 +6,13 @@ use std::io::IsTerminal;
 use fulcrum_config::{LogConfig, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// Replaces the installed subscriber's filter with a `log.level` directive.
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// How to change the level of the subscriber [`init`] installed (unset before, or when
+/// another subscriber was already installed).
+static SET_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber. A filter that does not parse falls back to `info`
 /// (the configuration validator has already checked `log.level`).
 pub fn init(config: &LogConfig) {
@@ -16,10 +23,48 @@ pub fn init(config: &LogConfig) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let installed = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let set_level: Option<SetLevel> = match config.format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok().map(|()| {
+                Box::new(move |level: &str| {
+                    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                    handle.reload(filter).map_err(|e| e.to_string())
+                }) as SetLevel
+            })
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok().map(|()| {
+                Box::new(move |level: &str| {
+                    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                    handle.reload(filter).map_err(|e| e.to_string())
+                }) as SetLevel
+            })
+        }
     };
-    // Already installed (only in tests that run several commands in one process).
-    drop(installed);
+    // None: already installed (only in tests that run several commands in one process).
+    if let Some(set_level) = set_level {
+        let _ = SET_LEVEL.set(set_level);
+    }
+}
+
+/// Applies a reloaded configuration's `log.level`, unless `RUST_LOG` is set (it wins, as
+/// at start). Returns what happened, for the reload's log; `None` when nothing changed.
+pub fn set_level(previous: &str, level: &str) -> Option<String> {
+    if previous == level {
+        return None;
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Some(format!(
+            "log.level `{level}` not applied: RUST_LOG is set and wins"
+        ));
+    }
+    let set = SET_LEVEL.get()?;
+    Some(match set(level) {
+        Ok(()) => format!("log.level is now `{level}`"),
+        Err(error) => format!("log.level `{level}` not applied: {error}"),
+    })
 }

@@ -28,6 +28,15 @@ pub struct ConfigSource {
 /// `fulcrum run`: loads and validates `path`, then serves until SIGTERM/SIGINT; with
 /// `watch`, a change of the file reloads it.
 pub fn run(path: PathBuf, threads: Option<usize>, watch: bool) -> ExitCode {
+    let runtime = match control_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    // SIGHUP's default action ends the process. Take it over before anything slow
+    // (reading the file, resolving backend names), so that a reload signal sent during
+    // start-up (a service manager's reload racing the start) is kept and served once the
+    // node is ready, instead of killing it.
+    let hangup = runtime.block_on(async { signal(SignalKind::hangup()).ok() });
     let config = match fulcrum_config::load(&path) {
         Ok(config) => config,
         Err(error) => {
@@ -37,7 +46,9 @@ pub fn run(path: PathBuf, threads: Option<usize>, watch: bool) -> ExitCode {
         }
     };
     crate::logging::init(&config.log);
-    serve(
+    serve_on(
+        runtime,
+        hangup,
         config,
         Some(ConfigSource { path, watch }),
         threads,
@@ -45,11 +56,39 @@ pub fn run(path: PathBuf, threads: Option<usize>, watch: bool) -> ExitCode {
     )
 }
 
+/// The control runtime (admin API, health checks, signals), on the calling thread.
+fn control_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("fulcrum: cannot start the control runtime: {error}");
+            ExitCode::from(1)
+        })
+}
+
 /// Serves `config` on a control runtime on this thread (admin API, health checks,
 /// signals) plus the node's worker threads. `source` is the file SIGHUP,
 /// `POST /api/reload` and (if watched) a change of the file re-read. `on_ready` runs once
 /// everything is bound, after the ready line is printed.
 pub fn serve(
+    config: Config,
+    source: Option<ConfigSource>,
+    threads: Option<usize>,
+    on_ready: impl FnOnce(&Node, SocketAddr),
+) -> ExitCode {
+    let runtime = match control_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let hangup = runtime.block_on(async { signal(SignalKind::hangup()).ok() });
+    serve_on(runtime, hangup, config, source, threads, on_ready)
+}
+
+/// [`serve`] on `runtime`, with SIGHUP already taken over (`hangup`).
+fn serve_on(
+    runtime: tokio::runtime::Runtime,
+    hangup: Option<tokio::signal::unix::Signal>,
     config: Config,
     source: Option<ConfigSource>,
     threads: Option<usize>,
@@ -63,16 +102,6 @@ pub fn serve(
         }
     };
     raise_open_file_limit(&config);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("fulcrum: cannot start the control runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
     runtime.block_on(async move {
         let node = match Node::start(&spec) {
             Ok(node) => node,
@@ -105,9 +134,10 @@ pub fn serve(
         let reload: Option<ReloadFn> = source.as_ref().map(|source| {
             let path = source.path.clone();
             let control = control.clone();
-            let admin = config.admin.clone();
-            let cluster = config.cluster.clone();
-            Arc::new(move || reload_from(&path, &control, &admin, cluster.as_ref())) as ReloadFn
+            let started = config.clone();
+            // The log level the node runs (a reload changes it).
+            let level = Arc::new(std::sync::Mutex::new(config.log.level.clone()));
+            Arc::new(move || reload_from(&path, &control, &started, admin_addr, &level)) as ReloadFn
         });
         let admin_shutdown = CancellationToken::new();
         let stop_watching = CancellationToken::new();
@@ -142,7 +172,7 @@ pub fn serve(
 
         let mut exit = ExitCode::SUCCESS;
         tokio::select! {
-            () = wait_for_shutdown(reload) => {}
+            () = wait_for_shutdown(reload, hangup) => {}
             error = control.fatal_error() => {
                 tracing::error!(%error, "stopping");
                 eprintln!("fulcrum: {error}");
@@ -302,15 +332,30 @@ fn print_ready(node: &Node, admin: SocketAddr) {
 fn reload_from(
     path: &std::path::Path,
     control: &ControlPlane,
-    admin: &fulcrum_config::AdminConfig,
-    cluster: Option<&fulcrum_config::ClusterConfig>,
+    started: &Config,
+    admin_addr: SocketAddr,
+    level: &std::sync::Mutex<String>,
 ) -> Result<String, String> {
     let config = fulcrum_config::load(path).map_err(|e| e.to_string())?;
-    if config.admin != *admin {
-        tracing::warn!("admin settings changed; they take effect on restart");
+    // Blocks that only a restart applies; `log.level` applies now. The admin address may
+    // name the port an ephemeral `:0` was given.
+    let mut on_restart = Vec::new();
+    let admin_listen_kept =
+        config.admin.listen == started.admin.listen || config.admin.listen == admin_addr;
+    if config.admin.token != started.admin.token || !admin_listen_kept {
+        on_restart.push("admin");
     }
-    if config.cluster.as_ref() != cluster {
-        tracing::warn!("cluster settings changed; they take effect on restart");
+    if config.cluster != started.cluster {
+        on_restart.push("cluster");
+    }
+    if config.runtime != started.runtime {
+        on_restart.push("runtime");
+    }
+    if config.log.format != started.log.format {
+        on_restart.push("log.format");
+    }
+    for what in &on_restart {
+        tracing::warn!("{what} settings changed; they take effect on restart");
     }
     let pools = config.pools.len();
     let backends: usize = config.pools.values().map(|p| p.backends.len()).sum();
@@ -329,6 +374,18 @@ fn reload_from(
             },
         }
     })?;
+    let level_change = {
+        // Poisoned only if a reload panicked; the level it holds is still a level.
+        let mut level = level
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let change = crate::logging::set_level(&level, &config.log.level);
+        level.clone_from(&config.log.level);
+        change
+    };
+    if let Some(change) = &level_change {
+        tracing::warn!("{change}");
+    }
     let overrides = runtime_overrides(&config, &control.shared());
     for what in &overrides {
         tracing::warn!(%what, "a run-time change made through the admin API overrides the file");
@@ -337,6 +394,15 @@ fn reload_from(
         "{pools} pool(s), {backends} backend(s) from {}",
         path.display()
     );
+    if let Some(change) = level_change {
+        summary.push_str(&format!("; {change}"));
+    }
+    if !on_restart.is_empty() {
+        summary.push_str(&format!(
+            "; changed settings that take effect on restart: {}",
+            on_restart.join(", ")
+        ));
+    }
     if !overrides.is_empty() {
         summary.push_str(&format!(
             "; {} run-time change(s) made through the admin API override the file (undo them through the API): {}",
@@ -394,9 +460,12 @@ fn runtime_overrides(
     out
 }
 
-/// Waits for SIGTERM or SIGINT, reloading on SIGHUP meanwhile.
-async fn wait_for_shutdown(reload: Option<ReloadFn>) {
-    let mut hangup = signal(SignalKind::hangup()).ok();
+/// Waits for SIGTERM or SIGINT, reloading on SIGHUP (`hangup`) meanwhile; a SIGHUP that
+/// arrived before this was called reloads at once.
+async fn wait_for_shutdown(
+    reload: Option<ReloadFn>,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+) {
     loop {
         let hup = async {
             match hangup.as_mut() {

@@ -414,6 +414,25 @@ async fn reload_applies_a_valid_config_and_refuses_an_invalid_one() {
     })
     .await;
 
+    // Settings only a restart applies are named; `log.level` applies at once, unless
+    // RUST_LOG is set (as it is here, by the test harness).
+    let (status, body) = node
+        .reload(&format!(
+            "runtime:\n  drain_timeout: 5s\nlog:\n  level: warn\n{}",
+            next.replace("strategy: p2c", "strategy: least_connections")
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let summary = body["summary"].as_str().expect("summary");
+    assert!(
+        summary.contains("changed settings that take effect on restart: runtime"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("log.level `warn` not applied: RUST_LOG is set"),
+        "{summary}"
+    );
+
     // A listener setting that only a restart applies: refused, naming what changed.
     let (status, body) = node
         .reload(&next.replace(
