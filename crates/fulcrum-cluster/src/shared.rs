@@ -297,11 +297,22 @@ impl SharedConfig {
                         address: backend.address.clone(),
                     });
                 }
+                let in_file = base.pools[pool]
+                    .backends
+                    .iter()
+                    .any(|b| b.address == backend.address);
                 let entry = next.backend(pool, &backend.address);
-                entry.removed = false;
-                entry.added = Some(backend.tags.clone());
-                entry.weight = Some(backend.weight);
-                entry.max_requests = backend.max_requests;
+                if in_file {
+                    // A backend of the file removed at run time comes back as the file's
+                    // own (its weight, tags and limit from the file), not as a run-time
+                    // addition: so it leaves when the file drops it.
+                    entry.removed = false;
+                } else {
+                    entry.removed = false;
+                    entry.added = Some(backend.tags.clone());
+                    entry.weight = Some(backend.weight);
+                    entry.max_requests = backend.max_requests;
+                }
             }
             Change::RemoveBackend { address, .. } => {
                 if !self.has_backend(base, discovered, pool, address) {
@@ -513,6 +524,50 @@ mod tests {
         assert_eq!(got, [("127.0.0.1:9002", 7), ("127.0.0.1:9003", 1)]);
         // Round trip through JSON.
         assert_eq!(SharedConfig::from_json(&doc.to_json()).expect("json"), doc);
+    }
+
+    #[test]
+    fn adding_back_a_file_backend_removed_at_run_time_restores_the_files_own() {
+        let base = base();
+        let none = BTreeMap::new();
+        let removed = SharedConfig::default()
+            .with_change(
+                &base,
+                &none,
+                &Change::RemoveBackend {
+                    pool: "app".into(),
+                    address: "127.0.0.1:9002".into(),
+                },
+            )
+            .expect("valid");
+        let mut again = BackendConfig::new("127.0.0.1:9002");
+        again.weight = 4;
+        let restored = removed
+            .with_change(
+                &base,
+                &none,
+                &Change::AddBackend {
+                    pool: "app".into(),
+                    backend: again,
+                },
+            )
+            .expect("valid");
+        // Nothing left in the overlay: the backend is the file's again.
+        assert_eq!(restored.pools, BTreeMap::new());
+        // So a file that drops it drops it (it was a run-time addition before).
+        let without = fulcrum_config::parse(
+            "listeners: [{name: web, listen: 127.0.0.1:0, routes: [{pool: app}]}]\n\
+             pools:\n  app:\n    backends:\n      - {address: 127.0.0.1:9001}\n",
+            "test.yaml",
+        )
+        .expect("test config is valid");
+        let cfg = effective_config(&without, &restored, &none);
+        let got: Vec<&str> = cfg.pools["app"]
+            .backends
+            .iter()
+            .map(|b| b.address.as_str())
+            .collect();
+        assert_eq!(got, ["127.0.0.1:9001"]);
     }
 
     #[test]
