@@ -370,7 +370,19 @@ fn reload_from(
                     fulcrum_config::diagnostic_at(path, &change.path(), change.to_string())
                         .to_string()
                 }
-                None => error,
+                None => {
+                    let overrides = runtime_overrides(&config, &control.shared());
+                    if overrides.is_empty() {
+                        error
+                    } else {
+                        format!(
+                            "{error} (the file is valid on its own: run-time changes made \
+                             through the admin API make it invalid — {}; undo them through \
+                             the API, or change the file to fit them)",
+                            overrides.join("; ")
+                        )
+                    }
+                }
             },
         }
     })?;

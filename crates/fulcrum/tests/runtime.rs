@@ -272,6 +272,37 @@ async fn mutating_calls_need_the_bearer_token() {
     node.api("/api/pools").await;
 }
 
+/// A file that is valid on its own but that run-time changes make invalid is refused with
+/// a message naming those changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_because_of_run_time_changes_names_them() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let extra = |short: &Backend| {
+        format!(
+            "    duration_class: {{ short_backends: [\"{}\"] }}\n",
+            short.address()
+        )
+    };
+    let node = Node::start(&simple_config("duration_class", &[&b1, &b2], &extra(&b1)));
+    let response = client()
+        .delete(node.admin_url(&format!("/api/pools/app/backends/{}", b2.address())))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), 200);
+    let next = node.pin_addresses(&simple_config("duration_class", &[&b1, &b2], &extra(&b2)));
+    let (status, body) = node.reload(&next).await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("short_backends"), "{message}");
+    assert!(
+        message.contains("run-time changes made through the admin API make it invalid"),
+        "{message}"
+    );
+    assert!(message.contains(&b2.address()), "{message}");
+}
+
 /// A change a web page could send on the operator's behalf — a cross-site form post, a
 /// fetch from another origin, a DNS-rebound name — is refused and changes nothing;
 /// `curl` and the dashboard's own requests still work.
