@@ -234,6 +234,16 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     if client_h1 && let Some(fault) = ctx.verdicts.fault(index) {
         return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request", &fault);
     }
+    if req.method() == http::Method::CONNECT {
+        // A tunnel to any address the client names is a forward proxy's job; Envoy and
+        // nginx refuse it too unless configured.
+        return refuse(
+            ctx,
+            StatusCode::NOT_IMPLEMENTED,
+            "connect_not_supported",
+            &"CONNECT is not supported: Fulcrum is a reverse proxy and opens no tunnels",
+        );
+    }
     if let Some(problem) = target_form_problem(req.method(), req.uri()) {
         return refuse(ctx, StatusCode::BAD_REQUEST, "bad_request", &problem);
     }

@@ -15,7 +15,8 @@
 //! HTTP/2 `:authority` when the client spoke HTTP/2.
 
 use http::header::{
-    CONNECTION, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, COOKIE, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::{StatusCode, Uri, Version, request, response};
 
@@ -98,6 +99,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, present: Present, allow_upgrade: bo
                     upgrade_requested = true;
                 } else if !token.eq_ignore_ascii_case("keep-alive")
                     && !token.eq_ignore_ascii_case("close")
+                    // An end-to-end field a sender must not nominate (RFC 9110 §7.6.1),
+                    // and one routing has used: dropping it would send the backend its
+                    // own address as the host (its default virtual host).
+                    && !token.eq_ignore_ascii_case("host")
                 {
                     // Lookup by &str is case-insensitive and does not allocate.
                     headers.remove(token);
@@ -275,31 +280,41 @@ pub fn prepare_request(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let mut host_problem = None;
-    let host = if let Some(authority) = authority {
-        parts.headers.insert(HOST, authority.clone());
-        Some(authority)
-    } else if present.host {
-        // Repeated fields make the map hold more values than names; only then look.
-        if from_h1
-            && parts.headers.len() != parts.headers.keys_len()
-            && parts.headers.get_all(HOST).iter().nth(1).is_some()
-        {
-            host_problem = Some("more than one Host field");
-        }
-        let host = parts.headers.get(HOST).cloned();
-        if from_h1
-            && host_problem.is_none()
-            && host.as_ref().is_some_and(|h| !valid_host(h.as_bytes()))
-        {
-            host_problem = Some("the Host field is not a valid host[:port]");
-        }
-        host
-    } else {
-        if parts.version == Version::HTTP_11 {
-            host_problem = Some("no Host field (HTTP/1.1 requires one)");
-        }
-        None
-    };
+    let host =
+        if let Some(authority) = authority {
+            // Checked as `Host` is: no userinfo (RFC 9110 §4.2.4, RFC 9113 §8.3.1), a valid
+            // port; and an absolute-form target names an HTTP scheme.
+            if !valid_host(authority.as_bytes()) {
+                host_problem = Some("the request target's authority is not a valid host[:port]");
+            } else if parts.uri.scheme_str().is_some_and(|s| {
+                !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https")
+            }) {
+                host_problem = Some("the request target's scheme is not http or https");
+            }
+            parts.headers.insert(HOST, authority.clone());
+            Some(authority)
+        } else if present.host {
+            // Repeated fields make the map hold more values than names; only then look.
+            if from_h1
+                && parts.headers.len() != parts.headers.keys_len()
+                && parts.headers.get_all(HOST).iter().nth(1).is_some()
+            {
+                host_problem = Some("more than one Host field");
+            }
+            let host = parts.headers.get(HOST).cloned();
+            if from_h1
+                && host_problem.is_none()
+                && host.as_ref().is_some_and(|h| !valid_host(h.as_bytes()))
+            {
+                host_problem = Some("the Host field is not a valid host[:port]");
+            }
+            host
+        } else {
+            if parts.version == Version::HTTP_11 {
+                host_problem = Some("no Host field (HTTP/1.1 requires one)");
+            }
+            None
+        };
     let needs_host = host.is_none();
     if let Some(host) = host {
         parts.headers.insert(&X_FORWARDED_HOST, host);
@@ -316,6 +331,12 @@ pub fn prepare_request(
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         parts.uri = origin_form(&parts.uri);
     }
+    // HTTP/2 may split `Cookie` into one field per cookie; toward HTTP/1.1 they must be
+    // one field, joined with "; " (RFC 9113 §8.2.3). Repeated fields make the map hold
+    // more values than names; only then look.
+    if !from_h1 && parts.headers.len() != parts.headers.keys_len() {
+        join_cookies(&mut parts.headers);
+    }
     parts.version = Version::HTTP_11;
     Prepared {
         upgrading,
@@ -323,6 +344,23 @@ pub fn prepare_request(
         unsupported_coding,
         host_problem,
         te_trailers,
+    }
+}
+
+/// Joins several `Cookie` fields into one, separated by `"; "` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Valid field bytes joined by "; " are valid field bytes.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
     }
 }
 
@@ -425,6 +463,12 @@ fn origin_form(uri: &Uri) -> Uri {
 pub fn prepare_response(parts: &mut response::Parts, upgrading: bool, to_h1: bool) {
     let allow_upgrade = upgrading && to_h1 && parts.status == StatusCode::SWITCHING_PROTOCOLS;
     let present = Present::scan(&parts.headers);
+    if present.transfer_encoding {
+        // A message with both is framed by `Transfer-Encoding` (which hyper decoded);
+        // forwarding the `Content-Length` would misframe it for the client (RFC 9112
+        // §6.3: an intermediary must remove it).
+        parts.headers.remove(CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers, present, allow_upgrade);
     // Fulcrum answers in its own protocol version, whatever the backend's: an HTTP/1.0
     // backend's answer went to HTTP/1.1 clients with an `HTTP/1.0` status line, so
@@ -669,6 +713,82 @@ mod tests {
             problem(Request::get("http://target.example/x").header("host", "other.example"));
         assert_eq!(fine, None);
         assert_eq!(host.expect("host"), "target.example");
+    }
+
+    #[test]
+    fn a_target_authority_is_checked_as_host_is() {
+        let problem = |builder: http::request::Builder| {
+            let mut p = parts(builder.body(()).expect("valid"));
+            prepare_request(&mut p, &ip(), "http").host_problem
+        };
+        for bad in [
+            "http://user:pw@abs.example/x",
+            "http://a.example:99999/x",
+            "ftp://a.example/x",
+        ] {
+            assert!(problem(Request::get(bad)).is_some(), "{bad}");
+        }
+        // HTTP/2's :authority too.
+        let h2 = Request::get("https://u@a.example/x").version(Version::HTTP_2);
+        assert!(problem(h2).is_some());
+        let h2 = Request::get("https://a.example:8443/x").version(Version::HTTP_2);
+        assert_eq!(problem(h2), None);
+    }
+
+    #[test]
+    fn host_named_in_connection_is_kept() {
+        let mut p = parts(
+            Request::get("/")
+                .header("host", "tenant-a.example")
+                .header("connection", "host, x-drop")
+                .header("x-drop", "1")
+                .body(())
+                .expect("valid request"),
+        );
+        assert_eq!(prepare_request(&mut p, &ip(), "http").host_problem, None);
+        assert_eq!(p.headers["host"], "tenant-a.example");
+        assert_eq!(p.headers["x-forwarded-host"], "tenant-a.example");
+        assert!(!p.headers.contains_key("x-drop"));
+    }
+
+    #[test]
+    fn http2_cookie_fields_become_one_for_http1() {
+        let mut p = parts(
+            Request::get("https://a.example/")
+                .version(Version::HTTP_2)
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
+                .header("cookie", "c=3")
+                .body(())
+                .expect("valid request"),
+        );
+        prepare_request(&mut p, &ip(), "https");
+        let cookies: Vec<_> = p.headers.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        // HTTP/1.1 clients' fields are theirs to frame (RFC 6265 asks for one field).
+        let mut p = parts(
+            Request::get("/")
+                .header("host", "a.example")
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
+                .body(())
+                .expect("valid request"),
+        );
+        prepare_request(&mut p, &ip(), "http");
+        assert_eq!(p.headers.get_all("cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn a_response_with_content_length_and_transfer_encoding_loses_the_length() {
+        let (mut p, ()) = http::Response::builder()
+            .header("content-length", "50")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .expect("valid response")
+            .into_parts();
+        prepare_response(&mut p, false, true);
+        assert!(!p.headers.contains_key("content-length"));
+        assert!(!p.headers.contains_key("transfer-encoding"));
     }
 
     #[test]

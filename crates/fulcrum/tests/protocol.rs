@@ -41,6 +41,9 @@ async fn malformed_requests_get_400_and_never_reach_a_backend() {
         ("HTTP/1.1 without Host", b"GET /a HTTP/1.1\r\n\r\n"),
         ("asterisk-form with GET", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"),
         ("authority-form with GET", b"GET admin:80 HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("userinfo in an absolute-form target", b"GET http://u:pw@x/a HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("port out of range in an absolute-form target", b"GET http://x:99999/a HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("a scheme other than HTTP", b"GET ftp://x/a HTTP/1.1\r\nHost: x\r\n\r\n"),
     ];
     for (what, request) in cases {
         let answer = raw(addr, request);
@@ -53,6 +56,13 @@ async fn malformed_requests_get_400_and_never_reach_a_backend() {
     );
     assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
     assert!(answer.contains("unsupported_transfer_coding"), "{answer}");
+    // A tunnel: not a reverse proxy's job.
+    let answer = raw(
+        addr,
+        b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(answer.contains("connect_not_supported"), "{answer}");
     // Fulcrum's own answers are counted by status.
     let metrics = node.metrics().await;
     let replies = |code: &str| {
@@ -62,7 +72,7 @@ async fn malformed_requests_get_400_and_never_reach_a_backend() {
             &format!(r#"listener="web",code="{code}""#),
         )
     };
-    assert_eq!(replies("501"), Some(1.0), "{metrics}");
+    assert_eq!(replies("501"), Some(2.0), "{metrics}");
     assert!(replies("400").is_some_and(|n| n >= 4.0), "{metrics}");
     let stats = b.stats().await;
     assert_eq!(
