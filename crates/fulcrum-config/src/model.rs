@@ -389,6 +389,12 @@ pub struct ListenerTimeouts {
     /// http-keep-alive`); it is then closed gracefully. Default 60 s. Validated: > 0.
     #[serde(with = "scalar::duration")]
     pub idle: Duration,
+    /// Longest time a client may accept none of a response's bytes that are ready to go
+    /// out (its socket stays full: it stopped reading); the connection is then closed, so
+    /// a slow reader cannot hold a backend connection and its request slot (nginx's
+    /// `send_timeout`, HAProxy's `timeout client`). Default 60 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub send: Duration,
 }
 
 impl Default for ListenerTimeouts {
@@ -396,6 +402,7 @@ impl Default for ListenerTimeouts {
         Self {
             request_header: Duration::from_secs(10),
             idle: Duration::from_secs(60),
+            send: Duration::from_secs(60),
         }
     }
 }

@@ -220,7 +220,8 @@ fn full_config_has_every_value() {
         web.timeouts,
         ListenerTimeouts {
             request_header: secs(5),
-            idle: secs(90)
+            idle: secs(90),
+            send: secs(120),
         }
     );
     assert_eq!(web.max_connections, 20000);
@@ -396,7 +397,7 @@ fn full_config_has_every_value() {
             bounded_load: 1.5,
             table_size: 655_373,
             points_per_weight: 160,
-            ring_size: 8192,
+            ring_size: 0,
         }
     );
     assert_eq!(

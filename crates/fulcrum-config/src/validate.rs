@@ -355,6 +355,7 @@ impl Checker<'_> {
                 l.timeouts.request_header,
             );
             self.positive(&format!("{p}.timeouts.idle"), l.timeouts.idle);
+            self.positive(&format!("{p}.timeouts.send"), l.timeouts.send);
             self.int_range(
                 &format!("{p}.max_connections"),
                 u64::from(l.max_connections),

@@ -147,6 +147,9 @@ struct Shared {
     head_started_ns: AtomicU64,
     /// Signalled when a head starts spanning reads.
     head_started: Notify,
+    /// Since when every write to the client has blocked (clock ns, ≥ 1), while one does;
+    /// else 0.
+    write_stalled_ns: AtomicU64,
 }
 impl FramingVerdicts {
     /// Whether the service must answer request number `index` (0-based, in arrival order of
@@ -193,6 +196,30 @@ impl FramingVerdicts {
     /// wait): the moment a request-header timeout starts to matter.
     pub async fn head_started(&self) {
         self.shared.head_started.notified().await;
+    }
+
+    /// Since when (clock ns) writes to the client have been blocking, if they are: the
+    /// client stopped reading, or reads slower than responses come.
+    pub fn write_stalled_ns(&self) -> Option<u64> {
+        match self.shared.write_stalled_ns.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// Records the outcome of a write to the client: blocked (`Pending`) starts a stall,
+    /// anything else ends one. One load per write; a store only when the state changes.
+    #[inline]
+    fn note_write<T>(&self, outcome: &Poll<T>) {
+        let stalled = self.shared.write_stalled_ns.load(Ordering::Relaxed) != 0;
+        match (outcome.is_pending(), stalled) {
+            (true, false) => self
+                .shared
+                .write_stalled_ns
+                .store(fulcrum_stats::clock::now_ns().max(1), Ordering::Release),
+            (false, true) => self.shared.write_stalled_ns.store(0, Ordering::Release),
+            _ => {}
+        }
     }
 
     fn set_head_in_progress(&self, in_progress: bool) {
@@ -291,7 +318,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for H1Guard<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.verdicts.note_write(&outcome);
+        outcome
     }
 
     fn poll_write_vectored(
@@ -299,7 +329,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for H1Guard<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.verdicts.note_write(&outcome);
+        outcome
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -307,7 +340,14 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for H1Guard<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let outcome = Pin::new(&mut this.io).poll_flush(cx);
+        // A flush that completes says nothing of the client (a TCP flush always does at
+        // once); only one that blocks is a sign of a stall.
+        if outcome.is_pending() {
+            this.verdicts.note_write(&outcome);
+        }
+        outcome
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -77,6 +77,11 @@ pub struct ClientTimeouts {
     /// keep-alive between requests; HTTP/2 with no open stream); it is then closed
     /// gracefully.
     pub idle: Duration,
+    /// Longest time the client may accept no byte of a response that is ready to go out
+    /// (every write to its socket would block); the connection is then closed. Checked
+    /// at least every `send` while requests are in progress, so a stalled client is cut
+    /// off between `send` and twice `send` after it stopped reading.
+    pub send: Duration,
 }
 
 /// Every status the data plane answers with itself (`fulcrum_local_replies_total{code}`).
@@ -120,6 +125,8 @@ pub struct ListenerRuntime {
     open: Gauge,
     /// `fulcrum_listener_connections_limited_total`.
     limited: Counter,
+    /// `fulcrum_listener_send_timeouts_total` (HTTP listeners).
+    send_timeouts: Counter,
 }
 
 /// Held by a client connection for its lifetime: its place in the listener's
@@ -181,6 +188,10 @@ impl ListenerRuntime {
             slots: None,
             open: metrics.listener_connections(name),
             limited: Counter::default(),
+            send_timeouts: match protocol {
+                ListenerProtocol::Http => metrics.listener_send_timeouts(name),
+                ListenerProtocol::Tcp => Counter::default(),
+            },
         }
     }
 
@@ -630,6 +641,14 @@ async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: Ca
                     control.ask(CLOSE_NOW);
                     return;
                 }
+                if let Some(since) = ctx.verdicts.write_stalled_ns()
+                    && now.saturating_sub(since) >= duration_ns(timeouts.send)
+                {
+                    tracing::debug!(listener = %ctx.listener.name, peer = %ctx.peer, "send timeout: the client accepted no response bytes; closing connection");
+                    ctx.listener.send_timeouts.inc();
+                    control.ask(CLOSE_NOW);
+                    return;
+                }
                 if ctx.active_requests() == 0
                     && ctx.verdicts.head_started_ns().is_none()
                     && now.saturating_sub(ctx.idle_since_ns()) >= duration_ns(timeouts.idle)
@@ -675,6 +694,12 @@ fn next_deadline(ctx: &ConnContext, timeouts: ClientTimeouts) -> tokio::time::In
             ctx.idle_since_ns()
                 .saturating_add(duration_ns(timeouts.idle)),
         );
+    } else {
+        // A response may stall at any moment: look at least every `send`.
+        at = at.min(now.saturating_add(duration_ns(timeouts.send)));
+    }
+    if let Some(since) = ctx.verdicts.write_stalled_ns() {
+        at = at.min(since.saturating_add(duration_ns(timeouts.send)));
     }
     tokio::time::Instant::now() + Duration::from_nanos(at.saturating_sub(now))
 }

@@ -232,6 +232,7 @@ pub struct Metrics {
     tls_handshakes: Family<TlsHandshakeLabels, Counter>,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_limited: Family<ListenerLabels, Counter>,
+    listener_send_timeouts: Family<ListenerLabels, Counter>,
     /// `fulcrum_connections_accepted_total`: client connections accepted, all listeners.
     pub connections_accepted: Counter<u64, AtomicU64>,
     /// Cluster figures (empty on a single node).
@@ -436,6 +437,12 @@ impl Metrics {
             "Times a listener stopped accepting because `max_connections` connections were open",
             listener_limited.clone(),
         );
+        let listener_send_timeouts = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "fulcrum_listener_send_timeouts",
+            "Client connections closed because the client accepted no response bytes for `timeouts.send`",
+            listener_send_timeouts.clone(),
+        );
         let connections_accepted = Counter::default();
         registry.register(
             "fulcrum_connections_accepted",
@@ -518,6 +525,7 @@ impl Metrics {
             tls_handshakes,
             listener_connections,
             listener_limited,
+            listener_send_timeouts,
             connections_accepted,
         }
     }
@@ -701,6 +709,14 @@ impl Metrics {
         self.listener_limited.get_or_create_owned(&ListenerLabels {
             listener: listener.to_owned(),
         })
+    }
+
+    /// The counter of connections of `listener` closed by its `timeouts.send`.
+    pub fn listener_send_timeouts(&self, listener: &str) -> Counter {
+        self.listener_send_timeouts
+            .get_or_create_owned(&ListenerLabels {
+                listener: listener.to_owned(),
+            })
     }
 
     /// Exports the cluster families from now on (a node in a cluster), and the

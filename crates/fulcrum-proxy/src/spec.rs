@@ -80,6 +80,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
             timeouts: ClientTimeouts {
                 request_header: l.timeouts.request_header,
                 idle: l.timeouts.idle,
+                send: l.timeouts.send,
             },
             tls: l.tls.clone(),
             max_connections: l.max_connections,

@@ -473,6 +473,46 @@ async fn client_timeouts_close_slow_heads_and_idle_connections_but_not_slow_resp
     assert!(got.len() >= 9, "{got:?}");
 }
 
+/// A client that stops reading a response is cut off after `timeouts.send`, which frees
+/// the backend connection and the request slot it held (nginx's `send_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    let b = Backend::start("b1", &[]);
+    let yaml = simple_config(
+        "round_robin",
+        &[&b],
+        "    default_max_requests: 1\n    queue: { max_size: 10, timeout: 30s }\n",
+    )
+    .replace("    routes:", "    timeouts: { send: 500ms }\n    routes:");
+    let node = Node::start(&yaml);
+    let addr = node.listeners["web"];
+    // Asks for 32 MiB (more than the sockets on the way hold), reads a little, then
+    // reads no more.
+    let mut stalled = TcpStream::connect(addr).expect("connect");
+    stalled
+        .write_all(b"GET /download?bytes=33554432 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut first = [0u8; 64];
+    stalled.read_exact(&mut first).expect("the response starts");
+    assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
+    // The only request slot is free again once the stalled connection is cut off: the
+    // next request is served rather than queued for 30 s.
+    let url = format!("{}/after", node.url("web"));
+    let response = client().get(&url).send().await.expect("request");
+    assert_eq!(response.status(), 200);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "fulcrum_listener_send_timeouts_total",
+            r#"listener="web""#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    drop(stalled);
+}
+
 /// `routes[].rate_limit`: over the limit is 429 with `Retry-After` and a JSON error,
 /// never forwarded; per-client buckets are separate; a reload keeps the buckets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
