@@ -60,14 +60,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", help_heading = "Keys")]
     zipf_keys: Option<u64>,
 
-    /// Zipf exponent s: key k is drawn with probability ∝ 1/k^s (0 = uniform).
+    /// Zipf exponent s: key k is drawn with probability ∝ 1/k^s (0 = uniform). Needs
+    /// --zipf-keys.
     #[arg(long, value_name = "S", default_value_t = 1.0, value_parser = parse_zipf_s,
-          allow_negative_numbers = true, help_heading = "Keys")]
+          allow_negative_numbers = true, requires = "zipf_keys", help_heading = "Keys")]
     zipf_s: f64,
 
-    /// Header carrying the key (the simulator's cache reads x-cache-key).
+    /// Header carrying the key (the simulator's cache reads x-cache-key). Needs
+    /// --zipf-keys.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_KEY_HEADER,
-          value_parser = parse_header_name, help_heading = "Keys")]
+          value_parser = parse_header_name, requires = "zipf_keys", help_heading = "Keys")]
     key_header: HeaderName,
 
     /// Requests outstanding at most; an arrival beyond it is not sent and is counted as
@@ -393,6 +395,14 @@ mod tests {
             (&["--url", "http://h:1", "--rate", "fast"][..], "--rate"),
             (&["--url", "http://h:1", "--rate", "-3"][..], "--rate"),
             (&["--url", "http://h:1", "--zipf-s", "-1"][..], "--zipf-s"),
+            (
+                &["--url", "http://h:1", "--zipf-s", "1.2"][..],
+                "--zipf-keys",
+            ),
+            (
+                &["--url", "http://h:1", "--key-header", "x-user"][..],
+                "--zipf-keys",
+            ),
             (
                 &["--url", "http://h:1", "--duration", "10"][..],
                 "--duration",

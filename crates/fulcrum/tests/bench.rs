@@ -143,6 +143,14 @@ fn bad_values_exit_2_naming_the_option() {
             ][..],
             "--zipf-s",
         ),
+        (
+            &["--url", "http://127.0.0.1:1/", "--zipf-s", "1.2"][..],
+            "--zipf-keys",
+        ),
+        (
+            &["--url", "http://127.0.0.1:1/", "--key-header", "x-user"][..],
+            "--zipf-keys",
+        ),
         (&["--scenario", "nonsense"][..], "--scenario"),
         (
             &["--scenario", "straggler", "--strategies", "fastest"][..],
