@@ -1,11 +1,12 @@
 //! The load generator against real simulated backends on 127.0.0.1.
 //!
 //! Counts are checked with generous tolerances (arrivals are Poisson); nothing asserts on
-//! elapsed time or latency values.
+//! elapsed time, and latency values only against bounds that hold by construction (a
+//! request given up at the timeout took at least the timeout).
 
 use std::time::Duration;
 
-use fulcrum_sim::loadgen::{KeySpec, LoadGenerator, LoadReport, LoadSpec};
+use fulcrum_sim::loadgen::{Interrupt, KeySpec, LoadGenerator, LoadReport, LoadSpec};
 use fulcrum_sim::{BackendArgs, BackendHandle, CACHE_KEY_HEADER, start_backend};
 
 async fn start(configure: impl FnOnce(&mut BackendArgs)) -> BackendHandle {
@@ -88,7 +89,14 @@ async fn counts_failures_by_status_and_transport_errors_by_kind() {
         report.overall.error_kinds.get("connect"),
         Some(&report.overall.requests)
     );
-    assert_eq!(report.overall.latency_ms.count, 0);
+    assert_eq!(
+        report.overall.failed_without_response,
+        report.overall.requests
+    );
+    assert_eq!(
+        report.overall.latency_ms.count, 0,
+        "a request refused has no latency"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,6 +114,60 @@ async fn drops_arrivals_beyond_the_in_flight_cap_and_times_out_slow_requests() {
         Some(&all.requests),
         "{report}"
     );
+    assert_eq!(all.timed_out, all.requests);
+    // Censored at the timeout, not left out: every one took at least 300 ms.
+    assert_eq!(all.latency_ms.count, all.requests, "{report}");
+    assert!(all.latency_ms.p50 >= 300.0, "{report}");
+    assert!(all.latency_ms.max >= 300.0, "{report}");
+    assert_eq!(report.endpoints[0].latency_ms, all.latency_ms);
+}
+
+/// A server that never answers in time: a stop leaves the requests in flight their grace
+/// (an hour here), an abandon gives up on them at once. Without the abandon the run would
+/// last an hour; the deadline only guards against that hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandon_gives_up_on_the_requests_in_flight_and_counts_them_interrupted() {
+    let stalled = start(|args| args.latency = "fixed:3600s".parse().expect("literal")).await;
+    let mut spec = spec(&stalled, 100.0, 3600.0);
+    spec.timeout = Duration::from_secs(7200);
+    spec.stop_grace = Duration::from_secs(3600);
+    let generator = LoadGenerator::new(spec).expect("valid spec");
+    let progress = generator.progress();
+    let interrupt = Interrupt::new();
+    let run = tokio::spawn(generator.run_until(interrupt.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while progress.in_flight() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "requests are sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    interrupt.stop();
+    // Sending stops: `sent` no longer moves once the loop saw the stop.
+    let mut sent = progress.sent();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = progress.sent();
+        if now == sent {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sending stops");
+        sent = now;
+    }
+    assert!(!run.is_finished(), "the grace (an hour) is not over");
+    interrupt.abandon();
+    let report = tokio::time::timeout_at(deadline, run)
+        .await
+        .expect("the abandon ends the run")
+        .expect("the run does not panic");
+
+    let all = &report.overall;
+    assert!(report.interrupted, "{report}");
+    assert!(report.sent_secs < 3600.0, "{report}");
+    assert!(all.requests >= 5, "{report}");
+    assert_eq!(all.ok, 0, "{report}");
+    assert_eq!(all.interrupted, all.requests, "{report}");
+    assert_eq!(all.error_kinds.get("interrupted"), Some(&all.requests));
+    assert_eq!(all.latency_ms.count, all.requests, "censored, not left out");
+    assert_eq!(progress.in_flight(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

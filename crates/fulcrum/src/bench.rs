@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fulcrum_sim::loadgen::{
-    DEFAULT_KEY_HEADER, KeySpec, LoadGenerator, LoadReport, LoadSpec, MAX_RATE, Mix, Progress,
+    DEFAULT_KEY_HEADER, Interrupt, KeySpec, LoadGenerator, LoadReport, LoadSpec, MAX_RATE, Mix,
+    Progress,
 };
 use http::Uri;
 use http::header::HeaderName;
@@ -32,8 +33,16 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 Latency runs from each request's scheduled send time to the last byte of its response,
 so a server that stalls is charged for the requests that waited (no coordinated
-omission). Exit codes: 0 done (request errors are reported, not fatal), 1 a runtime
-failure, 2 invalid options.")]
+omission). A request that times out is counted in the percentiles at --timeout, a lower
+bound of its latency; one that fails without a response (connection refused, reset) is
+left out; the report says how many requests the percentiles cover.
+
+Ctrl-C stops sending and waits for the requests in flight at most 2 s (or --timeout if
+shorter); a second Ctrl-C stops waiting. Requests still outstanding are reported as
+interrupted, counted in the percentiles at their age then (a lower bound).
+
+Exit codes: 0 done (request errors are reported, not fatal), 1 a runtime failure,
+2 invalid options, 130 interrupted by Ctrl-C (the report is printed).")]
 pub struct BenchArgs {
     /// Target: http://HOST:PORT[/PATH]. The path is the endpoint unless --mix is given.
     #[arg(long, value_name = "URL", value_parser = parse_url,
@@ -79,7 +88,8 @@ pub struct BenchArgs {
           help_heading = "Limits")]
     max_in_flight: usize,
 
-    /// Longest a request may take, from its scheduled send time to the end of its body.
+    /// Longest a request may take, from its scheduled send time to the end of its body;
+    /// a request given up then counts in the percentiles at this latency (a lower bound).
     #[arg(long, value_name = "DURATION", default_value = "30s",
           value_parser = parse_duration, help_heading = "Limits")]
     timeout: Duration,
@@ -156,21 +166,56 @@ pub fn run(args: BenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let grace = generator.spec().effective_stop_grace();
     let report = runtime.block_on(async {
-        // Ctrl-C stops sending; the report covers what was sent (wrk's behaviour).
-        let stop = tokio_util::sync::CancellationToken::new();
-        let on_signal = stop.clone();
-        let watcher = tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("fulcrum bench: interrupted; waiting for the requests in flight, then reporting what was sent");
-                on_signal.cancel();
+        let interrupt = Interrupt::new();
+        let watcher = match watch_ctrl_c(interrupt.clone(), grace) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                eprintln!("fulcrum bench: cannot watch for Ctrl-C ({error}); it will end the run without a report");
+                None
             }
-        });
-        let report = drive(generator, "", show_progress, stop).await;
-        watcher.abort();
+        };
+        let report = drive(generator, "", show_progress, interrupt).await;
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
         report
     });
-    print_report(&report, args.json)
+    match print_report(&report, args.json) {
+        // 128 + SIGINT, as a shell reports a command ended by Ctrl-C.
+        Ok(()) if report.interrupted => ExitCode::from(EXIT_INTERRUPTED),
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+/// Exit code of a run ended by Ctrl-C, after its report: 128 + SIGINT (2).
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Escalates `interrupt` on Ctrl-C: the first stops sending and leaves the requests in
+/// flight `grace` to finish, the second abandons them. Installing the handler replaces
+/// the default action (ending the process) for the rest of the run.
+fn watch_ctrl_c(
+    interrupt: Interrupt,
+    grace: Duration,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    // One stream for both signals, so a second Ctrl-C arriving early is not lost.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(tokio::spawn(async move {
+        if sigint.recv().await.is_none() {
+            return;
+        }
+        eprintln!(
+            "fulcrum bench: interrupted; no more requests are sent; waiting at most {} for the ones in flight (Ctrl-C again to stop waiting)",
+            humantime::format_duration(grace)
+        );
+        interrupt.stop();
+        if sigint.recv().await.is_some() {
+            eprintln!("fulcrum bench: interrupted again; abandoning the requests in flight");
+            interrupt.abandon();
+        }
+    }))
 }
 
 fn load_spec(args: &BenchArgs) -> Result<LoadSpec, String> {
@@ -193,7 +238,8 @@ fn load_spec(args: &BenchArgs) -> Result<LoadSpec, String> {
     Ok(spec)
 }
 
-fn print_report(report: &LoadReport, json: bool) -> ExitCode {
+/// Writes `report` on stdout; on failure says why on stderr and returns exit code 1.
+fn print_report(report: &LoadReport, json: bool) -> Result<(), ExitCode> {
     let mut out = std::io::stdout().lock();
     let written = if json {
         serde_json::to_string(report)
@@ -202,25 +248,22 @@ fn print_report(report: &LoadReport, json: bool) -> ExitCode {
     } else {
         write!(out, "{report}")
     };
-    match written.and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("fulcrum bench: cannot write the report: {error}");
-            ExitCode::from(1)
-        }
-    }
+    written.and_then(|()| out.flush()).map_err(|error| {
+        eprintln!("fulcrum bench: cannot write the report: {error}");
+        ExitCode::from(1)
+    })
 }
 
-/// Runs `generator` to the end, with a progress bar on stderr when `show_progress`;
-/// `label` names the run in the bar.
+/// Runs `generator` to the end or until `interrupt`, with a progress bar on stderr when
+/// `show_progress`; `label` names the run in the bar.
 pub(crate) async fn drive(
     generator: LoadGenerator,
     label: &str,
     show_progress: bool,
-    stop: tokio_util::sync::CancellationToken,
+    interrupt: Interrupt,
 ) -> LoadReport {
     if !show_progress {
-        return generator.run_until(stop).await;
+        return generator.run_until(interrupt).await;
     }
     let duration = generator.spec().duration;
     let bar = ProgressBar::with_draw_target(
@@ -240,7 +283,7 @@ pub(crate) async fn drive(
     );
     bar.set_prefix(label.to_owned());
     let ticker = tokio::spawn(tick(bar.clone(), generator.progress()));
-    let report = generator.run_until(stop).await;
+    let report = generator.run_until(interrupt).await;
     ticker.abort();
     bar.finish_and_clear();
     report

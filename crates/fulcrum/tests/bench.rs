@@ -1,10 +1,15 @@
 //! `fulcrum bench` as a user runs it: the real binary against real `fulcrum backend`
 //! processes, reading its `--json` report. Counts are checked with generous tolerances
-//! (arrivals are Poisson and machines are loaded); nothing asserts on timing.
+//! (arrivals are Poisson and machines are loaded); nothing asserts on timing, and latency
+//! values only against bounds that hold by construction (a request given up at the
+//! timeout took at least the timeout).
 
 mod common;
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::{Backend, fulcrum_bin};
 use serde_json::Value;
@@ -38,6 +43,120 @@ fn count(value: &Value) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("not a count: {value}"))
 }
+
+fn millis(value: &Value) -> f64 {
+    value
+        .as_f64()
+        .unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
+/// A `fulcrum bench` process running in the background, its output collected as it comes;
+/// killed on drop.
+struct RunningBench {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl RunningBench {
+    fn start(args: &[&str]) -> RunningBench {
+        let mut child = Command::new(fulcrum_bin())
+            .arg("bench")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run fulcrum bench");
+        let collect = |mut pipe: Box<dyn Read + Send>| {
+            let text = Arc::new(Mutex::new(String::new()));
+            let sink = Arc::clone(&text);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    sink.lock()
+                        .expect("output lock")
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+            text
+        };
+        let stdout = collect(Box::new(child.stdout.take().expect("stdout is piped")));
+        let stderr = collect(Box::new(child.stderr.take().expect("stderr is piped")));
+        RunningBench {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Sends SIGINT, as Ctrl-C in a terminal does.
+    fn interrupt(&self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -INT failed");
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().expect("output lock").clone()
+    }
+
+    /// Polls until stderr contains `needle`, or panics after `deadline`.
+    fn wait_for_stderr(&self, needle: &str, deadline: Duration) {
+        let start = Instant::now();
+        while !self.stderr().contains(needle) {
+            assert!(
+                start.elapsed() < deadline,
+                "no `{needle}` on stderr after {deadline:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls until the process exits; (exit code, stdout, stderr). Panics (and kills it)
+    /// if it is still running after `deadline`: that is a hang, not slowness.
+    fn wait_exit(mut self, deadline: Duration) -> (i32, String, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "fulcrum bench still running {deadline:?} after being told to stop; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The pipes close with the process; give the readers a moment to take the rest.
+        let drained = Instant::now();
+        while Arc::strong_count(&self.stdout) + Arc::strong_count(&self.stderr) > 2
+            && drained.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stdout = self.stdout.lock().expect("output lock").clone();
+        (
+            status.code().expect("an exit code, not a signal"),
+            stdout,
+            self.stderr(),
+        )
+    }
+}
+
+impl Drop for RunningBench {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long a stopped bench may take to exit before the test calls it a hang: far above
+/// the 2 s stop grace, far below the 30 s timeout it would wait without one.
+const EXIT_DEADLINE: Duration = Duration::from_secs(20);
 
 #[test]
 fn sends_about_rate_times_duration_and_reports_percentiles() {
@@ -248,44 +367,187 @@ fn duration_class_scenario_runs_both_modes_and_the_class_queue_on_every_load() {
 async fn ctrl_c_stops_sending_and_reports_what_was_sent() {
     let backend = Backend::start("bench-int", &[]);
     let url = format!("http://{}/", backend.addr);
-    let child = std::process::Command::new(fulcrum_bin())
-        .args([
-            "bench",
-            "--url",
-            &url,
-            "--rate",
-            "100",
-            "--duration",
-            "600s",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run fulcrum bench");
+    let bench = RunningBench::start(&[
+        "--url",
+        &url,
+        "--rate",
+        "100",
+        "--duration",
+        "600s",
+        "--json",
+    ]);
     common::eventually(common::DEADLINE, "requests arrive", async || {
         (backend.stats().await["requests"].as_u64() >= Some(20)).then_some(())
     })
     .await;
-    let pid = child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    bench.interrupt();
     // The schedule would last 600 s; the deadline only guards against a hang.
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("join")
-        .expect("bench output");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || bench.wait_exit(EXIT_DEADLINE))
+            .await
+            .expect("join");
+    assert_eq!(code, 130, "interrupted: 128 + SIGINT; stderr:\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("a JSON report");
     assert_eq!(report["interrupted"], true, "{report}");
+    assert!(
+        report["interrupted_after_secs"].as_f64() > Some(0.0),
+        "{report}"
+    );
     assert!(count(&report["overall"]["requests"]) >= 20, "{report}");
     assert!(report["sent_secs"].as_f64() < Some(600.0), "{report}");
+}
+
+/// The backend answers after an hour, the timeout is the default 30 s: after Ctrl-C the
+/// bench waits its 2 s grace, then reports every request as interrupted, censored at its
+/// age (at least the grace), and exits 130. Before, it waited the whole timeout and
+/// exited 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_gives_up_on_a_stalled_backend_after_the_grace_and_exits_130() {
+    let backend = Backend::start("bench-stall", &["--latency", "fixed:3600s"]);
+    let url = format!("http://{}/", backend.addr);
+    let bench = RunningBench::start(&[
+        "--url",
+        &url,
+        "--rate",
+        "50",
+        "--duration",
+        "600s",
+        "--json",
+    ]);
+    common::eventually(common::DEADLINE, "requests arrive", async || {
+        (backend.stats().await["requests"].as_u64() >= Some(10)).then_some(())
+    })
+    .await;
+    bench.interrupt();
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || bench.wait_exit(EXIT_DEADLINE))
+            .await
+            .expect("join");
+    assert_eq!(code, 130, "stderr:\n{stderr}");
+    assert!(stderr.contains("Ctrl-C again to stop waiting"), "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("a JSON report");
+    assert_eq!(report["interrupted"], true, "{report}");
+    let all = &report["overall"];
+    let requests = count(&all["requests"]);
+    assert!(requests >= 10, "{report}");
+    assert_eq!(count(&all["ok"]), 0, "none answered: {report}");
+    assert_eq!(count(&all["interrupted"]), requests, "{report}");
+    assert_eq!(count(&all["error_kinds"]["interrupted"]), requests);
+    assert_eq!(count(&all["timed_out"]), 0, "{report}");
+    let latency = &all["latency_ms"];
+    assert_eq!(count(&latency["count"]), requests, "censored: {report}");
+    // Each was outstanding through the whole grace, so its recorded age is at least 2 s.
+    assert!(millis(&latency["p50"]) >= 2000.0, "{report}");
+}
+
+/// A second Ctrl-C ends the wait: the human report is printed with the interruption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_abandons_the_wait_and_prints_the_report() {
+    let backend = Backend::start("bench-stall-2", &["--latency", "fixed:3600s"]);
+    let url = format!("http://{}/", backend.addr);
+    let bench = RunningBench::start(&["--url", &url, "--rate", "50", "--duration", "600s"]);
+    common::eventually(common::DEADLINE, "requests arrive", async || {
+        (backend.stats().await["requests"].as_u64() >= Some(10)).then_some(())
+    })
+    .await;
+    bench.interrupt();
+    // The first signal must be handled before the second is sent, or the two merge.
+    bench.wait_for_stderr("Ctrl-C again", EXIT_DEADLINE);
+    bench.interrupt();
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || bench.wait_exit(EXIT_DEADLINE))
+            .await
+            .expect("join");
+    assert_eq!(code, 130, "stderr:\n{stderr}");
+    assert!(stdout.contains("interrupted after "), "{stdout}");
+    assert!(
+        stdout.contains("requests still outstanding were abandoned"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("interrupted, counted at their age when abandoned"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("errors: interrupted "), "{stdout}");
+}
+
+/// Half the requests go to an endpoint slower than --timeout. They count in the
+/// percentiles at the timeout, so p99 and max are at least the timeout; before, they were
+/// left out and the endpoint showed no latency at all.
+#[test]
+fn timed_out_requests_count_in_the_percentiles_at_the_timeout() {
+    let backend = Backend::start("bench-timeout", &[]);
+    let url = format!("http://{}", backend.addr);
+    let args = [
+        "--url",
+        &url,
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+        "--timeout",
+        "500ms",
+        "--mix",
+        "/fast?delay_ms=1:1,/slow?delay_ms=5000:1",
+    ];
+    let report = bench_json(&args);
+    let slow = &report["endpoints"][1];
+    assert_eq!(slow["path"], "/slow?delay_ms=5000");
+    let slow_requests = count(&slow["requests"]);
+    assert!(slow_requests > 0, "{report}");
+    assert_eq!(
+        count(&slow["latency_ms"]["count"]),
+        slow_requests,
+        "{report}"
+    );
+    assert!(millis(&slow["latency_ms"]["p50"]) >= 500.0, "{report}");
+    assert_eq!(count(&slow["timed_out"]), slow_requests, "{report}");
+    assert_eq!(report["timeout_secs"], 0.5);
+
+    let all = &report["overall"];
+    let requests = count(&all["requests"]);
+    let timed_out = count(&all["timed_out"]);
+    let failed = count(&all["failed_without_response"]);
+    assert!(timed_out >= slow_requests, "{report}");
+    assert_eq!(count(&all["error_kinds"]["timeout"]), timed_out);
+    assert_eq!(count(&all["ok"]) + count(&all["errors"]), requests);
+    assert_eq!(count(&all["latency_ms"]["count"]), requests - failed);
+    assert!(millis(&all["latency_ms"]["max"]) >= 500.0, "{report}");
+    if slow_requests * 100 > requests {
+        assert!(millis(&all["latency_ms"]["p99"]) >= 500.0, "{report}");
+    }
+
+    let (code, stdout, stderr) = bench(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("timed out, counted at the 0.5s timeout"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("all: latency of "), "{stdout}");
+}
+
+/// A request refused has no latency: it is counted, and the report says the percentiles
+/// leave it out.
+#[test]
+fn requests_failed_without_a_response_are_counted_but_not_in_the_percentiles() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let args = ["--url", &url, "--rate", "50", "--duration", "500ms"];
+    let report = bench_json(&args);
+    let all = &report["overall"];
+    let requests = count(&all["requests"]);
+    assert!(requests > 0, "{report}");
+    assert_eq!(count(&all["failed_without_response"]), requests, "{report}");
+    assert_eq!(count(&all["error_kinds"]["connect"]), requests, "{report}");
+    assert_eq!(count(&all["latency_ms"]["count"]), 0, "{report}");
+
+    let (code, stdout, _) = bench(&args);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("failed without a response, not included"),
+        "{stdout}"
+    );
 }

@@ -22,6 +22,26 @@
 //! reached is not sent and is counted as `dropped`, never delayed, since delaying it would
 //! reintroduce coordinated omission.
 //!
+//! # Requests without a response: censored, not left out
+//! Leaving out the requests that never got an answer would hide a stall exactly when it
+//! is worst: a backend that stops for longer than `timeout` would show only the fast
+//! requests around the stall. So every request the generator *gave up on* is recorded
+//! in the latency histograms at the moment it was given up, measured from its scheduled
+//! send time like the others:
+//!
+//! - a request that reached `timeout` is recorded at `timeout` (`timed_out`);
+//! - a request still outstanding when an operator's stop ended the run (see
+//!   [`LoadGenerator::run_until`]) is recorded at its age then (`interrupted`).
+//!
+//! Its true latency is at least that value (right-censored), so every percentile is a
+//! correct *lower bound* of the true one. With timeouts alone, the percentiles up to the
+//! share of complete responses are exact: every response came before `timeout`, so the
+//! censored values all lie above them. A request that failed without a complete
+//! response (connection refused, reset, a broken body) is not recorded: it failed for a
+//! reason other than the server's speed, usually at once, and its short time would
+//! flatter the percentiles. The report says how many requests the percentiles cover and
+//! how many of those are censored ([`ClassReport`]).
+//!
 //! # Layout
 //! [`schedule`] is the pure part (arrival times, endpoint mix, Zipf keys); `report` holds
 //! the histograms and the report; this module runs the schedule over a pooled HTTP/1.1
@@ -65,7 +85,7 @@ use tokio_util::task::TaskTracker;
 pub use report::{ClassReport, LatencySummary, LoadReport};
 pub use schedule::{Arrival, Mix, MixEntry, Schedule, Zipf};
 
-use report::Recorder;
+use report::{Recorder, Timing};
 
 /// `--rate` when not given, requests per second.
 pub const DEFAULT_RATE: f64 = 1000.0;
@@ -75,6 +95,10 @@ pub const MAX_RATE: f64 = 1_000_000.0;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// `--timeout` when not given: the longest a request may take, body included.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long requests outstanding at an operator's stop are still waited for when not set
+/// otherwise ([`LoadSpec::stop_grace`]): 2 s, long enough for a healthy server's requests
+/// to finish, short enough for Ctrl-C to feel immediate.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
 /// The longest run accepted.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// The header Zipf keys are sent in when no other is named: the one the simulator's cache
@@ -112,15 +136,20 @@ pub struct LoadSpec {
     pub keys: Option<KeySpec>,
     /// Requests outstanding at once at most; an arrival beyond it is dropped and counted.
     pub max_in_flight: usize,
-    /// The longest one request may take, from its scheduled time to the end of its body.
+    /// The longest one request may take, from its scheduled time to the end of its body;
+    /// a request given up then is recorded at this latency, as a lower bound.
     pub timeout: Duration,
+    /// After an operator's stop ([`Interrupt::stop`]), how long outstanding requests are
+    /// still waited for before they are abandoned and reported as `interrupted`; at most
+    /// [`timeout`](Self::timeout) is used. Default [`DEFAULT_STOP_GRACE`] (2 s).
+    pub stop_grace: Duration,
     /// Seed of the arrival times, endpoint choices and keys.
     pub seed: u64,
 }
 
 impl LoadSpec {
     /// 1000 req/s for 10 s to `url`'s path, no keys, 10 000 in flight, 30 s timeout,
-    /// seed 1.
+    /// 2 s stop grace, seed 1.
     pub fn new(url: Uri) -> Self {
         LoadSpec {
             url,
@@ -130,8 +159,15 @@ impl LoadSpec {
             keys: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             timeout: DEFAULT_TIMEOUT,
+            stop_grace: DEFAULT_STOP_GRACE,
             seed: 1,
         }
+    }
+
+    /// How long requests outstanding at a stop are waited for: the stop grace, at most
+    /// the timeout (a request cannot outlive its timeout anyway).
+    pub fn effective_stop_grace(&self) -> Duration {
+        self.stop_grace.min(self.timeout)
     }
 
     /// The endpoint mix actually used: [`mix`](Self::mix), or the URL's path alone.
@@ -284,13 +320,18 @@ impl LoadGenerator {
     /// Sends the load on the current tokio runtime and returns the report once every
     /// request sent has finished (or timed out).
     pub async fn run(self) -> LoadReport {
-        self.run_until(CancellationToken::new()).await
+        self.run_until(Interrupt::new()).await
     }
 
-    /// [`run`](Self::run), stopping early when `stop` is cancelled (an operator's
-    /// Ctrl-C): no further request is sent, the ones in flight finish (or time out), and
-    /// the report covers what was sent, over the time it took.
-    pub async fn run_until(self, stop: CancellationToken) -> LoadReport {
+    /// [`run`](Self::run), stopped early by `interrupt` (an operator's Ctrl-C).
+    ///
+    /// After [`Interrupt::stop`] no further request is sent and the ones outstanding are
+    /// waited for at most [`LoadSpec::effective_stop_grace`] (2 s by default); after
+    /// [`Interrupt::abandon`], or once the grace is over, the ones still outstanding are
+    /// abandoned: counted as `interrupted` errors and recorded in the latency histograms
+    /// at their age then, a lower bound like a timeout (see the module documentation). The
+    /// report covers what was sent, over the time it took, with `interrupted` set.
+    pub async fn run_until(self, interrupt: Interrupt) -> LoadReport {
         let LoadGenerator {
             spec,
             mix,
@@ -306,6 +347,8 @@ impl LoadGenerator {
         let client = client();
         let key_header = spec.keys.as_ref().map(|k| k.header.clone());
         let tracker = TaskTracker::new();
+        // Cancelled when the requests still outstanding are to be given up on.
+        let give_up = CancellationToken::new();
         let mut schedule = Schedule::new(spec.rate, spec.duration, &mix, zipf, spec.seed);
         let mut max_lag = Duration::ZERO;
         let start = Instant::now();
@@ -313,13 +356,13 @@ impl LoadGenerator {
         let mut sent_for = None;
         while let Some(arrival) = schedule.next_arrival() {
             let due = start + arrival.at;
-            if !stop.is_cancelled() && due > Instant::now() {
+            if !interrupt.is_stopped() && due > Instant::now() {
                 tokio::select! {
-                    () = stop.cancelled() => {}
+                    () = interrupt.stopped() => {}
                     () = tokio::time::sleep_until(due) => {}
                 }
             }
-            if stop.is_cancelled() {
+            if interrupt.is_stopped() {
                 sent_for = Some(start.elapsed().min(spec.duration));
                 break;
             }
@@ -337,17 +380,15 @@ impl LoadGenerator {
             let client = client.clone();
             let recorder = recorder.clone();
             let progress = progress.clone();
+            let give_up = give_up.clone();
             let timeout = spec.timeout;
             tracker.spawn(async move {
                 // The deadline and the latency both start at the scheduled time.
-                let outcome = match tokio::time::timeout_at(
-                    due + timeout,
-                    exchange(&client, request),
-                )
-                .await
-                {
-                    Ok(outcome) => outcome,
-                    Err(_) => Outcome::Failed("timeout"),
+                let outcome = tokio::select! {
+                    result = tokio::time::timeout_at(due + timeout, exchange(&client, request)) => {
+                        result.unwrap_or(Outcome::TimedOut)
+                    }
+                    () = give_up.cancelled() => Outcome::Interrupted,
                 };
                 let latency = Instant::now().saturating_duration_since(due);
                 if !matches!(outcome, Outcome::Response(status) if (200..300).contains(&status)) {
@@ -359,10 +400,77 @@ impl LoadGenerator {
             });
         }
         tracker.close();
+        // Every request ends by its timeout; a stop (during the schedule or after it)
+        // shortens the wait to the grace, an abandon ends it at once.
+        let mut stopped_at = sent_for;
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = interrupt.stopped() => {
+                stopped_at.get_or_insert_with(|| start.elapsed());
+                tokio::select! {
+                    () = tracker.wait() => {}
+                    () = tokio::time::sleep(spec.effective_stop_grace()) => {}
+                    () = interrupt.abandoned() => {}
+                }
+            }
+        }
+        give_up.cancel();
         tracker.wait().await;
         let elapsed = start.elapsed();
         let recorder = std::mem::replace(&mut *recorder.lock(), Recorder::new(0));
-        recorder.into_report(&spec, &mix, elapsed, max_lag, sent_for)
+        recorder.into_report(
+            &spec,
+            &mix,
+            Timing {
+                elapsed,
+                max_lag,
+                sent_for,
+                stopped_at,
+            },
+        )
+    }
+}
+
+/// An operator's request to end a run early, shared between whoever watches for it (a
+/// Ctrl-C handler) and [`LoadGenerator::run_until`]. Clones share the state.
+///
+/// It escalates in two steps, as command-line tools do for a first and a second Ctrl-C:
+/// [`stop`](Self::stop) ends sending and lets the outstanding requests finish within the
+/// stop grace; [`abandon`](Self::abandon) gives up on them at once.
+#[derive(Clone, Debug, Default)]
+pub struct Interrupt {
+    stop: CancellationToken,
+    abandon: CancellationToken,
+}
+
+impl Interrupt {
+    /// Not stopped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sends no further request; the outstanding ones get [`LoadSpec::stop_grace`].
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Stops and gives up on the outstanding requests now.
+    pub fn abandon(&self) {
+        self.stop.cancel();
+        self.abandon.cancel();
+    }
+
+    /// [`stop`](Self::stop) or [`abandon`](Self::abandon) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    async fn stopped(&self) {
+        self.stop.cancelled().await;
+    }
+
+    async fn abandoned(&self) {
+        self.abandon.cancelled().await;
     }
 }
 
@@ -370,7 +478,12 @@ impl LoadGenerator {
 pub(crate) enum Outcome {
     /// A complete response with this status.
     Response(u16),
-    /// No complete response; the error kind (`connect`, `timeout`, `transport`, `body`).
+    /// Given up at `timeout`, without a complete response.
+    TimedOut,
+    /// Outstanding when an operator's stop ended the run, and given up then.
+    Interrupted,
+    /// Failed without a complete response; the error kind (`connect`, `transport`,
+    /// `body`).
     Failed(&'static str),
 }
 
