@@ -403,7 +403,12 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .keep_alive(true)
         .writev(false)
         .max_buf_size(MAX_HEAD_LEN);
-    builder.http2().timer(TokioTimer::new());
+    // The same head budget over HTTP/2 (hyper's default list size is 16 KiB): a browser
+    // with large cookies must not get 431 only once ALPN picks h2.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_LEN as u32);
     builder
 }
 

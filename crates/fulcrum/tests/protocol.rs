@@ -113,6 +113,14 @@ async fn http2_clients_are_served() {
     for response in futures_util::future::join_all(futures).await {
         assert_eq!(response.expect("h2 stream").status(), 200);
     }
+    // The head budget is HTTP/1's 64 KiB, not HTTP/2's customary 16 KiB.
+    let response = h2
+        .get(format!("{}/big-cookie", node.url("web")))
+        .header("cookie", format!("sso={}", "x".repeat(20_000)))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(response.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
