@@ -274,8 +274,24 @@ fn type_error(
     loc.at(pos, &path, message)
 }
 
-/// Replaces Rust type names in serde's "expected …" with what a YAML writer knows.
+/// Replaces Rust type names in serde's "expected …" with what a YAML writer knows. The
+/// storage type's range is named only for a number too large for it; a value of the
+/// wrong type or a negative one is told what kind of value is wanted, since the field's
+/// own range is usually narrower (it is checked, and reported, once the type is right).
 fn friendly_type_names(message: String) -> String {
+    let wrong_kind = message.starts_with("invalid type") || message.contains("integer `-");
+    if wrong_kind {
+        for rust in [
+            "expected u8",
+            "expected u16",
+            "expected u32",
+            "expected u64",
+        ] {
+            if let Some(head) = message.strip_suffix(rust) {
+                return format!("{head}expected a whole number, 0 or more");
+            }
+        }
+    }
     const NAMES: &[(&str, &str)] = &[
         ("expected u8", "expected an integer 0..=255"),
         ("expected u16", "expected an integer 0..=65535"),

@@ -70,6 +70,12 @@ pub(crate) mod duration {
                 "invalid duration `{n}`: missing unit, e.g. {n}s or {n}ms"
             ))
         }
+
+        fn negative<E: de::Error>(n: impl fmt::Display) -> E {
+            E::custom(format!(
+                "invalid duration `{n}`: durations cannot be negative; expected e.g. 250ms or 5s"
+            ))
+        }
     }
 
     impl Visitor<'_> for DurationVisitor {
@@ -88,11 +94,19 @@ pub(crate) mod duration {
         }
 
         fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            Err(Self::bare_number(v))
+            Err(if v < 0 {
+                Self::negative(v)
+            } else {
+                Self::bare_number(v)
+            })
         }
 
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
-            Err(Self::bare_number(v))
+            Err(if v < 0.0 {
+                Self::negative(v)
+            } else {
+                Self::bare_number(v)
+            })
         }
     }
 }
@@ -100,6 +114,11 @@ pub(crate) mod duration {
 /// Parses a humantime duration, with the messages used in diagnostics.
 pub(crate) fn parse_duration(v: &str) -> Result<Duration, String> {
     let t = v.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "invalid duration `{t}`: durations cannot be negative; expected e.g. 250ms or 5s"
+        ));
+    }
     if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.') {
         return Err(format!(
             "invalid duration `{t}`: missing unit, e.g. {t}s or {t}ms"
@@ -575,8 +594,19 @@ mod tests {
         assert!(
             parse_duration("-1s")
                 .unwrap_err()
-                .contains("invalid duration")
+                .contains("durations cannot be negative")
         );
+        // A bare negative number is told it is negative, not to add a unit.
+        let parsed = serde_yaml_ng::from_str::<Wrapper>("d: -1").map(|w| w.d);
+        let message = parsed.expect_err("negative").to_string();
+        assert!(message.contains("cannot be negative"), "{message}");
+        assert!(!message.contains("missing unit"), "{message}");
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Wrapper {
+        #[serde(with = "duration")]
+        d: Duration,
     }
 
     #[test]
