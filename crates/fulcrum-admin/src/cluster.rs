@@ -217,8 +217,11 @@ pub(crate) async fn add_backend(
         Ok(Err(error)) => return Err(unresolvable(error.to_string())),
         Err(_) => return Err(unresolvable("no answer within 5 s".to_owned())),
     }
+    // Another spelling of a listed backend is that backend (a duplicate, or for a
+    // registry pool a renewal), not a new one.
+    let address = crate::listed_address(&state, &pool, body.address.clone());
     let backend = BackendConfig {
-        address: body.address.clone(),
+        address,
         weight: body.weight,
         tags: body.tags,
         max_requests: body.max_requests,
@@ -234,6 +237,7 @@ pub(crate) async fn add_backend(
             })),
         ));
     }
+    let shown = backend.address.clone();
     let write = submit(
         plane,
         Change::AddBackend {
@@ -245,7 +249,7 @@ pub(crate) async fn add_backend(
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "pool": pool, "backend": body.address, "write": write })),
+        Json(json!({ "pool": pool, "backend": shown, "write": write })),
     ))
 }
 
@@ -255,6 +259,7 @@ pub(crate) async fn remove_backend(
     Query(query): Query<WriteQuery>,
 ) -> Result<Json<Value>, ApiError> {
     crate::pool_named(&state, &pool)?;
+    let address = crate::listed_address(&state, &pool, address);
     let plane = control(&state)?;
     if plane.uses_registry(&pool) {
         let removed = plane.deregister(&pool, &address).await?;

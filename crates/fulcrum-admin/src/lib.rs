@@ -464,6 +464,25 @@ pub(crate) fn pool_named(
         .ok_or_else(|| AdminError::UnknownPool(name.to_owned()).into())
 }
 
+/// The spelling under which pool `pool` lists the backend a caller named `address`: the
+/// same up to ASCII case (host names compare without case, RFC 4343), or the same IP
+/// address and port written another way (`[0:0::1]:80` for `[::1]:80`). `address` itself
+/// when the pool lists none such (the call then reports it unknown, or adds it).
+pub(crate) fn listed_address(state: &AdminState, pool: &str, address: String) -> String {
+    let Ok(p) = pool_named(state, pool) else {
+        return address;
+    };
+    let parsed = address.parse::<std::net::SocketAddr>().ok();
+    p.state()
+        .backends
+        .iter()
+        .find(|b| {
+            b.address.eq_ignore_ascii_case(&address)
+                || parsed.is_some_and(|a| b.address.parse::<std::net::SocketAddr>() == Ok(a))
+        })
+        .map_or(address, |b| b.address.to_string())
+}
+
 async fn pool(
     State(state): State<AdminState>,
     Path(name): Path<String>,
@@ -583,6 +602,7 @@ async fn backend_action(
     Query(query): Query<cluster::WriteQuery>,
     body: Result<Json<cluster::WeightBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let address = listed_address(&state, &pool, address);
     if action == "weight" {
         return cluster::set_weight(&state, pool, address, body, &query).await;
     }

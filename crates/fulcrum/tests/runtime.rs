@@ -272,6 +272,61 @@ async fn mutating_calls_need_the_bearer_token() {
     node.api("/api/pools").await;
 }
 
+/// A backend named in another spelling — host name case, another notation of the same IP
+/// address — is the listed backend, for every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_is_found_whatever_the_spelling_of_its_address() {
+    let b1 = Backend::start("b1", &[]);
+    let node = Node::start(&simple_config("round_robin", &[&b1], ""));
+    let port = b1.addr.port();
+    let add = |address: String| {
+        let node = &node;
+        async move {
+            node.api_post(
+                "/api/pools/app/backends",
+                Some(json!({ "address": address })),
+            )
+            .await
+        }
+    };
+    let (status, body) = add(format!("[::1]:{port}")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = add(format!("[0:0::1]:{port}")).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "duplicate_backend", "{body}");
+    let (status, body) = node
+        .api_post(
+            &format!("/api/pools/app/backends/[0:0:0::1]:{port}/drain"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["backend"], format!("[::1]:{port}"), "{body}");
+    assert_eq!(
+        node.backend("app", &format!("[::1]:{port}")).await["state"],
+        "draining"
+    );
+    let (status, body) = add(format!("LOCALHOST:{port}")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = node
+        .api_post(
+            &format!("/api/pools/app/backends/localhost:{port}/weight"),
+            Some(json!({ "weight": 3 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        node.backend("app", &format!("LOCALHOST:{port}")).await["weight"],
+        3
+    );
+    let response = client()
+        .delete(node.admin_url(&format!("/api/pools/app/backends/Localhost:{port}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), 200);
+}
+
 /// A file that is valid on its own but that run-time changes make invalid is refused with
 /// a message naming those changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
