@@ -27,28 +27,29 @@ pub fn init(config: &LogConfig) {
         LogFormat::Text => {
             let builder = builder.with_filter_reloading();
             let handle = builder.reload_handle();
-            builder.try_init().ok().map(|()| {
-                Box::new(move |level: &str| {
-                    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-                    handle.reload(filter).map_err(|e| e.to_string())
-                }) as SetLevel
-            })
+            builder.try_init().ok().map(|()| level_setter(handle))
         }
         LogFormat::Json => {
             let builder = builder.json().with_filter_reloading();
             let handle = builder.reload_handle();
-            builder.try_init().ok().map(|()| {
-                Box::new(move |level: &str| {
-                    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-                    handle.reload(filter).map_err(|e| e.to_string())
-                }) as SetLevel
-            })
+            builder.try_init().ok().map(|()| level_setter(handle))
         }
     };
     // None: already installed (only in tests that run several commands in one process).
     if let Some(set_level) = set_level {
         let _ = SET_LEVEL.set(set_level);
     }
+}
+
+/// A [`SetLevel`] that swaps the filter behind `handle`.
+fn level_setter<S: 'static>(handle: tracing_subscriber::reload::Handle<EnvFilter, S>) -> SetLevel
+where
+    tracing_subscriber::reload::Handle<EnvFilter, S>: Send + Sync,
+{
+    Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 /// Applies a reloaded configuration's `log.level`, unless `RUST_LOG` is set (it wins, as
