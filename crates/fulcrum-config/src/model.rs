@@ -170,6 +170,12 @@ pub struct ListenerConfig {
     /// differ. `http` listeners only.
     #[serde(default)]
     pub merge_slashes: bool,
+    /// Write one access-log line per request when its response ends (Envoy's access log,
+    /// nginx's `access_log`, HAProxy's `option httplog`): an `info` event with target
+    /// `fulcrum::access` in the node's log. Default false. Reloadable. `http` listeners
+    /// only.
+    #[serde(default)]
+    pub access_log: bool,
 }
 
 fn yes() -> bool {
@@ -360,6 +366,7 @@ impl Default for ListenerConfig {
             tls: None,
             normalize_path: true,
             merge_slashes: false,
+            access_log: false,
         }
     }
 }

@@ -362,6 +362,17 @@ impl Checker<'_> {
                 0..=10_000_000,
             );
             self.tls(l, &p);
+            if l.access_log && l.protocol == Protocol::Tcp {
+                self.report(
+                    &format!("{p}.access_log"),
+                    Anchor::Key,
+                    format!(
+                        "listener `{}` is `tcp`: it passes bytes through and has no requests \
+                         to log",
+                        l.name
+                    ),
+                );
+            }
             if l.merge_slashes && l.protocol == Protocol::Tcp {
                 self.report(
                     &format!("{p}.merge_slashes"),

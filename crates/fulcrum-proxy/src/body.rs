@@ -138,6 +138,11 @@ impl Exchange {
 }
 
 impl UpstreamBody {
+    /// The configured address of the backend this body comes from.
+    pub fn backend_address(&self) -> Option<&Arc<str>> {
+        self.exchange.as_ref().map(|e| &e.backend.address)
+    }
+
     /// Wraps a backend body; `conn` (if any) is released to `backend`'s pool at
     /// end-of-stream, and `endpoint` (if any) records the request's duration (and a
     /// gRPC outcome from the trailers).
@@ -274,15 +279,94 @@ impl Body for ProxyBody {
 pub struct ClientBody {
     inner: ProxyBody,
     active: Option<ActiveGuard>,
+    /// The request's access-log line, written when the response ends (listeners with
+    /// `access_log`; boxed so that the others carry one pointer).
+    access: Option<Box<AccessEntry>>,
 }
 
 impl ClientBody {
-    /// Wraps `inner` for a request counted by `active`.
-    pub fn new(inner: ProxyBody, active: ActiveGuard) -> Self {
+    /// Wraps `inner` for a request counted by `active`, writing `access` when it ends.
+    pub fn new(inner: ProxyBody, active: ActiveGuard, access: Option<Box<AccessEntry>>) -> Self {
         Self {
             inner,
             active: Some(active),
+            access,
         }
+    }
+
+    /// Writes the access-log line, once.
+    #[cold]
+    fn log(&mut self, outcome: &'static str) {
+        if let Some(entry) = self.access.take() {
+            entry.write(outcome);
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if self.access.is_some() {
+            // hyper does not poll a body that is empty from the start (a HEAD answer,
+            // a 204); any other body dropped before its end was cut short.
+            let outcome = if self.inner.is_end_stream() {
+                "complete"
+            } else {
+                "aborted"
+            };
+            self.log(outcome);
+        }
+    }
+}
+
+/// One request's access-log line: an `info` event with target `fulcrum::access`, written
+/// when its response ends (fully sent, failed, or abandoned by the client), as Envoy's
+/// access log is. Fields: `listener`, `client` (address:port), `method`, `target` (path
+/// and query as received), `version`, `status`, `pool` and `backend` (absent for answers
+/// Fulcrum made itself before choosing one), `duration_ms` (from the request's arrival to
+/// the response's end), `bytes` (response body bytes sent) and `outcome` (`complete`,
+/// `failed`: the body broke, `aborted`: the client went away first).
+#[derive(Debug)]
+pub struct AccessEntry {
+    /// The listener's name.
+    pub listener: Arc<str>,
+    /// The client's address.
+    pub client: std::net::SocketAddr,
+    /// The request method.
+    pub method: http::Method,
+    /// The request target as received (path and query).
+    pub target: String,
+    /// The request's HTTP version.
+    pub version: http::Version,
+    /// The response status.
+    pub status: u16,
+    /// The pool the request was routed to.
+    pub pool: Option<Arc<str>>,
+    /// The backend that answered.
+    pub backend: Option<Arc<str>>,
+    /// When the request arrived, clock ns.
+    pub started_ns: u64,
+    /// Response body bytes sent so far.
+    pub bytes: u64,
+}
+
+impl AccessEntry {
+    fn write(&self, outcome: &'static str) {
+        let duration_ms = now_ns().saturating_sub(self.started_ns) as f64 / 1e6;
+        tracing::info!(
+            target: "fulcrum::access",
+            listener = %self.listener,
+            client = %self.client,
+            method = %self.method,
+            target = %self.target,
+            version = ?self.version,
+            status = self.status,
+            pool = self.pool.as_deref(),
+            backend = self.backend.as_deref(),
+            duration_ms,
+            bytes = self.bytes,
+            outcome,
+            "request"
+        );
     }
 }
 
@@ -297,6 +381,18 @@ impl Body for ClientBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             self.active = None;
+        }
+        if self.access.is_some() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(entry), Some(data)) = (self.access.as_mut(), frame.data_ref()) {
+                        entry.bytes += data.len() as u64;
+                    }
+                }
+                Poll::Ready(None) => self.log("complete"),
+                Poll::Ready(Some(Err(_))) => self.log("failed"),
+                Poll::Pending => {}
+            }
         }
         polled
     }

@@ -43,7 +43,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::admission::{Admission, Refusal};
 use crate::body::{
-    ClientBody, EndpointRecord, GrpcPending, ProxyBody, UpstreamBody as ResponseBody,
+    AccessEntry, ClientBody, EndpointRecord, GrpcPending, ProxyBody, UpstreamBody as ResponseBody,
 };
 use crate::h1_guard::FramingVerdicts;
 use crate::headers;
@@ -157,8 +157,50 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ClientBody>, Infallible> {
     let active = ActiveGuard::new(&ctx);
-    let response = route_and_forward(&ctx, req).await;
-    Ok(response.map(|body| ClientBody::new(body, active)))
+    let access = ctx
+        .listener
+        .router
+        .load()
+        .access_log
+        .then(|| access_entry(&ctx, &req));
+    let mut response = route_and_forward(&ctx, req, access.is_some()).await;
+    let access = access.map(|mut entry| {
+        entry.status = response.status().as_u16();
+        entry.pool = response
+            .extensions_mut()
+            .remove::<RoutedPool>()
+            .map(|p| p.0);
+        if let ProxyBody::Upstream(body) = response.body() {
+            entry.backend = body.backend_address().cloned();
+        }
+        entry
+    });
+    Ok(response.map(|body| ClientBody::new(body, active, access)))
+}
+
+/// The pool a logged request was routed to (a response extension, set only on listeners
+/// with `access_log`).
+#[derive(Clone)]
+struct RoutedPool(Arc<str>);
+
+/// The start of `req`'s access-log line.
+#[cold]
+fn access_entry(ctx: &ConnContext, req: &Request<Incoming>) -> Box<AccessEntry> {
+    Box::new(AccessEntry {
+        listener: Arc::clone(&ctx.listener.name),
+        client: ctx.peer,
+        method: req.method().clone(),
+        target: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned()),
+        version: req.version(),
+        status: 0,
+        pool: None,
+        backend: None,
+        started_ns: now_ns(),
+        bytes: 0,
+    })
 }
 
 /// `429 Too Many Requests` (RFC 6585 §4) for a request over its route's rate limit, with
@@ -228,7 +270,11 @@ fn refuse(
     response
 }
 
-async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn route_and_forward(
+    ctx: &ConnContext,
+    mut req: Request<Incoming>,
+    logged: bool,
+) -> Response<ProxyBody> {
     let index = ctx.requests.fetch_add(1, Ordering::Relaxed);
     let client_h1 = req.version() <= Version::HTTP_11;
     if client_h1 && let Some(fault) = ctx.verdicts.fault(index) {
@@ -300,6 +346,7 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
     let on_upgrade = if prepared.upgrading { on_upgrade } else { None };
 
     let _active = pool.enter();
+    let routed = logged.then(|| RoutedPool(Arc::from(pool.name())));
     let state = pool.state();
     let allowed = backend_tags.as_deref().map(|tags| state.tag_mask(tags));
     let started = now_ns();
@@ -351,6 +398,11 @@ async fn route_and_forward(ctx: &ConnContext, mut req: Request<Incoming>) -> Res
                 now,
             );
         }
+    }
+    if let Some(routed) = routed {
+        let mut response = response;
+        response.extensions_mut().insert(routed);
+        return response;
     }
     response
 }

@@ -64,6 +64,8 @@ pub struct ListenerSpec {
     pub max_connections: u32,
     /// Request path normalization before routing (reloadable: it lives in the router).
     pub path_normalization: crate::normalize::PathNormalization,
+    /// Whether each request writes an access-log line (reloadable: in the router).
+    pub access_log: bool,
 }
 
 /// A pool as declared.
@@ -1340,5 +1342,7 @@ fn build_router(
             }),
         });
     }
-    Ok(Router::new(routes).with_path_normalization(spec.path_normalization))
+    let mut router = Router::new(routes).with_path_normalization(spec.path_normalization);
+    router.access_log = spec.access_log;
+    Ok(router)
 }

@@ -124,14 +124,18 @@ pub struct Router {
     routes: Vec<Route>,
     /// How request paths are normalized before [`Router::route`].
     pub path_normalization: PathNormalization,
+    /// Whether each request of the listener writes an access-log line
+    /// ([`crate::body::AccessEntry`]).
+    pub access_log: bool,
 }
 
 impl Router {
-    /// A router over `routes`, tried in order, without path normalization.
+    /// A router over `routes`, tried in order, without path normalization or access log.
     pub fn new(routes: Vec<Route>) -> Self {
         Self {
             routes,
             path_normalization: PathNormalization::default(),
+            access_log: false,
         }
     }
 

@@ -84,6 +84,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
             },
             tls: l.tls.clone(),
             max_connections: l.max_connections,
+            access_log: l.access_log,
             path_normalization: crate::normalize::PathNormalization {
                 normalize: l.normalize_path,
                 merge_slashes: l.merge_slashes,

@@ -481,6 +481,56 @@ async fn client_timeouts_close_slow_heads_and_idle_connections_but_not_slow_resp
     assert!(got.len() >= 9, "{got:?}");
 }
 
+/// `access_log: true` writes one line per request when its response ends: method,
+/// target, status, pool, backend, bytes and outcome; a reload turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_and_follows_reloads() {
+    let b = Backend::start("b1", &[]);
+    let yaml = simple_config("round_robin", &[&b], "")
+        .replace("    routes:", "    access_log: true\n    routes:");
+    let node = Node::start(&yaml);
+    let url = format!("{}/download?bytes=1234&x=1", node.url("web"));
+    let response = client().get(&url).send().await.expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.expect("body").len(), 1234);
+    let line = common::eventually(common::DEADLINE, "the access-log line", async || {
+        node.logs()
+            .lines()
+            .find(|l| l.contains("fulcrum::access") && l.contains("/download?bytes=1234&x=1"))
+            .map(str::to_owned)
+    })
+    .await;
+    for field in [
+        "method=GET",
+        "status=200",
+        "pool=\"app\"",
+        &format!("backend=\"{}\"", b.address()),
+        "bytes=1234",
+        "outcome=\"complete\"",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+    // Off after a reload: no line for the next request.
+    let (status, body) = node
+        .reload(&node.pin_addresses(&simple_config("round_robin", &[&b], "")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let response = client()
+        .get(format!("{}/after-reload", node.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    response.bytes().await.expect("body");
+    let logs = node.logs();
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("fulcrum::access") && l.contains("/after-reload")),
+        "{logs}"
+    );
+}
+
 /// A client that stops reading a response is cut off after `timeouts.send`, which frees
 /// the backend connection and the request slot it held (nginx's `send_timeout`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
