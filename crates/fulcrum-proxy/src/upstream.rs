@@ -221,6 +221,13 @@ impl UpstreamError {
     pub fn kind_text(&self) -> &'static str {
         match self {
             UpstreamError::Connect { .. } => "could not connect to a backend",
+            // hyper names the one parse error that is a size, not a syntax, problem
+            // only in its message.
+            UpstreamError::Reset { source, .. }
+                if source.is_parse() && source.to_string().contains("too large") =>
+            {
+                "the backend's response head is too large (over 100 header fields or 400 KiB)"
+            }
             UpstreamError::Reset { source, .. } if source.is_parse() => {
                 "the backend's response is not valid HTTP"
             }
