@@ -481,6 +481,40 @@ async fn client_timeouts_close_slow_heads_and_idle_connections_but_not_slow_resp
     assert!(got.len() >= 9, "{got:?}");
 }
 
+/// A backend whose response head has more fields than Fulcrum takes (100, as HAProxy's
+/// `tune.http.maxhdr`) gets a 502 that says the head is too large, not that it is not
+/// HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_response_head_that_is_too_large_is_reported_as_such() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let fields: String = (0..101)
+                .map(|i| format!("Set-Cookie: c{i}=1\r\n"))
+                .collect();
+            let _ = stream.write_all(
+                format!("HTTP/1.1 200 OK\r\n{fields}Content-Length: 2\r\n\r\nok").as_bytes(),
+            );
+        }
+    });
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - pool: app\npools:\n  app:\n    backends:\n      - address: {backend}\n"
+    );
+    let node = Node::start(&yaml);
+    let response = client()
+        .get(format!("{}/many-fields", node.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = response.json().await.expect("JSON error");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("response head is too large"), "{message}");
+}
+
 /// `access_log: true` writes one line per request when its response ends: method,
 /// target, status, pool, backend, bytes and outcome; a reload turns it off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
