@@ -1064,6 +1064,10 @@ async fn forward_attempts(
                     server_error: failed,
                     grpc: grpc_pending,
                 };
+                let mut response = response;
+                if grpc && client_h1 && r.te_trailers {
+                    trailers_for_h1(response.headers_mut());
+                }
                 return respond(
                     response,
                     guard,
@@ -1153,6 +1157,26 @@ async fn forward_attempts(
             "upstream_failed",
             &format!("pool `{}`: no attempt could be made", pool.name()),
         ),
+    }
+}
+
+/// Readies an HTTP/2 backend's response head for an HTTP/1.1 client that asked for
+/// trailers (`TE: trailers`): trailers travel only in a chunked body, which a
+/// `Content-Length` would rule out, and hyper sends only the trailer fields the head
+/// declares in `Trailer` (RFC 9110 §6.6.2), which gRPC servers do not send: a gRPC
+/// answer without one declares gRPC's own (`grpc-status`, `grpc-message`,
+/// `grpc-status-details-bin`).
+#[cold]
+fn trailers_for_h1(headers: &mut http::HeaderMap) {
+    headers.remove(http::header::CONTENT_LENGTH);
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc && !headers.contains_key(http::header::TRAILER) {
+        headers.insert(
+            http::header::TRAILER,
+            HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin"),
+        );
     }
 }
 

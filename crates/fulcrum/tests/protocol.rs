@@ -1253,6 +1253,18 @@ async fn pools_can_speak_http2_to_backends() {
         );
     }
 
+    // An HTTP/1.1 client that asked for trailers gets them, in a chunked body (not
+    // framed by a Content-Length, which leaves no room for them).
+    let answer = raw(
+        node.listeners["web"],
+        b"POST /pkg.Service/H1 HTTP/1.1\r\nHost: grpc.example\r\nTE: trailers\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200"), "{answer}");
+    assert!(lower.contains("transfer-encoding: chunked"), "{answer}");
+    assert!(!lower.contains("content-length"), "{answer}");
+    assert!(lower.contains("\r\n0\r\ngrpc-status: 0\r\n"), "{answer}");
+
     // Concurrent requests share connections: one per worker thread at most (plus one
     // for the control thread's health checks, which open their own).
     let futures = (0..32).map(|i| client().get(format!("{}/c/{i}", node.url("web"))).send());
@@ -1271,7 +1283,7 @@ async fn pools_can_speak_http2_to_backends() {
         let seen = seen.lock().expect("not poisoned");
         let health_checks = seen.requests.iter().filter(|r| r.4 == "/health").count();
         let proxied = seen.requests.len() - health_checks;
-        assert_eq!(proxied, 34);
+        assert_eq!(proxied, 35);
         // Every health check opens its own connection; proxied requests reuse theirs.
         let proxy_connections = seen.connections - health_checks;
         assert!(
