@@ -77,6 +77,9 @@ pub struct ConnContext {
     /// The connection's place in its listener's open connections (`max_connections`),
     /// given up when the last reference to the context goes, with the connection.
     _slot: crate::listener::ConnSlot,
+    /// The client socket's descriptor (under TLS too), for the send timeout's look at
+    /// what the client has acknowledged; `None` for connections without one.
+    pub(crate) socket: Option<std::os::fd::RawFd>,
 }
 
 /// `X-Forwarded-Client-Cert` on a connection's requests.
@@ -113,6 +116,7 @@ impl ConnContext {
             active: AtomicU32::new(0),
             idle_since_ns: AtomicU64::new(now_ns()),
             _slot: slot,
+            socket: None,
         }
     }
 

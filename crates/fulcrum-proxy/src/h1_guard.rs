@@ -150,6 +150,8 @@ struct Shared {
     /// Since when every write to the client has blocked (clock ns, ≥ 1), while one does;
     /// else 0.
     write_stalled_ns: AtomicU64,
+    /// Signalled when writes start blocking.
+    write_stalled: Notify,
 }
 impl FramingVerdicts {
     /// Whether the service must answer request number `index` (0-based, in arrival order of
@@ -207,16 +209,34 @@ impl FramingVerdicts {
         }
     }
 
+    /// Completes when writes to the client start blocking (or at once if they did since
+    /// the last wait): the moment a send timeout starts to matter.
+    pub async fn write_stall_started(&self) {
+        self.shared.write_stalled.notified().await;
+    }
+
+    /// Counts a blocked write as starting at `now_ns` (the client was seen taking bytes).
+    pub fn restart_write_stall(&self, now_ns: u64) {
+        let _ = self.shared.write_stalled_ns.compare_exchange(
+            self.shared.write_stalled_ns.load(Ordering::Acquire).max(1),
+            now_ns.max(1),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Records the outcome of a write to the client: blocked (`Pending`) starts a stall,
     /// anything else ends one. One load per write; a store only when the state changes.
     #[inline]
     fn note_write<T>(&self, outcome: &Poll<T>) {
         let stalled = self.shared.write_stalled_ns.load(Ordering::Relaxed) != 0;
         match (outcome.is_pending(), stalled) {
-            (true, false) => self
-                .shared
-                .write_stalled_ns
-                .store(fulcrum_stats::clock::now_ns().max(1), Ordering::Release),
+            (true, false) => {
+                self.shared
+                    .write_stalled_ns
+                    .store(fulcrum_stats::clock::now_ns().max(1), Ordering::Release);
+                self.shared.write_stalled.notify_one();
+            }
             (false, true) => self.shared.write_stalled_ns.store(0, Ordering::Release),
             _ => {}
         }

@@ -77,10 +77,11 @@ pub struct ClientTimeouts {
     /// keep-alive between requests; HTTP/2 with no open stream); it is then closed
     /// gracefully.
     pub idle: Duration,
-    /// Longest time the client may accept no byte of a response that is ready to go out
-    /// (every write to its socket would block); the connection is then closed. Checked
-    /// at least every `send` while requests are in progress, so a stalled client is cut
-    /// off between `send` and twice `send` after it stopped reading.
+    /// Longest time the client may take no byte of a response that is ready to go out:
+    /// every write to its socket blocks and the kernel's queue toward it does not shrink
+    /// (`SIOCOUTQ`); the connection is then closed. The watchdog looks when writes start
+    /// blocking and `send` later, so a stalled client is cut `send` after it stopped
+    /// reading, and a slow but steady one never.
     pub send: Duration,
 }
 
@@ -536,16 +537,23 @@ fn http_connection<IO>(
     Arc<ConnContext>,
 )
 where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + std::os::fd::AsRawFd
+        + Unpin
+        + Send
+        + 'static,
 {
     let verdicts = FramingVerdicts::default();
-    let ctx = Arc::new(ConnContext::new(
+    let mut ctx = ConnContext::new(
         Arc::clone(listener),
         peer,
         verdicts.clone(),
         client_cert,
         slot,
-    ));
+    );
+    ctx.socket = Some(io.as_raw_fd());
+    let ctx = Arc::new(ctx);
     let service_ctx = Arc::clone(&ctx);
     let service = service_fn(move |req| forward::handle(Arc::clone(&service_ctx), req));
     let io = TokioIo::new(H1Guard::new(io, verdicts));
@@ -620,6 +628,8 @@ async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: Ca
     // client holds it open (an HTTP/2 client that never acknowledges the GOAWAY's PING),
     // which IDLE_CLOSE_GRACE later is closed outright.
     let mut idle_close_asked: Option<u64> = None;
+    // The client socket's unacknowledged bytes at the previous look (send timeout).
+    let mut last_queued: Option<u32> = None;
     loop {
         let mut deadline = next_deadline(&ctx, timeouts);
         if let Some(asked) = idle_close_asked {
@@ -637,6 +647,12 @@ async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: Ca
                 return;
             }
             () = ctx.verdicts.head_started() => {}
+            // A stall can start while this sleeps toward a far deadline (an HTTP/2
+            // connection's first request arrives after the watchdog last looked): what
+            // the kernel holds now is what the client must have taken some of by then.
+            () = ctx.verdicts.write_stall_started() => {
+                last_queued = ctx.socket.and_then(unacknowledged_bytes);
+            }
             () = tokio::time::sleep_until(deadline) => {
                 let now = now_ns();
                 if let Some(started) = ctx.verdicts.head_started_ns()
@@ -646,13 +662,26 @@ async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: Ca
                     control.ask(CLOSE_NOW);
                     return;
                 }
+                // What the kernel still holds for the client, against the previous look:
+                // writes stay blocked until a third or so of a full send buffer drains,
+                // which a slow but steady reader can take longer than `send` to do.
+                let queued = ctx.socket.and_then(unacknowledged_bytes);
+                let drained = matches!((queued, last_queued), (Some(q), Some(last)) if q < last);
+                if ctx.active_requests() > 0 {
+                    last_queued = queued;
+                }
                 if let Some(since) = ctx.verdicts.write_stalled_ns()
                     && now.saturating_sub(since) >= duration_ns(timeouts.send)
                 {
-                    tracing::debug!(listener = %ctx.listener.name, peer = %ctx.peer, "send timeout: the client accepted no response bytes; closing connection");
-                    ctx.listener.send_timeouts.inc();
-                    control.ask(CLOSE_NOW);
-                    return;
+                    if drained {
+                        // The client took bytes since the last look: slow, not stalled.
+                        ctx.verdicts.restart_write_stall(now);
+                    } else {
+                        tracing::debug!(listener = %ctx.listener.name, peer = %ctx.peer, "send timeout: the client accepted no response bytes; closing connection");
+                        ctx.listener.send_timeouts.inc();
+                        control.ask(CLOSE_NOW);
+                        return;
+                    }
                 }
                 if ctx.active_requests() == 0
                     && ctx.verdicts.head_started_ns().is_none()
@@ -680,6 +709,25 @@ async fn watchdog(ctx: Arc<ConnContext>, control: Arc<ConnControl>, shutdown: Ca
             }
         }
     }
+}
+
+/// Bytes the kernel still holds for the peer of TCP socket `fd`: not yet sent, or sent
+/// and not yet acknowledged (`SIOCOUTQ`, tcp(7)). `None` where it cannot tell.
+#[cfg(target_os = "linux")]
+fn unacknowledged_bytes(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `SIOCOUTQ` (= `TIOCOUTQ` on Linux) writes one `int` through the pointer,
+    // which points to a live local of that type. `fd` is only a number: should the socket
+    // have been closed meanwhile, the call fails (or reads the queue of whatever socket
+    // took the number), which is harmless to memory and only skews one look.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    (rc == 0).then(|| u32::try_from(queued).unwrap_or(0))
+}
+
+/// Bytes the kernel still holds for the peer of socket `fd`: unknown on this platform.
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged_bytes(_fd: std::os::fd::RawFd) -> Option<u32> {
+    None
 }
 
 /// How long an idle connection asked to close gracefully may stay open (an HTTP/2 client

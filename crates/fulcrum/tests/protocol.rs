@@ -515,6 +515,150 @@ async fn a_backend_response_head_that_is_too_large_is_reported_as_such() {
     assert!(message.contains("response head is too large"), "{message}");
 }
 
+/// A TCP stream whose reads stop for good once `paused` is set: a client that stops
+/// reading its connection.
+struct Pausable {
+    inner: tokio::net::TcpStream,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Pausable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Pausable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 client that opens wide flow-control windows, then stops reading its whole
+/// connection, is cut off by `timeouts.send` too, which frees the request slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_its_connection_is_cut_off() {
+    let b = Backend::start("b1", &[]);
+    let yaml = simple_config(
+        "round_robin",
+        &[&b],
+        "    default_max_requests: 1\n    queue: { max_size: 10, timeout: 30s }\n",
+    )
+    .replace("    routes:", "    timeouts: { send: 500ms }\n    routes:");
+    let node = Node::start(&yaml);
+    let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = Pausable {
+        inner: tokio::net::TcpStream::connect(node.listeners["web"])
+            .await
+            .expect("connect"),
+        paused: std::sync::Arc::clone(&paused),
+    };
+    let (mut sender, connection) = h2::client::Builder::new()
+        .initial_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::get("http://x/download?bytes=33554432")
+        .body(())
+        .expect("valid request");
+    let (response, _) = sender.send_request(request, true).expect("send");
+    let response = response.await.expect("response head");
+    assert_eq!(response.status(), 200);
+    paused.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The only request slot is free again once the stalled connection is cut off.
+    let after = client()
+        .get(format!("{}/after", node.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(after.status(), 200);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "fulcrum_listener_send_timeouts_total",
+            r#"listener="web""#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+/// A client that reads slowly but steadily is not cut off by `timeouts.send`, even while
+/// every write to it blocks for longer than that (the kernel makes a full socket
+/// writable again only once a good part of its buffer has drained): what counts is
+/// whether the client acknowledges bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_is_not_cut_off_by_the_send_timeout() {
+    let b = Backend::start("b1", &[]);
+    let yaml = simple_config("round_robin", &[&b], "")
+        .replace("    routes:", "    timeouts: { send: 1s }\n    routes:");
+    let node = Node::start(&yaml);
+    let addr = node.listeners["web"];
+    let got = tokio::task::spawn_blocking(move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect");
+        let mut stream: TcpStream = socket.into();
+        stream
+            .write_all(
+                b"GET /download?bytes=6000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .expect("write");
+        // About 800 KB/s: 16 KiB every 20 ms (a pace, not a wait for anything).
+        let mut total = 0;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .expect("reader");
+    assert!(got > 6_000_000, "the download was cut at {got} bytes");
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "fulcrum_listener_send_timeouts_total",
+            r#"listener="web""#
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
 /// `access_log: true` writes one line per request when its response ends: method,
 /// target, status, pool, backend, bytes and outcome; a reload turns it off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
