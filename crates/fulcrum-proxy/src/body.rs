@@ -321,9 +321,11 @@ impl Drop for ClientBody {
 /// One request's access-log line: an `info` event with target `fulcrum::access`, written
 /// when its response ends (fully sent, failed, or abandoned by the client), as Envoy's
 /// access log is. Fields: `listener`, `client` (address:port), `method`, `target` (path
-/// and query as received), `version`, `status`, `pool` and `backend` (absent for answers
-/// Fulcrum made itself before choosing one), `duration_ms` (from the request's arrival to
-/// the response's end), `bytes` (response body bytes sent) and `outcome` (`complete`,
+/// and query as received), `version`, `status` (0 when the client went away before the
+/// response head), `pool`, `backend` (the backend whose response the client got; absent
+/// for answers Fulcrum made itself, such as a 502 after failed attempts, and for protocol
+/// upgrades), `duration_ms` (from the request's arrival to the response's end; for an
+/// upgrade, to the `101`), `bytes` (response body bytes sent) and `outcome` (`complete`,
 /// `failed`: the body broke, `aborted`: the client went away first).
 #[derive(Debug)]
 pub struct AccessEntry {
@@ -350,7 +352,8 @@ pub struct AccessEntry {
 }
 
 impl AccessEntry {
-    fn write(&self, outcome: &'static str) {
+    /// Writes the line with `outcome`.
+    pub(crate) fn write(&self, outcome: &'static str) {
         let duration_ms = now_ns().saturating_sub(self.started_ns) as f64 / 1e6;
         tracing::info!(
             target: "fulcrum::access",

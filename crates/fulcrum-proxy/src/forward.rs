@@ -161,14 +161,15 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ClientBody>, Infallible> {
     let active = ActiveGuard::new(&ctx);
-    let access = ctx
-        .listener
-        .router
-        .load()
-        .access_log
-        .then(|| access_entry(&ctx, &req));
-    let mut response = route_and_forward(&ctx, req, access.is_some()).await;
-    let access = access.map(|mut entry| {
+    let mut pending = PendingAccess(
+        ctx.listener
+            .router
+            .load()
+            .access_log
+            .then(|| access_entry(&ctx, &req)),
+    );
+    let mut response = route_and_forward(&ctx, req, pending.0.is_some()).await;
+    let access = pending.0.take().map(|mut entry| {
         entry.status = response.status().as_u16();
         entry.pool = response
             .extensions_mut()
@@ -180,6 +181,19 @@ pub async fn handle(
         entry
     });
     Ok(response.map(|body| ClientBody::new(body, active, access)))
+}
+
+/// An access-log line not yet handed to the response body: written with status 0 and
+/// outcome `aborted` if the request is dropped first (the client went away before the
+/// response head; nginx logs such a request as 499).
+struct PendingAccess(Option<Box<AccessEntry>>);
+
+impl Drop for PendingAccess {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.take() {
+            entry.write("aborted");
+        }
+    }
 }
 
 /// The pool a logged request was routed to (a response extension, set only on listeners

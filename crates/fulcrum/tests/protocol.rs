@@ -688,6 +688,31 @@ async fn the_access_log_has_a_line_per_request_and_follows_reloads() {
     ] {
         assert!(line.contains(field), "{field} missing: {line}");
     }
+    // A client that gives up before the response head still gets its line.
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .expect("client");
+    let gave_up = impatient
+        .get(format!("{}/slow?delay_ms=3000", node.url("web")))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the request should time out: {gave_up:?}");
+    let line = common::eventually(
+        common::DEADLINE,
+        "the abandoned request's line",
+        async || {
+            node.logs()
+                .lines()
+                .find(|l| l.contains("fulcrum::access") && l.contains("/slow?delay_ms=3000"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(line.contains("status=0"), "{line}");
+    assert!(line.contains("outcome=\"aborted\""), "{line}");
+
     // Off after a reload: no line for the next request.
     let (status, body) = node
         .reload(&node.pin_addresses(&simple_config("round_robin", &[&b], "")))
