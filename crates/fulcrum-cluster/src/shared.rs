@@ -245,7 +245,7 @@ impl SharedConfig {
     ) -> bool {
         effective_backends(base, self, discovered, pool)
             .iter()
-            .any(|b| b.address == address)
+            .any(|b| same_address(&b.address, address))
     }
 
     /// Applies `change` to a copy of this overlay, checked against `base` and
@@ -300,14 +300,14 @@ impl SharedConfig {
                 let in_file = base.pools[pool]
                     .backends
                     .iter()
-                    .any(|b| b.address == backend.address);
-                let entry = next.backend(pool, &backend.address);
-                if in_file {
+                    .find(|b| same_address(&b.address, &backend.address));
+                if let Some(file) = in_file {
                     // A backend of the file removed at run time comes back as the file's
-                    // own (its weight, tags and limit from the file), not as a run-time
-                    // addition: so it leaves when the file drops it.
-                    entry.removed = false;
+                    // own (its spelling, weight, tags and limit from the file), not as a
+                    // run-time addition: so it leaves when the file drops it.
+                    next.backend(pool, &file.address).removed = false;
                 } else {
+                    let entry = next.backend(pool, &backend.address);
                     entry.removed = false;
                     entry.added = Some(backend.tags.clone());
                     entry.weight = Some(backend.weight);
@@ -321,9 +321,9 @@ impl SharedConfig {
                 let in_file = base.pools[pool]
                     .backends
                     .iter()
-                    .any(|b| b.address == *address);
-                if in_file {
-                    let entry = next.backend(pool, address);
+                    .find(|b| same_address(&b.address, address));
+                if let Some(file) = in_file {
+                    let entry = next.backend(pool, &file.address);
                     *entry = BackendOverlay {
                         removed: true,
                         ..BackendOverlay::default()
@@ -367,6 +367,17 @@ impl SharedConfig {
     }
 }
 
+/// Whether two backend addresses name the same backend: equal up to ASCII case (host
+/// names compare without case, RFC 4343), or the same IP address and port written two
+/// ways (`[0:0::1]:80` and `[::1]:80`).
+fn same_address(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+        || matches!(
+            (a.parse::<std::net::SocketAddr>(), b.parse::<std::net::SocketAddr>()),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
@@ -396,7 +407,7 @@ pub fn effective_backends(
     let changes = overlay.pools.get(pool);
     let mut out: Vec<BackendConfig> = Vec::new();
     let mut push = |b: BackendConfig| {
-        if !out.iter().any(|o| o.address == b.address) {
+        if !out.iter().any(|o| same_address(&o.address, &b.address)) {
             out.push(b);
         }
     };
@@ -568,6 +579,60 @@ mod tests {
             .map(|b| b.address.as_str())
             .collect();
         assert_eq!(got, ["127.0.0.1:9001"]);
+    }
+
+    #[test]
+    fn a_file_backend_removed_and_added_back_under_another_spelling_is_restored() {
+        let base = fulcrum_config::parse(
+            "listeners: [{name: web, listen: 127.0.0.1:0, routes: [{pool: app}]}]\n\
+             pools:\n  app:\n    backends:\n      - {address: \"localhost:9001\"}\n      - {address: \"[::1]:9002\"}\n      - {address: 127.0.0.1:9003}\n",
+            "test.yaml",
+        )
+        .expect("test config is valid");
+        let none = BTreeMap::new();
+        for (file, removed_as, added_as) in [
+            ("localhost:9001", "LOCALHOST:9001", "LocalHost:9001"),
+            ("[::1]:9002", "[0:0::1]:9002", "[0:0:0::1]:9002"),
+        ] {
+            let removed = SharedConfig::default()
+                .with_change(
+                    &base,
+                    &none,
+                    &Change::RemoveBackend {
+                        pool: "app".into(),
+                        address: removed_as.into(),
+                    },
+                )
+                .expect("valid");
+            assert!(
+                removed.pools["app"].backends[file].removed,
+                "recorded under the file's spelling"
+            );
+            let restored = removed
+                .with_change(
+                    &base,
+                    &none,
+                    &Change::AddBackend {
+                        pool: "app".into(),
+                        backend: BackendConfig::new(added_as),
+                    },
+                )
+                .expect("valid");
+            assert_eq!(restored.pools, BTreeMap::new(), "{added_as}");
+            // And another spelling of a listed backend is a duplicate.
+            let duplicate = restored.with_change(
+                &base,
+                &none,
+                &Change::AddBackend {
+                    pool: "app".into(),
+                    backend: BackendConfig::new(added_as),
+                },
+            );
+            assert!(
+                matches!(duplicate, Err(ChangeError::DuplicateBackend { .. })),
+                "{duplicate:?}"
+            );
+        }
     }
 
     #[test]

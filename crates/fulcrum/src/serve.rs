@@ -371,14 +371,16 @@ fn reload_from(
                         .to_string()
                 }
                 None => {
-                    let overrides = runtime_overrides(&config, &control.shared());
+                    let shared = control.shared();
+                    let mut overrides = runtime_overrides(&config, &shared);
+                    overrides.extend(runtime_additions(&shared));
                     if overrides.is_empty() {
                         error
                     } else {
                         format!(
                             "{error} (the file is valid on its own: run-time changes made \
-                             through the admin API make it invalid — {}; undo them through \
-                             the API, or change the file to fit them)",
+                             through the admin API make it invalid; they are: {}; undo the \
+                             one at fault through the API, or change the file to fit them)",
                             overrides.join("; ")
                         )
                     }
@@ -423,6 +425,25 @@ fn reload_from(
         ));
     }
     Ok(summary)
+}
+
+/// The backends added through the admin API (kept across reloads), named for a refused
+/// reload: such a backend may be what makes the file invalid (a duplicate of one the file
+/// now lists).
+fn runtime_additions(shared: &fulcrum_cluster::shared::SharedConfig) -> Vec<String> {
+    shared
+        .pools
+        .iter()
+        .flat_map(|(name, changes)| {
+            changes
+                .backends
+                .iter()
+                .filter(|(_, b)| b.added.is_some() && !b.removed)
+                .map(move |(address, _)| {
+                    format!("pools.{name} backend `{address}`: added at run time")
+                })
+        })
+        .collect()
 }
 
 /// Where the run-time overlay (changes made through the admin API, kept across reloads
