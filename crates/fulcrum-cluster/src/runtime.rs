@@ -875,7 +875,7 @@ impl ControlPlane {
                 version
             }
         };
-        tracing::info!(version, ?change, "run-time change applied");
+        tracing::info!(version, %change, "run-time change applied");
         self.wait_for(&me, generation, version, consistency).await
     }
 

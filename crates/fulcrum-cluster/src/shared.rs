@@ -382,6 +382,46 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// One line for logs: what changed, without the values' bulk (an added backend's tags
+/// are counted, not printed).
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Strategy { pool, strategy } => {
+                write!(f, "pool `{pool}`: strategy {}", strategy.name())
+            }
+            Change::Admin {
+                pool,
+                address,
+                state,
+            } => {
+                let state = match state {
+                    Some(AdminState::Draining) => "draining",
+                    Some(AdminState::Disabled) => "disabled",
+                    None => "enabled",
+                };
+                write!(f, "pool `{pool}` backend `{address}`: {state}")
+            }
+            Change::Weight {
+                pool,
+                address,
+                weight,
+            } => write!(f, "pool `{pool}` backend `{address}`: weight {weight}"),
+            Change::AddBackend { pool, backend } => write!(
+                f,
+                "pool `{pool}`: backend `{}` added (weight {}, {} tag(s), max_requests {})",
+                backend.address,
+                backend.weight,
+                backend.tags.len(),
+                backend.max_requests
+            ),
+            Change::RemoveBackend { pool, address } => {
+                write!(f, "pool `{pool}`: backend `{address}` removed")
+            }
+        }
+    }
+}
+
 fn change_address(change: &Change) -> Option<&str> {
     match change {
         Change::Admin { address, .. }
@@ -633,6 +673,30 @@ mod tests {
                 "{duplicate:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_change_reads_as_one_short_line() {
+        let mut backend = BackendConfig::new("127.0.0.1:9003");
+        backend.tags.insert("note".into(), "x".repeat(100_000));
+        let line = Change::AddBackend {
+            pool: "app".into(),
+            backend,
+        }
+        .to_string();
+        assert_eq!(
+            line,
+            "pool `app`: backend `127.0.0.1:9003` added (weight 1, 1 tag(s), max_requests 0)"
+        );
+        let drain = Change::Admin {
+            pool: "app".into(),
+            address: "127.0.0.1:9001".into(),
+            state: Some(AdminState::Draining),
+        };
+        assert_eq!(
+            drain.to_string(),
+            "pool `app` backend `127.0.0.1:9001`: draining"
+        );
     }
 
     #[test]
