@@ -406,7 +406,16 @@ pub async fn keep_registered(r: Registration, stop: tokio_util::sync::Cancellati
             Ok(r) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
-                tracing::warn!(%url, %status, body = %text, "registration refused");
+                if registered
+                    && status == reqwest::StatusCode::CONFLICT
+                    && text.contains("duplicate_backend")
+                {
+                    // A pool without the registry keeps an added backend until it is
+                    // removed: a renewal finds it there, which is what it wanted.
+                    tracing::debug!(%url, %address, "still in the pool");
+                } else {
+                    tracing::warn!(%url, %status, body = %text, "registration refused");
+                }
             }
             Err(error) => tracing::warn!(%url, %error, "registration failed; retrying"),
         }
