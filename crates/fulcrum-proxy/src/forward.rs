@@ -161,13 +161,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ClientBody>, Infallible> {
     let active = ActiveGuard::new(&ctx);
-    let mut pending = PendingAccess(
-        ctx.listener
-            .router
-            .load()
-            .access_log
-            .then(|| access_entry(&ctx, &req)),
-    );
+    let mut pending = PendingAccess(ctx.listener.access_log().then(|| access_entry(&ctx, &req)));
     let mut response = route_and_forward(&ctx, req, pending.0.is_some()).await;
     let access = pending.0.take().map(|mut entry| {
         entry.status = response.status().as_u16();

@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -109,8 +109,11 @@ pub struct ListenerRuntime {
     pub protocol: ListenerProtocol,
     /// The address actually bound (the configured one, with the port filled in when it was 0).
     pub local_addr: SocketAddr,
-    /// Routes; swapped whole on reload.
+    /// Routes; swapped whole on reload, through [`ListenerRuntime::set_router`].
     pub router: ArcSwap<Router>,
+    /// The current router's `access_log`, read once per request without loading the
+    /// router (kept by [`ListenerRuntime::set_router`]).
+    access_log: AtomicBool,
     /// Client-side timeouts.
     pub timeouts: ClientTimeouts,
     /// TLS termination (`tls` set): the server configuration new handshakes use, swapped
@@ -169,6 +172,7 @@ impl ListenerRuntime {
             name: name.into(),
             protocol,
             local_addr,
+            access_log: AtomicBool::new(router.access_log),
             router: ArcSwap::from_pointee(router),
             timeouts,
             // Registered (and so exported) only for listeners that terminate TLS.
@@ -194,6 +198,18 @@ impl ListenerRuntime {
                 ListenerProtocol::Tcp => Counter::default(),
             },
         }
+    }
+
+    /// Replaces the routes (a reload).
+    pub fn set_router(&self, router: Router) {
+        self.access_log.store(router.access_log, Ordering::Relaxed);
+        self.router.store(Arc::new(router));
+    }
+
+    /// Whether requests write an access-log line ([`Router::access_log`]).
+    #[inline]
+    pub fn access_log(&self) -> bool {
+        self.access_log.load(Ordering::Relaxed)
     }
 
     /// Limits the listener to `max` open client connections (HAProxy's frontend

@@ -759,7 +759,7 @@ impl Node {
         }
         self.inner.pools.store(Arc::new(next_pools));
         for ((listener, router), tls) in self.inner.listeners.iter().zip(routers).zip(tls) {
-            listener.router.store(Arc::new(router));
+            listener.set_router(router);
             if let (Some(current), Some(next)) = (&listener.tls, tls) {
                 current.store(Arc::new(next));
             }
