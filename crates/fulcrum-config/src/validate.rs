@@ -362,27 +362,28 @@ impl Checker<'_> {
                 0..=10_000_000,
             );
             self.tls(l, &p);
-            if l.access_log && l.protocol == Protocol::Tcp {
-                self.report(
-                    &format!("{p}.access_log"),
-                    Anchor::Key,
-                    format!(
-                        "listener `{}` is `tcp`: it passes bytes through and has no requests \
-                         to log",
-                        l.name
+            if l.protocol == Protocol::Tcp {
+                // HTTP-only settings switched on for a listener that passes bytes through.
+                for (set, key, lacks) in [
+                    (l.access_log, "access_log", "requests to log"),
+                    (
+                        l.merge_slashes,
+                        "merge_slashes",
+                        "request paths to merge slashes in",
                     ),
-                );
-            }
-            if l.merge_slashes && l.protocol == Protocol::Tcp {
-                self.report(
-                    &format!("{p}.merge_slashes"),
-                    Anchor::Key,
-                    format!(
-                        "listener `{}` is `tcp`: it passes bytes through and has no request \
-                         paths to merge slashes in",
-                        l.name
-                    ),
-                );
+                ] {
+                    if set {
+                        self.report(
+                            &format!("{p}.{key}"),
+                            Anchor::Key,
+                            format!(
+                                "listener `{}` is `tcp`: it passes bytes through and has no \
+                                 {lacks}",
+                                l.name
+                            ),
+                        );
+                    }
+                }
             }
             self.routes(config, l, &p);
         }
