@@ -352,18 +352,17 @@ fn cross_site_refusal(headers: &HeaderMap, has_token: bool) -> Option<ApiError> 
 
 /// Whether a `Host` value is an IP address or `localhost`, with or without a port.
 fn is_address_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
+    if let Some(rest) = host.strip_prefix('[') {
         // `[v6]` or `[v6]:port`.
         return rest.split_once(']').is_some_and(|(ip, port)| {
             ip.parse::<std::net::Ipv6Addr>().is_ok()
                 && (port.is_empty() || port.strip_prefix(':').is_some_and(is_port))
         });
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) if is_port(port) => name,
-            Some(_) => return false,
-            None => host,
-        }
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if is_port(port) => name,
+        Some(_) => return false,
+        None => host,
     };
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
@@ -464,22 +463,18 @@ pub(crate) fn pool_named(
         .ok_or_else(|| AdminError::UnknownPool(name.to_owned()).into())
 }
 
-/// The spelling under which pool `pool` lists the backend a caller named `address`: the
-/// same up to ASCII case (host names compare without case, RFC 4343), or the same IP
-/// address and port written another way (`[0:0::1]:80` for `[::1]:80`). `address` itself
-/// when the pool lists none such (the call then reports it unknown, or adds it).
+/// The spelling under which pool `pool` lists the backend a caller named `address` (the
+/// same backend by [`fulcrum_cluster::shared::same_address`]: host name case, IP
+/// notation); `address` itself when the pool lists none such (the call then reports it
+/// unknown, or adds it).
 pub(crate) fn listed_address(state: &AdminState, pool: &str, address: String) -> String {
     let Ok(p) = pool_named(state, pool) else {
         return address;
     };
-    let parsed = address.parse::<std::net::SocketAddr>().ok();
     p.state()
         .backends
         .iter()
-        .find(|b| {
-            b.address.eq_ignore_ascii_case(&address)
-                || parsed.is_some_and(|a| b.address.parse::<std::net::SocketAddr>() == Ok(a))
-        })
+        .find(|b| fulcrum_cluster::shared::same_address(&b.address, &address))
         .map_or(address, |b| b.address.to_string())
 }
 

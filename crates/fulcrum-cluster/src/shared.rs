@@ -369,8 +369,8 @@ impl SharedConfig {
 
 /// Whether two backend addresses name the same backend: equal up to ASCII case (host
 /// names compare without case, RFC 4343), or the same IP address and port written two
-/// ways (`[0:0::1]:80` and `[::1]:80`).
-fn same_address(a: &str, b: &str) -> bool {
+/// ways (`[0:0::1]:80` and `[::1]:80`). The admin API finds a named backend this way too.
+pub fn same_address(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
         || matches!(
             (a.parse::<std::net::SocketAddr>(), b.parse::<std::net::SocketAddr>()),
