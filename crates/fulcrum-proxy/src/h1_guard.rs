@@ -216,12 +216,12 @@ impl FramingVerdicts {
     }
 
     /// Counts a blocked write as starting at `now_ns` (the client was seen taking bytes).
+    /// Nothing if writes no longer block.
     pub fn restart_write_stall(&self, now_ns: u64) {
-        let _ = self.shared.write_stalled_ns.compare_exchange(
-            self.shared.write_stalled_ns.load(Ordering::Acquire).max(1),
-            now_ns.max(1),
+        let _ = self.shared.write_stalled_ns.fetch_update(
             Ordering::AcqRel,
-            Ordering::Relaxed,
+            Ordering::Acquire,
+            |since| (since != 0).then_some(now_ns.max(1)),
         );
     }
 
