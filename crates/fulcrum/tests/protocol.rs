@@ -515,6 +515,44 @@ async fn a_backend_response_head_that_is_too_large_is_reported_as_such() {
     assert!(message.contains("response head is too large"), "{message}");
 }
 
+/// A node whose pool over `b` takes one request at a time (the next waits in the queue,
+/// up to 30 s) behind a listener with `timeouts.send` = `send`.
+fn one_slot_node(b: &Backend, send: &str) -> Node {
+    let yaml = simple_config(
+        "round_robin",
+        &[b],
+        "    default_max_requests: 1\n    queue: { max_size: 10, timeout: 30s }\n",
+    )
+    .replace(
+        "    routes:",
+        &format!("    timeouts: {{ send: {send} }}\n    routes:"),
+    );
+    Node::start(&yaml)
+}
+
+/// `fulcrum_listener_send_timeouts_total` of listener `web`.
+async fn send_timeouts(node: &Node) -> Option<f64> {
+    let metrics = node.metrics().await;
+    common::metric_value(
+        &metrics,
+        "fulcrum_listener_send_timeouts_total",
+        r#"listener="web""#,
+    )
+}
+
+/// The only request slot of a [`one_slot_node`] is free again once its stalled client
+/// is cut off: the next request is served rather than queued for 30 s, and one send
+/// timeout is counted.
+async fn the_slot_is_freed_by_one_send_timeout(node: &Node) {
+    let response = client()
+        .get(format!("{}/after", node.url("web")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(send_timeouts(node).await, Some(1.0));
+}
+
 /// A TCP stream whose reads stop for good once `paused` is set: a client that stops
 /// reading its connection.
 struct Pausable {
@@ -564,13 +602,7 @@ impl tokio::io::AsyncWrite for Pausable {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_client_that_stops_reading_its_connection_is_cut_off() {
     let b = Backend::start("b1", &[]);
-    let yaml = simple_config(
-        "round_robin",
-        &[&b],
-        "    default_max_requests: 1\n    queue: { max_size: 10, timeout: 30s }\n",
-    )
-    .replace("    routes:", "    timeouts: { send: 500ms }\n    routes:");
-    let node = Node::start(&yaml);
+    let node = one_slot_node(&b, "500ms");
     let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let io = Pausable {
         inner: tokio::net::TcpStream::connect(node.listeners["web"])
@@ -592,23 +624,7 @@ async fn an_http2_client_that_stops_reading_its_connection_is_cut_off() {
     let response = response.await.expect("response head");
     assert_eq!(response.status(), 200);
     paused.store(true, std::sync::atomic::Ordering::Relaxed);
-    // The only request slot is free again once the stalled connection is cut off.
-    let after = client()
-        .get(format!("{}/after", node.url("web")))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(after.status(), 200);
-    let metrics = node.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &metrics,
-            "fulcrum_listener_send_timeouts_total",
-            r#"listener="web""#
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    the_slot_is_freed_by_one_send_timeout(&node).await;
 }
 
 /// A client that reads slowly but steadily is not cut off by `timeouts.send`, even while
@@ -647,16 +663,7 @@ async fn a_slow_but_steady_reader_is_not_cut_off_by_the_send_timeout() {
     .await
     .expect("reader");
     assert!(got > 6_000_000, "the download was cut at {got} bytes");
-    let metrics = node.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &metrics,
-            "fulcrum_listener_send_timeouts_total",
-            r#"listener="web""#
-        ),
-        Some(0.0),
-        "{metrics}"
-    );
+    assert_eq!(send_timeouts(&node).await, Some(0.0));
 }
 
 /// `access_log: true` writes one line per request when its response ends: method,
@@ -739,13 +746,7 @@ async fn the_access_log_has_a_line_per_request_and_follows_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     let b = Backend::start("b1", &[]);
-    let yaml = simple_config(
-        "round_robin",
-        &[&b],
-        "    default_max_requests: 1\n    queue: { max_size: 10, timeout: 30s }\n",
-    )
-    .replace("    routes:", "    timeouts: { send: 500ms }\n    routes:");
-    let node = Node::start(&yaml);
+    let node = one_slot_node(&b, "500ms");
     let addr = node.listeners["web"];
     // Asks for 32 MiB (more than the sockets on the way hold), reads a little, then
     // reads no more.
@@ -756,21 +757,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     let mut first = [0u8; 64];
     stalled.read_exact(&mut first).expect("the response starts");
     assert!(first.starts_with(b"HTTP/1.1 200"), "{first:?}");
-    // The only request slot is free again once the stalled connection is cut off: the
-    // next request is served rather than queued for 30 s.
-    let url = format!("{}/after", node.url("web"));
-    let response = client().get(&url).send().await.expect("request");
-    assert_eq!(response.status(), 200);
-    let metrics = node.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &metrics,
-            "fulcrum_listener_send_timeouts_total",
-            r#"listener="web""#
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    the_slot_is_freed_by_one_send_timeout(&node).await;
     drop(stalled);
 }
 
