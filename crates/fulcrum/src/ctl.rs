@@ -14,17 +14,88 @@ pub struct CtlArgs {
     /// `http://host:port`).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9901")]
     pub admin: String,
+    /// Bearer token for changes, when the node sets `admin.token`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "FULCRUM_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// How far a change must have spread before the command returns, in a cluster:
+    /// `async` (applied on this node), `quorum` or `all` (of the live nodes).
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = ["async", "quorum", "all"])]
+    pub consistency: Option<String>,
     /// Print the API's JSON instead of a table (before or after the subcommand).
     #[arg(long, global = true)]
     pub json: bool,
-    /// What to show.
+    /// What to show or change.
     #[command(subcommand)]
     pub command: CtlCommand,
 }
 
-/// `fulcrum ctl` commands.
+/// `fulcrum ctl` commands: reads (`status`, `pools`, `backends`, `endpoints`, `cluster`)
+/// print tables; changes (`strategy`, `drain`, `enable`, `disable`, `weight`, `reload`)
+/// print what the node answered. Each is one admin API call (docs/API.md).
 #[derive(clap::Subcommand, Debug)]
 pub enum CtlCommand {
+    /// The node: version, uptime, listeners, totals (`GET /api/status`).
+    Status,
+    /// One row per pool: strategy, backends by state, panic, active and queued requests
+    /// (`GET /api/pools`).
+    Pools,
+    /// One row per backend of POOL: state, weights, load, counts, latency
+    /// (`GET /api/pools/{pool}/backends`).
+    Backends {
+        /// The pool.
+        pool: String,
+    },
+    /// Endpoint statistics and long/short class, busiest first (`GET /api/endpoints`).
+    Endpoints {
+        /// Only this pool's endpoints.
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// Switch POOL to STRATEGY (`POST /api/pools/{pool}/strategy`).
+    Strategy {
+        /// The pool.
+        pool: String,
+        /// A strategy name, e.g. `p2c` (docs/ALGORITHMS.md).
+        strategy: String,
+    },
+    /// Stop sending new requests to a backend; requests in flight finish (HAProxy `drain`).
+    Drain {
+        /// The pool.
+        pool: String,
+        /// The backend's address as the pool lists it.
+        address: String,
+    },
+    /// Put a drained or disabled backend back in rotation.
+    Enable {
+        /// The pool.
+        pool: String,
+        /// The backend's address as the pool lists it.
+        address: String,
+    },
+    /// Take a backend out of rotation for maintenance (HAProxy `maint`).
+    Disable {
+        /// The pool.
+        pool: String,
+        /// The backend's address as the pool lists it.
+        address: String,
+    },
+    /// Set a backend's weight, 1..=65535 (`POST …/backends/{address}/weight`).
+    Weight {
+        /// The pool.
+        pool: String,
+        /// The backend's address as the pool lists it.
+        address: String,
+        /// The new weight.
+        weight: u32,
+    },
+    /// Re-read the node's configuration file, as SIGHUP does (`POST /api/reload`).
+    Reload,
     /// The cluster as seen by the node.
     Cluster {
         /// `status`, `nodes` or `leader`.
@@ -44,8 +115,9 @@ pub enum ClusterWhat {
     Leader,
 }
 
-/// Runs `fulcrum ctl`; exit 0 on success, 1 when the node cannot be reached or answers
-/// with an error (printed).
+/// Runs `fulcrum ctl`: one admin API call, printed as a table or a line (or the API's
+/// JSON with `--json`); exit 0 on success, 1 when the node cannot be reached, is not an
+/// admin API, or answers with an error (its code and message are printed).
 pub fn run(args: CtlArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -58,20 +130,19 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let CtlCommand::Cluster { what } = args.command;
-        // The field every answer of that view has: what tells the admin API's answer
-        // from anything else answering JSON on that address (a proxy listener's backend).
-        let (path, field) = match what {
-            ClusterWhat::Status => ("/api/cluster/status", "node_id"),
-            ClusterWhat::Nodes => ("/api/cluster/nodes", "nodes"),
-            ClusterWhat::Leader => ("/api/cluster/leader", "coordination"),
+        let call = match Call::of(&args) {
+            Ok(call) => call,
+            Err(error) => {
+                eprintln!("fulcrum ctl: {error}");
+                return ExitCode::from(2);
+            }
         };
-        let url = format!("{}{path}", admin_base(&args.admin));
-        let body = match get_json(&url).await {
-            Ok(body) if body.get(field).is_some() => body,
+        let body = match call.send(args.token.as_deref()).await {
+            Ok(body) if body.get(call.field).is_some() => body,
             Ok(_) => {
                 eprintln!(
-                    "fulcrum ctl: GET {url}: the answer is not the admin API's (no `{field}`); is --admin the node's admin address?"
+                    "fulcrum ctl: {} {}: the answer is not the admin API's (no `{}`); is --admin the node's admin address?",
+                    call.method, call.url, call.field
                 );
                 return ExitCode::from(1);
             }
@@ -87,14 +158,166 @@ pub fn run(args: CtlArgs) -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        let text = match what {
-            ClusterWhat::Status => status_table(&body),
-            ClusterWhat::Nodes => nodes_table(&body),
-            ClusterWhat::Leader => leader_table(&body),
+        let text = match &args.command {
+            CtlCommand::Status => node_status_table(&body),
+            CtlCommand::Pools => pools_table(&body),
+            CtlCommand::Backends { .. } => backends_table(&body),
+            CtlCommand::Endpoints { pool } => endpoints_table(&body, pool.as_deref()),
+            CtlCommand::Strategy { .. }
+            | CtlCommand::Drain { .. }
+            | CtlCommand::Enable { .. }
+            | CtlCommand::Disable { .. }
+            | CtlCommand::Weight { .. }
+            | CtlCommand::Reload => change_line(&body),
+            CtlCommand::Cluster { what } => match what {
+                ClusterWhat::Status => status_table(&body),
+                ClusterWhat::Nodes => nodes_table(&body),
+                ClusterWhat::Leader => leader_table(&body),
+            },
         };
         print!("{text}");
         ExitCode::SUCCESS
     })
+}
+
+/// One admin API call of a `fulcrum ctl` command.
+struct Call {
+    method: reqwest::Method,
+    url: reqwest::Url,
+    body: Option<Value>,
+    /// A field every successful answer of that call has: it tells the admin API's answer
+    /// from anything else answering JSON on that address (a proxy listener's backend).
+    field: &'static str,
+}
+
+impl Call {
+    /// The call for `args`; an error names a malformed `--admin`.
+    fn of(args: &CtlArgs) -> Result<Call, String> {
+        let base = admin_base(&args.admin);
+        let mut url = reqwest::Url::parse(&base)
+            .ok()
+            .filter(|url| !url.cannot_be_a_base() && url.host().is_some())
+            .ok_or_else(|| format!("--admin {}: not an http(s) URL or host:port", args.admin))?;
+        let get = reqwest::Method::GET;
+        let post = reqwest::Method::POST;
+        let backend = |pool: &str, address: &str, action: &str| {
+            vec![
+                "api".to_owned(),
+                "pools".to_owned(),
+                pool.to_owned(),
+                "backends".to_owned(),
+                address.to_owned(),
+                action.to_owned(),
+            ]
+        };
+        let (method, segments, body, field): (_, Vec<String>, _, _) = match &args.command {
+            CtlCommand::Status => (get, segments(&["api", "status"]), None, "uptime_seconds"),
+            CtlCommand::Pools => (get, segments(&["api", "pools"]), None, "pools"),
+            CtlCommand::Backends { pool } => (
+                get,
+                segments(&["api", "pools", pool, "backends"]),
+                None,
+                "backends",
+            ),
+            CtlCommand::Endpoints { .. } => {
+                (get, segments(&["api", "endpoints"]), None, "endpoints")
+            }
+            CtlCommand::Strategy { pool, strategy } => (
+                post,
+                segments(&["api", "pools", pool, "strategy"]),
+                Some(serde_json::json!({ "strategy": strategy })),
+                "strategy",
+            ),
+            CtlCommand::Drain { pool, address } => {
+                (post, backend(pool, address, "drain"), None, "state")
+            }
+            CtlCommand::Enable { pool, address } => {
+                (post, backend(pool, address, "enable"), None, "state")
+            }
+            CtlCommand::Disable { pool, address } => {
+                (post, backend(pool, address, "disable"), None, "state")
+            }
+            CtlCommand::Weight {
+                pool,
+                address,
+                weight,
+            } => (
+                post,
+                backend(pool, address, "weight"),
+                Some(serde_json::json!({ "weight": weight })),
+                "weight",
+            ),
+            CtlCommand::Reload => (post, segments(&["api", "reload"]), None, "reloaded"),
+            CtlCommand::Cluster { what } => match what {
+                ClusterWhat::Status => (
+                    get,
+                    segments(&["api", "cluster", "status"]),
+                    None,
+                    "node_id",
+                ),
+                ClusterWhat::Nodes => (get, segments(&["api", "cluster", "nodes"]), None, "nodes"),
+                ClusterWhat::Leader => (
+                    get,
+                    segments(&["api", "cluster", "leader"]),
+                    None,
+                    "coordination",
+                ),
+            },
+        };
+        url.path_segments_mut()
+            .map_err(|()| format!("--admin {}: not a base URL", args.admin))?
+            .pop_if_empty()
+            .extend(&segments);
+        // Only calls that change something take a consistency level (docs/API.md).
+        if let Some(level) = &args.consistency
+            && method == reqwest::Method::POST
+            && !matches!(args.command, CtlCommand::Reload)
+        {
+            url.query_pairs_mut().append_pair("consistency", level);
+        }
+        Ok(Call {
+            method,
+            url,
+            body,
+            field,
+        })
+    }
+
+    /// Sends the call; the JSON answer, or an error naming the call and, for an API
+    /// error, its status, code and message.
+    async fn send(&self, token: Option<&str>) -> Result<Value, String> {
+        let (method, url) = (&self.method, &self.url);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut request = client.request(method.clone(), url.clone());
+        if let Some(body) = &self.body {
+            request = request.json(body);
+        }
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        let status = response.status();
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| format!("{method} {url}: {status}, and the answer is not JSON: {e}"))?;
+        if !status.is_success() {
+            let code = body["error"]["code"].as_str().unwrap_or("error");
+            let message = body["error"]["message"].as_str().unwrap_or("");
+            return Err(format!("{method} {url}: {status}: {code}: {message}"));
+        }
+        Ok(body)
+    }
+}
+
+fn segments(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|part| (*part).to_owned()).collect()
 }
 
 /// `--admin` as a base URL without a trailing slash; `host:port` gets `http://`.
@@ -105,28 +328,6 @@ fn admin_base(admin: &str) -> String {
     } else {
         format!("http://{admin}")
     }
-}
-
-async fn get_json(url: &str) -> Result<Value, String> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let response = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .map_err(|e| format!("GET {url}: invalid JSON: {e}"))?;
-    if !status.is_success() {
-        let message = body["error"]["message"].as_str().unwrap_or("error");
-        return Err(format!("GET {url}: {status}: {message}"));
-    }
-    Ok(body)
 }
 
 fn s(v: &Value) -> String {
@@ -159,6 +360,231 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
     for row in rows {
         out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+/// A number of milliseconds with one decimal, `-` when absent.
+fn ms(v: &Value) -> String {
+    v.as_f64().map_or("-".to_owned(), |ms| format!("{ms:.1}"))
+}
+
+/// The rows of `key` in `body`, or none.
+fn rows_of<'a>(body: &'a Value, key: &str) -> &'a [Value] {
+    body[key].as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn node_status_table(body: &Value) -> String {
+    let totals = &body["totals"];
+    let mut out = String::new();
+    let uptime = body["uptime_seconds"]
+        .as_f64()
+        .map_or("-".to_owned(), |secs| {
+            humantime::format_duration(Duration::from_secs(secs as u64)).to_string()
+        });
+    for (key, value) in [
+        ("node", s(&body["node"])),
+        ("version", s(&body["version"])),
+        ("uptime", uptime),
+        ("threads", s(&body["threads"])),
+        (
+            "totals",
+            format!(
+                "{} pool(s), {} request(s), {} error(s), {} in flight to backends, {} active client request(s)",
+                s(&totals["pools"]),
+                s(&totals["requests"]),
+                s(&totals["errors"]),
+                s(&totals["in_flight"]),
+                s(&totals["active_requests"])
+            ),
+        ),
+    ] {
+        out.push_str(&format!("{key:<9} {value}\n"));
+    }
+    let rows: Vec<Vec<String>> = rows_of(body, "listeners")
+        .iter()
+        .map(|l| vec![s(&l["name"]), s(&l["listen"]), s(&l["protocol"])])
+        .collect();
+    if !rows.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["LISTENER", "ADDRESS", "PROTOCOL"], &rows));
+    }
+    out
+}
+
+fn pools_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = rows_of(body, "pools")
+        .iter()
+        .map(|p| {
+            let b = &p["backends"];
+            vec![
+                s(&p["name"]),
+                s(&p["strategy"]),
+                format!("{}/{}", s(&b["healthy"]), s(&b["total"])),
+                s(&b["unhealthy"]),
+                s(&b["ejected"]),
+                s(&b["draining"]),
+                s(&b["disabled"]),
+                if p["panic"] == true { "PANIC" } else { "no" }.to_owned(),
+                s(&p["active_requests"]),
+                s(&p["queued_requests"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "POOL",
+            "STRATEGY",
+            "HEALTHY",
+            "UNHEALTHY",
+            "EJECTED",
+            "DRAINING",
+            "DISABLED",
+            "PANIC",
+            "ACTIVE",
+            "QUEUED",
+        ],
+        &rows,
+    )
+}
+
+fn backends_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = rows_of(body, "backends")
+        .iter()
+        .map(|b| {
+            let mut state = s(&b["state"]);
+            if b["in_rotation"] == false && state == "healthy" {
+                state.push_str(" (out)");
+            }
+            let tags: Vec<String> = b["tags"]
+                .as_object()
+                .map(|tags| tags.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
+                .unwrap_or_default();
+            let limit = match b["max_requests"].as_u64() {
+                Some(0) | None => String::new(),
+                Some(limit) => format!("/{limit}"),
+            };
+            vec![
+                s(&b["address"]),
+                state,
+                s(&b["weight"]),
+                b["effective_weight"]
+                    .as_f64()
+                    .map_or("-".to_owned(), |w| format!("{w:.2}")),
+                format!("{}{limit}", s(&b["in_flight"])),
+                s(&b["requests"]),
+                s(&b["errors"]),
+                ms(&b["latency_ms"]["ewma"]),
+                ms(&b["latency_ms"]["p50"]),
+                ms(&b["latency_ms"]["p99"]),
+                tags.join(","),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "pool {}, strategy {}{}\n",
+        s(&body["pool"]),
+        s(&body["strategy"]),
+        if body["panic"] == true {
+            ", PANIC (every backend in rotation)"
+        } else {
+            ""
+        }
+    );
+    out.push_str(&table(
+        &[
+            "BACKEND",
+            "STATE",
+            "WEIGHT",
+            "EFFECTIVE",
+            "IN_FLIGHT",
+            "REQUESTS",
+            "ERRORS",
+            "EWMA_MS",
+            "P50_MS",
+            "P99_MS",
+            "TAGS",
+        ],
+        &rows,
+    ));
+    out
+}
+
+fn endpoints_table(body: &Value, pool: Option<&str>) -> String {
+    let rows: Vec<Vec<String>> = rows_of(body, "endpoints")
+        .iter()
+        .filter(|e| pool.is_none_or(|pool| e["pool"].as_str() == Some(pool)))
+        .map(|e| {
+            vec![
+                s(&e["pool"]),
+                s(&e["endpoint"]),
+                s(&e["class"]),
+                s(&e["count"]),
+                s(&e["errors"]),
+                ms(&e["average_ms"]),
+                ms(&e["p50_ms"]),
+                ms(&e["p95_ms"]),
+                ms(&e["p99_ms"]),
+                ms(&e["max_ms"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "POOL", "ENDPOINT", "CLASS", "COUNT", "ERRORS", "AVG_MS", "P50_MS", "P95_MS", "P99_MS",
+            "MAX_MS",
+        ],
+        &rows,
+    )
+}
+
+/// What a change did, in a line or two: the node's answer, and in a cluster how far the
+/// write has spread.
+fn change_line(body: &Value) -> String {
+    let mut out = if body.get("reloaded").is_some() {
+        format!("reloaded: {}\n", s(&body["summary"]))
+    } else if body.get("previous").is_some() {
+        format!(
+            "pool {}: strategy {} (was {})\n",
+            s(&body["pool"]),
+            s(&body["strategy"]),
+            s(&body["previous"])
+        )
+    } else if body.get("weight").is_some() {
+        format!(
+            "pool {}: backend {} weight {}\n",
+            s(&body["pool"]),
+            s(&body["backend"]),
+            s(&body["weight"])
+        )
+    } else {
+        format!(
+            "pool {}: backend {} is {}\n",
+            s(&body["pool"]),
+            s(&body["backend"]),
+            s(&body["state"])
+        )
+    };
+    let write = &body["write"];
+    if write.is_object() {
+        let names = |key: &str| {
+            rows_of(write, key)
+                .iter()
+                .map(s)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "write: version {}, consistency {}, acknowledged by {}",
+            s(&write["version"]),
+            s(&write["consistency"]),
+            names("acknowledged")
+        ));
+        let skipped = names("skipped");
+        if !skipped.is_empty() {
+            out.push_str(&format!(", skipped (not live): {skipped}"));
+        }
+        out.push('\n');
     }
     out
 }

@@ -85,7 +85,12 @@ enum Command {
     /// scheduled send time. Ctrl-C stops sending and reports what was sent. `--scenario NAME` runs simulated backends and a node per
     /// strategy in this process instead (`--scenario list` describes them).
     Bench(bench::BenchArgs),
-    /// Query a node's admin API and print readable tables (`ctl cluster status|nodes|leader`).
+    /// Read a node's figures as tables, or change pools and backends, through its admin API.
+    ///
+    /// Reads: `status`, `pools`, `backends POOL`, `endpoints`, `cluster status|nodes|leader`.
+    /// Changes: `drain|enable|disable POOL ADDRESS`, `weight POOL ADDRESS N`,
+    /// `strategy POOL NAME`, `reload` (with --token or FULCRUM_ADMIN_TOKEN when the node
+    /// sets `admin.token`). Exit 1 when the node cannot be reached or refuses the call.
     Ctl(ctl::CtlArgs),
 }
 

@@ -748,3 +748,108 @@ async fn the_open_file_limit_is_raised_and_max_connections_beyond_it_is_reported
         "the node warns that the limit is too low:\n{logs}"
     );
 }
+
+/// Runs `fulcrum ctl --admin ADDR ARGS…` with `FULCRUM_ADMIN_TOKEN` set to `env_token`
+/// (or unset): exit code, stdout, stderr.
+fn ctl(node: &Node, args: &[&str], env_token: Option<&str>) -> (i32, String, String) {
+    let mut command = std::process::Command::new(fulcrum_bin());
+    command
+        .args(["ctl", "--admin", &node.admin.to_string()])
+        .args(args)
+        .env_remove("FULCRUM_ADMIN_TOKEN");
+    if let Some(token) = env_token {
+        command.env("FULCRUM_ADMIN_TOKEN", token);
+    }
+    let out = command.output().expect("run fulcrum ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `fulcrum ctl` reads pools, backends and endpoints as tables, and drains, enables,
+/// re-weights and switches strategy through the API with the bearer token; refusals are
+/// exit 1 with the API's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_shows_pools_and_changes_backends() {
+    let b1 = Backend::start("b1", &[]);
+    let b2 = Backend::start("b2", &[]);
+    let yaml = simple_config("round_robin", &[&b1, &b2], "").replace(
+        "  listen: 127.0.0.1:0\nlisteners",
+        "  listen: 127.0.0.1:0\n  token: s3cret\nlisteners",
+    );
+    let node = Node::start(&yaml);
+    let url = format!("{}/v1/users/42", node.url("web"));
+    let counts = common::spread(&url, 10).await;
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    let (a1, a2) = (b1.address(), b2.address());
+
+    let (code, pools, err) = ctl(&node, &["pools"], None);
+    assert_eq!(code, 0, "{err}");
+    let row = pools.lines().find(|l| l.starts_with("app ")).expect(&pools);
+    assert!(
+        row.contains("round_robin") && row.contains("2/2"),
+        "{pools}"
+    );
+    let (code, backends, err) = ctl(&node, &["backends", "app"], None);
+    assert_eq!(code, 0, "{err}");
+    for address in [&a1, &a2] {
+        let row = backends
+            .lines()
+            .find(|l| l.starts_with(address.as_str()))
+            .expect(&backends);
+        assert!(row.contains("healthy"), "{backends}");
+    }
+    let (code, endpoints, err) = ctl(&node, &["endpoints", "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    let endpoints: serde_json::Value = serde_json::from_str(&endpoints).expect("JSON");
+    assert_eq!(
+        endpoints["endpoints"][0]["endpoint"], "GET /v1/users/{id}",
+        "{endpoints}"
+    );
+    assert_eq!(endpoints["endpoints"][0]["count"], 10, "{endpoints}");
+
+    // A change without the token is refused, and changes nothing.
+    let (code, _, err) = ctl(&node, &["drain", "app", &a1], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
+    assert_eq!(node.backend_state("app", &a1).await, "healthy");
+    // With it (after the subcommand), the backend drains and traffic leaves it.
+    let (code, out, err) = ctl(&node, &["drain", "app", &a1, "--token", "s3cret"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("pool app: backend {a1} is draining\n"));
+    assert_eq!(node.backend_state("app", &a1).await, "draining");
+    let counts = common::spread(&url, 6).await;
+    assert_eq!(counts.get("b2"), Some(&6), "{counts:?}");
+    // The token from the environment.
+    let (code, out, err) = ctl(&node, &["enable", "app", &a1], Some("s3cret"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is healthy"), "{out}");
+    let (code, _, err) = ctl(&node, &["disable", "app", &a2], Some("s3cret"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(node.backend_state("app", &a2).await, "disabled");
+
+    let (code, out, err) = ctl(&node, &["strategy", "app", "p2c"], Some("s3cret"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("strategy p2c (was round_robin)"), "{out}");
+    assert_eq!(node.api("/api/pools/app").await["strategy"], "p2c");
+    let (code, _, err) = ctl(&node, &["weight", "app", &a1, "3"], Some("s3cret"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(node.backend("app", &a1).await["weight"], 3);
+
+    let (code, _, err) = ctl(&node, &["strategy", "app", "bogus"], Some("s3cret"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("422") && err.contains("unknown_strategy"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&node, &["backends", "nope"], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown_pool"), "{err}");
+    let (code, out, err) = ctl(&node, &["reload"], Some("s3cret"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("reloaded: "), "{out}");
+    // The reload keeps the run-time changes.
+    assert_eq!(node.backend_state("app", &a2).await, "disabled");
+}
