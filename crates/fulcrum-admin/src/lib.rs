@@ -673,20 +673,162 @@ async fn reload(State(state): State<AdminState>) -> Result<Json<Value>, ApiError
     }
 }
 
-async fn metrics(State(state): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.node.metrics_text(),
-    )
-        .into_response()
+/// `GET /metrics`: OpenMetrics 1.0 to a client whose `Accept` asks for it (Prometheus
+/// does), else the Prometheus text format 0.0.4 — the negotiation of Prometheus's own
+/// client libraries, so `curl`, `promtool check metrics` and older scrapers get the format
+/// they parse.
+async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    let text = state.node.metrics_text();
+    if accepts_openmetrics(&headers) {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            prometheus_text(&text),
+        )
+            .into_response()
+    }
+}
+
+/// Whether an `Accept` field lists `application/openmetrics-text` with a quality above 0
+/// (RFC 9110 §12.5.1).
+fn accepts_openmetrics(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|range| {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or("");
+            media.eq_ignore_ascii_case("application/openmetrics-text")
+                && params.all(|param| {
+                    param
+                        .split_once('=')
+                        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                        .and_then(|(_, q)| q.trim().parse::<f32>().ok())
+                        .is_none_or(|q| q > 0.0)
+                })
+        })
+}
+
+/// OpenMetrics 1.0 text as the Prometheus text format 0.0.4: a counter family `x` is
+/// announced as `x_total` (OpenMetrics names the family without the suffix its samples
+/// carry), an `info` family as the gauge `x_info`, `stateset`/`unknown` families as
+/// `gauge`/`untyped`, and the
+/// lines 0.0.4 lacks (`# UNIT`, `# EOF`, `_created` samples, exemplars) are dropped.
+/// Label and HELP escaping is the same in both for what Fulcrum exports.
+fn prometheus_text(openmetrics: &str) -> String {
+    // Families whose samples carry a suffix the family name lacks.
+    let mut suffixed = std::collections::HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some((name, kind)) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_once(' '))
+        {
+            match kind {
+                "counter" => suffixed.insert(name, "_total"),
+                "info" => suffixed.insert(name, "_info"),
+                _ => None,
+            };
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| line.strip_prefix(prefix).map(|rest| (prefix, rest)));
+        if let Some((prefix, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let suffix = suffixed.get(name).copied().unwrap_or("");
+            let tail = if prefix == "# TYPE " {
+                match tail {
+                    "info" | "stateset" => "gauge",
+                    "unknown" => "untyped",
+                    other => other,
+                }
+            } else {
+                tail
+            };
+            out.push_str(prefix);
+            out.push_str(name);
+            out.push_str(suffix);
+            out.push(' ');
+            out.push_str(tail);
+            out.push('\n');
+            continue;
+        }
+        if line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        if line[..name_end].ends_with("_created") {
+            continue;
+        }
+        // An exemplar follows the value (and timestamp) after " # ".
+        let sample = line.split_once(" # ").map_or(line, |(sample, _)| sample);
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_negotiation_follows_accept() {
+        let accept = |value: &'static str| request_headers(&[("accept", value)]);
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(accepts_openmetrics(&accept(prometheus)));
+        assert!(accepts_openmetrics(&accept("Application/OpenMetrics-Text")));
+        assert!(!accepts_openmetrics(&accept("*/*")));
+        assert!(!accepts_openmetrics(&accept("text/plain")));
+        assert!(!accepts_openmetrics(&accept(
+            "application/openmetrics-text; q=0, text/plain"
+        )));
+        assert!(!accepts_openmetrics(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let om = "# HELP fulcrum_requests Attempts.\n# TYPE fulcrum_requests counter\n\
+                  fulcrum_requests_total{pool=\"a\"} 3\n\
+                  fulcrum_requests_created{pool=\"a\"} 1.7e9\n\
+                  # HELP fulcrum_up Up.\n# TYPE fulcrum_up gauge\n# UNIT fulcrum_up x\n\
+                  fulcrum_up 1\n\
+                  # TYPE fulcrum_build info\nfulcrum_build_info{v=\"1\"} 1\n\
+                  # TYPE fulcrum_seconds histogram\n\
+                  fulcrum_seconds_bucket{le=\"+Inf\"} 2 # {trace_id=\"x\"} 0.1\n\
+                  fulcrum_seconds_sum 0.5\nfulcrum_seconds_count 2\n# EOF\n";
+        let text = prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP fulcrum_requests_total Attempts.\n# TYPE fulcrum_requests_total counter\n\
+             fulcrum_requests_total{pool=\"a\"} 3\n\
+             # HELP fulcrum_up Up.\n# TYPE fulcrum_up gauge\nfulcrum_up 1\n\
+             # TYPE fulcrum_build_info gauge\nfulcrum_build_info{v=\"1\"} 1\n\
+             # TYPE fulcrum_seconds histogram\n\
+             fulcrum_seconds_bucket{le=\"+Inf\"} 2\n\
+             fulcrum_seconds_sum 0.5\nfulcrum_seconds_count 2\n"
+        );
+    }
 
     #[test]
     fn token_comparison() {

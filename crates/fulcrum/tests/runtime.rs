@@ -220,7 +220,43 @@ async fn admin_api_errors_are_json_with_the_right_status() {
     }
     // A single node exports no cluster families (no "store down" on every node).
     assert!(!metrics.contains("fulcrum_cluster_"), "{metrics}");
-    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    // Without an Accept asking for OpenMetrics: the Prometheus text format 0.0.4, whose
+    // counter families carry their `_total` and which has no `# EOF`.
+    assert!(
+        metrics.contains("# TYPE fulcrum_requests_total counter"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("# EOF"), "{metrics}");
+    let response = c
+        .get(node.admin_url("/metrics"))
+        .header("accept", "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    // Prometheus's own Accept gets OpenMetrics.
+    let response = c
+        .get(node.admin_url("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let openmetrics = response.text().await.expect("text");
+    assert!(
+        openmetrics.contains("# TYPE fulcrum_requests counter"),
+        "{openmetrics}"
+    );
+    assert!(openmetrics.trim_end().ends_with("# EOF"), "{openmetrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
