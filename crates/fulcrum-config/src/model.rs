@@ -691,6 +691,11 @@ pub struct UpstreamTimeouts {
     /// 30 s. Validated: > 0.
     #[serde(with = "scalar::duration")]
     pub response_header: Duration,
+    /// Longest time the backend may send nothing while the rest of a response body is
+    /// awaited (nginx's `proxy_read_timeout`, HAProxy's `timeout server` once the head has
+    /// arrived). Time the client takes to read is not counted. Default 60 s. Validated: > 0.
+    #[serde(with = "scalar::duration")]
+    pub read: Duration,
     /// Idle timeout of pooled keep-alive upstream connections. Default 60 s. Validated: > 0.
     #[serde(with = "scalar::duration")]
     pub idle: Duration,
@@ -701,6 +706,7 @@ impl Default for UpstreamTimeouts {
         Self {
             connect: Duration::from_secs(1),
             response_header: Duration::from_secs(30),
+            read: Duration::from_secs(60),
             idle: Duration::from_secs(60),
         }
     }

@@ -306,6 +306,7 @@ fn full_config_has_every_value() {
         UpstreamTimeouts {
             connect: Duration::from_millis(250),
             response_header: secs(10),
+            read: secs(60),
             idle: secs(30),
         }
     );

@@ -725,6 +725,7 @@ impl Checker<'_> {
         let t = &pool.timeouts;
         self.positive(&format!("{p}.timeouts.connect"), t.connect);
         self.positive(&format!("{p}.timeouts.response_header"), t.response_header);
+        self.positive(&format!("{p}.timeouts.read"), t.read);
         self.positive(&format!("{p}.timeouts.idle"), t.idle);
         if pool.retry.attempts > 10 {
             self.report(

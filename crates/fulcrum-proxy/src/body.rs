@@ -10,6 +10,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fulcrum_balance::InFlightGuard;
@@ -25,8 +26,38 @@ use crate::forward::ActiveGuard;
 use crate::state::{BackendRuntime, Pool, PoolState};
 use crate::upstream::Conn;
 
-/// Error type of [`ProxyBody`]: a failure reading the backend's body.
-pub type BodyError = hyper::Error;
+/// Error type of [`ProxyBody`]: a failure reading the backend's body. The client's
+/// response then ends cut short (HTTP/1.1: the connection closes; HTTP/2: the stream is
+/// reset).
+#[derive(Debug)]
+pub enum BodyError {
+    /// Reading failed: the backend closed or reset the connection, or reset the stream,
+    /// before the body's end.
+    Upstream(hyper::Error),
+    /// The backend sent nothing for the pool's `timeouts.read` while the body was awaited.
+    ReadTimeout(Duration),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Upstream(error) => write!(f, "reading the backend's body: {error}"),
+            BodyError::ReadTimeout(after) => write!(
+                f,
+                "the backend sent nothing of its body for {after:?} (timeouts.read)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BodyError::Upstream(error) => Some(error),
+            BodyError::ReadTimeout(_) => None,
+        }
+    }
+}
 
 /// The body of every response Fulcrum sends to a client.
 pub enum ProxyBody {
@@ -40,6 +71,14 @@ pub enum ProxyBody {
 pub struct UpstreamBody {
     inner: Incoming,
     exchange: Option<Exchange>,
+    /// `timeouts.read`: the longest the backend may leave the body waiting.
+    read_timeout: Duration,
+    /// The read timer, made at the first wait (bodies that never wait have none) and
+    /// reset at each later one.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the timer runs: the last poll of `inner` was pending. A frame stops it, so
+    /// time the client takes to read (the body is not polled meanwhile) never counts.
+    waiting: bool,
 }
 
 /// What a finished response records: its endpoint's statistics and, for a gRPC answer,
@@ -152,6 +191,7 @@ impl UpstreamBody {
         conn: Option<Conn>,
         backend: Arc<BackendRuntime>,
         endpoint: Option<EndpointRecord>,
+        read_timeout: Duration,
     ) -> Self {
         Self {
             inner,
@@ -161,6 +201,34 @@ impl UpstreamBody {
                 backend,
                 endpoint,
             }),
+            read_timeout,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// After `inner` was pending: starts the read timer if it is not running, and fails
+    /// the body once it has run `read_timeout` (nginx's `proxy_read_timeout`).
+    fn poll_read_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + self.read_timeout;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let expired = self
+            .timer
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+        if expired {
+            Poll::Ready(Some(Err(BodyError::ReadTimeout(self.read_timeout))))
+        } else {
+            Poll::Pending
         }
     }
 
@@ -218,7 +286,13 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => self.poll_read_timer(cx),
+            Poll::Ready(ready) => {
+                self.waiting = false;
+                Poll::Ready(ready.map(|frame| frame.map_err(BodyError::Upstream)))
+            }
+        };
         self.observe(&polled);
         match &polled {
             Poll::Ready(None) => self.finish(true),

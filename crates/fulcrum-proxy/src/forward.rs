@@ -1088,6 +1088,7 @@ async fn forward_attempts(
                     on_upgrade.take(),
                     client_h1,
                     record,
+                    settings.conn.read_timeout,
                 );
             }
             Outcome::Failed {
@@ -1195,6 +1196,7 @@ fn trailers_for_h1(headers: &mut http::HeaderMap) {
 /// Turns a backend response into the client response: hop-by-hop fields removed, the
 /// body streamed with the attempt's guard and connection attached; for an accepted
 /// protocol upgrade, a tunnel between the two upgraded connections.
+#[allow(clippy::too_many_arguments)]
 fn respond(
     mut response: Response<Incoming>,
     guard: InFlightGuard,
@@ -1203,6 +1205,7 @@ fn respond(
     client_upgrade: Option<OnUpgrade>,
     client_h1: bool,
     record: EndpointRecord,
+    read_timeout: Duration,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -1242,6 +1245,7 @@ fn respond(
             Some(conn),
             Arc::clone(backend),
             Some(record),
+            read_timeout,
         )),
     )
 }

@@ -182,6 +182,7 @@ pub fn node_spec(config: &Config, threads: Option<usize>) -> Result<NodeSpec, Re
                 conn: ConnSettings {
                     connect_timeout: p.timeouts.connect,
                     response_header_timeout: p.timeouts.response_header,
+                    read_timeout: p.timeouts.read,
                     idle_timeout: p.timeouts.idle,
                     tls,
                     protocol,

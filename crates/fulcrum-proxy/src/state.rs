@@ -205,6 +205,7 @@ impl Default for PoolSettings {
             conn: ConnSettings {
                 connect_timeout: Duration::from_secs(1),
                 response_header_timeout: Duration::from_secs(30),
+                read_timeout: Duration::from_secs(60),
                 idle_timeout: Duration::from_secs(60),
                 tls: None,
                 protocol: UpstreamProtocol::Http1,

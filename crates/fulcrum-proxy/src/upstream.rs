@@ -343,6 +343,9 @@ pub struct ConnSettings {
     pub connect_timeout: Duration,
     /// Longest wait from sending a request to receiving the response head.
     pub response_header_timeout: Duration,
+    /// Longest silence of the backend while its response body is awaited
+    /// (`timeouts.read`); the body then fails as cut short.
+    pub read_timeout: Duration,
     /// Idle connections older than this are not reused.
     pub idle_timeout: Duration,
     /// TLS to the backends (`pools.*.tls`); `None` = plain HTTP.

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{Backend, DEADLINE, Load, Node, assert_all_ok, eventually, simple_config};
+use std::time::Duration;
 
 const HEALTH: &str =
     "    health_check: { path: /health, interval: 200ms, timeout: 150ms, rise: 2, fall: 2 }\n";
@@ -391,4 +392,88 @@ async fn a_response_cut_short_is_the_backends_failure() {
     );
     let endpoint = node.endpoint("app", "GET /cut").await;
     assert_eq!(endpoint["errors"].as_u64(), Some(2), "{endpoint}");
+}
+
+/// A backend that answers every request with `200` and `Content-Length: 10`, then sends
+/// the body one byte every `gap`, or — with `gap` = `None` — sends 3 bytes and then
+/// nothing, holding the connection open for a minute: a body that stalls.
+fn dribbling_backend(gap: Option<Duration>) -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut stream = reader.into_inner();
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
+                match gap {
+                    Some(gap) => {
+                        for _ in 0..10 {
+                            std::thread::sleep(gap);
+                            let _ = stream.write_all(b"x");
+                        }
+                    }
+                    None => {
+                        let _ = stream.write_all(b"abc");
+                        std::thread::sleep(Duration::from_secs(60));
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that stops sending its body is cut off after `timeouts.read`: the client
+/// gets the response cut short (not a hang), and it is the backend's failure
+/// (`kind="body"`). A body that keeps coming, however slowly, is never cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_after_the_read_timeout() {
+    let stalled = dribbling_backend(None);
+    let steady = dribbling_backend(Some(Duration::from_millis(150)));
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - match: {{ path_prefix: /steady }}\n        pool: steady\n      - pool: app\npools:\n  app:\n    timeouts: {{ read: 500ms }}\n    outlier_detection: {{ consecutive_failures: 0 }}\n    backends:\n      - address: {stalled}\n  steady:\n    timeouts: {{ read: 500ms }}\n    backends:\n      - address: {steady}\n"
+    ));
+    let response = common::client()
+        .get(format!("{}/stall", node.url("web")))
+        .send()
+        .await
+        .expect("the head arrives");
+    assert_eq!(response.status(), 200);
+    // The client's own timeout is DEADLINE: an error that is not it is the cut.
+    let error = response.bytes().await.expect_err("the body is cut short");
+    assert!(!error.is_timeout(), "the client timed out first: {error}");
+    let b = node.backend("app", &stalled.to_string()).await;
+    assert_eq!(
+        (b["requests"].as_u64(), b["errors"].as_u64()),
+        (Some(1), Some(1)),
+        "{b}"
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "fulcrum_upstream_errors_total",
+            &format!(r#"pool="app",backend="{stalled}",kind="body""#)
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // Ten bytes 150 ms apart, 1.5 s in all, three times the read timeout.
+    let body = common::client()
+        .get(format!("{}/steady", node.url("web")))
+        .send()
+        .await
+        .expect("the head arrives")
+        .bytes()
+        .await
+        .expect("a slow but steady body is not cut");
+    assert_eq!(&body[..], b"xxxxxxxxxx");
 }
