@@ -957,8 +957,9 @@ async fn forward_attempts(
     // When the first attempt started: endpoint durations run from here, so time spent
     // in the pool queue does not make an endpoint look long.
     let mut first_started: Option<u64> = None;
-    // The last attempt failed without the backend processing the request: the next one
-    // is not charged to the retry budget.
+    // The last attempt failed without the backend processing the request (a keep-alive
+    // race, a refused stream, no connection at all): the next one is not charged to the
+    // retry budget.
     let mut unprocessed = false;
     // Attempts made (`n_tried` drops a backend that did not process its attempt, so it
     // can be tried again).
@@ -1124,6 +1125,11 @@ async fn forward_attempts(
                     unprocessed = true;
                 } else {
                     record_failure(pool, state, id.0, &guard);
+                    // No connection, so no backend worked on the request: retrying it
+                    // elsewhere adds only the load it would have brought anyway, and is
+                    // not charged to the retry budget (a refused connection must not
+                    // turn into a client error because other requests are retrying).
+                    unprocessed = matches!(error, UpstreamError::Connect { .. });
                 }
                 tracing::debug!(pool = %pool.name(), backend = %backend.address, %error, unsent = unsent.is_some(), "attempt failed");
                 let never_sent = unsent.is_some();

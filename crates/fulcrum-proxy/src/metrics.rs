@@ -207,6 +207,7 @@ pub struct Metrics {
     duration: Family<BackendLabels, DurationHistogram>,
     upstream_errors: Family<ErrorLabels, Counter>,
     retries: Family<PoolLabels, Counter>,
+    retry_budget_exhausted: Family<PoolLabels, Counter>,
     hedges: Family<PoolLabels, Counter>,
     hedges_won: Family<PoolLabels, Counter>,
     queued: Family<PoolLabels, Counter>,
@@ -311,6 +312,12 @@ impl Metrics {
         );
         let retries = Family::<PoolLabels, Counter>::default();
         registry.register("fulcrum_retries", "Retried attempts", retries.clone());
+        let retry_budget_exhausted = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "fulcrum_retry_budget_exhausted",
+            "Retries not made because the pool's retry budget was spent (Envoy's upstream_rq_retry_overflow): the client got the failure",
+            retry_budget_exhausted.clone(),
+        );
         let hedges = Family::<PoolLabels, Counter>::default();
         registry.register(
             "fulcrum_hedges",
@@ -504,6 +511,7 @@ impl Metrics {
             duration,
             upstream_errors,
             retries,
+            retry_budget_exhausted,
             endpoints_evicted,
             hedges,
             hedges_won,
@@ -617,6 +625,7 @@ impl Metrics {
         };
         for family in [
             &self.retries,
+            &self.retry_budget_exhausted,
             &self.hedges,
             &self.hedges_won,
             &self.queued,
@@ -654,6 +663,7 @@ impl Metrics {
         };
         PoolMetrics {
             retries: self.retries.get_or_create_owned(&labels),
+            retry_budget_exhausted: self.retry_budget_exhausted.get_or_create_owned(&labels),
             hedges: self.hedges.get_or_create_owned(&labels),
             hedges_won: self.hedges_won.get_or_create_owned(&labels),
             queued: self.queued.get_or_create_owned(&labels),
@@ -754,6 +764,8 @@ impl Metrics {
 pub struct PoolMetrics {
     /// Retried attempts.
     pub retries: Counter,
+    /// Retries refused by the retry budget.
+    pub retry_budget_exhausted: Counter,
     /// Hedged attempts sent.
     pub hedges: Counter,
     /// Hedged attempts that won.

@@ -678,6 +678,7 @@ impl Pool {
                 pool: Arc::clone(self),
             })
         } else {
+            self.metrics.retry_budget_exhausted.inc();
             None
         }
     }

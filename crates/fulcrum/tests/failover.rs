@@ -477,3 +477,53 @@ async fn a_body_that_stalls_is_cut_after_the_read_timeout() {
         .expect("a slow but steady body is not cut");
     assert_eq!(&body[..], b"xxxxxxxxxx");
 }
+
+/// A refused connection is retried on another backend whatever the retry budget (no
+/// backend worked on the request); retries of answered requests stay within it, and
+/// those it refuses are counted in `fulcrum_retry_budget_exhausted_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_are_retried_outside_the_retry_budget() {
+    let mut dead = Backend::start("dead", &[]);
+    let live = Backend::start("live", &[]);
+    let failing = Backend::start("failing", &["--fail-rate", "1"]);
+    let live2 = Backend::start("live2", &[]);
+    dead.kill();
+    let node = Node::start(&format!(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    listen: 127.0.0.1:0\n    routes:\n      - match: {{ path_prefix: /fail }}\n        pool: fail\n      - pool: app\npools:\n  app:\n    outlier_detection: {{ consecutive_failures: 0 }}\n    retry: {{ attempts: 2, budget_percent: 0, min_retry_concurrency: 0 }}\n    backends:\n      - address: {}\n      - address: {}\n  fail:\n    outlier_detection: {{ consecutive_failures: 0 }}\n    retry: {{ attempts: 2, budget_percent: 0, min_retry_concurrency: 0, retry_on: [503] }}\n    backends:\n      - address: {}\n      - address: {}\n",
+        dead.addr, live.addr, failing.addr, live2.addr
+    ));
+    let counts = common::spread(&format!("{}/ok", node.url("web")), 20).await;
+    assert_eq!(counts.get("live"), Some(&20), "{counts:?}");
+    let client = common::client();
+    let mut refused = 0;
+    for _ in 0..10 {
+        let response = client
+            .get(format!("{}/fail", node.url("web")))
+            .send()
+            .await
+            .expect("request");
+        match response.status().as_u16() {
+            200 => {}
+            503 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // Round robin sends every other request to the failing backend first.
+    assert_eq!(refused, 5);
+    let metrics = node.metrics().await;
+    let value = |name: &str, pool: &str| {
+        common::metric_value(&metrics, name, &format!(r#"pool="{pool}""#)).unwrap_or(0.0)
+    };
+    assert_eq!(value("fulcrum_retries_total", "app"), 10.0, "{metrics}");
+    assert_eq!(
+        value("fulcrum_retry_budget_exhausted_total", "app"),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(value("fulcrum_retries_total", "fail"), 0.0, "{metrics}");
+    assert_eq!(
+        value("fulcrum_retry_budget_exhausted_total", "fail"),
+        5.0,
+        "{metrics}"
+    );
+}
