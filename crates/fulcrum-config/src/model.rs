@@ -562,7 +562,9 @@ pub struct PoolConfig {
     pub outlier_detection: OutlierDetectionConfig,
     /// Percent 0..=100 (Envoy's `healthy_panic_threshold`): when fewer than this share of
     /// backends is healthy, requests go to all backends rather than overload the few left.
-    /// 0 disables panic mode. Default 50.
+    /// 0 disables panic mode. Default 0 (off, as HAProxy and nginx: with Envoy's 50, two
+    /// frozen backends of three were put back in rotation and timed out a third of the
+    /// requests while the third backend could carry them all).
     pub panic_threshold: u8,
     /// The HTTP version spoken to the pool's backends: `http1` (default) or `http2`
     /// (HAProxy's `server … proto h2`, Envoy's `http2_protocol_options`), needed for
@@ -609,7 +611,7 @@ impl Default for PoolConfig {
             queue: QueueConfig::default(),
             health_check: None,
             outlier_detection: OutlierDetectionConfig::default(),
-            panic_threshold: 50,
+            panic_threshold: 0,
             protocol: UpstreamProtocol::Http1,
             tls: None,
             stats: StatsConfig::default(),

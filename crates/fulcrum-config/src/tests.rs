@@ -106,7 +106,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(p.outlier_detection.base_ejection_time, secs(30));
     assert_eq!(p.outlier_detection.max_ejection_time, secs(300));
     assert_eq!(p.outlier_detection.max_ejection_percent, 10);
-    assert_eq!(p.panic_threshold, 50);
+    assert_eq!(p.panic_threshold, 0);
     assert_eq!(p.default_max_requests, 0);
     assert_eq!(p.backends[0].max_requests, 0);
     assert_eq!(

@@ -213,7 +213,7 @@ impl Default for PoolSettings {
             retry: RetryPolicy::default(),
             queue: QueueSettings::default(),
             outlier: OutlierPolicy::default(),
-            panic_threshold: 50,
+            panic_threshold: 0,
             health_check: None,
             live: LiveBackendConfig::default(),
             strategy: StrategyParams::default(),

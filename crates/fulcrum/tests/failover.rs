@@ -148,9 +148,13 @@ async fn panic_threshold_routes_to_all_when_too_few_are_healthy() {
     let b1 = Backend::start("b1", &[]);
     let b2 = Backend::start("b2", &[]);
     let b3 = Backend::start("b3", &[]);
-    let node = Node::start(&simple_config("round_robin", &[&b1, &b2, &b3], HEALTH));
-    // Two of three failing their health checks: 33 % healthy, below the default 50 %
-    // panic threshold. Their /health fails but they still serve requests.
+    let node = Node::start(&simple_config(
+        "round_robin",
+        &[&b1, &b2, &b3],
+        &format!("{HEALTH}    panic_threshold: 50\n"),
+    ));
+    // Two of three failing their health checks: 33 % healthy, below a 50 % panic
+    // threshold. Their /health fails but they still serve requests.
     b1.control("healthy=false").await;
     b2.control("healthy=false").await;
     eventually(DEADLINE, "pool in panic mode", async || {
