@@ -8,13 +8,17 @@
 //!
 //! ```text
 //! score_i = work_i + β · interference_i + γ · age_i                       (all in ns)
-//! work_i         = latency_estimate_i(now) × (in_flight_i + 1)
+//! work_i         = expected_latency_i(now) × (in_flight_i + 1)
 //! interference_i = max(0, p99_i − p50_i)        over the recent third of its latency window
 //! age_i          = now − start of the oldest request in flight on i (0 when idle)
 //! ```
 //!
-//! * `work` is the expected work queued ahead of a new request: the peak-EWMA service time
-//!   ([`crate::LiveBackend::latency_estimate_ns`]) times the queue it joins, the `+ 1`
+//! * `work` is the expected work queued ahead of a new request: the peak-EWMA service time,
+//!   or the age of the backend's oldest request in flight when larger
+//!   ([`crate::LiveBackend::expected_latency_ns`], as `peak_ewma` prices it: a request
+//!   still waiting is a lower bound of the current latency, so a backend that has just
+//!   joined with an optimistic estimate, or has stopped answering, does not draw a queue
+//!   before its first answers come back), times the queue it joins, the `+ 1`
 //!   counting the request being placed — Finagle's and Linkerd's peak-EWMA cost, and the
 //!   queue-size × service-time product C3 ranks replicas by (Suresh et al., "C3: Cutting
 //!   Tail Latency in Cloud Data Stores via Adaptive Replica Selection", NSDI'15). Weights
@@ -252,7 +256,7 @@ impl TailAware {
     #[inline]
     fn work_ns(pool: &PoolView<'_>, i: usize, now_ns: u64) -> f64 {
         let live = &pool.backends()[i].live;
-        live.latency_estimate_ns(now_ns) * live.in_flight().saturating_add(1) as f64
+        live.expected_latency_ns(now_ns) * live.in_flight().saturating_add(1) as f64
     }
 
     /// Cached interference of backend `i`, in ns (0 before its first refresh).
@@ -268,7 +272,7 @@ impl TailAware {
     fn score(&self, pool: &PoolView<'_>, i: usize, now_ns: u64, beta: f64, gamma: f64) -> f64 {
         let live = &pool.backends()[i].live;
         let in_flight = live.in_flight();
-        let work = live.latency_estimate_ns(now_ns) * in_flight.saturating_add(1) as f64;
+        let work = live.expected_latency_ns(now_ns) * in_flight.saturating_add(1) as f64;
         // An idle backend has no head of line: skip the scan of its start-time slots.
         let age = if in_flight == 0 {
             0
@@ -492,6 +496,36 @@ mod tests {
         let view = PoolView::new(&b, &[], false);
         for _ in 0..100 {
             assert_eq!(pick(&s, &view, 2_001 * MS), 1);
+        }
+    }
+
+    /// A backend whose first answers have not come back (its estimate still the
+    /// optimistic initial one) is priced by the age of what it holds, times its queue,
+    /// as `peak_ewma` prices it: it does not draw a pile of requests meanwhile, even with
+    /// γ adapted down to a quarter.
+    #[test]
+    fn a_backend_without_answers_yet_is_priced_by_what_it_holds() {
+        let b = backends(&[1, 1]);
+        let s = TailAware::new(
+            &b,
+            &StrategyParams {
+                gamma: 0.25,
+                ..params(200)
+            },
+        );
+        // Backend 0 answers in 10 ms and holds two requests that just started.
+        b[0].live.begin(0).success(10 * MS);
+        let now = 1_000 * MS;
+        let _busy = [b[0].live.begin(now), b[0].live.begin(now)];
+        // Backend 1 just joined: three requests, the oldest 30 ms old, none answered.
+        let _held = [
+            b[1].live.begin(now - 30 * MS),
+            b[1].live.begin(now - 10 * MS),
+            b[1].live.begin(now),
+        ];
+        let view = PoolView::new(&b, &[], false);
+        for _ in 0..100 {
+            assert_eq!(pick(&s, &view, now), 0);
         }
     }
 
