@@ -146,6 +146,9 @@ impl Default for LiveBackendConfig {
     }
 }
 
+/// A failure ratio of 1 in the fixed point of `LiveBackend::failure_ratio` (2¹⁶).
+const RATIO_ONE: u32 = 1 << 16;
+
 /// Number of sub-windows the latency window is divided into (it slides by one at a time).
 const LATENCY_SLOTS: usize = 6;
 
@@ -182,9 +185,12 @@ pub struct LiveBackend {
     /// [`InFlightGuard::body_failure`]): outlier detection has not looked at it yet.
     late_failure: AtomicBool,
     flags: AtomicU32,
-    /// Peak-EWMA cost estimate: peak-sensitive, decays toward 0 while idle, at least
-    /// doubled by every failure (what `peak_ewma` and its relatives read).
+    /// Peak-EWMA latency: peak-sensitive, decays toward 0 while idle; a failure is a peak
+    /// of at least 1 ms (what `peak_ewma` and its relatives read, with `failure_ratio`).
     latency: PeakEwma,
+    /// Share of recent attempts that failed, an EWMA over attempts (α = 1/32, a memory
+    /// of about 32 attempts), in units of 2⁻¹⁶. See [`LiveBackend::latency_estimate_ns`].
+    failure_ratio: AtomicU32,
     /// Plain time-decayed average of the time to the response head of successful
     /// attempts, without failure penalty (what dynamic weights and the API read).
     success_latency: Ewma,
@@ -244,6 +250,7 @@ impl LiveBackend {
             late_failure: AtomicBool::new(false),
             flags: AtomicU32::new(0),
             latency: PeakEwma::new(config.ewma_decay, config.ewma_initial, now_ns),
+            failure_ratio: AtomicU32::new(0),
             success_latency: Ewma::new(config.ewma_decay),
             histogram: WindowedHistogram::new(config.latency_window, LATENCY_SLOTS),
             ejection: Mutex::new(Ejection::default()),
@@ -375,13 +382,56 @@ impl LiveBackend {
         self.ejections_total.load(Ordering::Relaxed)
     }
 
-    /// The peak-EWMA latency estimate in nanoseconds at `now_ns`
-    /// (see [`fulcrum_stats::PeakEwma`]). It includes the failure penalty (every failure
-    /// at least doubles it, up to 60 s), so it is a cost for choosing between backends,
-    /// not a measured latency: see [`LiveBackend::success_latency_ns`] for that.
+    /// The latency cost of a request sent to this backend, in nanoseconds at `now_ns`:
+    /// the peak-EWMA latency ([`fulcrum_stats::PeakEwma`], in which a failure counts as a
+    /// peak of at least 1 ms) divided by the share of recent attempts that succeeded,
+    /// `1 − p` (p = [`LiveBackend::failure_ratio`], at most 0.99): the expected number of
+    /// attempts per success, as a geometric distribution gives it. A backend failing 10 %
+    /// of its requests costs 1.11× its latency, one failing them all 100×. So a failing
+    /// backend loses ties and close comparisons, and at low load gets little traffic,
+    /// but keeps about its share when its peers are busy: its price rises with what
+    /// failing costs a client, not without bound. (An earlier version doubled the
+    /// estimate at every failure; a backend failing 10 % of its requests sat at a 60-s
+    /// cap, lost every comparison and overloaded its peers: mean latency 0.5 s for
+    /// 10-ms backends at 75 % load.) A cost for choosing between backends, not a
+    /// measured latency: see [`LiveBackend::success_latency_ns`] for that.
     #[inline]
     pub fn latency_estimate_ns(&self, now_ns: u64) -> f64 {
-        self.latency.estimate_ns(now_ns)
+        let estimate = self.latency.estimate_ns(now_ns);
+        let ratio = self.failure_ratio.load(Ordering::Relaxed);
+        if ratio == 0 {
+            return estimate;
+        }
+        estimate / (1.0 - self.failure_ratio())
+    }
+
+    /// The share of recent attempts that failed, 0..=0.99: an exponentially weighted
+    /// average over attempts (α = 1/32, so about the last 32 count), each failure 1 and
+    /// each success 0.
+    #[inline]
+    pub fn failure_ratio(&self) -> f64 {
+        (f64::from(self.failure_ratio.load(Ordering::Relaxed)) / f64::from(RATIO_ONE)).min(0.99)
+    }
+
+    /// Moves the failure ratio a 32nd of the way toward 1 (`failed`) or 0. A success
+    /// while the ratio is 0 writes nothing, so healthy backends do not share the line.
+    #[inline]
+    fn note_outcome(&self, failed: bool) {
+        let target = if failed { RATIO_ONE } else { 0 };
+        if !failed && self.failure_ratio.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // r − ⌊r/32⌋ + target/32 stays within 0..=RATIO_ONE. Below 32, ⌊r/32⌋ is 0 and a
+        // success would leave r stuck, so a success there clears it outright.
+        let _ = self
+            .failure_ratio
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some(if !failed && r < 32 {
+                    0
+                } else {
+                    r - (r >> 5) + (target >> 5)
+                })
+            });
     }
 
     /// The time-decayed average (τ = [`LiveBackendConfig::ewma_decay`], see
@@ -673,6 +723,7 @@ impl InFlightGuard {
             b.failures.fetch_add(1, Ordering::Relaxed);
             b.latency
                 .penalize(now_ns.saturating_sub(self.started_ns), now_ns);
+            b.note_outcome(true);
             let restored = self.reset_failures.load(Ordering::Relaxed) + 1;
             b.consecutive_failures
                 .fetch_add(restored, Ordering::Relaxed)
@@ -708,6 +759,7 @@ impl InFlightGuard {
             self.reset_failures.store(failures, Ordering::Relaxed);
         }
         b.latency.observe(rtt, now_ns);
+        b.note_outcome(false);
         b.success_latency.observe(rtt, now_ns);
         b.histogram.record(rtt, now_ns);
     }
@@ -740,6 +792,7 @@ impl InFlightGuard {
         b.requests.fetch_add(1, Ordering::Relaxed);
         b.failures.fetch_add(1, Ordering::Relaxed);
         b.latency.penalize(rtt, now_ns);
+        b.note_outcome(true);
         b.histogram.record(rtt, now_ns);
         b.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -771,6 +824,45 @@ mod tests {
 
     fn live() -> Arc<LiveBackend> {
         Arc::new(LiveBackend::new(LiveBackendConfig::default(), 0))
+    }
+
+    /// A backend failing one request in ten is priced at about 1/(1 − 0.1) of its
+    /// latency, not driven to a cap; one failing every request at 100× its floor; and
+    /// one that recovers returns to its latency.
+    #[test]
+    fn failures_raise_the_cost_by_the_expected_attempts_per_success() {
+        let b = live();
+        let mut now = 0;
+        for i in 0..2_000 {
+            let guard = b.begin(now);
+            now += 10 * MS;
+            if i % 10 == 9 {
+                guard.failure(now);
+            } else {
+                guard.success(now);
+            }
+        }
+        let cost = b.latency_estimate_ns(now) / (10 * MS) as f64;
+        assert!((1.03..=1.25).contains(&cost), "cost {cost}× the latency");
+        assert!(
+            (0.03..=0.2).contains(&b.failure_ratio()),
+            "{}",
+            b.failure_ratio()
+        );
+        for _ in 0..200 {
+            let guard = b.begin(now);
+            now += MS;
+            guard.failure(now);
+        }
+        assert!(b.failure_ratio() >= 0.98, "{}", b.failure_ratio());
+        for _ in 0..500 {
+            let guard = b.begin(now);
+            now += 10 * MS;
+            guard.success(now);
+        }
+        assert_eq!(b.failure_ratio(), 0.0);
+        let cost = b.latency_estimate_ns(now) / (10 * MS) as f64;
+        assert!((0.99..=1.01).contains(&cost), "cost {cost}× the latency");
     }
 
     struct Count(std::sync::atomic::AtomicUsize);

@@ -14,9 +14,12 @@
 //!
 //! Fulcrum adds [`PeakEwma::penalize`] for failed attempts: a backend that fails fast (a
 //! quick 503, a refused connection) would otherwise look *faster* than its healthy peers
-//! and attract more traffic. A failure at least doubles the estimate (capped at
-//! [`MAX_PENALTY_NS`]), so consecutive fast failures push the backend's cost up
-//! geometrically, independent of the pool's latency scale.
+//! and attract more traffic. A failure is observed as a peak, but never below
+//! [`MIN_PENALTY_NS`], so fast failures cannot pull the estimate down. How often a backend
+//! fails is priced apart, by its failure ratio (`fulcrum-balance`'s
+//! `LiveBackend::latency_estimate_ns`): an earlier version doubled the estimate at every
+//! failure, and a backend failing 10 % of its requests sat at the 60-s cap, lost every
+//! comparison and overloaded its peers.
 //!
 //! [`Ewma`] is the plain time-decayed average with the same update rule and packing, for
 //! statistics that should report a typical value rather than react to peaks (per-endpoint
@@ -27,10 +30,7 @@ use std::time::Duration;
 
 use crate::clock::duration_ns;
 
-/// Upper bound of a penalised estimate: 60 s, in nanoseconds.
-pub const MAX_PENALTY_NS: f64 = 60e9;
-
-/// Smallest estimate a failure penalty starts from: 1 ms, in nanoseconds.
+/// Smallest estimate a failure leaves: 1 ms, in nanoseconds.
 pub const MIN_PENALTY_NS: f64 = 1e6;
 
 /// Timestamps are stored in units of 2^20 ns (≈1.05 ms) in 32 bits, which wraps after
@@ -91,13 +91,13 @@ impl PeakEwma {
         self.update(now_ns, |stored, w| (stored * w).max(elapsed));
     }
 
-    /// Records a failed attempt that took `rtt_ns` nanoseconds, finishing at `now_ns`:
-    /// the estimate becomes `min(MAX_PENALTY_NS, 2 · max(current estimate, rtt, MIN_PENALTY_NS))`.
+    /// Records a failed attempt that took `rtt_ns` nanoseconds, finishing at `now_ns`: a
+    /// peak that fast failures cannot pull down — the estimate becomes
+    /// `max(current estimate, rtt, MIN_PENALTY_NS)`.
     pub fn penalize(&self, rtt_ns: u64, now_ns: u64) {
         let rtt = rtt_ns as f64;
         self.update(now_ns, |stored, w| {
-            let current = stored * w;
-            (2.0 * current.max(rtt).max(MIN_PENALTY_NS)).min(MAX_PENALTY_NS)
+            (stored * w).max(rtt).max(MIN_PENALTY_NS)
         });
     }
 
@@ -283,20 +283,21 @@ mod tests {
     }
 
     #[test]
-    fn fast_failures_raise_cost_geometrically() {
+    fn fast_failures_do_not_lower_the_estimate() {
         let e = ewma(1);
-        e.observe(MS, 0);
-        let mut prev = e.estimate_ns(0);
+        e.observe(10 * MS, 0);
         for i in 1..=6 {
-            e.penalize(MS / 2, i * MS);
+            e.penalize(MS / 10, i * MS);
             let est = e.estimate_ns(i * MS);
-            assert!(
-                est > 1.9 * prev.max(MIN_PENALTY_NS) * 0.99,
-                "{est} after {prev}"
-            );
-            prev = est;
+            assert!((9.9 * MS as f64..=10.0 * MS as f64).contains(&est), "{est}");
         }
-        assert!(prev > 60.0 * MS as f64);
+        // An idle estimate decayed below the floor is raised to it.
+        let e = ewma(1);
+        e.penalize(MS / 10, 0);
+        assert!(e.estimate_ns(0) >= MIN_PENALTY_NS * 0.999);
+        // A slow failure is a peak.
+        e.penalize(500 * MS, 0);
+        assert!(e.estimate_ns(0) >= 499.0 * MS as f64);
     }
 
     #[test]
@@ -306,12 +307,12 @@ mod tests {
         // A reader whose clock was read 5 ms before the update sees no decay, not zero.
         let est = e.estimate_ns(995 * MS);
         assert!(est > 499.0 * MS as f64, "estimate {est}");
-        // Penalties recorded out of order still build up.
+        // A penalty recorded out of order keeps the peak.
         e.penalize(MS, 990 * MS);
-        assert!(e.estimate_ns(1_000 * MS) > 999.0 * MS as f64);
+        assert!(e.estimate_ns(1_000 * MS) > 499.0 * MS as f64);
         // And the stamp did not move backwards: decay is measured from the newest update.
         let later = e.estimate_ns(11_000 * MS);
-        let expected = 1_000.0 * MS as f64 * (-1.0f64).exp();
+        let expected = 500.0 * MS as f64 * (-1.0f64).exp();
         assert!(
             (later - expected).abs() / expected < 0.01,
             "later {later} expected {expected}"
@@ -319,13 +320,12 @@ mod tests {
     }
 
     #[test]
-    fn penalty_is_capped() {
+    fn repeated_failures_do_not_compound() {
         let e = ewma(1);
         for i in 0..100 {
             e.penalize(MS, i);
         }
-        // f32 storage rounds 60e9 up by < 1 ppm.
-        assert!(e.estimate_ns(100) <= MAX_PENALTY_NS * (1.0 + 1e-6));
+        assert!(e.estimate_ns(100) <= MIN_PENALTY_NS * 1.001);
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //! are slow, is charged for it before any response comes back (a new backend's estimate
 //! starts at an optimistic 1 ms; without this a slow newcomer drew dozens of requests in
 //! its first hundreds of milliseconds). The `+ 1` counts the request being placed, so an idle
-//! backend is still charged its latency. Failures raise the estimate too (see
-//! `fulcrum_stats::PeakEwma::penalize`): a backend that fails fast does not look fast.
+//! backend is still charged its latency. Failures raise the cost too: a failure is a peak of
+//! at least 1 ms (`fulcrum_stats::PeakEwma::penalize`), so a backend that fails fast does
+//! not look fast, and the cost is divided by 1 − its recent failure ratio, the expected
+//! attempts per success ([`crate::LiveBackend::latency_estimate_ns`]).
 //! Dividing by weight lets an operator's weights scale capacity as in the other strategies.
 //!
 //! The pair draw, the eligibility handling and the O(n) fallback are `p2c`'s, shared

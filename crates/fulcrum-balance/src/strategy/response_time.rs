@@ -12,8 +12,9 @@
 //! ```
 //!
 //! `latency_i` is the backend's peak-EWMA latency estimate (Finagle's peak EWMA, which
-//! jumps to a slower observation at once, decays toward faster ones, and doubles on a
-//! failure so a backend that fails fast does not look fast), or the age of its oldest
+//! jumps to a slower observation at once and decays toward faster ones; divided by
+//! 1 − the backend's recent failure ratio, so a backend that fails fast does not look
+//! fast: [`crate::LiveBackend::latency_estimate_ns`]), or the age of its oldest
 //! request in flight when larger ([`crate::LiveBackend::expected_latency_ns`]). `w_i` is
 //! the effective weight, so that weights scale a backend's capacity and slow start holds
 //! back a freshly (re)joined backend.
