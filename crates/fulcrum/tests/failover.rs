@@ -251,25 +251,32 @@ async fn tcp_health_check_detects_a_dead_backend_and_readmits_it() {
     .await;
 }
 
+/// Reads one request head from a raw test backend's connection, up to its empty line (or
+/// the connection's end); returns its `Content-Length` (0 without one).
+fn read_head(reader: &mut std::io::BufReader<std::net::TcpStream>) -> usize {
+    use std::io::BufRead;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            return length;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+}
+
 /// A backend that reads each request (head and `Content-Length` body) and closes the
 /// connection without answering: a reset after the request was sent.
 fn closing_backend() -> std::net::SocketAddr {
-    use std::io::{BufRead, Read};
+    use std::io::Read;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let mut reader = std::io::BufReader::new(stream);
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
+            let length = read_head(&mut reader);
             let mut body = vec![0; length];
             let _ = reader.read_exact(&mut body);
         }
@@ -333,18 +340,13 @@ async fn sent_requests_with_small_bodies_are_retried_with_their_body() {
 /// A backend that answers every request with `200`, `Content-Length: 100` and 3 bytes,
 /// then closes the connection: a response cut short after its head.
 fn truncating_backend() -> std::net::SocketAddr {
-    use std::io::{BufRead, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let mut reader = std::io::BufReader::new(stream);
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-            }
+            read_head(&mut reader);
             let mut stream = reader.into_inner();
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
         }
@@ -378,10 +380,18 @@ async fn a_response_cut_short_is_the_backends_failure() {
         (node.backend_state("app", &backend.to_string()).await == "ejected").then_some(())
     })
     .await;
+    assert_body_failures(&node, backend, 2).await;
+    let endpoint = node.endpoint("app", "GET /cut").await;
+    assert_eq!(endpoint["errors"].as_u64(), Some(2), "{endpoint}");
+}
+
+/// Asserts that pool `app`'s backend at `backend` completed `n` attempts, all failed, and
+/// that `fulcrum_upstream_errors_total{kind="body"}` counts the `n`: responses cut short.
+async fn assert_body_failures(node: &Node, backend: std::net::SocketAddr, n: u64) {
     let b = node.backend("app", &backend.to_string()).await;
     assert_eq!(
         (b["requests"].as_u64(), b["errors"].as_u64()),
-        (Some(2), Some(2)),
+        (Some(n), Some(n)),
         "{b}"
     );
     let metrics = node.metrics().await;
@@ -391,30 +401,23 @@ async fn a_response_cut_short_is_the_backends_failure() {
             "fulcrum_upstream_errors_total",
             &format!(r#"pool="app",backend="{backend}",kind="body""#)
         ),
-        Some(2.0),
+        Some(n as f64),
         "{metrics}"
     );
-    let endpoint = node.endpoint("app", "GET /cut").await;
-    assert_eq!(endpoint["errors"].as_u64(), Some(2), "{endpoint}");
 }
 
 /// A backend that answers every request with `200` and `Content-Length: 10`, then sends
 /// the body one byte every `gap`, or — with `gap` = `None` — sends 3 bytes and then
 /// nothing, holding the connection open for a minute: a body that stalls.
 fn dribbling_backend(gap: Option<Duration>) -> std::net::SocketAddr {
-    use std::io::{BufRead, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             std::thread::spawn(move || {
                 let mut reader = std::io::BufReader::new(stream);
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                }
+                read_head(&mut reader);
                 let mut stream = reader.into_inner();
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
                 match gap {
@@ -454,22 +457,7 @@ async fn a_body_that_stalls_is_cut_after_the_read_timeout() {
     // The client's own timeout is DEADLINE: an error that is not it is the cut.
     let error = response.bytes().await.expect_err("the body is cut short");
     assert!(!error.is_timeout(), "the client timed out first: {error}");
-    let b = node.backend("app", &stalled.to_string()).await;
-    assert_eq!(
-        (b["requests"].as_u64(), b["errors"].as_u64()),
-        (Some(1), Some(1)),
-        "{b}"
-    );
-    let metrics = node.metrics().await;
-    assert_eq!(
-        common::metric_value(
-            &metrics,
-            "fulcrum_upstream_errors_total",
-            &format!(r#"pool="app",backend="{stalled}",kind="body""#)
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    assert_body_failures(&node, stalled, 1).await;
     // Ten bytes 150 ms apart, 1.5 s in all, three times the read timeout.
     let body = common::client()
         .get(format!("{}/steady", node.url("web")))
