@@ -397,12 +397,8 @@ impl LiveBackend {
     /// measured latency: see [`LiveBackend::success_latency_ns`] for that.
     #[inline]
     pub fn latency_estimate_ns(&self, now_ns: u64) -> f64 {
-        let estimate = self.latency.estimate_ns(now_ns);
-        let ratio = self.failure_ratio.load(Ordering::Relaxed);
-        if ratio == 0 {
-            return estimate;
-        }
-        estimate / (1.0 - self.failure_ratio())
+        // Without failures the divisor is exactly 1.
+        self.latency.estimate_ns(now_ns) / (1.0 - self.failure_ratio())
     }
 
     /// The share of recent attempts that failed, 0..=0.99: an exponentially weighted

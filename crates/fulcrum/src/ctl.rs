@@ -168,7 +168,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
             | CtlCommand::Enable { .. }
             | CtlCommand::Disable { .. }
             | CtlCommand::Weight { .. }
-            | CtlCommand::Reload => change_line(&body),
+            | CtlCommand::Reload => change_line(&args.command, &body),
             CtlCommand::Cluster { what } => match what {
                 ClusterWhat::Status => status_table(&body),
                 ClusterWhat::Nodes => nodes_table(&body),
@@ -538,32 +538,29 @@ fn endpoints_table(body: &Value, pool: Option<&str>) -> String {
     )
 }
 
-/// What a change did, in a line or two: the node's answer, and in a cluster how far the
-/// write has spread.
-fn change_line(body: &Value) -> String {
-    let mut out = if body.get("reloaded").is_some() {
-        format!("reloaded: {}\n", s(&body["summary"]))
-    } else if body.get("previous").is_some() {
-        format!(
+/// What `command`, a change, did, in a line or two: the node's answer, and in a cluster
+/// how far the write has spread.
+fn change_line(command: &CtlCommand, body: &Value) -> String {
+    let mut out = match command {
+        CtlCommand::Reload => format!("reloaded: {}\n", s(&body["summary"])),
+        CtlCommand::Strategy { .. } => format!(
             "pool {}: strategy {} (was {})\n",
             s(&body["pool"]),
             s(&body["strategy"]),
             s(&body["previous"])
-        )
-    } else if body.get("weight").is_some() {
-        format!(
+        ),
+        CtlCommand::Weight { .. } => format!(
             "pool {}: backend {} weight {}\n",
             s(&body["pool"]),
             s(&body["backend"]),
             s(&body["weight"])
-        )
-    } else {
-        format!(
+        ),
+        _ => format!(
             "pool {}: backend {} is {}\n",
             s(&body["pool"]),
             s(&body["backend"]),
             s(&body["state"])
-        )
+        ),
     };
     let write = &body["write"];
     if write.is_object() {
@@ -590,10 +587,7 @@ fn change_line(body: &Value) -> String {
 }
 
 fn nodes_table(body: &Value) -> String {
-    let rows: Vec<Vec<String>> = body["nodes"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+    let rows: Vec<Vec<String>> = rows_of(body, "nodes")
         .iter()
         .map(|n| {
             let mut id = s(&n["node_id"]);
@@ -710,11 +704,7 @@ fn status_table(body: &Value) -> String {
             ),
         ));
     }
-    for conflict in body["node_id_conflicts"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-    {
+    for conflict in rows_of(body, "node_id_conflicts") {
         kv.push((
             "NODE ID CONFLICT",
             format!(
@@ -727,10 +717,7 @@ fn status_table(body: &Value) -> String {
     for (k, v) in kv {
         out.push_str(&format!("{k:<15} {v}\n"));
     }
-    let rows: Vec<Vec<String>> = body["backends"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+    let rows: Vec<Vec<String>> = rows_of(body, "backends")
         .iter()
         .map(|b| {
             let peers: BTreeMap<String, Value> =
